@@ -1,0 +1,268 @@
+"""The one TOML file of a site (`/etc/slinfer/slinfer.toml`).
+
+Loading checks every key up front: a missing, unknown or wrongly typed key fails with its dotted name
+(`models[0].max_replicas`), never later at run time. This module does not read files other than the
+config itself, and does not know what the values are used for.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+DEFAULT_PATH = Path("/etc/slinfer/slinfer.toml")
+
+# The characters a model name may use: the SPANK plugin enforces the same rule at submit time.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+DEFAULT_ENGINE_COMMAND = [
+    "{python}", "-m", "vllm.entrypoints.openai.api_server",
+    "--model", "{source}", "--served-model-name", "{model}",
+    "--host", "{host}", "--port", "{port}",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem, naming the key at fault."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    # gRPC for agents and the CLI's admin calls.
+    listen: str = "0.0.0.0:8790"
+    # Where agents reach the controller.
+    address: str = "127.0.0.1:8790"
+    state_dir: str = "/var/lib/slinfer"
+    # When set, agents and admin calls must present it.
+    token: str = ""
+    # An agent silent for this long loses its engines from routing.
+    agent_timeout_s: float = 6.0
+    heartbeat_s: float = 1.0
+    # Path of `sbatch`, `squeue`, `scancel`; empty means from PATH.
+    slurm_bin_dir: str = ""
+    # A label in the name of every job the controller submits, so that a restarted controller finds them.
+    job_name_prefix: str = "slinfer"
+    autoscale_interval_s: float = 2.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: str = "0.0.0.0:8000"
+    # Client keys given in the config, in the clear or as "sha256:HEX".
+    api_keys: list[str] = field(default_factory=list)
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Requests per model that may wait for a replica before new ones get 503.
+    queue_size: int = 256
+    queue_timeout_s: float = 120.0
+    # Outstanding requests per READY engine past which new ones get 429.
+    max_outstanding_per_engine: int = 512
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 600.0
+    retries: int = 2
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    # Root-only unix socket of the agent's local API.
+    socket: str = "/run/slinfer/agent.sock"
+    # Engine records and logs; survives an agent restart.
+    run_dir: str = "/run/slinfer"
+    # The address engines listen on; empty means this host's address.
+    address: str = ""
+    # The Slurm node name to report; empty means the short host name.
+    node_name: str = ""
+    # The Python that has vLLM, substituted for {python} in engine commands.
+    python: str = "python3"
+    engine_command: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINE_COMMAND))
+    engine_env: dict[str, str] = field(default_factory=dict)
+    port_range: list[int] = field(default_factory=lambda: [20000, 29999])
+    ready_timeout_s: float = 900.0
+    max_restarts: int = 2
+    stop_grace_s: float = 15.0
+    health_interval_s: float = 1.0
+    # Where the agent reports; empty means it serves private engines only.
+    controller: str = ""
+    heartbeat_s: float = 1.0
+    log_file: str = ""
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    enabled: bool = False
+    # Empty means in-cluster credentials.
+    kubeconfig: str = ""
+    namespace: str = "slinfer"
+    lease_duration_s: int = 40
+    renew_interval_s: float = 10.0
+    leader_election: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    # A path on the nodes, or a hub id the site has cached.
+    source: str
+    gpus: int = 1
+    engine_args: list[str] = field(default_factory=list)
+    # Replaces [agent].engine_command for this model (for example a container runtime).
+    engine_command: list[str] = field(default_factory=list)
+    engine_env: dict[str, str] = field(default_factory=dict)
+    min_replicas: int = 0
+    max_replicas: int = 1
+    # Outstanding requests per replica the autoscaler aims at.
+    target_outstanding: float = 8.0
+    window_s: float = 30.0
+    scale_up_delay_s: float = 0.0
+    scale_down_delay_s: float = 120.0
+    prefix_affinity: bool = False
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time_limit: str = "04:00:00"
+    # Extra `sbatch` arguments, one per element.
+    sbatch_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Config:
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+    models: list[ModelConfig] = field(default_factory=list)
+    path: str = ""
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+T = TypeVar("T")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, not {type(value).__name__}")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a table, not {type(value).__name__}")
+        return {str(k): _check_type(f"{key}.{k}", v, item) for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, not {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, not {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, not {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, not {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported type {hint}")
+
+
+def _build(cls: type[T], key: str, table: Any) -> T:
+    if not isinstance(table, dict):
+        raise ConfigError(key, "must be a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    for name in table:
+        if name not in known:
+            raise ConfigError(f"{key}.{name}" if key else name, f"unknown key (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        dotted = f"{key}.{f.name}" if key else f.name
+        if f.name in table:
+            values[f.name] = _check_type(dotted, table[f.name], hints[f.name])
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(dotted, "missing required key")
+    return cls(**values)
+
+
+def _check_model(key: str, model: ModelConfig) -> None:
+    if not MODEL_NAME.match(model.name):
+        raise ConfigError(f"{key}.name", "must be 1-128 characters of letters, digits, '.', '_' or '-', "
+                                          "starting with a letter or digit")
+    if model.gpus < 0:
+        raise ConfigError(f"{key}.gpus", "must be 0 or more")
+    if model.min_replicas < 0:
+        raise ConfigError(f"{key}.min_replicas", "must be 0 or more")
+    if model.max_replicas < model.min_replicas:
+        raise ConfigError(f"{key}.max_replicas", f"must be at least min_replicas ({model.min_replicas})")
+    if model.target_outstanding <= 0:
+        raise ConfigError(f"{key}.target_outstanding", "must be above 0")
+    if model.window_s <= 0:
+        raise ConfigError(f"{key}.window_s", "must be above 0")
+    if not re.match(r"^(\d+-)?\d+(:\d{1,2}){0,2}$", model.time_limit):
+        raise ConfigError(f"{key}.time_limit", f"{model.time_limit!r} is not a Slurm time (MM, HH:MM:SS, D-HH:MM)")
+
+
+def _check_listen(key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(key, f"{value!r} is not HOST:PORT")
+
+
+def parse(data: dict[str, Any], path: str = "") -> Config:
+    """Builds a Config from parsed TOML, or raises ConfigError naming the key."""
+    allowed = {"controller", "gateway", "agent", "kubernetes", "models"}
+    for name in data:
+        if name not in allowed:
+            raise ConfigError(name, f"unknown section (known: {', '.join(sorted(allowed))})")
+    models_raw = data.get("models", [])
+    if not isinstance(models_raw, list):
+        raise ConfigError("models", "must be an array of tables ([[models]])")
+    models = [_build(ModelConfig, f"models[{i}]", m) for i, m in enumerate(models_raw)]
+    seen: set[str] = set()
+    for i, m in enumerate(models):
+        _check_model(f"models[{i}]", m)
+        if m.name in seen:
+            raise ConfigError(f"models[{i}].name", f"{m.name!r} is listed twice")
+        seen.add(m.name)
+    config = Config(
+        controller=_build(ControllerConfig, "controller", data.get("controller", {})),
+        gateway=_build(GatewayConfig, "gateway", data.get("gateway", {})),
+        agent=_build(AgentConfig, "agent", data.get("agent", {})),
+        kubernetes=_build(KubernetesConfig, "kubernetes", data.get("kubernetes", {})),
+        models=models,
+        path=path,
+    )
+    _check_listen("controller.listen", config.controller.listen)
+    _check_listen("gateway.listen", config.gateway.listen)
+    lo_hi = config.agent.port_range
+    if len(lo_hi) != 2 or not 1024 <= lo_hi[0] <= lo_hi[1] <= 65535:
+        raise ConfigError("agent.port_range", "must be [LOW, HIGH] within 1024..65535")
+    if not config.agent.engine_command:
+        raise ConfigError("agent.engine_command", "must not be empty")
+    return config
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Reads the config file; an absent default file gives the defaults (no catalog)."""
+    target = Path(path) if path else DEFAULT_PATH
+    if not target.exists():
+        if path:
+            raise ConfigError("(file)", f"{target} does not exist")
+        return parse({}, "")
+    try:
+        data = tomllib.loads(target.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(file)", f"{target} is not valid TOML: {exc}") from exc
+    return parse(data, str(target))
