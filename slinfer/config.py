@@ -49,6 +49,10 @@ class ControllerConfig:
     slurm_bin_dir: str = ""
     # A label in the name of every job the controller submits, so that a restarted controller finds them.
     job_name_prefix: str = "slinfer"
+    # The batch script of a controller job execs this: it holds the job while its engine serves.
+    job_command: list[str] = field(default_factory=lambda: ["slinfer", "hold"])
+    # The batch step's output on the node; the controller's working directory may not exist there.
+    job_output: str = "/dev/null"
     autoscale_interval_s: float = 2.0
     log_level: str = "info"
 
@@ -122,6 +126,8 @@ class ModelConfig:
     window_s: float = 30.0
     scale_up_delay_s: float = 0.0
     scale_down_delay_s: float = 120.0
+    # How long a DRAINING replica may keep its in-flight requests before it is cancelled anyway.
+    drain_timeout_s: float = 300.0
     prefix_affinity: bool = False
     partition: str = ""
     account: str = ""
@@ -210,6 +216,9 @@ def _check_model(key: str, model: ModelConfig) -> None:
         raise ConfigError(f"{key}.target_outstanding", "must be above 0")
     if model.window_s <= 0:
         raise ConfigError(f"{key}.window_s", "must be above 0")
+    for name in ("scale_up_delay_s", "scale_down_delay_s", "drain_timeout_s"):
+        if getattr(model, name) < 0:
+            raise ConfigError(f"{key}.{name}", "must be 0 or more")
     if not re.match(r"^(\d+-)?\d+(:\d{1,2}){0,2}$", model.time_limit):
         raise ConfigError(f"{key}.time_limit", f"{model.time_limit!r} is not a Slurm time (MM, HH:MM:SS, D-HH:MM)")
 
@@ -249,6 +258,8 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     lo_hi = config.agent.port_range
     if len(lo_hi) != 2 or not 1024 <= lo_hi[0] <= lo_hi[1] <= 65535:
         raise ConfigError("agent.port_range", "must be [LOW, HIGH] within 1024..65535")
+    if not config.controller.job_command:
+        raise ConfigError("controller.job_command", "must not be empty")
     if not config.agent.engine_command:
         raise ConfigError("agent.engine_command", "must not be empty")
     return config
