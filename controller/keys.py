@@ -1,0 +1,135 @@
+"""Client API keys of the gateway: created, listed and revoked by the admin, verified on every request.
+
+Only SHA-256 hashes are kept, in one JSON file (mode 0600) under `[controller].state_dir`, rewritten
+atomically on every change; the secret is shown once, at creation. Keys from `[gateway].api_keys` (in
+the clear or as "sha256:HEX") are accepted too but never written to the file. This module does not know
+about HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SECRET_PREFIX = "sk-slinfer-"
+
+
+class KeyStoreError(RuntimeError):
+    """The key file cannot be read or written; the message names the file."""
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key_id: str
+    name: str
+    account: str = ""
+    created_at: float = 0.0
+    # "store" for created keys, "config" for [gateway].api_keys.
+    source: str = "store"
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class KeyStore:
+    """The set of valid client keys (hashed), persisted in `path`."""
+
+    def __init__(self, path: str | Path, config_keys: list[str] | None = None) -> None:
+        self._path = Path(path)
+        self._stored: list[tuple[bytes, KeyInfo]] = []
+        self._config: list[tuple[bytes, KeyInfo]] = []
+        for i, key in enumerate(config_keys or []):
+            if key.startswith("sha256:"):
+                try:
+                    digest = bytes.fromhex(key.removeprefix("sha256:"))
+                except ValueError as exc:
+                    raise KeyStoreError(f"gateway.api_keys[{i}]: not a sha256 hex digest") from exc
+                if len(digest) != 32:
+                    raise KeyStoreError(f"gateway.api_keys[{i}]: a sha256 digest has 64 hex digits")
+            else:
+                digest = _digest(key)
+            self._config.append((digest, KeyInfo(key_id=f"config-{i}", name="config", source="config")))
+        self._load()
+
+    def _load(self) -> None:
+        if not self._path.exists():
+            return
+        try:
+            data = json.loads(self._path.read_text())
+            self._stored = [(bytes.fromhex(k["sha256"]),
+                             KeyInfo(key_id=k["key_id"], name=k["name"], account=k.get("account", ""),
+                                     created_at=float(k.get("created_at", 0.0))))
+                            for k in data["keys"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeyStoreError(f"{self._path}: unreadable key file: {exc}") from exc
+
+    def _save(self) -> None:
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = {"keys": [{**asdict(info), "sha256": digest.hex()} for digest, info in self._stored]}
+        for entry in data["keys"]:
+            del entry["source"]
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise KeyStoreError(f"{self._path}: cannot write key file: {exc}") from exc
+
+    def create(self, name: str, account: str = "") -> tuple[str, str]:
+        """Makes a new key; returns (key_id, secret). The secret is not kept."""
+        if not name or len(name) > 128 or not name.isprintable():
+            raise ValueError("a key name must be 1-128 printable characters")
+        key_id = secrets.token_hex(6)
+        secret = f"{SECRET_PREFIX}{secrets.token_urlsafe(32)}"
+        entry = (_digest(secret), KeyInfo(key_id=key_id, name=name, account=account, created_at=time.time()))
+        self._stored.append(entry)
+        try:
+            self._save()
+        except KeyStoreError:
+            self._stored.remove(entry)
+            raise
+        log.info("created client key %s (name %r, account %r)", key_id, name, account)
+        return key_id, secret
+
+    def list(self) -> list[KeyInfo]:
+        return [info for _, info in self._stored] + [info for _, info in self._config]
+
+    def revoke(self, key_id: str) -> bool:
+        before = list(self._stored)
+        self._stored = [(d, i) for d, i in self._stored if i.key_id != key_id]
+        if len(self._stored) == len(before):
+            return False
+        try:
+            self._save()
+        except KeyStoreError:
+            self._stored = before
+            raise
+        log.info("revoked client key %s", key_id)
+        return True
+
+    def verify(self, presented: str) -> KeyInfo | None:
+        """The key's info, or None. Compares against every key without an early exit."""
+        digest = _digest(presented)
+        found: KeyInfo | None = None
+        for known, info in self._stored:
+            if hmac.compare_digest(known, digest):
+                found = info
+        for known, info in self._config:
+            if hmac.compare_digest(known, digest):
+                found = info
+        return found

@@ -1,0 +1,97 @@
+"""The controller's Prometheus series, served by the gateway at `/metrics`.
+
+Event series (requests, latency, time to first byte, retries, scaling decisions) are module-level objects
+in `REGISTRY`, incremented where the event happens: the gateway for requests, the autoscaler for
+`SCALING_DECISIONS` and `SLURM_JOBS`. State series (replicas by state, queue depth, in-flight, agents) are
+read at scrape time by `StateCollector` from the Registry and the gateway, so they are never stale. This
+module does not decide anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from slinfer.controller.registry import Registry
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Buckets span a cached short answer (ms) to a long generation (minutes).
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter("slinfer_gateway_requests",
+                   "Gateway requests answered, by model, endpoint and HTTP status",
+                   ["model", "endpoint", "code"], registry=REGISTRY)
+REQUEST_SECONDS = Histogram("slinfer_gateway_request_duration_seconds",
+                            "Time from request received to response finished (queue wait included)",
+                            ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+TTFT_SECONDS = Histogram("slinfer_gateway_time_to_first_token_seconds",
+                         "Streaming requests: time from request received to the engine's first chunk relayed",
+                         ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+QUEUE_WAIT_SECONDS = Histogram("slinfer_gateway_queue_wait_seconds",
+                               "Time requests waited for a routable replica (only those that waited)",
+                               ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+RETRIES = Counter("slinfer_gateway_retries",
+                  "Requests re-sent to another engine after a failure before any byte",
+                  ["model"], registry=REGISTRY)
+# The autoscaler increments this on every decision it acts on (action: scale_up, cancel_pending, drain, ...).
+SCALING_DECISIONS = Counter("slinfer_scaling_decisions", "Autoscaler decisions acted on, by model and action",
+                            ["model", "action"], registry=REGISTRY)
+# The autoscaler sets this after each squeue (clear() first, so finished jobs' labels vanish).
+SLURM_JOBS = Gauge("slinfer_slurm_jobs", "Controller-submitted Slurm jobs, by model and Slurm state",
+                   ["model", "state"], registry=REGISTRY)
+
+
+class StateCollector(Collector):
+    """Scrape-time view of the Registry and the gateway's queues."""
+
+    def __init__(self, registry: Registry, models: Iterable[str],
+                 in_flight: Callable[[str], int], queued: Callable[[str], int]) -> None:
+        self._registry = registry
+        self._models = list(models)
+        self._in_flight = in_flight
+        self._queued = queued
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        replicas = GaugeMetricFamily("slinfer_replicas",
+                                     "Engines known to the registry, by model and state (DRAINING, and LOST "
+                                     "for an engine whose agent is silent, override the engine's own state)",
+                                     labels=["model", "state"])
+        outstanding = GaugeMetricFamily("slinfer_replica_outstanding",
+                                        "Requests the gateway has in flight to each engine",
+                                        labels=["model", "job_id", "node"])
+        counts: dict[tuple[str, str], int] = {(m, "READY"): 0 for m in self._models}
+        alive = {a.node for a in self._registry.agents() if self._registry.agent_alive(a.node)}
+        for r in self._registry.replicas():
+            state = "LOST" if r.node not in alive else "DRAINING" if r.draining else r.state_name
+            counts[(r.model, state)] = counts.get((r.model, state), 0) + 1
+            outstanding.add_metric([r.model, r.job_id, r.node], r.outstanding)
+        for (model, state), n in sorted(counts.items()):
+            replicas.add_metric([model, state], n)
+        yield replicas
+        yield outstanding
+        queue = GaugeMetricFamily("slinfer_gateway_queue_depth", "Requests waiting for a routable replica",
+                                  labels=["model"])
+        flight = GaugeMetricFamily("slinfer_gateway_in_flight", "Requests being served by an engine",
+                                   labels=["model"])
+        for m in self._models:
+            queue.add_metric([m], self._queued(m))
+            flight.add_metric([m], self._in_flight(m))
+        yield queue
+        yield flight
+        agents = GaugeMetricFamily("slinfer_agents", "Node agents known, by whether they report in time",
+                                   labels=["alive"])
+        known = self._registry.agents()
+        agents.add_metric(["true"], len(alive))
+        agents.add_metric(["false"], len(known) - len(alive))
+        yield agents
+
+
+def render(state: CollectorRegistry) -> bytes:
+    """The text exposition of the event series followed by the state series."""
+    return generate_latest(REGISTRY) + generate_latest(state)

@@ -1,0 +1,265 @@
+"""The registry: which agents and engines exist, as their heartbeats describe them.
+
+Agents open one `Registry.Report` stream each and send every engine they run on each heartbeat; the registry
+keeps one `Replica` per engine (keyed by job id) and one `AgentInfo` per node. It answers "where can a request
+for model M go" (`routable`) and lets the autoscaler mark a replica draining. It does not route, count
+requests (the gateway updates `Replica.outstanding`), or start and stop jobs.
+
+An agent silent for `agent_timeout_s` loses its engines from routing at once (checked on every read, so no
+timer is needed for correctness); a sweep forgets it entirely after a longer grace, in case it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from slinfer.v1 import controller_pb2, controller_pb2_grpc, engine_pb2
+
+log = logging.getLogger(__name__)
+
+READY = engine_pb2.READY
+
+
+@dataclass(eq=False)
+class Replica:
+    """One engine as the controller sees it."""
+
+    job_id: str
+    model: str
+    node: str
+    base_url: str
+    api_key: str
+    state: int
+    pool: bool
+    draining: bool = False
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float = 0.0
+    outstanding: int = 0
+    started_at: float = 0.0
+    ready_at: float = 0.0
+    last_seen: float = 0.0
+    reason: str = ""
+
+    @property
+    def state_name(self) -> str:
+        return engine_pb2.EngineState.Name(self.state)
+
+
+@dataclass
+class AgentInfo:
+    node: str
+    address: str
+    agent_id: str
+    last_seen: float
+    connected: bool
+    job_ids: list[str] = field(default_factory=list)
+    host: controller_pb2.HostTelemetry | None = None
+    gpus: list[controller_pb2.GpuTelemetry] = field(default_factory=list)
+
+
+class Registry:
+    """Agents and their engines; the single source of "where can a request go".
+
+    All methods run on the event loop thread; nothing here blocks.
+    """
+
+    def __init__(self, agent_timeout_s: float = 6.0, clock: Callable[[], float] = time.time,
+                 forget_after_s: float | None = None) -> None:
+        self._timeout = agent_timeout_s
+        # Keep a silent agent's record (shown by `slinfer status`) for a while before forgetting it.
+        self._forget_after = forget_after_s if forget_after_s is not None else max(60.0, 10 * agent_timeout_s)
+        self._clock = clock
+        self._agents: dict[str, AgentInfo] = {}
+        self._replicas: dict[str, Replica] = {}
+        self._by_model: dict[str, list[Replica]] = {}
+        self._listeners: list[Callable[[str], None]] = []
+
+    # ---- reads -------------------------------------------------------------------------------------
+    def replicas(self, model: str | None = None) -> list[Replica]:
+        if model is None:
+            return list(self._replicas.values())
+        return list(self._by_model.get(model, ()))
+
+    def routable(self, model: str) -> list[Replica]:
+        """READY, pooled, not draining, and on an agent heard from within the timeout."""
+        reps = self._by_model.get(model)
+        if not reps:
+            return []
+        oldest = self._clock() - self._timeout
+        return [r for r in reps if r.state == READY and r.pool and not r.draining and r.last_seen >= oldest]
+
+    def get(self, job_id: str) -> Replica | None:
+        return self._replicas.get(job_id)
+
+    def agents(self) -> list[AgentInfo]:
+        return list(self._agents.values())
+
+    def agent_alive(self, node: str) -> bool:
+        agent = self._agents.get(node)
+        return agent is not None and agent.last_seen >= self._clock() - self._timeout
+
+    # ---- writes ------------------------------------------------------------------------------------
+    def set_draining(self, job_id: str, draining: bool = True) -> bool:
+        replica = self._replicas.get(job_id)
+        if replica is None:
+            return False
+        if replica.draining != draining:
+            log.info("replica %s (%s on %s) draining=%s, outstanding=%d",
+                     job_id, replica.model, replica.node, draining, replica.outstanding)
+        replica.draining = draining
+        if not draining:
+            self._notify(replica.model)
+        return True
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """`listener(model)` is called whenever a replica of `model` may have become routable."""
+        self._listeners.append(listener)
+
+    def report(self, report: controller_pb2.AgentReport) -> None:
+        """Applies one heartbeat: the report lists every engine of the agent, so absent ones are gone."""
+        now = self._clock()
+        node = report.node
+        agent = self._agents.get(node)
+        if agent is None:
+            agent = AgentInfo(node=node, address=report.address, agent_id=report.agent_id, last_seen=now,
+                              connected=True)
+            self._agents[node] = agent
+            log.info("agent %s registered (address %s, agent id %s, %d engines)",
+                     node, report.address, report.agent_id, len(report.engines))
+        elif agent.agent_id != report.agent_id:
+            log.info("agent %s restarted (agent id %s -> %s)", node, agent.agent_id, report.agent_id)
+        agent.address = report.address
+        agent.agent_id = report.agent_id
+        agent.last_seen = now
+        agent.connected = True
+        agent.host = report.host if report.HasField("host") else None
+        agent.gpus = list(report.gpus)
+
+        seen: set[str] = set()
+        woke: set[str] = set()
+        for engine in report.engines:
+            if not engine.job_id:
+                continue
+            seen.add(engine.job_id)
+            if self._apply_engine(node, engine, now):
+                woke.add(engine.model)
+        for job_id in agent.job_ids:
+            if job_id not in seen:
+                replica = self._replicas.get(job_id)
+                if replica is not None and replica.node == node:
+                    log.info("replica %s (%s on %s) is gone from its agent's report",
+                             job_id, replica.model, node)
+                    self._remove(job_id)
+        agent.job_ids = sorted(seen)
+        for model in woke:
+            self._notify(model)
+
+    def disconnected(self, node: str) -> None:
+        """The agent's stream ended; its engines stay routable until the timeout, as it may reconnect."""
+        agent = self._agents.get(node)
+        if agent is not None:
+            agent.connected = False
+
+    def sweep(self) -> None:
+        """Forgets agents (and their engines) silent for much longer than the routing timeout."""
+        limit = self._clock() - self._forget_after
+        for node, agent in list(self._agents.items()):
+            if agent.last_seen < limit:
+                log.info("forgetting agent %s, silent for %.0f s", node, self._clock() - agent.last_seen)
+                for job_id in agent.job_ids:
+                    replica = self._replicas.get(job_id)
+                    if replica is not None and replica.node == node:
+                        self._remove(job_id)
+                del self._agents[node]
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _apply_engine(self, node: str, engine: engine_pb2.Engine, now: float) -> bool:
+        """Updates or adds one replica; True when it may just have become routable."""
+        replica = self._replicas.get(engine.job_id)
+        if replica is None or replica.model != engine.model:
+            if replica is not None:
+                self._remove(engine.job_id)
+            replica = Replica(job_id=engine.job_id, model=engine.model, node=node, base_url=engine.base_url,
+                              api_key=engine.api_key, state=engine.state, pool=engine.pool,
+                              started_at=engine.started_at, ready_at=engine.ready_at)
+            self._replicas[engine.job_id] = replica
+            self._by_model.setdefault(engine.model, []).append(replica)
+            log.info("replica %s (%s on %s) appeared, state %s, pool=%s",
+                     engine.job_id, engine.model, node, replica.state_name, engine.pool)
+            was_routable = False
+        else:
+            was_routable = (replica.state == READY and replica.pool
+                            and replica.last_seen >= now - self._timeout)
+            if replica.state != engine.state:
+                log.info("replica %s (%s on %s) %s -> %s%s", engine.job_id, engine.model, node,
+                         replica.state_name, engine_pb2.EngineState.Name(engine.state),
+                         f" ({engine.reason})" if engine.reason else "")
+        replica.node = node
+        replica.base_url = engine.base_url
+        replica.api_key = engine.api_key
+        replica.state = engine.state
+        replica.pool = engine.pool
+        replica.started_at = engine.started_at
+        replica.ready_at = engine.ready_at
+        replica.reason = engine.reason
+        replica.running = engine.load.running
+        replica.waiting = engine.load.waiting
+        replica.kv_cache_usage = engine.load.kv_cache_usage
+        replica.last_seen = now
+        return not was_routable and replica.state == READY and replica.pool and not replica.draining
+
+    def _remove(self, job_id: str) -> None:
+        replica = self._replicas.pop(job_id, None)
+        if replica is None:
+            return
+        reps = self._by_model.get(replica.model)
+        if reps is not None:
+            reps[:] = [r for r in reps if r is not replica]
+            if not reps:
+                del self._by_model[replica.model]
+
+    def _notify(self, model: str) -> None:
+        for listener in self._listeners:
+            listener(model)
+
+
+class RegistryService(controller_pb2_grpc.RegistryServicer):
+    """The gRPC face of the Registry: authenticates each agent stream and feeds its reports in."""
+
+    def __init__(self, registry: Registry, token: str = "", heartbeat_s: float = 1.0) -> None:
+        self._registry = registry
+        self._token = token.encode()
+        self._heartbeat = heartbeat_s
+
+    async def Report(self, request_iterator: AsyncIterator[controller_pb2.AgentReport],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[controller_pb2.ReportAck]:
+        node = ""
+        ack = controller_pb2.ReportAck(heartbeat_interval=self._heartbeat)
+        try:
+            async for report in request_iterator:
+                if self._token and not hmac.compare_digest(report.token.encode(), self._token):
+                    log.warning("agent report from %r (peer %s) rejected: wrong token",
+                                report.node, context.peer())
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing agent token")
+                if not report.node:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report without a node name")
+                if node and report.node != node:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"node changed from {node!r} to {report.node!r} within one stream")
+                node = report.node
+                self._registry.report(report)
+                yield ack
+        except asyncio.CancelledError:
+            raise
+        finally:
+            if node:
+                self._registry.disconnected(node)
+                log.info("agent %s stream ended", node)
