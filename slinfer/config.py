@@ -107,6 +107,14 @@ class KubernetesConfig:
     lease_duration_s: int = 40
     renew_interval_s: float = 10.0
     leader_election: bool = False
+    # Each API call gives up after this long, so that a dead API server only delays publishing.
+    request_timeout_s: float = 10.0
+    # The address (IP or DNS name) where the cluster reaches the gateway, for the `slinfer-gateway` Service;
+    # empty means no gateway Service.
+    gateway_address: str = ""
+    # A slinfer Node without a Lease, or without Pods, is left alone this long before the controller
+    # deletes it: the agent creates the Node first, then its Lease and Pods.
+    gc_grace_s: float = 60.0
 
 
 @dataclass(frozen=True)
