@@ -1,0 +1,74 @@
+"""`slinfer-agent`: the root daemon of a node. Wires the engine manager, the local API, the controller reporter
+and (when configured) the Kubernetes publisher, and leaves engines running when it stops, so that a restarted
+agent re-adopts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+from slinfer.agent.engines import EngineManager
+from slinfer.agent.gpu import Gpus
+from slinfer.agent.records import RecordStore
+from slinfer.agent.reporter import Reporter
+from slinfer.agent.server import serve
+
+from slinfer import config as config_mod
+
+log = logging.getLogger("slinfer.agent")
+
+
+async def run(config: config_mod.Config) -> None:
+    run_dir = Path(config.agent.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    gpus = Gpus()
+    async with aiohttp.ClientSession() as http:
+        engines = EngineManager(config, RecordStore(run_dir / "engines"), http, gpus)
+        await engines.adopt_all()
+        server = await serve(engines, Path(config.agent.socket))
+        tasks: list[asyncio.Task[None]] = []
+        if config.agent.controller:
+            reporter = Reporter(config.agent.controller, config.agent.node_name or socket.gethostname().split(".")[0],
+                                engines.address, engines.engines, gpus, config.agent.heartbeat_s,
+                                config.controller.token)
+            engines.add_listener(reporter.notify)
+            tasks.append(asyncio.create_task(reporter.run()))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping; engines keep running and will be re-adopted")
+        for task in tasks:
+            task.cancel()
+        await server.stop(grace=1)
+        await engines.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slinfer-agent", description="slinfer node agent (runs as root)")
+    parser.add_argument("--config", default=None, help=f"config file (default {config_mod.DEFAULT_PATH})")
+    args = parser.parse_args(argv)
+    try:
+        config = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"slinfer-agent: config error: {exc}", file=sys.stderr)
+        return 2
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if config.agent.log_file:
+        handlers = [logging.FileHandler(config.agent.log_file)]
+    logging.basicConfig(level=logging.INFO, handlers=handlers,
+                        format="%(asctime)s slinfer-agent %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

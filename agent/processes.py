@@ -1,0 +1,122 @@
+"""Ownership of an engine's processes: spawning it as the job's user, and killing every process it started.
+
+An engine runs in a session of its own (setsid), so its whole tree shares one session id even after the agent
+that started it is gone, and carries `SLINFER_ENGINE_JOB` in its environment, which catches children that left
+the session. This module knows nothing of engine states, health or Slurm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+ENGINE_MARKER = "SLINFER_ENGINE_JOB"
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process we started, told apart from a later process that reuses its pid by its start time."""
+
+    pid: int
+    create_time: float
+
+    def alive(self) -> bool:
+        try:
+            proc = psutil.Process(self.pid)
+            if abs(proc.create_time() - self.create_time) > 0.05:
+                return False
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
+
+def spawn_as_user(argv: Sequence[str], *, uid: int, gid: int, user: str, env: Mapping[str, str], cwd: str,
+                  log_path: Path) -> tuple[subprocess.Popen[bytes], ProcessIdentity]:
+    """Starts argv as uid:gid in a new session, output appended to log_path (opened by root, kept by us)."""
+    groups: list[int] = []
+    if os.geteuid() == 0:
+        try:
+            groups = os.getgrouplist(user, gid) if user else [gid]
+        except OSError:
+            groups = [gid]
+    with open(log_path, "ab", buffering=0) as log_file:
+        proc = subprocess.Popen(
+            list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file,
+            stderr=subprocess.STDOUT, close_fds=True, start_new_session=True,
+            **({"user": uid, "group": gid, "extra_groups": groups} if os.geteuid() == 0 else {}),
+        )
+    try:
+        created = psutil.Process(proc.pid).create_time()
+    except psutil.NoSuchProcess:
+        created = 0.0
+    return proc, ProcessIdentity(proc.pid, created)
+
+
+def user_home(user: str, uid: int) -> str:
+    try:
+        entry = pwd.getpwnam(user) if user else pwd.getpwuid(uid)
+        return entry.pw_dir
+    except KeyError:
+        return ""
+
+
+def engine_processes(job_id: str, session_id: int) -> list[psutil.Process]:
+    """Every live process of the engine: its session, plus whatever carries its marker."""
+    found: dict[int, psutil.Process] = {}
+    marker = f"{ENGINE_MARKER}={job_id}"
+    for proc in psutil.process_iter(["pid", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+            continue
+        try:
+            if session_id > 0 and os.getsid(proc.pid) == session_id:
+                found[proc.pid] = proc
+                continue
+            with open(f"/proc/{proc.pid}/environ", "rb") as env_file:
+                if marker.encode() in env_file.read().split(b"\0"):
+                    found[proc.pid] = proc
+        except (OSError, psutil.Error):
+            continue
+    return list(found.values())
+
+
+def signal_all(processes: list[psutil.Process], sig: signal.Signals) -> None:
+    for proc in processes:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def terminate_engine(job_id: str, session_id: int, grace_s: float) -> list[int]:
+    """SIGTERM to the engine's processes, SIGKILL after grace_s; returns the pids still alive at the end."""
+    procs = engine_processes(job_id, session_id)
+    if not procs:
+        return []
+    log.info("job %s: SIGTERM to %d engine processes %s", job_id, len(procs), [p.pid for p in procs])
+    signal_all(procs, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        procs = engine_processes(job_id, session_id)
+        if not procs:
+            return []
+        time.sleep(0.1)
+    log.warning("job %s: %d engine processes outlived %.0fs of grace, SIGKILL %s", job_id, len(procs), grace_s,
+                [p.pid for p in procs])
+    for _ in range(50):
+        signal_all(procs, signal.SIGKILL)
+        time.sleep(0.1)
+        procs = engine_processes(job_id, session_id)
+        if not procs:
+            return []
+    return [p.pid for p in procs]
