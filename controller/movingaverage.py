@@ -13,10 +13,11 @@ from collections.abc import Callable
 
 
 class MovingAverage:
-    """Time-weighted average of a step signal over the trailing window.
+    """Time-weighted average of a sampled signal over the trailing window.
 
-    Each sample holds from its time until the next sample (the newest one until now). Time before the first
-    sample does not count, so a fresh average reflects the samples it has rather than reading as zero.
+    A sample describes the load since the previous sample (so the newest one counts at once, as an autoscaler
+    needs), and keeps holding until now. The first sample covers no time before itself: a fresh average reflects
+    the samples it has rather than reading as zero.
     """
 
     def __init__(self, window_s: float, clock: Callable[[], float] = time.time) -> None:
@@ -39,12 +40,13 @@ class MovingAverage:
             return 0.0
         now = max(self._clock(), self._samples[-1][0])
         self._trim(now)
-        start = max(now - self.window_s, self._samples[0][0])
+        start = now - self.window_s
         total = 0.0
         weight = 0.0
+        last = len(self._samples) - 1
         for i, (at, v) in enumerate(self._samples):
-            begin = max(at, start)
-            end = self._samples[i + 1][0] if i + 1 < len(self._samples) else now
+            begin = max(self._samples[i - 1][0] if i > 0 else at, start)
+            end = now if i == last else at
             if end > begin:
                 total += v * (end - begin)
                 weight += end - begin
@@ -56,7 +58,7 @@ class MovingAverage:
         return self._samples[-1][1] if self._samples else 0.0
 
     def _trim(self, now: float) -> None:
-        # Keep the newest sample older than the window: it is the value held at the window's start.
+        # A sample covers the time back to its predecessor: keep the one whose successor is inside the window.
         horizon = now - self.window_s
         while len(self._samples) >= 2 and self._samples[1][0] <= horizon:
             self._samples.popleft()

@@ -29,28 +29,43 @@ def test_time_weighted_over_window() -> None:
     ma = MovingAverage(30, clock)
     ma.add(0.0)
     clock.now += 20
-    ma.add(30.0)
+    ma.add(30.0)  # the load of the last 20 s
     clock.now += 10
-    # 20 s at 0 and 10 s at 30 over a 30 s window.
-    assert ma.value() == 10.0
+    ma.add(0.0)  # the load of the last 10 s
+    assert ma.value() == 20.0
+
+
+def test_newest_sample_counts_at_once() -> None:
+    clock = Clock()
+    ma = MovingAverage(30, clock)
+    for _ in range(15):
+        ma.add(0.0)
+        clock.now += 2
+    ma.add(30.0)
+    # 2 s of 30 in a 30 s window: an average that ignored the newest sample would say 0.
+    assert ma.value() == 2.0
 
 
 def test_irregular_sampling_does_not_skew() -> None:
     clock = Clock()
     ma = MovingAverage(10, clock)
-    ma.add(4.0)
+    ma.add(0.0)
     clock.now += 5
-    for _ in range(50):  # a burst of samples at the same value within one second
-        ma.add(0.0)
+    ma.add(4.0)
+    for _ in range(50):  # a burst of samples within one second
         clock.now += 0.02
+        ma.add(0.0)
     clock.now += 4
-    # 5 s at 4, 5 s at 0: a plain mean of samples would say about 0.08.
+    ma.add(0.0)
+    # 5 s at 4, 5 s at 0: a plain mean of the samples would say about 0.08.
     assert abs(ma.value() - 2.0) < 1e-9
 
 
 def test_old_samples_leave_the_window() -> None:
     clock = Clock()
     ma = MovingAverage(10, clock)
+    ma.add(0.0)
+    clock.now += 5
     ma.add(100.0)
     clock.now += 5
     ma.add(0.0)
@@ -59,14 +74,15 @@ def test_old_samples_leave_the_window() -> None:
     assert len(ma._samples) == 1
 
 
-def test_value_held_across_window_start_counts_partially() -> None:
+def test_sample_across_window_start_counts_partially() -> None:
     clock = Clock()
     ma = MovingAverage(10, clock)
-    ma.add(10.0)
-    clock.now += 15
     ma.add(0.0)
+    clock.now += 15
+    ma.add(10.0)
     clock.now += 5
-    # The window [now-10, now] saw 5 s of 10 and 5 s of 0.
+    ma.add(0.0)
+    # The window (now-10, now] saw 5 s of 10 and 5 s of 0.
     assert ma.value() == 5.0
 
 

@@ -1,0 +1,518 @@
+"""The autoscaler: keeps each catalog model's Slurm jobs between its min and max replicas, following the load.
+
+Responsible for: sampling each model's load (the gateway's in-flight plus queued requests, or the engines' own
+running plus waiting where larger) into a moving average; turning it into a desired replica count (ceil of
+load / target, clamped, or the admin's pinned count); acting through Slurm after the scale-up or scale-down
+delay (submit; cancel PENDING jobs first, then drain a READY replica and cancel it once idle); replacing replicas
+before their time limit with a lead time learned from observed submit-to-READY latency; adopting its own jobs
+again after a restart (recognised by job name and comment); logging every decision with its numbers.
+Not responsible for: routing or counting requests (the gateway), knowing engine state (the Registry), or running
+Slurm's commands (SlurmClient). It manages only the jobs it submitted: a user's own pool jobs add engine load
+but are never cancelled or counted as its replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from slinfer.controller import metrics
+from slinfer.controller.movingaverage import MovingAverage
+from slinfer.controller.registry import Registry, Replica
+from slinfer.controller.slurm import SlurmError, SlurmJob
+
+from slinfer.config import ModelConfig
+from slinfer.v1 import engine_pb2
+
+log = logging.getLogger(__name__)
+
+# The comment of every job the autoscaler submits; with the job name it tells a restarted controller its jobs.
+COMMENT_MARK = "slinfer:autoscaler"
+# Before any replica was seen starting, assume this submit-to-READY latency for replacement lead time.
+DEFAULT_START_LATENCY_S = 300.0
+# Margin on the slowest recent start: queue waits vary more than engine load times.
+LEAD_FACTOR = 1.5
+# Requests still running when Slurm kills a job at its limit fail; drain at the latest this long before it.
+FINAL_DRAIN_S = 30.0
+# A job sbatch accepted but squeue does not list yet counts as pending for this long.
+SUBMIT_VISIBILITY_S = 60.0
+# After a failed sbatch, wait this long (doubling per failure, up to the cap) before trying again.
+SUBMIT_BACKOFF_S = 5.0
+SUBMIT_BACKOFF_MAX_S = 300.0
+# Replacements for expiring jobs may overlap them, but never beyond this many jobs per desired replica.
+MAX_JOBS_PER_REPLICA = 2
+
+PENDING_STATES = frozenset({"PENDING", "CONFIGURING", "REQUEUED"})
+RUNNING_STATES = frozenset({"RUNNING", "RESIZING"})
+
+
+class Demand(Protocol):
+    """What the gateway knows of a model's load (gateway.Demand)."""
+
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+
+
+class Slurm(Protocol):
+    """The part of SlurmClient the autoscaler uses."""
+
+    async def submit(self, model: ModelConfig, job_name: str, comment: str) -> str: ...
+    async def jobs(self) -> list[SlurmJob]: ...
+    async def cancel(self, job_id: str) -> None: ...
+
+
+@dataclass
+class ModelStatus:
+    """One model's state as of the last step, for `slinfer status`."""
+
+    name: str
+    min_replicas: int
+    max_replicas: int
+    target: float
+    window_s: float
+    pinned: int | None = None
+    desired: int = 0
+    load: float = 0.0
+    in_flight: int = 0
+    queued: int = 0
+    ready: int = 0
+    starting: int = 0
+    pending: int = 0
+    draining: int = 0
+    expiring: int = 0
+    lost: int = 0
+    lead_s: float = DEFAULT_START_LATENCY_S
+    last_decision: str = ""
+    last_decision_at: float = 0.0
+
+
+@dataclass
+class _Model:
+    config: ModelConfig
+    average: MovingAverage
+    status: ModelStatus
+    pinned: int | None = None
+    up_since: float | None = None
+    down_since: float | None = None
+    # Submitted by this process and not yet listed by squeue: job id -> submit time.
+    submitted: dict[str, float] = field(default_factory=dict)
+    # Draining replicas: job id -> when draining began.
+    draining: dict[str, float] = field(default_factory=dict)
+    # Cancelled and not yet gone from squeue's active states: job id -> when.
+    cancelled: dict[str, float] = field(default_factory=dict)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=8))
+    seen_ready: set[str] = field(default_factory=set)
+    adopted: set[str] = field(default_factory=set)
+    failures: int = 0
+    backoff_until: float = 0.0
+    last_outcome: str = ""
+
+
+@dataclass
+class _Groups:
+    """A model's active jobs by what they mean for capacity."""
+
+    pending: list[SlurmJob] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)
+    starting: list[SlurmJob] = field(default_factory=list)
+    ready: list[SlurmJob] = field(default_factory=list)
+    expiring: list[SlurmJob] = field(default_factory=list)
+    draining: list[SlurmJob] = field(default_factory=list)
+    failed: list[SlurmJob] = field(default_factory=list)
+    lost: list[SlurmJob] = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.pending) + len(self.unlisted) + len(self.starting) + len(self.ready)
+
+    @property
+    def total(self) -> int:
+        return self.capacity + len(self.expiring) + len(self.draining) + len(self.lost)
+
+
+class Autoscaler:
+    """Grows and shrinks each catalog model's Slurm jobs with its load; see the module docstring."""
+
+    def __init__(self, models: Sequence[ModelConfig], registry: Registry, demand: Callable[[str], Demand],
+                 slurm: Slurm, clock: Callable[[], float] = time.time, job_name_prefix: str = "slinfer",
+                 settle_s: float = 10.0) -> None:
+        self._registry = registry
+        self._demand = demand
+        self._slurm = slurm
+        self._clock = clock
+        self._prefix = job_name_prefix
+        # After a (re)start, running jobs whose agents have not reported yet look like starting engines;
+        # nothing is cancelled until the agents had time to re-register.
+        self._settle_s = settle_s
+        self._started = clock()
+        self._interval = 2.0
+        self._models: dict[str, _Model] = {}
+        for m in models:
+            status = ModelStatus(name=m.name, min_replicas=m.min_replicas, max_replicas=m.max_replicas,
+                                 target=m.target_outstanding, window_s=m.window_s)
+            self._models[m.name] = _Model(config=m, average=MovingAverage(m.window_s, clock), status=status)
+        self._jobs: dict[str, tuple[str, SlurmJob]] = {}
+        self.squeue_ok = False
+        # Decisions acted on, by (model, action); mirrored in metrics.SCALING_DECISIONS.
+        self.decisions: dict[tuple[str, str], int] = {}
+
+    # ---- admin --------------------------------------------------------------------------------------
+    def job_name(self, model: str) -> str:
+        return f"{self._prefix}-{model}"
+
+    def comment(self, model: str) -> str:
+        return f"{COMMENT_MARK} model={model}"
+
+    def owner(self, job: SlurmJob) -> str | None:
+        """The catalog model whose autoscaler job this is, or None for any other job."""
+        for name in self._models:
+            if job.name == self.job_name(name) and job.comment == self.comment(name):
+                return name
+        return None
+
+    def pin(self, model: str, count: int | None) -> None:
+        """Holds `model` at `count` replicas regardless of load (None returns it to the load)."""
+        m = self._models.get(model)
+        if m is None:
+            raise KeyError(f"{model!r} is not a catalog model")
+        if count is not None and not 0 <= count <= m.config.max_replicas:
+            raise ValueError(f"{model}: {count} is outside 0..max_replicas ({m.config.max_replicas}); "
+                             "raise max_replicas in the config to go higher")
+        log.info("model=%s pinned %s -> %s", model, m.pinned, "auto" if count is None else count)
+        m.pinned = count
+        m.status.pinned = count
+        m.up_since = m.down_since = None
+
+    def drain(self, job_id: str) -> str:
+        """Drains one of the autoscaler's jobs (it is cancelled once idle); returns its model."""
+        found = self._jobs.get(job_id)
+        if found is None or not found[1].active:
+            raise KeyError(f"job {job_id} is not an active job of this controller")
+        model, _ = found
+        m = self._models[model]
+        if job_id not in m.draining and job_id not in m.cancelled:
+            self._start_drain(m, job_id, "admin request")
+            self._count(model, "drain_admin")
+        return model
+
+    def status(self) -> list[ModelStatus]:
+        return [m.status for m in self._models.values()]
+
+    def jobs(self) -> list[tuple[str, SlurmJob]]:
+        """The autoscaler's jobs as of the last squeue: (model, job)."""
+        return list(self._jobs.values())
+
+    def lead_time(self, model: str) -> float:
+        m = self._models[model]
+        if not m.latencies:
+            return DEFAULT_START_LATENCY_S
+        return max(m.latencies) * LEAD_FACTOR + 2 * self._interval
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    async def run(self, interval: float) -> None:
+        self._interval = interval
+        while True:
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("autoscaler step failed")
+            await asyncio.sleep(interval)
+
+    async def step(self) -> None:
+        try:
+            jobs = await self._slurm.jobs()
+        except SlurmError as exc:
+            # Acting on a stale or missing view of the queue could submit duplicates.
+            log.warning("squeue failed, no scaling this step: %s", exc)
+            self.squeue_ok = False
+            return
+        self.squeue_ok = True
+        now = self._clock()
+        by_model: dict[str, list[SlurmJob]] = {name: [] for name in self._models}
+        self._jobs = {}
+        for job in jobs:
+            owner = self.owner(job)
+            if owner is not None:
+                by_model[owner].append(job)
+                self._jobs[job.job_id] = (owner, job)
+        metrics.SLURM_JOBS.clear()
+        for model, model_jobs in by_model.items():
+            states: dict[str, int] = {}
+            for job in model_jobs:
+                states[job.state] = states.get(job.state, 0) + 1
+            for state, n in states.items():
+                metrics.SLURM_JOBS.labels(model, state).set(n)
+        for name, m in self._models.items():
+            await self._step_model(m, by_model[name], now)
+
+    # ---- one model ----------------------------------------------------------------------------------
+    async def _step_model(self, m: _Model, jobs: list[SlurmJob], now: float) -> None:
+        cfg = m.config
+        listed = {j.job_id for j in jobs}
+        active = [j for j in jobs if j.active]
+        active_ids = {j.job_id for j in active}
+        for job_id, at in list(m.submitted.items()):
+            if job_id in listed or now - at > SUBMIT_VISIBILITY_S:
+                del m.submitted[job_id]
+        for table in (m.draining, m.cancelled):
+            for job_id in [j for j in table if j not in active_ids]:
+                del table[job_id]
+        self._adopt(m, active)
+        settled = now - self._started >= self._settle_s
+
+        lead = self.lead_time(cfg.name)
+        groups = self._classify(m, active, now, lead)
+
+        demand = self._demand(cfg.name)
+        engines = sum(r.running + r.waiting for r in self._registry.replicas(cfg.name)
+                      if r.state == engine_pb2.READY)
+        sample = max(float(demand.in_flight + demand.queued), engines)
+        m.average.add(sample)
+        load = m.average.value()
+
+        urgent = ""  # why no delay applies, if none does
+        if m.pinned is not None:
+            desired = m.pinned
+        else:
+            # Rounded first so that float noise (8.000001 / 8) does not add a replica.
+            desired = min(max(math.ceil(round(load / cfg.target_outstanding, 6)), cfg.min_replicas),
+                          cfg.max_replicas)
+            if demand.queued > 0 and groups.capacity == 0 and cfg.max_replicas > 0:
+                # Scale from zero: a waiting request must not wait for the window or the delay.
+                desired = max(desired, 1)
+                urgent = "scale from zero"
+            elif groups.capacity < cfg.min_replicas:
+                urgent = "below min"  # not a reaction to load, so no delay applies
+
+        st = m.status
+        st.pinned, st.desired, st.load = m.pinned, desired, load
+        st.in_flight, st.queued = demand.in_flight, demand.queued
+        st.ready, st.starting = len(groups.ready), len(groups.starting)
+        st.pending = len(groups.pending) + len(groups.unlisted)
+        st.draining, st.expiring, st.lost = len(groups.draining), len(groups.expiring), len(groups.lost)
+        st.lead_s = lead
+
+        def numbers() -> str:
+            return (f"model={cfg.name} desired={desired} current={groups.capacity} (ready={len(groups.ready)} "
+                    f"starting={len(groups.starting)} pending={st.pending} draining={len(groups.draining)} "
+                    f"expiring={len(groups.expiring)}) load={load:.1f} "
+                    f"(in_flight={demand.in_flight} queued={demand.queued} engines={engines:.0f}) "
+                    f"target={cfg.target_outstanding:g} window={cfg.window_s:g}s"
+                    + (f" pinned={m.pinned}" if m.pinned is not None else ""))
+
+        for job in groups.failed if settled else ():
+            rep = self._registry.get(job.job_id)
+            reason = rep.reason if rep is not None else ""
+            await self._cancel(m, job.job_id, f"{numbers()} -> cancel {job.job_id}: engine failed ({reason})",
+                               "cancel_failed")
+
+        outcome = "steady"
+        if desired > groups.capacity:
+            m.down_since = None
+            if m.up_since is None:
+                m.up_since = now
+            waited = now - m.up_since
+            want = desired - groups.capacity
+            room = MAX_JOBS_PER_REPLICA * max(desired, 1) - groups.total
+            if not (urgent or m.pinned is not None or waited >= cfg.scale_up_delay_s):
+                outcome = f"wait scale-up delay ({waited:.0f}/{cfg.scale_up_delay_s:g}s)"
+            elif now < m.backoff_until:
+                outcome = f"wait after sbatch failure ({m.backoff_until - now:.0f}s left)"
+            elif room <= 0:
+                outcome = f"hold: {groups.total} jobs already (expiring ones not yet gone)"
+            else:
+                n = min(want, room)
+                await self._submit(m, n, f"{numbers()} -> submit {n}" + (f" ({urgent})" if urgent else ""))
+                outcome = "submitted"
+        elif desired < groups.capacity:
+            m.up_since = None
+            if m.down_since is None:
+                m.down_since = now
+            waited = now - m.down_since
+            if m.pinned is None and waited < cfg.scale_down_delay_s:
+                outcome = f"wait scale-down delay ({waited:.0f}/{cfg.scale_down_delay_s:g}s)"
+            elif not settled:
+                outcome = "wait for agents to re-register after start"
+            else:
+                await self._shrink(m, groups, groups.capacity - desired, numbers())
+                outcome = "shrunk"
+        else:
+            m.up_since = m.down_since = None
+
+        # A replica near its time limit leaves once enough others are READY, or at the latest just before it.
+        for job in sorted(groups.expiring, key=lambda j: j.end_time) if settled else ():
+            left = job.end_time - now
+            if len(groups.ready) >= desired or left <= FINAL_DRAIN_S:
+                why = "replacement ready" if len(groups.ready) >= desired else "no replacement in time"
+                log.info("%s -> drain %s: time limit in %.0fs (lead %.0fs), %s", numbers(), job.job_id, left,
+                         lead, why)
+                self._start_drain(m, job.job_id, "time limit")
+                self._count(cfg.name, "drain_time_limit")
+
+        await self._finish_drains(m, now, settled, numbers)
+
+        if outcome != m.last_outcome and outcome not in ("submitted", "shrunk"):
+            log.info("%s -> %s", numbers(), outcome)
+        else:
+            log.debug("%s -> %s", numbers(), outcome)
+        m.last_outcome = outcome
+
+    def _adopt(self, m: _Model, active: list[SlurmJob]) -> None:
+        for job in active:
+            if job.job_id in m.adopted:
+                continue
+            m.adopted.add(job.job_id)
+            if job.job_id not in m.submitted:
+                log.info("model=%s adopted job %s (%s%s), found in squeue", m.config.name, job.job_id, job.state,
+                         f" on {job.node}" if job.node else "")
+        # Forget ids of jobs that are gone, so the set does not grow forever.
+        active_ids = {j.job_id for j in active}
+        m.adopted &= active_ids | set(m.submitted)
+        m.seen_ready &= active_ids
+
+    def _classify(self, m: _Model, active: list[SlurmJob], now: float, lead: float) -> _Groups:
+        g = _Groups()
+        listed = {j.job_id for j in active}
+        g.unlisted = [job_id for job_id in m.submitted if job_id not in listed]
+        for job in active:
+            if job.job_id in m.cancelled:
+                continue
+            rep = self._registry.get(job.job_id)
+            if job.job_id in m.draining:
+                g.draining.append(job)
+                continue
+            if job.state in PENDING_STATES:
+                g.pending.append(job)
+                continue
+            if job.state not in RUNNING_STATES:
+                continue  # SUSPENDED: neither capacity nor ours to act on
+            if rep is not None and rep.draining:
+                # Drained by hand through the Registry, or by a previous controller that restarted.
+                m.draining[job.job_id] = now
+                g.draining.append(job)
+                continue
+            if rep is not None and rep.state == engine_pb2.FAILED:
+                g.failed.append(job)
+                continue
+            if rep is not None and rep.state in (engine_pb2.STOPPING, engine_pb2.STOPPED):
+                continue  # ending on its own
+            if rep is not None and not self._registry.agent_alive(rep.node):
+                g.lost.append(job)
+                continue
+            if rep is not None and rep.state == engine_pb2.READY:
+                self._learn(m, job, rep)
+            expiring = job.end_time > 0 and job.end_time - now <= lead
+            if expiring:
+                g.expiring.append(job)
+            elif rep is not None and rep.state == engine_pb2.READY:
+                g.ready.append(job)
+            else:
+                g.starting.append(job)
+        return g
+
+    def _learn(self, m: _Model, job: SlurmJob, rep: Replica) -> None:
+        if job.job_id in m.seen_ready or rep.ready_at <= 0 or job.submit_time <= 0:
+            return
+        m.seen_ready.add(job.job_id)
+        latency = rep.ready_at - job.submit_time
+        if latency > 0:
+            m.latencies.append(latency)
+            log.info("model=%s job %s READY %.1fs after submit (queue %.1fs); lead time now %.0fs",
+                     m.config.name, job.job_id, latency,
+                     max(job.start_time - job.submit_time, 0.0), self.lead_time(m.config.name))
+
+    async def _submit(self, m: _Model, n: int, why: str) -> None:
+        name = m.config.name
+        log.info("%s", why)
+        for _ in range(n):
+            try:
+                job_id = await self._slurm.submit(m.config, self.job_name(name), self.comment(name))
+            except SlurmError as exc:
+                m.failures += 1
+                backoff = min(SUBMIT_BACKOFF_S * 2 ** (m.failures - 1), SUBMIT_BACKOFF_MAX_S)
+                m.backoff_until = self._clock() + backoff
+                log.error("model=%s sbatch failed (%d in a row), next try in %.0fs: %s",
+                          name, m.failures, backoff, exc)
+                self._count(name, "submit_failed")
+                return
+            m.failures = 0
+            m.submitted[job_id] = self._clock()
+            log.info("model=%s submitted job %s", name, job_id)
+            self._count(name, "submit")
+            self._note(m, f"submitted job {job_id}")
+
+    async def _shrink(self, m: _Model, g: _Groups, n: int, numbers: str) -> None:
+        name = m.config.name
+        # PENDING jobs hold no resources and serve nothing: newest first, as it is furthest back in the queue.
+        pending = sorted(g.pending, key=lambda j: j.submit_time, reverse=True)
+        candidates: list[tuple[str, str]] = [(jid, "unlisted") for jid in reversed(g.unlisted)]
+        candidates = [(j.job_id, "pending") for j in pending] + candidates
+        candidates += [(j.job_id, "starting") for j in sorted(g.starting, key=lambda j: -j.start_time)]
+        for job_id, kind in candidates[:n]:
+            await self._cancel(m, job_id, f"{numbers} -> cancel {kind} job {job_id}", f"cancel_{kind}")
+        n -= min(n, len(candidates))
+        if n <= 0:
+            return
+        # Then READY replicas: the one closest to its time limit, then the least busy.
+        def busy(job: SlurmJob) -> tuple[float, int]:
+            rep = self._registry.get(job.job_id)
+            return (job.end_time or math.inf, rep.outstanding if rep is not None else 0)
+        for job in sorted(g.ready, key=busy)[:n]:
+            log.info("%s -> drain %s", numbers, job.job_id)
+            self._start_drain(m, job.job_id, "scale down")
+            self._count(name, "drain")
+
+    def _start_drain(self, m: _Model, job_id: str, why: str) -> None:
+        m.draining.setdefault(job_id, self._clock())
+        self._registry.set_draining(job_id, True)
+        self._note(m, f"draining job {job_id} ({why})")
+
+    async def _finish_drains(self, m: _Model, now: float, settled: bool, numbers: Callable[[], str]) -> None:
+        for job_id, since in list(m.draining.items()):
+            if job_id in m.cancelled:
+                continue
+            rep = self._registry.get(job_id)
+            if rep is not None and not rep.draining:
+                self._registry.set_draining(job_id, True)  # the replica re-appeared after an agent restart
+            if rep is None and not settled:
+                continue  # its agent may not have re-registered yet: it could still be serving
+            outstanding = rep.outstanding if rep is not None else 0
+            waited = now - since
+            if outstanding == 0:
+                await self._cancel(m, job_id, f"{numbers()} -> cancel drained job {job_id} after {waited:.0f}s",
+                                   "cancel_drained")
+            elif waited >= m.config.drain_timeout_s:
+                await self._cancel(m, job_id, f"{numbers()} -> cancel job {job_id}: still {outstanding} "
+                                   f"outstanding after drain timeout {m.config.drain_timeout_s:g}s",
+                                   "cancel_drain_timeout")
+
+    async def _cancel(self, m: _Model, job_id: str, why: str, action: str) -> None:
+        log.info("%s", why)
+        try:
+            await self._slurm.cancel(job_id)
+        except SlurmError as exc:
+            log.error("model=%s scancel %s failed, retrying next step: %s", m.config.name, job_id, exc)
+            self._count(m.config.name, "cancel_failed")
+            return
+        m.cancelled[job_id] = self._clock()
+        m.submitted.pop(job_id, None)
+        self._count(m.config.name, action)
+        self._note(m, f"cancelled job {job_id}")
+
+    def _count(self, model: str, action: str) -> None:
+        self.decisions[(model, action)] = self.decisions.get((model, action), 0) + 1
+        metrics.SCALING_DECISIONS.labels(model, action).inc()
+
+    def _note(self, m: _Model, decision: str) -> None:
+        m.status.last_decision = decision
+        m.status.last_decision_at = self._clock()

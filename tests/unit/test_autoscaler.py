@@ -1,0 +1,447 @@
+"""The autoscaler's decisions, driven by an injected clock.
+
+The Registry is the real one, fed with agent reports as agents send them. Slurm is `SlurmDouble`, an in-memory
+recording double of SlurmClient (SlurmClient itself is tested against real Slurm in tests/bed/); the gateway's
+demand is a dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import pytest
+from slinfer.controller.autoscaler import COMMENT_MARK, DEFAULT_START_LATENCY_S, FINAL_DRAIN_S, Autoscaler
+from slinfer.controller.registry import Registry
+from slinfer.controller.slurm import SlurmError, SlurmJob
+
+from slinfer.config import ModelConfig
+from slinfer.v1 import controller_pb2, engine_pb2
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass(frozen=True)
+class Demand:
+    in_flight: int = 0
+    queued: int = 0
+
+
+class SlurmDouble:
+    """An in-memory recording double of SlurmClient: a queue of jobs that tests start and end by hand."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.jobs_: dict[str, SlurmJob] = {}
+        self.submits: list[tuple[str, str, str]] = []
+        self.cancels: list[str] = []
+        self.next_id = 100
+        self.fail_submit = ""
+        self.fail_squeue = False
+        self.limit_s = 3600.0
+
+    async def submit(self, model: ModelConfig, job_name: str, comment: str) -> str:
+        if self.fail_submit:
+            raise SlurmError(["sbatch"], 1, self.fail_submit)
+        self.next_id += 1
+        job_id = str(self.next_id)
+        self.submits.append((model.name, job_name, comment))
+        self.jobs_[job_id] = SlurmJob(job_id, job_name, comment, "PENDING", "", self.clock.now, 0, 0, "Resources")
+        return job_id
+
+    async def jobs(self) -> list[SlurmJob]:
+        if self.fail_squeue:
+            raise SlurmError(["squeue", "--json"], 1, "slurm_load_jobs error: Unable to contact slurm controller")
+        return list(self.jobs_.values())
+
+    async def cancel(self, job_id: str) -> None:
+        self.cancels.append(job_id)
+        self.jobs_[job_id] = replace(self.jobs_[job_id], state="CANCELLED")
+
+    def start(self, job_id: str, node: str = "n1") -> None:
+        self.jobs_[job_id] = replace(self.jobs_[job_id], state="RUNNING", node=node, start_time=self.clock.now,
+                                     end_time=self.clock.now + self.limit_s)
+
+    def add(self, job: SlurmJob) -> None:
+        self.jobs_[job.job_id] = job
+
+    def active(self) -> list[str]:
+        return [j.job_id for j in self.jobs_.values() if j.active]
+
+
+class Bed:
+    def __init__(self, **model_kw: object) -> None:
+        self.clock = Clock()
+        self.registry = Registry(agent_timeout_s=6.0, clock=self.clock)
+        self.slurm = SlurmDouble(self.clock)
+        kw: dict[str, object] = {"min_replicas": 0, "max_replicas": 3, "target_outstanding": 4.0,
+                                 "window_s": 10.0, "scale_up_delay_s": 0.0, "scale_down_delay_s": 0.0}
+        kw.update(model_kw)
+        self.model = ModelConfig(name="tiny", source="/m", **kw)  # type: ignore[arg-type]
+        self.demand: dict[str, Demand] = {}
+        self.engines: dict[str, dict[str, engine_pb2.Engine]] = {}  # node -> job id -> engine
+        self.scaler = self.new_scaler(settle_s=0.0)
+
+    def new_scaler(self, settle_s: float) -> Autoscaler:
+        return Autoscaler([self.model], self.registry, lambda m: self.demand.get(m, Demand()), self.slurm,
+                          clock=self.clock, settle_s=settle_s)
+
+    async def step(self, advance: float = 2.0) -> None:
+        self.clock.now += advance
+        self.heartbeat()
+        await self.scaler.step()
+
+    def engine(self, job_id: str, state: int = engine_pb2.READY, node: str = "n1", running: float = 0,
+               waiting: float = 0, reason: str = "") -> None:
+        self.engines.setdefault(node, {})[job_id] = engine_pb2.Engine(
+            job_id=job_id, model="tiny", state=state, base_url=f"http://{node}:2000{job_id[-1]}", pool=True,
+            started_at=self.clock.now, ready_at=self.clock.now if state == engine_pb2.READY else 0,
+            load=engine_pb2.EngineLoad(running=running, waiting=waiting), reason=reason)
+
+    def heartbeat(self, nodes: list[str] | None = None) -> None:
+        for node, engines in self.engines.items():
+            if nodes is None or node in nodes:
+                self.registry.report(controller_pb2.AgentReport(node=node, address=node, agent_id="a",
+                                                                engines=list(engines.values())))
+
+    def ready(self, job_id: str, node: str = "n1") -> None:
+        """The job starts and its engine is READY at once."""
+        self.slurm.start(job_id, node)
+        self.engine(job_id, node=node)
+        self.heartbeat()
+
+
+def ours(job_id: str, state: str = "RUNNING", **kw: object) -> SlurmJob:
+    fields: dict[str, object] = {"node": "n1", "submit_time": 1_799_999_000.0, "start_time": 1_799_999_100.0,
+                                 "end_time": 1_800_003_600.0}
+    fields.update(kw)
+    return SlurmJob(job_id, "slinfer-tiny", f"{COMMENT_MARK} model=tiny", state, **fields)  # type: ignore[arg-type]
+
+
+async def test_scale_from_zero_submits_at_once_despite_window_and_delay(caplog: pytest.LogCaptureFixture) -> None:
+    bed = Bed(window_s=300.0, scale_up_delay_s=600.0, target_outstanding=100.0)
+    await bed.step()
+    assert bed.slurm.submits == []
+    bed.demand["tiny"] = Demand(queued=1)
+    with caplog.at_level(logging.INFO, "slinfer.controller.autoscaler"):
+        await bed.step()
+    assert bed.slurm.submits == [("tiny", "slinfer-tiny", f"{COMMENT_MARK} model=tiny")]
+    assert "scale from zero" in caplog.text
+    # The pending job is capacity on the way: no second job while the request still waits.
+    await bed.step()
+    await bed.step()
+    assert len(bed.slurm.submits) == 1
+    assert bed.scaler.decisions[("tiny", "submit")] == 1
+
+
+async def test_no_submit_until_squeue_succeeds() -> None:
+    bed = Bed()
+    bed.demand["tiny"] = Demand(queued=3)
+    bed.slurm.fail_squeue = True
+    await bed.step()
+    await bed.step()
+    assert bed.slurm.submits == []
+    assert not bed.scaler.squeue_ok
+    bed.slurm.fail_squeue = False
+    await bed.step()
+    assert len(bed.slurm.submits) == 1
+
+
+async def test_desired_is_ceil_of_average_load_over_target(caplog: pytest.LogCaptureFixture) -> None:
+    bed = Bed(target_outstanding=4.0, max_replicas=5)
+    await bed.step()
+    (job,) = [await bed.slurm.submit(bed.model, "slinfer-tiny", f"{COMMENT_MARK} model=tiny")]
+    bed.slurm.submits.clear()
+    bed.ready(job)
+    bed.demand["tiny"] = Demand(in_flight=10, queued=3)
+    with caplog.at_level(logging.INFO, "slinfer.controller.autoscaler"):
+        await bed.step()
+    # The window began with this sample (the earlier steps held 0 load for 2 s): average of 0 and 13.
+    with caplog.at_level(logging.INFO, "slinfer.controller.autoscaler"):
+        for _ in range(10):
+            await bed.step()
+    # 13 / 4 -> 4 replicas: 1 ready, 3 submitted.
+    assert len(bed.slurm.submits) == 3
+    assert "desired=4" in caplog.text and "target=4" in caplog.text and "load=13.0" in caplog.text
+    assert "-> submit" in caplog.text
+
+
+async def test_engine_load_counts_where_larger_than_gateway() -> None:
+    bed = Bed(target_outstanding=4.0, max_replicas=3, window_s=2.0)
+    job = await bed.slurm.submit(bed.model, "slinfer-tiny", f"{COMMENT_MARK} model=tiny")
+    bed.slurm.submits.clear()
+    bed.ready(job)
+    bed.engine(job, running=5, waiting=4)  # a user bypassing the gateway, or requests the gateway lost track of
+    await bed.step()
+    await bed.step()
+    assert len(bed.slurm.submits) == 3 - 1  # ceil(9/4) = 3, one exists
+
+
+async def test_desired_clamped_to_max_and_min() -> None:
+    bed = Bed(min_replicas=1, max_replicas=2, window_s=2.0)
+    await bed.step()
+    assert len(bed.slurm.submits) == 1  # min 1 with no load
+    bed.demand["tiny"] = Demand(in_flight=1000)
+    await bed.step()
+    await bed.step()
+    assert len(bed.slurm.submits) == 2
+
+
+async def test_scale_up_delay() -> None:
+    bed = Bed(scale_up_delay_s=10.0, window_s=2.0, min_replicas=1)
+    await bed.step()
+    (first,) = bed.slurm.active()
+    bed.ready(first)
+    bed.slurm.submits.clear()
+    bed.demand["tiny"] = Demand(in_flight=8)
+    await bed.step()
+    await bed.step(4)
+    assert bed.slurm.submits == []
+    await bed.step(6)
+    assert len(bed.slurm.submits) == 1
+
+
+async def test_scale_down_cancels_pending_first_then_drains_ready(caplog: pytest.LogCaptureFixture) -> None:
+    bed = Bed(window_s=2.0, max_replicas=3)
+    bed.demand["tiny"] = Demand(in_flight=12)
+    await bed.step()
+    a, b, c = bed.slurm.active()
+    bed.ready(a)
+    bed.ready(b)
+    bed.registry.get(a).outstanding = 3  # type: ignore[union-attr]
+    bed.registry.get(b).outstanding = 1  # type: ignore[union-attr]
+    bed.demand["tiny"] = Demand(in_flight=4)
+    with caplog.at_level(logging.INFO, "slinfer.controller.autoscaler"):
+        await bed.step(5)
+    # Desired 1 of 3: the PENDING one is cancelled, and the less busy READY one drained, not cancelled yet.
+    assert bed.slurm.cancels == [c]
+    assert "cancel pending job" in caplog.text
+    assert bed.registry.get(b).draining  # type: ignore[union-attr]
+    assert [r.job_id for r in bed.registry.routable("tiny")] == [a]
+    await bed.step()
+    assert bed.slurm.cancels == [c]  # b still has a request in flight
+    bed.registry.get(b).outstanding = 0  # type: ignore[union-attr]
+    await bed.step()
+    assert bed.slurm.cancels == [c, b]
+    assert bed.scaler.decisions[("tiny", "cancel_pending")] == 1
+    assert bed.scaler.decisions[("tiny", "drain")] == 1
+    assert bed.scaler.decisions[("tiny", "cancel_drained")] == 1
+    # The cancelled jobs do not count, and are not replaced.
+    await bed.step()
+    await bed.step()
+    assert len(bed.slurm.submits) == 3 and bed.slurm.cancels == [c, b]
+
+
+async def test_drain_is_bounded_by_drain_timeout() -> None:
+    bed = Bed(window_s=2.0, drain_timeout_s=30.0)
+    bed.demand["tiny"] = Demand(in_flight=4)
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.ready(a)
+    bed.registry.get(a).outstanding = 2  # type: ignore[union-attr]
+    bed.demand["tiny"] = Demand()
+    await bed.step(5)
+    assert bed.registry.get(a).draining  # type: ignore[union-attr]
+    await bed.step(20)
+    assert bed.slurm.cancels == []
+    await bed.step(11)
+    assert bed.slurm.cancels == [a]
+    assert bed.scaler.decisions[("tiny", "cancel_drain_timeout")] == 1
+
+
+async def test_scale_down_delay() -> None:
+    bed = Bed(window_s=2.0, scale_down_delay_s=60.0)
+    bed.demand["tiny"] = Demand(in_flight=4)
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.ready(a)
+    bed.demand["tiny"] = Demand()
+    await bed.step(5)
+    await bed.step(30)
+    assert not bed.registry.get(a).draining  # type: ignore[union-attr]
+    # Load comes back within the delay: the clock restarts.
+    bed.demand["tiny"] = Demand(in_flight=2)
+    await bed.step(5)
+    bed.demand["tiny"] = Demand()
+    await bed.step(5)
+    await bed.step(50)
+    assert not bed.registry.get(a).draining  # type: ignore[union-attr]
+    await bed.step(15)
+    assert bed.registry.get(a).draining  # type: ignore[union-attr]
+
+
+async def test_restart_adopts_jobs_without_duplicates_or_cancels() -> None:
+    bed = Bed(window_s=2.0, min_replicas=1)
+    bed.slurm.add(ours("7"))
+    bed.slurm.add(ours("8", state="PENDING", node="", start_time=0, end_time=0))
+    # Someone else's jobs: a user's job of the same name without the mark, and another controller prefix.
+    bed.slurm.add(SlurmJob("9", "slinfer-tiny", "my own", "RUNNING", "n2", 1.0, 2.0, 1_900_000_000.0))
+    bed.slurm.add(replace(ours("10"), name="other-tiny"))
+    bed.scaler = bed.new_scaler(settle_s=10.0)
+    # The agents have not re-registered: job 7 looks like a starting engine, still capacity.
+    await bed.step()
+    await bed.step()
+    assert bed.slurm.submits == [] and bed.slurm.cancels == []
+    assert sorted(j.job_id for _, j in bed.scaler.jobs()) == ["7", "8"]
+    # The agent reports job 7 READY; desired is 1 (min), so the PENDING extra goes, after the settle time.
+    bed.engine("7")
+    await bed.step(3)
+    await bed.step(3)
+    assert bed.slurm.cancels == ["8"]
+    await bed.step(5)
+    assert bed.slurm.submits == [] and bed.slurm.active() == ["7", "9", "10"]
+
+
+async def test_no_cancel_of_unreported_running_job_during_settle() -> None:
+    bed = Bed(window_s=2.0, min_replicas=0)
+    bed.slurm.add(ours("7"))
+    bed.scaler = bed.new_scaler(settle_s=10.0)
+    await bed.step()
+    await bed.step()
+    await bed.step()
+    assert bed.slurm.cancels == []
+    # The agent is gone for good: after settling the idle job is let go.
+    await bed.step(10)
+    await bed.step()
+    assert bed.slurm.cancels == ["7"]
+
+
+async def test_replacement_before_time_limit_with_learned_lead() -> None:
+    bed = Bed(window_s=2.0, min_replicas=1)
+    bed.slurm.limit_s = 600.0
+    await bed.step()
+    (a,) = bed.slurm.active()
+    assert bed.scaler.lead_time("tiny") == DEFAULT_START_LATENCY_S
+    bed.clock.now += 38
+    bed.ready(a)  # READY 38 s after submit
+    await bed.step(0)
+    lead = bed.scaler.lead_time("tiny")
+    assert lead == pytest.approx(38 * 1.5 + 2 * 2.0)
+    # Until the job is within the lead of its limit, nothing happens.
+    await bed.step(600 - lead - 5)
+    assert len(bed.slurm.submits) == 1
+    await bed.step(5)
+    assert len(bed.slurm.submits) == 2
+    b = bed.slurm.active()[-1]
+    # The old one keeps serving while the replacement starts.
+    assert not bed.registry.get(a).draining  # type: ignore[union-attr]
+    await bed.step()
+    assert len(bed.slurm.submits) == 2
+    bed.ready(b)
+    await bed.step()
+    assert bed.registry.get(a).draining  # type: ignore[union-attr]
+    assert bed.slurm.cancels == [a]  # idle, so cancelled in the same step
+    assert bed.scaler.decisions[("tiny", "drain_time_limit")] == 1
+
+
+async def test_expiring_replica_drained_before_limit_without_replacement() -> None:
+    bed = Bed(window_s=2.0, min_replicas=1)
+    bed.slurm.limit_s = 600.0
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.ready(a)
+    bed.registry.get(a).outstanding = 1  # type: ignore[union-attr]
+    await bed.step(600 - FINAL_DRAIN_S - 10)
+    assert not bed.registry.get(a).draining  # type: ignore[union-attr]
+    await bed.step(10)
+    assert bed.registry.get(a).draining  # type: ignore[union-attr]
+
+
+async def test_pin_overrides_load_and_delays() -> None:
+    bed = Bed(window_s=2.0, scale_up_delay_s=300.0, scale_down_delay_s=300.0)
+    bed.scaler.pin("tiny", 2)
+    await bed.step()
+    assert len(bed.slurm.submits) == 2
+    a, b = bed.slurm.active()
+    bed.ready(a)
+    bed.ready(b)
+    bed.demand["tiny"] = Demand(in_flight=12)
+    await bed.step()
+    await bed.step()
+    assert len(bed.slurm.submits) == 2
+    bed.scaler.pin("tiny", 1)
+    await bed.step()
+    assert sum(r.draining for r in bed.registry.replicas("tiny")) == 1
+    bed.scaler.pin("tiny", None)
+    assert bed.scaler.status()[0].pinned is None
+    with pytest.raises(ValueError, match="max_replicas"):
+        bed.scaler.pin("tiny", 4)
+    with pytest.raises(KeyError):
+        bed.scaler.pin("nope", 1)
+
+
+async def test_admin_drain_replaces_and_cancels_when_idle() -> None:
+    bed = Bed(window_s=2.0, min_replicas=1)
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.ready(a)
+    await bed.step()
+    bed.registry.get(a).outstanding = 1  # type: ignore[union-attr]
+    assert bed.scaler.drain(a) == "tiny"
+    assert bed.registry.routable("tiny") == []
+    await bed.step()
+    # min 1 is kept: a new job, while the drained one finishes its request.
+    assert len(bed.slurm.submits) == 2 and bed.slurm.cancels == []
+    bed.registry.get(a).outstanding = 0  # type: ignore[union-attr]
+    await bed.step()
+    assert bed.slurm.cancels == [a]
+    with pytest.raises(KeyError):
+        bed.scaler.drain("12345")
+
+
+async def test_sbatch_failure_backs_off() -> None:
+    bed = Bed(window_s=2.0, min_replicas=1)
+    bed.slurm.fail_submit = "sbatch: error: invalid partition specified: gpu"
+    await bed.step()
+    await bed.step()
+    await bed.step()
+    assert bed.scaler.decisions[("tiny", "submit_failed")] == 1
+    await bed.step(5)
+    assert bed.scaler.decisions[("tiny", "submit_failed")] == 2
+    await bed.step(5)  # second backoff is 10 s
+    assert bed.scaler.decisions[("tiny", "submit_failed")] == 2
+    bed.slurm.fail_submit = ""
+    await bed.step(6)
+    assert len(bed.slurm.submits) == 1
+
+
+async def test_failed_engine_is_cancelled_and_replaced() -> None:
+    bed = Bed(window_s=2.0, min_replicas=1)
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.slurm.start(a)
+    bed.engine(a, state=engine_pb2.FAILED, reason="model not found")
+    await bed.step()
+    assert bed.slurm.cancels == [a]
+    assert len(bed.slurm.submits) == 2
+
+
+async def test_silent_agent_replicas_are_replaced() -> None:
+    bed = Bed(window_s=2.0, min_replicas=1)
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.ready(a)
+    await bed.step()
+    assert len(bed.slurm.submits) == 1
+    bed.engines.clear()  # the node stops reporting
+    await bed.step(7)
+    assert len(bed.slurm.submits) == 2
+    assert bed.scaler.status()[0].lost == 1
+
+
+async def test_status_reports_counts() -> None:
+    bed = Bed(window_s=2.0, max_replicas=3)
+    bed.demand["tiny"] = Demand(in_flight=9, queued=2)
+    await bed.step()
+    a, _b, _c = bed.slurm.active()
+    bed.ready(a)
+    await bed.step()
+    (st,) = bed.scaler.status()
+    assert (st.ready, st.pending, st.starting, st.desired, st.in_flight, st.queued) == (1, 2, 0, 3, 9, 2)
+    assert st.last_decision.startswith("submitted job")
