@@ -1,0 +1,208 @@
+"""A STAND-IN for a vLLM engine: a small, fast OpenAI-compatible HTTP server. It is not an engine.
+
+It answers `/v1/chat/completions`, `/v1/completions` (streaming and not), `/v1/embeddings`, `/v1/models`,
+`/health` and a vLLM-shaped `/metrics`, with canned text, checking the engine API key as vLLM does. It
+exists so that the gateway can be tested and benchmarked against something much faster than itself, and so
+tests can make an "engine" misbehave on purpose (`fail` modes). Run it alone:
+
+    python bench/standin_engine.py --port 9001 --api-key KEY [--delay-ms 0] [--tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+# Failure modes tests can set on a running stand-in:
+#   "reset"        - drop the connection before any response byte (a crashed engine mid-accept)
+#   "close_stream" - send stream headers, then drop the connection before the first chunk
+#   "mid_stream"   - send some chunks of a stream, then drop the connection
+#   "status_500"   - answer 500 with an error body (a live engine that fails; passed through, not retried)
+FAIL_MODES = ("reset", "close_stream", "mid_stream", "status_500")
+
+
+@dataclass
+class Seen:
+    """What the stand-in received, for tests to assert on."""
+
+    requests: int = 0
+    bodies: list[bytes] = field(default_factory=list)
+    auth: list[str] = field(default_factory=list)
+    keep_bodies: bool = True
+
+
+class StandinEngine:
+    def __init__(self, model: str = "standin", api_key: str = "", tokens: int = 16, delay_s: float = 0.0,
+                 token_delay_s: float = 0.0) -> None:
+        self.model = model
+        self.api_key = api_key
+        self.tokens = tokens
+        self.delay_s = delay_s
+        self.token_delay_s = token_delay_s
+        self.fail: str | None = None
+        self.seen = Seen()
+        self.running = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self._chat_body = json.dumps({
+            "id": "chatcmpl-standin", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(["tok"] * tokens)},
+                         "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens},
+        }).encode()
+        self._completion_body = json.dumps({
+            "id": "cmpl-standin", "object": "text_completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "text": " ".join(["tok"] * tokens), "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens},
+        }).encode()
+        self._embedding_body = json.dumps({
+            "object": "list", "model": model,
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.0] * 8}],
+            "usage": {"prompt_tokens": 8, "total_tokens": 8},
+        }).encode()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=4096, reuse_address=True)
+        await site.start()
+        self.port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _check(self, request: web.Request, body: bytes) -> web.Response | None:
+        self.seen.requests += 1
+        auth = request.headers.get("Authorization", "")
+        if self.seen.keep_bodies:
+            self.seen.bodies.append(body)
+            self.seen.auth.append(auth)
+        if self.api_key and auth != f"Bearer {self.api_key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        if self.fail == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            raise ConnectionResetError("stand-in told to reset")
+        if self.fail == "status_500":
+            return web.json_response({"object": "error", "message": "stand-in told to fail", "type": "Internal",
+                                      "code": 500}, status=500)
+        return None
+
+    async def _answer(self, request: web.Request, canned: bytes, kind: str) -> web.StreamResponse:
+        body = await request.read()
+        refused = self._check(request, body)
+        if refused is not None:
+            return refused
+        self.running += 1
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            if b'"stream":true' in body.replace(b" ", b"") and kind != "embedding":
+                return await self._stream(request, kind)
+            return web.Response(body=canned, content_type="application/json")
+        finally:
+            self.running -= 1
+
+    async def _stream(self, request: web.Request, kind: str) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await out.prepare(request)
+        if self.fail == "close_stream":
+            assert request.transport is not None
+            request.transport.abort()
+            return out
+        for i in range(self.tokens):
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if i == 0 else {"content": f" tok{i}"}
+                chunk = {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
+                         "model": self.model, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            else:
+                chunk = {"id": "cmpl-standin", "object": "text_completion", "created": 0, "model": self.model,
+                         "choices": [{"index": 0, "text": f" tok{i}", "finish_reason": None}]}
+            await out.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if self.fail == "mid_stream" and i == min(2, self.tokens - 1):
+                assert request.transport is not None
+                request.transport.abort()
+                return out
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self._chat_body, "chat")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self._completion_body, "completion")
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self._embedding_body, "embedding")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model",
+                                                               "created": int(time.time()), "owned_by": "standin"}]})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        text = (f'vllm:num_requests_running{{model_name="{self.model}"}} {float(self.running)}\n'
+                f'vllm:num_requests_waiting{{model_name="{self.model}"}} 0.0\n'
+                f'vllm:kv_cache_usage_perc{{model_name="{self.model}"}} 0.0\n')
+        return web.Response(text=text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model", default="standin")
+    parser.add_argument("--api-key", default="")
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="wait before answering")
+    parser.add_argument("--token-delay-ms", type=float, default=0.0, help="wait between streamed chunks")
+    args = parser.parse_args()
+    async def serve() -> None:
+        engine = StandinEngine(args.model, args.api_key, args.tokens, args.delay_ms / 1000,
+                               args.token_delay_ms / 1000)
+        engine.seen.keep_bodies = False
+        port = await engine.start(args.host, args.port)
+        print(f"stand-in engine on http://{args.host}:{port}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        import uvloop
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
