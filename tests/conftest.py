@@ -1,0 +1,33 @@
+"""Fixtures shared by all tests. `slurm_bed` is one real dev-cluster (munged, slurmctld, slurmd, the compiled
+SPANK plugin, the agent and the controller) for the whole test session, in its own folder and ports so that a
+developer's `make demo` bed is left alone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from slinfer import devcluster
+from tests.slurmbed import SlurmBed
+
+TEST_STATE = Path(os.environ.get("SLINFER_TEST_STATE", "/tmp/slinfer-test"))
+TEST_PORT_BASE = int(os.environ.get("SLINFER_TEST_PORT_BASE", 26800))
+
+
+@pytest.fixture(scope="session")
+def slurm_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmBed]:
+    bed = devcluster.Bed(TEST_STATE, TEST_PORT_BASE)
+    devcluster.down(bed)
+    shutil.rmtree(TEST_STATE, ignore_errors=True)
+    devcluster.up(bed)
+    jobs_dir = tmp_path_factory.mktemp("jobs")
+    jobs_dir.chmod(0o1777)
+    try:
+        yield SlurmBed(bed, jobs_dir)
+    finally:
+        left = devcluster.down(bed)
+        assert not left, f"dev-cluster down left processes {left}"
