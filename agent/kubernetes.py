@@ -1,0 +1,592 @@
+"""The agent's face in Kubernetes: a Node while this host serves, its Lease, and a Pod per engine.
+
+`NodePublisher` is level-triggered: `reconcile(engines)` records what this host serves now and makes the API
+server agree (register the Node with its first engine, one Pod per engine with its readiness, delete Pods of
+stopped engines, delete the Node when nothing is served); `run()` renews the Lease every `renew_interval_s`,
+refreshes the Node's status, re-lists what is published now and then to repair drift, and retries after
+failures. An unreachable or refusing API server only delays publishing, with exponential backoff: no method
+raises into the agent's engine handling, and `status()` says what is wrong.
+
+It does not start or stop engines, decide what an engine's state is, or talk to the controller; and it
+touches only objects of its own Node (selected by label), never another node's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slinfer import __version__ as slinfer_version
+from slinfer import kubelabels as kl
+from slinfer.kubeapi import NODE_LEASE_NAMESPACE, Conflict, KubeAPI, KubeError, NotFound, micro_time, rfc3339
+
+log = logging.getLogger(__name__)
+
+# The Kubernetes minor this node's API use follows; kubeletVersion must look like semver for kubectl and tools.
+KUBE_COMPAT = "1.30.0"
+ENGINE_IMAGE = "slinfer/vllm-engine"
+ENGINE_CONTAINER = "engine"
+
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le"}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _os_image() -> str:
+    for line in _read("/etc/os-release").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip('"')
+    return platform.system()
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Who this host is, as the Node shows it."""
+
+    slurm_node: str
+    address: str
+    partition: str = ""
+    gpu_model: str = ""
+    gpu_count: int = 0
+    kernel_version: str = ""
+    os_image: str = ""
+    architecture: str = "amd64"
+    machine_id: str = ""
+    boot_id: str = ""
+
+    @property
+    def node_name(self) -> str:
+        return kl.node_name(self.slurm_node)
+
+    @classmethod
+    def detect(cls, slurm_node: str, address: str, partition: str = "", gpu_model: str = "",
+               gpu_count: int = 0) -> NodeIdentity:
+        """Fills the host facts (kernel, OS, architecture, machine and boot ids) from this machine."""
+        return cls(slurm_node=slurm_node, address=address, partition=partition, gpu_model=gpu_model,
+                   gpu_count=gpu_count, kernel_version=platform.release(), os_image=_os_image(),
+                   architecture=_ARCH.get(platform.machine(), platform.machine()),
+                   machine_id=_read("/etc/machine-id"), boot_id=_read("/proc/sys/kernel/random/boot_id"))
+
+
+@dataclass(frozen=True)
+class PublishedEngine:
+    """An engine as Kubernetes shows it: one Pod."""
+
+    job_id: str
+    model: str
+    port: int
+    ready: bool
+    user: str
+    partition: str
+    # Pool engines are what the model Services select; private ones are shown but not selected.
+    pool: bool
+    gpus: int = 0
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class PublisherStatus:
+    healthy: bool
+    text: str
+    registered: bool
+    pods: int
+    failures: int
+    last_error: str
+    last_success: float
+    # When the next attempt is allowed while failing (0 when healthy).
+    retry_at: float
+
+
+@dataclass(frozen=True)
+class _PodKey:
+    """What makes a published Pod current (a change in any of these means delete and create again)."""
+
+    job_id: str
+    model: str
+    port: int
+    pool: bool
+
+
+@dataclass
+class _Published:
+    key: _PodKey
+    ready: bool
+
+
+@dataclass
+class _Backoff:
+    initial_s: float
+    max_s: float
+    failures: int = 0
+    retry_at: float = 0.0
+    last_error: str = ""
+    down_since: float = 0.0
+
+    def failed(self, now: float, error: str) -> float:
+        if not self.failures:
+            self.down_since = now
+        self.failures += 1
+        delay = min(self.max_s, self.initial_s * 2 ** (self.failures - 1))
+        self.retry_at = now + delay
+        self.last_error = error
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_error = ""
+
+
+class NodePublisher:
+    """Keeps this host's Node, Lease and engine Pods in the API server in line with the engines it serves."""
+
+    def __init__(self, api: KubeAPI, identity: NodeIdentity, *, namespace: str = "slinfer",
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 renew_interval_s: float = 10.0, lease_duration_s: int = 40,
+                 status_interval_s: float = 60.0, resync_interval_s: float = 60.0,
+                 backoff_initial_s: float = 1.0, backoff_max_s: float = 30.0) -> None:
+        self._api = api
+        self._id = identity
+        self._ns = namespace
+        self._clock = clock
+        self._sleep = sleep
+        self._renew_interval = renew_interval_s
+        self._lease_duration = lease_duration_s
+        self._status_interval = status_interval_s
+        self._resync_interval = resync_interval_s
+        self._backoff = _Backoff(backoff_initial_s, backoff_max_s)
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        # What the agent serves; None until the first reconcile, so that run() alone publishes nothing.
+        self._desired: dict[str, PublishedEngine] | None = None
+        self._dirty = False
+        # What the API server is known to hold; only trusted while _synced.
+        self._synced = False
+        self._registered = False
+        self._node_uid = ""
+        self._registered_at = 0.0
+        self._pods: dict[str, _Published] = {}
+        self._renewed_at = 0.0
+        self._status_at = 0.0
+        self._resync_at = 0.0
+        self._last_success = 0.0
+
+    @property
+    def node_name(self) -> str:
+        return self._id.node_name
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
+
+    async def reconcile(self, engines: Iterable[PublishedEngine]) -> None:
+        """Records what this host serves and tries once to publish it; while backing off it only records."""
+        desired = {kl.pod_name(self.node_name, e.job_id): e for e in engines}
+        if desired != self._desired:
+            self._desired = desired
+            self._dirty = True
+        self._wake.set()
+        if self._clock() >= self._backoff.retry_at:
+            await self._attempt(force=True)
+
+    async def step(self) -> None:
+        """One tick of run(): retry a failed sync when due, renew the Lease, refresh status, re-list."""
+        if self._clock() >= self._backoff.retry_at:
+            await self._attempt(force=False)
+
+    async def run(self) -> None:
+        """Renews and repairs until cancelled. Never raises (except CancelledError)."""
+        while True:
+            await self.step()
+            delay = max(0.05, self._next_due() - self._clock())
+            self._wake.clear()
+            sleeper = asyncio.ensure_future(self._sleep(delay))
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                waker.cancel()
+
+    def status(self) -> PublisherStatus:
+        now = self._clock()
+        b = self._backoff
+        pods = len(self._pods) if self._registered else 0
+        if b.failures:
+            text = (f"Kubernetes API failing for {now - b.down_since:.0f} s ({b.failures} attempts), "
+                    f"retry in {max(0.0, b.retry_at - now):.0f} s: {b.last_error}")
+        elif self._registered:
+            text = (f"Node {self.node_name} registered, {pods} Pod(s), "
+                    f"Lease renewed {now - self._renewed_at:.1f} s ago")
+        else:
+            text = f"Node {self.node_name} not registered (serving nothing)"
+        return PublisherStatus(healthy=not b.failures, text=text, registered=self._registered, pods=pods,
+                               failures=b.failures, last_error=b.last_error, last_success=self._last_success,
+                               retry_at=b.retry_at)
+
+    # The objects, public so that tests can validate them against the API's schemas.
+
+    def node_object(self) -> dict[str, Any]:
+        ident = self._id
+        labels = {
+            kl.MANAGED_BY: kl.MANAGER,
+            kl.COMPONENT: kl.COMPONENT_NODE,
+            kl.NODE_ROLE: "",
+            kl.SLURM_NODE: kl.label_value(ident.slurm_node),
+            kl.GPU_COUNT: str(ident.gpu_count),
+            "kubernetes.io/hostname": self.node_name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": ident.architecture,
+        }
+        if ident.partition:
+            labels[kl.PARTITION] = kl.label_value(ident.partition)
+        if ident.gpu_model:
+            labels[kl.GPU_PRODUCT] = kl.label_value(ident.gpu_model.replace(" ", "-"))
+        return {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.node_name, "labels": labels,
+                         "annotations": {"slinfer.io/address": ident.address}},
+            "spec": {"taints": [{"key": kl.TAINT_KEY, "value": "true", "effect": "NoSchedule"}]},
+        }
+
+    def node_status(self, now: float) -> dict[str, Any]:
+        ident = self._id
+        gpus = str(ident.gpu_count)
+        resources = {kl.GPU_RESOURCE: gpus, "pods": str(max(1, ident.gpu_count))}
+        return {"status": {
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "SlinferAgentReady",
+                "message": "slinfer agent is serving engines",
+                "lastHeartbeatTime": rfc3339(now), "lastTransitionTime": rfc3339(self._registered_at or now),
+            }],
+            "addresses": [{"type": "InternalIP", "address": ident.address},
+                          {"type": "Hostname", "address": ident.slurm_node}],
+            "capacity": resources,
+            "allocatable": dict(resources),
+            "nodeInfo": {
+                "kubeletVersion": f"v{KUBE_COMPAT}-slinfer-{slinfer_version}",
+                "kubeProxyVersion": "",
+                "containerRuntimeVersion": f"slinfer://{slinfer_version}",
+                "operatingSystem": "linux",
+                "architecture": ident.architecture,
+                "kernelVersion": ident.kernel_version,
+                "osImage": ident.os_image,
+                "machineID": ident.machine_id,
+                "systemUUID": ident.machine_id,
+                "bootID": ident.boot_id,
+            },
+        }}
+
+    def lease_object(self, now: float) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": self.node_name, "namespace": NODE_LEASE_NAMESPACE,
+                                "labels": {kl.MANAGED_BY: kl.MANAGER, kl.COMPONENT: kl.COMPONENT_NODE}}
+        if self._node_uid:
+            # The cluster's garbage collector removes the Lease with the Node.
+            meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": self.node_name,
+                                        "uid": self._node_uid}]
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": meta,
+            "spec": {"holderIdentity": self.node_name, "leaseDurationSeconds": self._lease_duration,
+                     "renewTime": micro_time(now)},
+        }
+
+    def pod_object(self, engine: PublishedEngine) -> dict[str, Any]:
+        name = kl.pod_name(self.node_name, engine.job_id)
+        meta: dict[str, Any] = {
+            "name": name,
+            "namespace": self._ns,
+            "labels": {
+                kl.MANAGED_BY: kl.MANAGER,
+                kl.COMPONENT: kl.COMPONENT_ENGINE,
+                kl.MODEL: kl.label_value(engine.model),
+                kl.JOB_ID: kl.label_value(engine.job_id),
+                kl.NODE: self.node_name,
+                kl.POOL: "true" if engine.pool else "false",
+                **({kl.PARTITION: kl.label_value(engine.partition)} if engine.partition else {}),
+            },
+            "annotations": {
+                kl.MODEL_NAME_ANNOTATION: engine.model,
+                kl.JOB_ID_ANNOTATION: engine.job_id,
+                kl.USER_ANNOTATION: engine.user,
+            },
+        }
+        if self._node_uid:
+            # Deleting a dead Node then removes its Pods too.
+            meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": self.node_name,
+                                        "uid": self._node_uid}]
+        container: dict[str, Any] = {
+            "name": ENGINE_CONTAINER,
+            "image": ENGINE_IMAGE,
+            "ports": [{"name": kl.PORT_NAME, "containerPort": engine.port, "hostPort": engine.port,
+                       "protocol": "TCP"}],
+        }
+        if engine.gpus:
+            container["resources"] = {"limits": {kl.GPU_RESOURCE: str(engine.gpus)},
+                                      "requests": {kl.GPU_RESOURCE: str(engine.gpus)}}
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": meta,
+            "spec": {
+                "nodeName": self.node_name,
+                # The engine listens on the host's address: its Pod IP is the node's.
+                "hostNetwork": True,
+                "containers": [container],
+                "restartPolicy": "Never",
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "tolerations": [{"key": kl.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        }
+
+    def pod_status(self, engine: PublishedEngine, now: float) -> dict[str, Any]:
+        ready = "True" if engine.ready else "False"
+        started = rfc3339(engine.started_at or now)
+        stamp = rfc3339(now)
+        addr = self._id.address
+        return {"status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": started},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": started},
+                {"type": "ContainersReady", "status": ready, "lastTransitionTime": stamp},
+                {"type": "Ready", "status": ready, "lastTransitionTime": stamp},
+            ],
+            "hostIP": addr,
+            "hostIPs": [{"ip": addr}],
+            "podIP": addr,
+            "podIPs": [{"ip": addr}],
+            "startTime": started,
+            "containerStatuses": [{
+                "name": ENGINE_CONTAINER, "image": ENGINE_IMAGE, "imageID": "", "ready": engine.ready,
+                "started": True, "restartCount": 0, "state": {"running": {"startedAt": started}},
+            }],
+        }}
+
+    # The work.
+
+    def _next_due(self) -> float:
+        now = self._clock()
+        if self._backoff.failures:
+            return self._backoff.retry_at
+        if self._dirty:
+            return now
+        if not self._registered:
+            return now + self._resync_interval
+        return min(self._renewed_at + self._renew_interval, self._status_at + self._status_interval,
+                   self._resync_at)
+
+    async def _attempt(self, force: bool) -> None:
+        async with self._lock:
+            now = self._clock()
+            try:
+                if self._desired is None:
+                    return
+                if force or self._dirty or not self._synced or now >= self._resync_at or (
+                        self._registered and now >= self._status_at + self._status_interval):
+                    try:
+                        await self._sync(now)
+                    except NotFound as exc:
+                        # Something of ours vanished (a controller or a person deleted it): re-read and retry once.
+                        log.info("kubernetes: %s; re-reading what is published", exc)
+                        self._synced = False
+                        await self._sync(now)
+                if self._registered and now >= self._renewed_at + self._renew_interval:
+                    await self._renew(now)
+            except KubeError as exc:
+                self._fail(now, str(exc))
+            except Exception as exc:  # never into the agent's engine handling
+                log.exception("kubernetes: unexpected error")
+                self._fail(now, f"{type(exc).__name__}: {exc}")
+            else:
+                if self._backoff.failures:
+                    log.info("kubernetes: API usable again after %d failed attempts over %.0f s",
+                             self._backoff.failures, now - self._backoff.down_since)
+                self._backoff.succeeded()
+                self._last_success = now
+
+    def _fail(self, now: float, error: str) -> None:
+        self._synced = False
+        delay = self._backoff.failed(now, error)
+        log.warning("kubernetes: attempt %d failed, retrying in %.0f s: %s", self._backoff.failures, delay, error)
+
+    async def _sync(self, now: float) -> None:
+        desired = dict(self._desired or {})
+        self._dirty = False
+        try:
+            if not desired:
+                await self._unregister()
+            else:
+                if not self._synced or not self._registered or now >= self._resync_at:
+                    await self._read_back(now)
+                elif now >= self._status_at + self._status_interval:
+                    await self._api.patch("Node", self.node_name, self.node_status(now), subresource="status")
+                    self._status_at = now
+                await self._publish_pods(desired, now)
+        except BaseException:
+            self._dirty = True
+            raise
+
+    async def _read_back(self, now: float) -> None:
+        """Registers the Node and its Lease if missing and learns which Pods are there."""
+        try:
+            node = await self._api.get("Node", self.node_name)
+        except NotFound:
+            try:
+                node = await self._api.create("Node", self.node_object())
+            except Conflict:
+                # An earlier create whose answer was lost.
+                node = await self._api.get("Node", self.node_name)
+            self._registered_at = now
+            log.info("kubernetes: registered Node %s (%d GPUs, partition %r, address %s)", self.node_name,
+                     self._id.gpu_count, self._id.partition, self._id.address)
+        else:
+            wanted = self.node_object()
+            if _differs(node, wanted, ("metadata", "labels")) or _differs(node, wanted, ("spec", "taints")):
+                node = await self._api.patch("Node", self.node_name, {
+                    "metadata": {"labels": wanted["metadata"]["labels"]},
+                    "spec": {"taints": wanted["spec"]["taints"]}})
+        self._registered = True
+        self._registered_at = self._registered_at or now
+        self._node_uid = str(node.get("metadata", {}).get("uid", ""))
+        await self._api.patch("Node", self.node_name, self.node_status(now), subresource="status")
+        self._status_at = now
+        try:
+            lease = await self._api.get("Lease", self.node_name, NODE_LEASE_NAMESPACE)
+        except NotFound:
+            await self._api.create("Lease", self.lease_object(now), NODE_LEASE_NAMESPACE)
+        else:
+            owners = lease.get("metadata", {}).get("ownerReferences") or []
+            wanted_lease = self.lease_object(now)
+            if owners != wanted_lease["metadata"].get("ownerReferences", owners):
+                await self._api.patch("Lease", self.node_name, {
+                    "metadata": {"ownerReferences": wanted_lease["metadata"]["ownerReferences"]},
+                    "spec": wanted_lease["spec"]}, NODE_LEASE_NAMESPACE)
+            else:
+                await self._api.patch("Lease", self.node_name, {"spec": {"renewTime": micro_time(now)}},
+                                      NODE_LEASE_NAMESPACE)
+        self._renewed_at = now
+        pods = await self._api.list("Pod", self._ns, kl.selector({kl.MANAGED_BY: kl.MANAGER,
+                                                                  kl.NODE: self.node_name}))
+        self._pods = {}
+        for pod in pods:
+            seen = _published(pod)
+            if seen is not None:
+                self._pods[pod["metadata"]["name"]] = seen
+        self._synced = True
+        self._resync_at = now + self._resync_interval
+
+    async def _publish_pods(self, desired: dict[str, PublishedEngine], now: float) -> None:
+        for name, engine in desired.items():
+            key = _PodKey(engine.job_id, engine.model, engine.port, engine.pool)
+            current = self._pods.get(name)
+            if current is not None and current.key != key:
+                log.info("kubernetes: Pod %s changed (%s -> %s), creating it again", name, current.key, key)
+                await self._delete_pod(name)
+                current = None
+            if current is None:
+                await self._create_pod(name, engine)
+                current = _Published(key, ready=False)
+                self._pods[name] = current
+                await self._api.patch("Pod", name, self.pod_status(engine, now), self._ns, subresource="status")
+                current.ready = engine.ready
+                log.info("kubernetes: Pod %s for job %s (%s, port %d, ready %s)", name, engine.job_id,
+                         engine.model, engine.port, engine.ready)
+            elif current.ready != engine.ready:
+                await self._api.patch("Pod", name, self.pod_status(engine, now), self._ns, subresource="status")
+                current.ready = engine.ready
+                log.info("kubernetes: Pod %s ready %s", name, engine.ready)
+        for name in [n for n in self._pods if n not in desired]:
+            await self._delete_pod(name)
+            log.info("kubernetes: deleted Pod %s (engine stopped)", name)
+
+    async def _create_pod(self, name: str, engine: PublishedEngine) -> None:
+        try:
+            await self._api.create("Pod", self.pod_object(engine), self._ns)
+        except Conflict:
+            # Left from before an agent restart, or created by a call whose answer was lost: look at it.
+            pod = await self._api.get("Pod", name, self._ns)
+            seen = _published(pod)
+            if seen is None or seen.key != _PodKey(engine.job_id, engine.model, engine.port, engine.pool):
+                await self._delete_pod(name)
+                await self._api.create("Pod", self.pod_object(engine), self._ns)
+
+    async def _delete_pod(self, name: str) -> None:
+        try:
+            await self._api.delete("Pod", name, self._ns, grace_period_s=0)
+        except NotFound:
+            pass
+        self._pods.pop(name, None)
+
+    async def _unregister(self) -> None:
+        """Deletes every Pod of this Node, its Lease and the Node; each absence is fine."""
+        if self._synced and not self._registered:
+            return
+        pods = await self._api.list("Pod", self._ns, kl.selector({kl.MANAGED_BY: kl.MANAGER,
+                                                                  kl.NODE: self.node_name}))
+        for pod in pods:
+            await self._delete_pod(pod["metadata"]["name"])
+        for kind, ns in (("Lease", NODE_LEASE_NAMESPACE), ("Node", "")):
+            try:
+                await self._api.delete(kind, self.node_name, ns)
+            except NotFound:
+                continue
+            if kind == "Node":
+                log.info("kubernetes: deleted Node %s (serving nothing)", self.node_name)
+        self._pods = {}
+        self._registered = False
+        self._registered_at = 0.0
+        self._node_uid = ""
+        self._synced = True
+
+    async def _renew(self, now: float) -> None:
+        try:
+            await self._api.patch("Lease", self.node_name, {"spec": {"renewTime": micro_time(now)}},
+                                  NODE_LEASE_NAMESPACE)
+        except NotFound:
+            # The Lease went (garbage-collected with a deleted Node?): register everything again.
+            self._synced = False
+            await self._sync(now)
+            return
+        lateness = now - (self._renewed_at + self._renew_interval)
+        if lateness > self._renew_interval:
+            log.warning("kubernetes: Lease renewed %.1f s late", lateness)
+        self._renewed_at = now
+
+
+def _differs(current: dict[str, Any], wanted: dict[str, Any], path: tuple[str, str]) -> bool:
+    a, b = current.get(path[0], {}).get(path[1]), wanted.get(path[0], {}).get(path[1])
+    if isinstance(a, dict) and isinstance(b, dict):
+        return any(a.get(k) != v for k, v in b.items())
+    return a != b
+
+
+def _published(pod: dict[str, Any]) -> _Published | None:
+    """What a Pod in the API server says it publishes, or None when it is not one of ours in a known shape."""
+    meta = pod.get("metadata", {})
+    notes = meta.get("annotations") or {}
+    labels = meta.get("labels") or {}
+    try:
+        port = int(pod["spec"]["containers"][0]["ports"][0]["containerPort"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    key = _PodKey(str(notes.get(kl.JOB_ID_ANNOTATION, "")), str(notes.get(kl.MODEL_NAME_ANNOTATION, "")), port,
+                  labels.get(kl.POOL) == "true")
+    return _Published(key, ready)
