@@ -1,0 +1,166 @@
+"""`slinfer-controller --config PATH`: wires the registry, gateway, autoscaler and admin API into one process.
+
+It loads the config (a ConfigError prints the key at fault and exits 2), serves gRPC (Registry for agents,
+Admin for the CLI) on `[controller].listen` and the gateway on `[gateway].listen`, runs the autoscaler loop,
+and shuts down cleanly on SIGTERM or SIGINT: the gateway stops accepting and lets in-flight requests finish
+(bounded), then the gRPC server and the autoscaler stop. It holds no logic of its own beyond the wiring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+from slinfer.controller.autoscaler import Autoscaler
+from slinfer.controller.balancer import Balancer
+from slinfer.controller.gateway import Gateway
+from slinfer.controller.keys import KeyStore, KeyStoreError
+from slinfer.controller.proxy import Proxy
+from slinfer.controller.queue import WaitQueue
+from slinfer.controller.registry import Registry, RegistryService
+from slinfer.controller.slurm import SlurmClient
+
+from slinfer.config import DEFAULT_PATH, Config, ConfigError, load
+from slinfer.v1 import controller_pb2_grpc
+
+log = logging.getLogger("slinfer.controller")
+
+# How long in-flight gateway requests may take to finish after SIGTERM before they are cut.
+SHUTDOWN_GRACE_S = 30.0
+# How often silent agents are checked for being forgotten (routing drops them at once on its own).
+SWEEP_INTERVAL_S = 5.0
+
+
+class StartupError(RuntimeError):
+    """The controller cannot start (a port in use, an unreadable key file); the message says which."""
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def serve(config: Config, stop: asyncio.Event,
+                on_ready: Callable[[int, int], Awaitable[None] | None] | None = None) -> None:
+    """Runs the controller until `stop` is set; `on_ready(grpc_port, gateway_port)` once all listen."""
+    c = config.controller
+    registry = Registry(agent_timeout_s=c.agent_timeout_s)
+    try:
+        keys = KeyStore(Path(c.state_dir) / "keys.json", config.gateway.api_keys)
+    except KeyStoreError as exc:
+        raise StartupError(str(exc)) from exc
+    queue = WaitQueue(config.gateway.queue_size)
+    gateway = Gateway(config.gateway, config.models, registry, keys,
+                      Proxy(config.gateway.connect_timeout_s, config.gateway.read_timeout_s), Balancer(), queue)
+    slurm = SlurmClient(c.slurm_bin_dir, job_command=c.job_command, job_output=c.job_output)
+    autoscaler = Autoscaler(config.models, registry, gateway.demand, slurm, job_name_prefix=c.job_name_prefix)
+
+    server = grpc.aio.server()
+    controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, c.token, c.heartbeat_s), server)
+    _add_admin(server, config, registry, autoscaler, keys)
+    try:
+        grpc_port = server.add_insecure_port(c.listen)
+    except RuntimeError as exc:
+        raise StartupError(f"controller.listen: cannot listen on {c.listen}: {exc}") from exc
+    if not grpc_port:
+        raise StartupError(f"controller.listen: cannot listen on {c.listen}")
+    await server.start()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        host, port = split_listen(config.gateway.listen)
+        try:
+            gateway_port = await gateway.start(host, port)
+        except OSError as exc:
+            raise StartupError(f"gateway.listen: cannot listen on {config.gateway.listen}: {exc}") from exc
+        log.info("controller up: registry/admin gRPC on %s, gateway on %s:%d, %d catalog models (%s), "
+                 "agent timeout %.1f s, autoscale every %.1f s", c.listen, host, gateway_port, len(config.models),
+                 ", ".join(m.name for m in config.models) or "none", c.agent_timeout_s, c.autoscale_interval_s)
+        tasks.append(asyncio.create_task(autoscaler.run(c.autoscale_interval_s), name="autoscaler"))
+        tasks.append(asyncio.create_task(_sweep(registry), name="registry-sweep"))
+        if on_ready is not None:
+            result = on_ready(grpc_port, gateway_port)
+            if result is not None:
+                await result
+        await stop.wait()
+        log.info("controller stopping: %d requests in flight, %d queued",
+                 sum(gateway.demand(m.name).in_flight for m in config.models),
+                 sum(gateway.demand(m.name).queued for m in config.models))
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await gateway.stop()
+        await server.stop(grace=2.0)
+        log.info("controller stopped")
+
+
+def _add_admin(server: grpc.aio.Server, config: Config, registry: Registry, autoscaler: Autoscaler,
+               keys: KeyStore) -> None:
+    """The admin API (engineer B's servicer) next to the Registry."""
+    try:
+        from slinfer.controller import admin
+
+        from slinfer.v1 import admin_pb2_grpc  # type: ignore[attr-defined]
+    except ImportError as exc:
+        log.warning("admin API not available (%s); `slinfer status/scale/drain/keys` will not work", exc)
+        return
+    servicer = admin.AdminService(registry=registry, autoscaler=autoscaler, keys=keys,
+                                  token=config.controller.token)
+    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)
+
+
+async def _sweep(registry: Registry) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        registry.sweep()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slinfer-controller", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_PATH), help=f"the site config (default {DEFAULT_PATH})")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"slinfer-controller: config error in {args.config}: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.controller.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loop_factory = _loop_factory()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(run())
+    except StartupError as exc:
+        print(f"slinfer-controller: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    # uvloop lowers the gateway's per-request CPU cost (bench/gateway_overhead.py); asyncio's loop works too.
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+if __name__ == "__main__":
+    sys.exit(main())
