@@ -24,7 +24,8 @@
 
 SPANK_PLUGIN(slinfer, 1);
 
-/* Plugstack arguments, parsed once per process in slurm_spank_init. */
+/* Plugstack arguments; parsed again in each callback that uses them, because Slurm 22.05 does
+ * not call slurm_spank_init before job_prolog/job_epilog in the job-script context. */
 static struct slinfer_args args;
 
 /* Remote context: the line task_init prints before failing the task; "" when all is well. */
@@ -58,21 +59,35 @@ static int job_id(spank_t sp, char *out, size_t outlen)
 	return 0;
 }
 
-int slurm_spank_init(spank_t sp, int ac, char **av)
+/* Parse the plugstack arguments into args. */
+static int load_args(int ac, char **av)
 {
 	char err[PATH_MAX + 256];
 
-	if (slinfer_options_register(sp) != 0)
-		return -1;
 	if (slinfer_args_parse(ac, av, &args, err, sizeof(err)) != 0) {
 		slurm_error("%s", err);
 		return -1;
 	}
-	if (spank_context() == S_CTX_JOB_SCRIPT && args.hook[0] == '\0') {
+	return 0;
+}
+
+/* hook= is checked only for jobs that need it: a plugstack line without it must not drain
+ * nodes for jobs that never asked for an engine. */
+static int require_hook(void)
+{
+	if (args.hook[0] == '\0') {
 		slurm_error("slinfer: plugstack argument hook= is required (the path of slinfer-hook)");
 		return -1;
 	}
 	return 0;
+}
+
+int slurm_spank_init(spank_t sp, int ac, char **av)
+{
+	slurm_debug("slinfer: init in context %d", (int)spank_context());
+	if (slinfer_options_register(sp) != 0)
+		return -1;
+	return load_args(ac, av);
 }
 
 int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
@@ -94,13 +109,21 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	return 0;
 }
 
-/* Common part of prolog and epilog: argv is filled from the fixed head plus optional tail. */
+/* The hook's output goes to the slurmd log, where an administrator looks after a failure. */
+static void log_hook_line(void *ctx, const char *line)
+{
+	const char *jobid = ctx;
+
+	slurm_info("slinfer: job %s: hook: %s", jobid, line);
+}
+
+/* Common part of prolog and epilog: run argv, log how it ended. */
 static int run_hook(const char *phase, const char *jobid, char **argv)
 {
 	char err[PATH_MAX + 256];
 
-	if (slinfer_hook_run(argv, args.timeout, err, sizeof(err)) != 0) {
-		slurm_error("slinfer: job %s: %s hook failed: %s", jobid, phase, err);
+	if (slinfer_hook_run(argv, args.timeout, log_hook_line, (void *)jobid, err, sizeof(err)) != 0) {
+		slurm_error("%s (job %s, %s)", err, jobid, phase);
 		return -1;
 	}
 	slurm_info("slinfer: job %s: %s hook done", jobid, phase);
@@ -114,12 +137,12 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
 	char *argv[16];
 	int n = 0;
 
-	(void)ac;
-	(void)av;
-	if (slinfer_options_read(sp, &opts) != 0)
+	if (load_args(ac, av) != 0 || slinfer_options_read(sp, &opts) != 0)
 		return -1;
 	if (!opts.inference)
 		return 0;
+	if (require_hook() != 0)
+		return -1;
 	if (job_id(sp, jobid, sizeof(jobid)) != 0)
 		return -1;
 	if (!opts.model_valid) {
@@ -157,12 +180,12 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 	char *argv[16];
 	int n = 0;
 
-	(void)ac;
-	(void)av;
-	if (slinfer_options_read(sp, &opts) != 0)
+	if (load_args(ac, av) != 0 || slinfer_options_read(sp, &opts) != 0)
 		return -1;
 	if (!opts.inference)
 		return 0;
+	if (require_hook() != 0)
+		return -1;
 	if (job_id(sp, jobid, sizeof(jobid)) != 0)
 		return -1;
 	if (slinfer_env_path(args.rundir, jobid, envfile, sizeof(envfile)) != 0) {
@@ -205,11 +228,14 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	uid_t uid = 0;
 	spank_err_t rc;
 
-	(void)ac;
-	(void)av;
 	task_error[0] = '\0';
 	if (spank_context() != S_CTX_REMOTE)
 		return 0;
+	if (load_args(ac, av) != 0) {
+		snprintf(task_error, sizeof(task_error), "slinfer: the plugin is misconfigured on this "
+							 "node (see the slurmd log)");
+		return 0;
+	}
 	/* Errors past this point fail the tasks with a message (task_init), not the step launch,
 	 * which would only leave a line in the slurmd log. */
 	if (slinfer_options_read(sp, &opts) != 0) {
@@ -239,13 +265,15 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	switch (slinfer_env_load(envfile, uid, set_step_env, sp, task_error, sizeof(task_error))) {
 	case SLINFER_ENV_OK:
 		if (task_error[0] != '\0')
-			slurm_info("slinfer: job %s: engine reported an error: %s", jobid, task_error);
+			slurm_info("%s (job %s, reported by the engine's setup)", task_error, jobid);
 		break;
+	/* slurm_info: the slurmd log only; slurm_error would also land in the job's output,
+	 * next to the line task_init prints. */
 	case SLINFER_ENV_MISSING:
-		slurm_error("slinfer: job %s: %s is missing", jobid, envfile);
+		slurm_info("slinfer: job %s: %s is missing", jobid, envfile);
 		break;
 	default:
-		slurm_error("slinfer: job %s: %s", jobid, task_error);
+		slurm_info("%s (job %s)", task_error, jobid);
 		break;
 	}
 	return 0;

@@ -404,10 +404,27 @@ static void test_env_load(void)
 
 /* ---- hook runner ---- */
 
+struct lines {
+	char text[8][SLINFER_HOOK_LINE_MAX + 1];
+	int n;
+};
+
+static struct lines got;
+
+static void record_line(void *ctx, const char *line)
+{
+	struct lines *l = ctx;
+
+	if (l->n < 8)
+		snprintf(l->text[l->n], sizeof(l->text[0]), "%s", line);
+	l->n++;
+}
+
 static int run(char **argv, unsigned int timeout)
 {
 	err[0] = '\0';
-	return slinfer_hook_run(argv, timeout, err, sizeof(err));
+	memset(&got, 0, sizeof(got));
+	return slinfer_hook_run(argv, timeout, record_line, &got, err, sizeof(err));
 }
 
 static double seconds_since(const struct timespec *t0)
@@ -435,6 +452,11 @@ static void test_hook(void)
 			       NULL };
 	char *fd_closed[] = { "/bin/sh", "-c", "[ ! -e /proc/self/fd/57 ]", NULL };
 	char *env_kept[] = { "/bin/sh", "-c", "[ \"$SLINFER_TEST_VAR\" = 'x y' ]", NULL };
+	char *chatty[] = { "/bin/sh", "-c", "echo out; echo err >&2; printf 'no newline'", NULL };
+	char *long_line[] = { "/bin/sh", "-c", "head -c 1500 /dev/zero | tr '\\0' x", NULL };
+	char *flood[] = { "/bin/sh", "-c", "head -c 200000 /dev/zero | tr '\\0' '\\n'", NULL };
+	/* Like a hook that starts the agent without redirecting its output. */
+	char *leaves_child[] = { "/bin/sh", "-c", "sleep 3 & echo started", NULL };
 	struct timespec t0;
 	int fd;
 
@@ -468,6 +490,26 @@ static void test_hook(void)
 	CHECK(run(sleeper, 1) == -1);
 	CHECK(seconds_since(&t0) < 3.0);
 	CHECK_STR(err, "slinfer: hook /bin/sleep did not finish within 1 s and was killed");
+
+	CHECK(run(chatty, 5) == 0);
+	CHECK(got.n == 3);
+	CHECK_STR(got.text[0], "out");
+	CHECK_STR(got.text[1], "err");
+	CHECK_STR(got.text[2], "no newline");
+
+	CHECK(run(long_line, 5) == 0);
+	CHECK(got.n == 2);
+	CHECK(strlen(got.text[0]) == SLINFER_HOOK_LINE_MAX);
+	CHECK(strlen(got.text[1]) == 1500 - SLINFER_HOOK_LINE_MAX);
+
+	CHECK(run(flood, 10) == 0);
+	CHECK(got.n == SLINFER_HOOK_OUTPUT_MAX); /* one empty line per byte, capped */
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	CHECK(run(leaves_child, 10) == 0);
+	CHECK(seconds_since(&t0) < 3.0);
+	CHECK(got.n == 1);
+	CHECK_STR(got.text[0], "started");
 
 	/* A host that ignores SIGCHLD must not make the hook's status disappear. */
 	signal(SIGCHLD, SIG_IGN);
