@@ -169,6 +169,7 @@ listen = "127.0.0.1:{bed.controller_port}"
 address = "127.0.0.1:{bed.controller_port}"
 state_dir = "{s}/controller"
 job_name_prefix = "slinfer"
+job_command = ["{_bin_dir() / 'slinfer'}", "hold"]
 autoscale_interval_s = 1.0
 agent_timeout_s = 5.0
 
