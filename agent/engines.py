@@ -78,6 +78,7 @@ class EngineManager:
         self.logs_dir = self.run_dir / "logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.logs_dir, 0o711)
+        jobfiles.jobs_dir(self.run_dir)
         self.address = config.agent.address or _host_address()
         self._engines: dict[str, _Running] = {}
         self._listeners: list[Callable[[], None]] = []

@@ -129,9 +129,10 @@ def test_agent_killed_while_engine_runs_is_restarted_and_readopts_it(slurm_bed: 
 @pytest.mark.parametrize("value, problem", [
     ("a;b", "character ';' is not allowed"),
     ("$(id)", "character '$' is not allowed"),
-    ("../etc", "'..'"),
-    ("", "empty"),
-    ("x" * 500, "longer than 128"),
+    ("../etc", "character '/' is not allowed"),
+    ("a..b", 'it must not contain ".."'),
+    ("", "the model name is empty"),
+    ("x" * 500, "it is 500 bytes long, at most 128 are allowed"),
 ])
 def test_malformed_inference_value_is_refused_at_submit(slurm_bed: SlurmBed, value: str, problem: str) -> None:
     before = slurm_bed.run("squeue", "-h", "-o", "%i").stdout.split()
