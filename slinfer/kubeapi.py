@@ -132,6 +132,7 @@ class ClientKubeAPI:
         Raises Rejected naming the problem when credentials cannot be loaded (the caller decides whether that
         is fatal; a kubeconfig that exists but points at a dead server loads fine and fails per call).
         """
+        import yaml
         from kubernetes import client
         from kubernetes import config as kconfig
 
@@ -141,7 +142,7 @@ class ClientKubeAPI:
                 kconfig.load_kube_config(config_file=config.kubeconfig, client_configuration=configuration)
             else:
                 kconfig.load_incluster_config(client_configuration=configuration)
-        except (kconfig.ConfigException, OSError, ValueError) as exc:
+        except (kconfig.ConfigException, OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
             where = config.kubeconfig or "in-cluster service account"
             raise Rejected(f"cannot load Kubernetes credentials from {where}: {exc}") from exc
         return cls(client.ApiClient(configuration), config.request_timeout_s)
