@@ -21,10 +21,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from slinfer import __version__ as slinfer_version
 from slinfer import kubelabels as kl
 from slinfer.kubeapi import NODE_LEASE_NAMESPACE, Conflict, KubeAPI, KubeError, NotFound, micro_time, rfc3339
+from slinfer.v1 import engine_pb2
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,18 @@ class PublishedEngine:
     pool: bool
     gpus: int = 0
     started_at: float = 0.0
+
+    @classmethod
+    def from_engine(cls, engine: engine_pb2.Engine) -> PublishedEngine | None:
+        """The Pod view of an agent's engine; None for one that has no process to show (failed, stopping)."""
+        if engine.state not in (engine_pb2.STARTING, engine_pb2.READY):
+            return None
+        port = urlsplit(engine.base_url).port
+        if port is None:
+            return None
+        return cls(job_id=engine.job_id, model=engine.model, port=port, ready=engine.state == engine_pb2.READY,
+                   user=engine.user, partition=engine.partition, pool=engine.pool, gpus=len(engine.gpus),
+                   started_at=engine.started_at)
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for fakes/
-
-from fakes.kube import FakeKubeAPI
 from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 
 from slinfer import kubelabels as kl
 from slinfer.kubeapi import NODE_LEASE_NAMESPACE, NotFound, Rejected, micro_time
+from tests.fakes.kube import FakeKubeAPI
 
 NS = "slinfer"
 NODE = "slinfer-gpu01"
@@ -334,3 +329,16 @@ async def test_node_create_conflict_from_a_lost_answer_is_fine(api: FakeKubeAPI,
     node = api.stored("Node", NODE)
     lease = api.stored("Lease", NODE, NODE_LEASE_NAMESPACE)
     assert lease["metadata"]["ownerReferences"][0]["uid"] == node["metadata"]["uid"]  # type: ignore[index]
+
+
+def test_from_engine_maps_the_agents_engines() -> None:
+    from slinfer.v1 import engine_pb2 as pb
+
+    base = dict(job_id="9", model="m", base_url="http://10.0.0.7:20017", user="u", partition="p", pool=True,
+                gpus=["0", "1"], started_at=5.0)
+    assert PublishedEngine.from_engine(pb.Engine(state=pb.READY, **base)) == PublishedEngine(
+        "9", "m", 20017, True, "u", "p", True, 2, 5.0)
+    assert PublishedEngine.from_engine(pb.Engine(state=pb.STARTING, **base)).ready is False  # type: ignore[union-attr]
+    for state in (pb.FAILED, pb.STOPPING, pb.STOPPED):
+        assert PublishedEngine.from_engine(pb.Engine(state=state, **base)) is None
+    assert PublishedEngine.from_engine(pb.Engine(state=pb.READY, **{**base, "base_url": ""})) is None

@@ -4,21 +4,17 @@ server (PyPI kmock, see tests/kuberecorder.py), through `ClientKubeAPI` loaded f
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for kuberecorder
-
-from kuberecorder import Recorder, recording_api_server, write_kubeconfig
 from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 from slinfer.controller.kubesync import GATEWAY_SERVICE, LEADER_LEASE, GatewayEndpoint, KubeSync, LeaderElection
 
 from slinfer import kubelabels as kl
 from slinfer.config import KubernetesConfig
 from slinfer.kubeapi import MERGE_PATCH, ClientKubeAPI, Rejected, Unavailable, micro_time
+from tests.kuberecorder import Recorder, recording_api_server, write_kubeconfig
 
 NS = "slinfer"
 NODE = "slinfer-gpu01"

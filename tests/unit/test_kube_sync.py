@@ -7,21 +7,16 @@ are what the controller's Services select and what its garbage collection recogn
 from __future__ import annotations
 
 import asyncio
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for fakes/
-
-from fakes.kube import FakeKubeAPI, matches
 from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 from slinfer.controller.kubesync import GATEWAY_SERVICE, LEADER_LEASE, GatewayEndpoint, KubeSync, LeaderElection
 
 from slinfer import kubelabels as kl
 from slinfer.kubeapi import NODE_LEASE_NAMESPACE, micro_time
+from tests.fakes.kube import FakeKubeAPI, matches
 
 NS = "slinfer"
 
