@@ -8,71 +8,16 @@ demand is a dict.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 from slinfer.controller.autoscaler import COMMENT_MARK, DEFAULT_START_LATENCY_S, FINAL_DRAIN_S, Autoscaler
 from slinfer.controller.registry import Registry
-from slinfer.controller.slurm import SlurmError, SlurmJob
+from slinfer.controller.slurm import SlurmJob
+from slurm_double import Clock, Demand, SlurmDouble
 
 from slinfer.config import ModelConfig
 from slinfer.v1 import controller_pb2, engine_pb2
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass(frozen=True)
-class Demand:
-    in_flight: int = 0
-    queued: int = 0
-
-
-class SlurmDouble:
-    """An in-memory recording double of SlurmClient: a queue of jobs that tests start and end by hand."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.jobs_: dict[str, SlurmJob] = {}
-        self.submits: list[tuple[str, str, str]] = []
-        self.cancels: list[str] = []
-        self.next_id = 100
-        self.fail_submit = ""
-        self.fail_squeue = False
-        self.limit_s = 3600.0
-
-    async def submit(self, model: ModelConfig, job_name: str, comment: str) -> str:
-        if self.fail_submit:
-            raise SlurmError(["sbatch"], 1, self.fail_submit)
-        self.next_id += 1
-        job_id = str(self.next_id)
-        self.submits.append((model.name, job_name, comment))
-        self.jobs_[job_id] = SlurmJob(job_id, job_name, comment, "PENDING", "", self.clock.now, 0, 0, "Resources")
-        return job_id
-
-    async def jobs(self) -> list[SlurmJob]:
-        if self.fail_squeue:
-            raise SlurmError(["squeue", "--json"], 1, "slurm_load_jobs error: Unable to contact slurm controller")
-        return list(self.jobs_.values())
-
-    async def cancel(self, job_id: str) -> None:
-        self.cancels.append(job_id)
-        self.jobs_[job_id] = replace(self.jobs_[job_id], state="CANCELLED")
-
-    def start(self, job_id: str, node: str = "n1") -> None:
-        self.jobs_[job_id] = replace(self.jobs_[job_id], state="RUNNING", node=node, start_time=self.clock.now,
-                                     end_time=self.clock.now + self.limit_s)
-
-    def add(self, job: SlurmJob) -> None:
-        self.jobs_[job.job_id] = job
-
-    def active(self) -> list[str]:
-        return [j.job_id for j in self.jobs_.values() if j.active]
 
 
 class Bed:

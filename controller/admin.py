@@ -1,0 +1,137 @@
+"""The admin gRPC service (`proto/slinfer/v1/admin.proto`) behind `slinfer status|scale|drain|keys`.
+
+Responsible for: authenticating each call with `[controller].token` (when set), translating requests into calls
+on the Autoscaler, the Registry and the KeyStore, and their failures into gRPC status codes with a readable
+message. Not responsible for: any decision (the autoscaler decides, this only forwards the admin's wish) or
+formatting for people (the CLI does).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+from slinfer.controller.autoscaler import Autoscaler, ModelStatus
+from slinfer.controller.keys import KeyStore, KeyStoreError
+from slinfer.controller.registry import Registry
+from slinfer.controller.slurm import JOB_ID
+
+from slinfer.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def model_status(st: ModelStatus) -> admin_pb2.ModelStatus:
+    return admin_pb2.ModelStatus(
+        name=st.name, min_replicas=st.min_replicas, max_replicas=st.max_replicas, pinned=st.pinned is not None,
+        pinned_count=st.pinned or 0, desired=st.desired, load=st.load, target=st.target, window_s=st.window_s,
+        in_flight=st.in_flight, queued=st.queued, ready=st.ready, starting=st.starting, pending=st.pending,
+        draining=st.draining, expiring=st.expiring, lost=st.lost, lead_s=st.lead_s,
+        last_decision=st.last_decision, last_decision_at=st.last_decision_at)
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    """The Admin servicer (grpc.aio); register it with `admin_pb2_grpc.add_AdminServicer_to_server`."""
+
+    def __init__(self, autoscaler: Autoscaler, registry: Registry, keys: KeyStore, token: str = "",
+                 clock: Callable[[], float] = time.time) -> None:
+        self._autoscaler = autoscaler
+        self._registry = registry
+        self._keys = keys
+        self._token = token.encode()
+        self._clock = clock
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._token:
+            return
+        presented = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                presented = value.removeprefix("Bearer ")
+        if not hmac.compare_digest(presented.encode(), self._token):
+            log.warning("admin call from %s rejected: wrong or missing token", context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing admin token "
+                                "([controller].token of the config)")
+
+    async def Status(self, request: admin_pb2.StatusRequest,
+                     context: grpc.aio.ServicerContext) -> admin_pb2.StatusResponse:
+        await self._authorize(context)
+        reply = admin_pb2.StatusResponse(squeue_ok=self._autoscaler.squeue_ok, now=self._clock())
+        reply.models.extend(model_status(st) for st in self._autoscaler.status())
+        alive = {a.node for a in self._registry.agents() if self._registry.agent_alive(a.node)}
+        for r in sorted(self._registry.replicas(), key=lambda r: (r.model, r.job_id)):
+            state = "LOST" if r.node not in alive else "DRAINING" if r.draining else r.state_name
+            reply.replicas.append(admin_pb2.ReplicaStatus(
+                job_id=r.job_id, model=r.model, node=r.node, state=state, pool=r.pool,
+                outstanding=r.outstanding, running=r.running, waiting=r.waiting,
+                kv_cache_usage=r.kv_cache_usage, ready_at=r.ready_at, base_url=r.base_url))
+        for model, job in sorted(self._autoscaler.jobs(), key=lambda mj: (mj[0], mj[1].job_id)):
+            reply.jobs.append(admin_pb2.JobStatus(
+                job_id=job.job_id, model=model, state=job.state, node=job.node, submit_time=job.submit_time,
+                start_time=job.start_time, end_time=job.end_time, reason=job.reason))
+        for a in sorted(self._registry.agents(), key=lambda a: a.node):
+            reply.agents.append(admin_pb2.AgentStatus(
+                node=a.node, address=a.address, alive=a.node in alive, last_seen=a.last_seen,
+                engines=len(a.job_ids), load1=a.host.load1 if a.host is not None else 0.0, gpus=len(a.gpus)))
+        return reply
+
+    async def Scale(self, request: admin_pb2.ScaleRequest,
+                    context: grpc.aio.ServicerContext) -> admin_pb2.ScaleResponse:
+        await self._authorize(context)
+        count = None if request.auto else request.replicas
+        try:
+            self._autoscaler.pin(request.model, count)
+        except KeyError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("admin %s: scale %s %s", context.peer(), request.model, "auto" if count is None else count)
+        (st,) = [s for s in self._autoscaler.status() if s.name == request.model]
+        return admin_pb2.ScaleResponse(model=model_status(st))
+
+    async def Drain(self, request: admin_pb2.DrainRequest,
+                    context: grpc.aio.ServicerContext) -> admin_pb2.DrainResponse:
+        await self._authorize(context)
+        if not JOB_ID.match(request.job_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.job_id!r} is not a Slurm job id")
+        try:
+            model = self._autoscaler.drain(request.job_id)
+        except KeyError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        log.info("admin %s: drain %s (%s)", context.peer(), request.job_id, model)
+        return admin_pb2.DrainResponse(model=model)
+
+    async def CreateKey(self, request: admin_pb2.CreateKeyRequest,
+                        context: grpc.aio.ServicerContext) -> admin_pb2.CreateKeyResponse:
+        await self._authorize(context)
+        try:
+            key_id, secret = self._keys.create(request.name, request.account)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except KeyStoreError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return admin_pb2.CreateKeyResponse(key_id=key_id, secret=secret)
+
+    async def ListKeys(self, request: admin_pb2.ListKeysRequest,
+                       context: grpc.aio.ServicerContext) -> admin_pb2.ListKeysResponse:
+        await self._authorize(context)
+        return admin_pb2.ListKeysResponse(keys=[
+            admin_pb2.KeyInfo(key_id=k.key_id, name=k.name, account=k.account, created_at=k.created_at,
+                              source=k.source) for k in self._keys.list()])
+
+    async def RevokeKey(self, request: admin_pb2.RevokeKeyRequest,
+                        context: grpc.aio.ServicerContext) -> admin_pb2.RevokeKeyResponse:
+        await self._authorize(context)
+        if any(k.key_id == request.key_id and k.source == "config" for k in self._keys.list()):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{request.key_id} comes from [gateway].api_keys: remove it from the config")
+        try:
+            found = self._keys.revoke(request.key_id)
+        except KeyStoreError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if not found:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no key {request.key_id!r}")
+        return admin_pb2.RevokeKeyResponse()
