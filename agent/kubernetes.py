@@ -471,10 +471,16 @@ class NodePublisher:
                      self._id.gpu_count, self._id.partition, self._id.address)
         else:
             wanted = self.node_object()
-            if _differs(node, wanted, ("metadata", "labels")) or _differs(node, wanted, ("spec", "taints")):
+            labels = node.get("metadata", {}).get("labels") or {}
+            taints = node.get("spec", {}).get("taints") or []
+            ours = wanted["spec"]["taints"][0]
+            # Only our own labels and taint: the node lifecycle controller adds taints of its own.
+            if any(labels.get(k) != v for k, v in wanted["metadata"]["labels"].items()) or not any(
+                    t.get("key") == ours["key"] and t.get("effect") == ours["effect"] for t in taints):
+                kept = [t for t in taints if t.get("key") != ours["key"]]
                 node = await self._api.patch("Node", self.node_name, {
-                    "metadata": {"labels": wanted["metadata"]["labels"]},
-                    "spec": {"taints": wanted["spec"]["taints"]}})
+                    "metadata": {"labels": wanted["metadata"]["labels"]}, "spec": {"taints": [*kept, ours]}})
+                log.info("kubernetes: restored the labels and taint of Node %s", self.node_name)
         self._registered = True
         self._registered_at = self._registered_at or now
         self._node_uid = str(node.get("metadata", {}).get("uid", ""))
@@ -581,13 +587,6 @@ class NodePublisher:
         if lateness > self._renew_interval:
             log.warning("kubernetes: Lease renewed %.1f s late", lateness)
         self._renewed_at = now
-
-
-def _differs(current: dict[str, Any], wanted: dict[str, Any], path: tuple[str, str]) -> bool:
-    a, b = current.get(path[0], {}).get(path[1]), wanted.get(path[0], {}).get(path[1])
-    if isinstance(a, dict) and isinstance(b, dict):
-        return any(a.get(k) != v for k, v in b.items())
-    return a != b
 
 
 def _published(pod: dict[str, Any]) -> _Published | None:

@@ -342,3 +342,21 @@ def test_from_engine_maps_the_agents_engines() -> None:
     for state in (pb.FAILED, pb.STOPPING, pb.STOPPED):
         assert PublishedEngine.from_engine(pb.Engine(state=state, **base)) is None
     assert PublishedEngine.from_engine(pb.Engine(state=pb.READY, **{**base, "base_url": ""})) is None
+
+
+async def test_resync_restores_its_labels_and_taint_but_keeps_other_taints(api: FakeKubeAPI, pub: NodePublisher,
+                                                                          clock: Clock) -> None:
+    await pub.reconcile([engine()])
+    unreachable = {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}
+    await api.patch("Node", NODE, {"metadata": {"labels": {kl.PARTITION: "other", "site": "x"}},
+                                   "spec": {"taints": [unreachable]}})
+    clock.now += 60
+    await pub.step()
+    node = api.stored("Node", NODE)
+    assert node["metadata"]["labels"][kl.PARTITION] == "gpu"  # type: ignore[index]
+    assert node["metadata"]["labels"]["site"] == "x"  # type: ignore[index]
+    assert node["spec"]["taints"] == [unreachable, {"key": kl.TAINT_KEY, "value": "true", "effect": "NoSchedule"}]  # type: ignore[index]
+    mark = len(api.calls)
+    clock.now += 60
+    await pub.step()  # nothing to restore now: no patch of the Node itself
+    assert [c for c in api.calls[mark:] if c.kind == "Node" and c.verb == "patch" and not c.subresource] == []
