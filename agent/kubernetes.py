@@ -206,14 +206,21 @@ class NodePublisher:
         return self._registered
 
     async def reconcile(self, engines: Iterable[PublishedEngine]) -> None:
-        """Records what this host serves and tries once to publish it; while backing off it only records."""
+        """Records what this host serves and tries once to publish it; while backing off it only records.
+
+        One try can take up to the API request timeout when the server hangs; `notify` never waits.
+        """
+        self.notify(engines)
+        if self._clock() >= self._backoff.retry_at:
+            await self._attempt(force=True)
+
+    def notify(self, engines: Iterable[PublishedEngine]) -> None:
+        """Records what this host serves and wakes run(), which publishes it; returns at once."""
         desired = {kl.pod_name(self.node_name, e.job_id): e for e in engines}
         if desired != self._desired:
             self._desired = desired
             self._dirty = True
         self._wake.set()
-        if self._clock() >= self._backoff.retry_at:
-            await self._attempt(force=True)
 
     async def step(self) -> None:
         """One tick of run(): retry a failed sync when due, renew the Lease, refresh status, re-list."""

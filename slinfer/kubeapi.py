@@ -145,6 +145,8 @@ class ClientKubeAPI:
         except (kconfig.ConfigException, OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
             where = config.kubeconfig or "in-cluster service account"
             raise Rejected(f"cannot load Kubernetes credentials from {where}: {exc}") from exc
+        # No hidden retries inside a call (urllib3 would try 4 times, each up to the timeout): callers back off.
+        configuration.retries = False
         return cls(client.ApiClient(configuration), config.request_timeout_s)
 
     def close(self) -> None:

@@ -360,3 +360,19 @@ async def test_resync_restores_its_labels_and_taint_but_keeps_other_taints(api: 
     clock.now += 60
     await pub.step()  # nothing to restore now: no patch of the Node itself
     assert [c for c in api.calls[mark:] if c.kind == "Node" and c.verb == "patch" and not c.subresource] == []
+
+
+async def test_notify_returns_at_once_and_run_publishes(api: FakeKubeAPI, pub: NodePublisher) -> None:
+    task = asyncio.create_task(pub.run())
+    await asyncio.sleep(0.01)
+    assert api.calls == []  # nothing to serve, nothing published
+    pub.notify([engine(ready=True)])
+    assert api.calls == []  # notify itself makes no call
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if pod_of(api) is not None:
+            break
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pod_of(api) is not None and api.stored("Node", NODE) is not None

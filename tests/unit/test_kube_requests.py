@@ -4,6 +4,8 @@ server (PyPI kmock, see tests/kuberecorder.py), through `ClientKubeAPI` loaded f
 from __future__ import annotations
 
 import re
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -194,3 +196,19 @@ def test_bad_kubeconfig_names_the_file(tmp_path: Path) -> None:
         ClientKubeAPI.from_config(KubernetesConfig(enabled=True, kubeconfig=str(bad)))
     with pytest.raises(Rejected, match="missing"):
         ClientKubeAPI.from_config(KubernetesConfig(enabled=True, kubeconfig=str(tmp_path / "missing")))
+
+
+async def test_a_hanging_server_costs_one_timeout_not_several(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts connections (the kernel does) but never answers
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        path = write_kubeconfig(tmp_path / "kubeconfig", url)
+        api = ClientKubeAPI.from_config(KubernetesConfig(enabled=True, kubeconfig=str(path), request_timeout_s=0.5))
+        start = time.monotonic()
+        with pytest.raises(Unavailable, match="timed out"):
+            await api.get("Node", "x")
+        assert time.monotonic() - start < 1.5  # urllib3's own retries would make it 2 s
+    finally:
+        listener.close()
