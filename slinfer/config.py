@@ -270,6 +270,14 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         raise ConfigError("controller.job_command", "must not be empty")
     if not config.agent.engine_command:
         raise ConfigError("agent.engine_command", "must not be empty")
+    kube = config.kubernetes
+    if not 0 < kube.renew_interval_s < kube.lease_duration_s:
+        raise ConfigError("kubernetes.renew_interval_s",
+                          f"must be above 0 and below lease_duration_s ({kube.lease_duration_s})")
+    if kube.request_timeout_s <= 0:
+        raise ConfigError("kubernetes.request_timeout_s", "must be above 0")
+    if kube.gc_grace_s < 0:
+        raise ConfigError("kubernetes.gc_grace_s", "must be 0 or more")
     return config
 
 
