@@ -1,0 +1,353 @@
+"""A lean HTTP/1.1 keep-alive client for the gateway's hop to engines, with one connection pool per engine.
+
+Why not aiohttp's client: on the gateway's hot path it cost about as much CPU as the whole aiohttp server side
+(measured with bench/gateway_overhead.py); this client does only what the hop needs. It sends a POST with a
+prebuilt header block, parses the status line, Content-Length / chunked bodies and `Connection: close`, and
+hands the body to the caller whole (`read`) or piece by piece as it arrives (`chunk`, for SSE), pausing the
+socket when the caller falls behind. A pooled connection the engine closed while idle is replaced by a
+fresh one transparently, once. It does not choose engines, retry on other engines, or follow redirects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+# Engines behind uvicorn (vLLM) close idle keep-alive connections after 5 s; stay under that.
+IDLE_LIMIT_S = 4.0
+# Body bytes buffered for a slow reader before the engine's socket is paused.
+HIGH_WATER = 1 << 20
+
+
+class UpstreamError(Exception):
+    """The connection failed or closed before the response was complete."""
+
+    def __init__(self, message: str, *, before_response: bool) -> None:
+        super().__init__(message)
+        # True when not a byte of the response had arrived: the request may be sent again.
+        self.before_response = before_response
+
+
+class UpstreamTimeout(UpstreamError):
+    """The engine was silent for longer than the read (or connect) timeout."""
+
+
+# States of the chunked-body parser.
+_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+
+class EngineConnection(asyncio.Protocol):
+    """One keep-alive connection; one request at a time; parses the response as bytes arrive."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.status = 0
+        self.content_type = ""
+        self.keep_alive = True
+        self._active = False
+        self._buf = bytearray()
+        self._headers_done = False
+        self._got_bytes = False
+        self._remaining = -1  # Content-Length left; -1 when chunked or delimited by the close
+        self._chunked = False
+        self._cstate = _SIZE
+        self._chunk_left = 0
+        self._body: deque[bytes] = deque()
+        self._buffered = 0
+        self._done = False
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # ---- asyncio.Protocol ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._active and not self._done and self._error is None:
+            if self._headers_done and self._remaining < 0 and not self._chunked:
+                self._done = True  # a body delimited by the close itself
+            else:
+                self._error = UpstreamError(f"engine closed the connection ({exc!r})",
+                                            before_response=not self._got_bytes)
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def data_received(self, data: bytes) -> None:
+        if not self._active:
+            self._fail("engine sent bytes outside a response")
+            return
+        self._got_bytes = True
+        if not self._headers_done:
+            self._buf += data
+            end = self._buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buf) > 65536:
+                    self._fail("response headers over 64 KiB")
+                return
+            try:
+                self._parse_head(bytes(self._buf[:end]))
+            except ValueError as exc:
+                self._fail(f"malformed response from engine: {exc}")
+                return
+            data = bytes(self._buf[end + 4:])
+            self._buf.clear()
+            self._headers_done = True
+            if self._remaining == 0:
+                self._done = True
+        if data and not self._done:
+            if self._chunked:
+                self._feed_chunked(data)
+            elif self._remaining >= 0:
+                if len(data) >= self._remaining:
+                    data = data[:self._remaining]
+                    self._done = True
+                self._remaining -= len(data)
+                self._push(data)
+            else:
+                self._push(data)
+        self._wake()
+
+    # ---- parsing -------------------------------------------------------------------------------------
+    def _parse_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+            raise ValueError(f"bad status line {lines[0][:80]!r}")
+        self.status = int(parts[1])
+        if parts[0] == b"HTTP/1.0":
+            self.keep_alive = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                self._remaining = int(value)
+            elif name == b"transfer-encoding":
+                self._chunked = b"chunked" in value.lower()
+            elif name == b"content-type":
+                self.content_type = value.strip().decode("latin-1")
+            elif name == b"connection":
+                self.keep_alive = b"close" not in value.lower()
+        if self._chunked:
+            self._remaining = -1
+        elif self._remaining < 0:
+            self.keep_alive = False  # the body runs until the engine closes
+
+    def _feed_chunked(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos = 0
+        while not self._done:
+            state = self._cstate
+            if state == _SIZE:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    break
+                size_text = bytes(buf[pos:end]).split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    self._fail(f"bad chunk size {size_text[:20]!r}")
+                    return
+                pos = end + 2
+                if size == 0:
+                    self._cstate = _TRAILER
+                else:
+                    self._chunk_left = size
+                    self._cstate = _DATA
+            elif state == _DATA:
+                take = min(len(buf) - pos, self._chunk_left)
+                if take <= 0:
+                    break
+                self._push(bytes(buf[pos:pos + take]))
+                pos += take
+                self._chunk_left -= take
+                if self._chunk_left == 0:
+                    self._cstate = _DATA_END
+            elif state == _DATA_END:
+                if len(buf) - pos < 2:
+                    break
+                pos += 2
+                self._cstate = _SIZE
+            else:  # trailer lines up to an empty one
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    break
+                if end == pos:
+                    self._done = True
+                pos = end + 2
+        del buf[:pos]
+
+    def _push(self, data: bytes) -> None:
+        self._body.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _fail(self, message: str) -> None:
+        if self._error is None and not self._done:
+            self._error = UpstreamError(message, before_response=False)
+        self.keep_alive = False
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ---- the caller's side -----------------------------------------------------------------------------
+    def start(self, request: bytes) -> None:
+        """Sends a request; the connection must be idle."""
+        self._active = True
+        self._buf.clear()
+        self._headers_done = self._got_bytes = self._done = self._chunked = False
+        self.status = 0
+        self.content_type = ""
+        self.keep_alive = True
+        self._remaining = -1
+        self._cstate = _SIZE
+        self._chunk_left = 0
+        self._body.clear()
+        self._buffered = 0
+        self._error = None
+        assert self.transport is not None
+        self.transport.write(request)
+
+    async def _wait(self, read_timeout_s: float) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.closed:
+            raise UpstreamError("engine connection closed", before_response=not self._got_bytes)
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(read_timeout_s, _expire, waiter)
+        try:
+            await waiter
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"engine silent for {read_timeout_s:g} s",
+                                  before_response=not self._got_bytes) from exc
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def head(self, read_timeout_s: float) -> None:
+        """Waits for the status line and headers."""
+        while not self._headers_done:
+            await self._wait(read_timeout_s)
+
+    async def chunk(self, read_timeout_s: float) -> bytes:
+        """The next body bytes as they arrive; b"" once the body is complete."""
+        while True:
+            if self._body:
+                data = self._body.popleft()
+                self._buffered -= len(data)
+                if self._paused and self._buffered < HIGH_WATER // 2 and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                return data
+            if self._done:
+                return b""
+            await self._wait(read_timeout_s)
+
+    async def read(self, read_timeout_s: float) -> bytes:
+        """The whole body."""
+        while not self._done:
+            await self._wait(read_timeout_s)
+        data = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        self._body.clear()
+        self._buffered = 0
+        return data
+
+    def finish(self) -> bool:
+        """Ends the request; True when the connection can serve another."""
+        self._active = False
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+        return self._done and self._error is None and self.keep_alive and not self.closed
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class EnginePool:
+    """Keep-alive connections to one engine (host:port), reused most-recent first."""
+
+    def __init__(self, base_url: str, connect_timeout_s: float) -> None:
+        rest = base_url.split("://", 1)[-1].rstrip("/")
+        hostport, _, prefix = rest.partition("/")
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"engine base URL {base_url!r} is not http://HOST:PORT")
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self._hostport = hostport
+        self._prefix = f"/{prefix}" if prefix else ""
+        self._connect_timeout = connect_timeout_s
+        self._idle: list[EngineConnection] = []
+        self._heads: dict[tuple[str, str], bytes] = {}
+
+    def request_bytes(self, path: str, api_key: str, body: bytes) -> bytes:
+        head = self._heads.get((path, api_key))
+        if head is None:
+            head = self._heads[(path, api_key)] = (
+                f"POST {self._prefix}{path} HTTP/1.1\r\nHost: {self._hostport}\r\n"
+                f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n"
+                f"Accept: */*\r\nContent-Length: ").encode()
+        return b"%s%d\r\n\r\n%s" % (head, len(body), body)
+
+    async def acquire(self) -> tuple[EngineConnection, bool]:
+        """A connection and whether it was reused from the pool."""
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < IDLE_LIMIT_S:
+                return conn, True
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()
+        return await self.connect(), False
+
+    async def connect(self) -> EngineConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(EngineConnection, self.host, self.port)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"connect to {self._hostport} timed out after {self._connect_timeout} s",
+                                  before_response=True) from exc
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {self._hostport}: {exc}", before_response=True) from exc
+        return conn
+
+    def release(self, conn: EngineConnection) -> None:
+        """Returns a connection whose response was read to the end; any other is closed."""
+        if conn.finish():
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            self.discard(conn)
+
+    @staticmethod
+    def discard(conn: EngineConnection) -> None:
+        conn.finish()
+        conn.closed = True
+        if conn.transport is not None:
+            conn.transport.close()
+
+    def close(self) -> None:
+        for conn in self._idle:
+            self.discard(conn)
+        self._idle.clear()
