@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,9 +74,7 @@ class SlurmClient:
         job_command: Sequence[str] = ("slinfer", "hold"),
         job_output: str = "/dev/null",
         timeout_s: float = 30.0,
-        serve_flags: Callable[[ModelConfig], list[str]] = pool_flags,
     ) -> None:
-        # serve_flags is for experiments on a Slurm without the slinfer plugin; the product keeps pool_flags.
         if not job_command:
             raise ValueError("job_command must not be empty")
         self._bin_dir = bin_dir
@@ -84,13 +82,12 @@ class SlurmClient:
         self._job_command = list(job_command)
         self._job_output = job_output
         self._timeout_s = timeout_s
-        self._serve_flags = serve_flags
 
     def batch_script(self) -> str:
         return "#!/bin/sh\nexec " + shlex.join(self._job_command) + "\n"
 
     def submit_argv(self, model: ModelConfig, job_name: str, comment: str) -> list[str]:
-        argv = [self._bin("sbatch"), "--parsable", *self._serve_flags(model),
+        argv = [self._bin("sbatch"), "--parsable", *pool_flags(model),
                 f"--job-name={job_name}", f"--comment={comment}", f"--output={self._job_output}"]
         if model.gpus > 0:
             argv.append(f"--gres=gpu:{model.gpus}")

@@ -1,13 +1,12 @@
-"""SlurmClient against a real slurmctld/slurmd.
+"""SlurmClient against the real bed's slurmctld/slurmd (with the slinfer SPANK plugin).
 
-The Slurm comes from SLINFER_TEST_SLURM_CONF (a running cluster's slurm.conf, node with gpu:4). The jobs here
-run a plain command instead of `slinfer hold`, so no engine is involved.
+The jobs run a plain command instead of `slinfer hold` and ask for a model the catalog does not have, so the
+agent refuses the engine (the job keeps running) and no vLLM starts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,22 +15,26 @@ import pytest
 from slinfer.controller.slurm import SlurmClient, SlurmError, SlurmJob
 
 from slinfer.config import ModelConfig
+from tests.slurmbed import SlurmBed
 
 pytestmark = pytest.mark.bed
 
-CONF = os.environ.get("SLINFER_TEST_SLURM_CONF", "")
-if not CONF:
-    pytest.skip("SLINFER_TEST_SLURM_CONF is not set: no Slurm to test against", allow_module_level=True)
+MODEL = "not-in-catalog"
+ENV: dict[str, str] = {}
 
-ENV = {**os.environ, "SLURM_CONF": CONF}
-# Without the slinfer SPANK plugin sbatch does not know --inference; these tests are about the client.
-NO_PLUGIN = os.environ.get("SLINFER_TEST_SLURM_PLUGIN", "1") == "0"
+
+@pytest.fixture(autouse=True)
+def bed_env(slurm_bed: SlurmBed) -> None:
+    ENV.clear()
+    ENV.update(slurm_bed.env())
 
 
 def client(**kw: object) -> SlurmClient:
-    if NO_PLUGIN:
-        kw.setdefault("serve_flags", lambda m: [])
     return SlurmClient("", ENV, **kw)  # type: ignore[arg-type]
+
+
+def model(**kw: object) -> ModelConfig:
+    return ModelConfig(name=MODEL, source="/x", **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -56,44 +59,63 @@ async def wait_state(slurm: SlurmClient, job_id: str, states: set[str], within_s
         await asyncio.sleep(0.5)
 
 
-async def test_submit_lists_and_cancels(cleanup: list[str], tmp_path: Path) -> None:
-    slurm = client(job_command=["sleep", "120"])
-    model = ModelConfig(name="tiny", source="/x", gpus=1, time_limit="00:07:00")
-    comment = "slinfer:test model=tiny; quotes ' \" and $(no shell)"
+async def test_submit_passes_inference_flags_and_lists_the_job(cleanup: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "job.out"
+    slurm = client(job_command=["sleep", "120"], job_output=str(out))
+    comment = "slinfer:test model=x; quotes ' \" and $(no shell)"
     before = time.time()
-    job_id = await slurm.submit(model, "slinfer-test-tiny", comment)
+    job_id = await slurm.submit(model(gpus=1, time_limit="00:07:00"), "slinfer-test-x", comment)
     cleanup.append(job_id)
     assert job_id.isdigit()
-
-    job = await wait_state(slurm, job_id, {"RUNNING"})
-    assert job.name == "slinfer-test-tiny"
+    # The plugin got --inference=MODEL at the prolog: the agent refused the model by name, failing the job.
+    job = await wait_state(slurm, job_id, {"FAILED"})
+    assert f"model '{MODEL}' is not in this cluster's catalog" in out.read_text()
+    assert job.name == "slinfer-test-x"
     assert job.comment == comment
-    assert job.active
-    assert job.node
-    assert before - 2 <= job.submit_time <= time.time() + 2
-    assert job.start_time >= job.submit_time
-    assert job.end_time == job.start_time + 7 * 60
-
-    await slurm.cancel(job_id)
-    job = await wait_state(slurm, job_id, {"CANCELLED"})
     assert not job.active
+    assert job.node == "slinfer-dev"
+    assert before - 2 <= job.submit_time <= job.start_time <= time.time() + 2
 
 
 async def test_batch_script_runs_job_command(cleanup: list[str], tmp_path: Path) -> None:
     out = tmp_path / "hold.out"
     slurm = client(job_command=["/bin/echo", "held with spaces", "$HOME"], job_output=str(out))
-    model = ModelConfig(name="tiny", source="/x", gpus=0, time_limit="1")
-    job_id = await slurm.submit(model, "slinfer-t", "c")
+    # A catalog model, so the job runs; the engine the prolog starts is stopped when the echo ends the job.
+    job_id = await slurm.submit(ModelConfig(name="tiny", source="/x", gpus=1, time_limit="2"), "slinfer-t", "c")
     cleanup.append(job_id)
-    await wait_state(slurm, job_id, {"COMPLETED"})
+    await wait_state(slurm, job_id, {"COMPLETED"}, within_s=60)
     # Arguments reach the command verbatim: the script quotes them.
     assert out.read_text() == "held with spaces $HOME\n"
+
+
+async def test_running_and_pending_jobs_then_cancel(cleanup: list[str], slurm_bed: SlurmBed) -> None:
+    slurm = client(job_command=["sleep", "60"])
+    # A plain job takes all four GPUs (no --inference, so no engine); ours must wait for it.
+    blocker = slurm_bed.sbatch("--gres=gpu:4", "--time=2", "--job-name=blocker", script="sleep 120")
+    cleanup.append(blocker)
+    running = await wait_state(slurm, blocker, {"RUNNING"})
+    assert running.active and running.node == "slinfer-dev"
+    assert running.end_time == running.start_time + 2 * 60
+    job_id = await slurm.submit(model(gpus=4, time_limit="2"), "slinfer-t", "c")
+    cleanup.append(job_id)
+    job = await wait_state(slurm, job_id, {"PENDING"})
+    for _ in range(30):  # the reason is "None" until the scheduler has looked at the job
+        if job.reason != "None":
+            break
+        await asyncio.sleep(1)
+        job = await wait_state(slurm, job_id, {"PENDING"})
+    assert job.active
+    assert job.node == ""
+    assert job.reason == "Resources"
+    await slurm.cancel(job_id)
+    job = await wait_state(slurm, job_id, {"CANCELLED"})
+    assert not job.active
 
 
 async def test_gpu_request_slurm_cannot_satisfy_carries_stderr() -> None:
     slurm = client(job_command=["true"])
     with pytest.raises(SlurmError) as err:
-        await slurm.submit(ModelConfig(name="tiny", source="/x", gpus=64), "slinfer-t", "c")
+        await slurm.submit(model(gpus=64), "slinfer-t", "c")
     assert err.value.returncode not in (0, None)
     assert "node configuration is not available" in err.value.stderr
 
@@ -101,24 +123,8 @@ async def test_gpu_request_slurm_cannot_satisfy_carries_stderr() -> None:
 async def test_unknown_partition_fails_with_stderr() -> None:
     slurm = client(job_command=["true"])
     with pytest.raises(SlurmError) as err:
-        await slurm.submit(ModelConfig(name="tiny", source="/x", gpus=0, partition="nope"), "slinfer-t", "c")
+        await slurm.submit(model(gpus=0, partition="nope"), "slinfer-t", "c")
     assert "partition" in str(err.value).lower()
-
-
-async def test_pending_job_has_no_node_and_counts_active(cleanup: list[str]) -> None:
-    slurm = client(job_command=["sleep", "60"])
-    # Four GPUs on the node: the second job of 4 waits for the first.
-    model = ModelConfig(name="tiny", source="/x", gpus=4, time_limit="2")
-    first = await slurm.submit(model, "slinfer-t", "c")
-    cleanup.append(first)
-    second = await slurm.submit(model, "slinfer-t", "c")
-    cleanup.append(second)
-    await wait_state(slurm, first, {"RUNNING"})
-    job = await wait_state(slurm, second, {"PENDING"})
-    assert job.active
-    assert job.node == ""
-    assert job.start_time == 0 or job.start_time > time.time()
-    assert job.reason
 
 
 async def test_missing_binaries_raise_slurm_error(tmp_path: Path) -> None:
