@@ -4,8 +4,10 @@ Least outstanding requests first (the gateway's own in-flight count per engine, 
 engine's /metrics which lag a heartbeat), ties broken at random. With prefix affinity, a request whose prompt
 starts like an earlier one goes to the same engine (rendezvous hashing over the engines, so adding or losing
 one moves only its share), unless that engine already carries more than (1 + slack) times the average load,
-in which case the next engine in the hash order takes it ("consistent hashing with bounded loads"). It does
-not know which engines are routable (the Registry does) or wait for capacity (the gateway's queue does).
+in which case the next engine in the hash order takes it ("consistent hashing with bounded loads"). The
+`round_robin` policy instead hands requests to the engines in turn, blind to load (the baseline the routing
+benchmark compares against). It does not know which engines are routable (the Registry does) or wait for
+capacity (the gateway's queue does).
 """
 
 from __future__ import annotations
@@ -17,17 +19,29 @@ from collections.abc import Collection, Sequence
 
 from slinfer.controller.registry import Replica
 
+LEAST_OUTSTANDING = "least_outstanding"
+ROUND_ROBIN = "round_robin"
+POLICIES = (LEAST_OUTSTANDING, ROUND_ROBIN)
+
 
 class Balancer:
-    def __init__(self, rng: random.Random | None = None, affinity_slack: float = 0.25) -> None:
+    def __init__(self, rng: random.Random | None = None, affinity_slack: float = 0.25,
+                 policy: str = LEAST_OUTSTANDING) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown balancer policy {policy!r} (known: {', '.join(POLICIES)})")
         self._rng = rng or random.Random()
         self._slack = affinity_slack
+        self._policy = policy
+        # Round-robin position per model, so that one model's traffic does not skew another's turn.
+        self._turn: dict[str, int] = {}
 
     def pick(self, replicas: Sequence[Replica], prefix: bytes | None = None, exclude: Collection[str] = (),
              limit: int = 0) -> Replica | None:
         """The engine for a request, or None when every candidate is excluded or at `limit` outstanding."""
         if prefix:
             return self._pick_affine(replicas, prefix, exclude, limit)
+        if self._policy == ROUND_ROBIN:
+            return self._pick_round_robin(replicas, exclude, limit)
         best: Replica | None = None
         ties = 0
         for r in replicas:
@@ -56,6 +70,19 @@ class Balancer:
             if r.outstanding + 1 <= bound:
                 return r
         return min(ranked, key=lambda r: r.outstanding)
+
+
+    def _pick_round_robin(self, replicas: Sequence[Replica], exclude: Collection[str],
+                          limit: int) -> Replica | None:
+        candidates = sorted((r for r in replicas
+                             if not (limit and r.outstanding >= limit) and not (exclude and r.job_id in exclude)),
+                            key=lambda r: r.job_id)
+        if not candidates:
+            return None
+        model = candidates[0].model
+        turn = self._turn.get(model, 0)
+        self._turn[model] = turn + 1
+        return candidates[turn % len(candidates)]
 
 
 def _score(prefix: bytes, job_id: str) -> int:
