@@ -8,6 +8,7 @@ about HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -74,20 +75,21 @@ class KeyStore:
             raise KeyStoreError(f"{self._path}: unreadable key file: {exc}") from exc
 
     def _save(self) -> None:
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = {"keys": [{**asdict(info), "sha256": digest.hex()} for digest, info in self._stored]}
         for entry in data["keys"]:
             del entry["source"]
         tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise KeyStoreError(f"{self._path}: cannot write key file: {exc}") from exc
 
     def create(self, name: str, account: str = "") -> tuple[str, str]:
