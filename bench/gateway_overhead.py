@@ -199,9 +199,8 @@ async def _heartbeat(grpc_addr: str, model: str, engine_url: str, engine_key: st
 
 def serve_gateway(config_path: str, loop_name: str) -> None:
     """The gateway process: the real controller's serve(), under the chosen event loop."""
-    from slinfer.controller.main import serve
-
     from slinfer.config import load as load_config
+    from slinfer.controller.main import serve
 
     config = load_config(config_path)
     factory = None

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 
 import grpc
+
 from slinfer.controller.autoscaler import Autoscaler, ModelStatus
 from slinfer.controller.keys import KeyStore, KeyStoreError
 from slinfer.controller.registry import Registry
 from slinfer.controller.slurm import JOB_ID
-
 from slinfer.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -22,12 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from slinfer.config import ModelConfig
 from slinfer.controller import metrics
 from slinfer.controller.movingaverage import MovingAverage
 from slinfer.controller.registry import Registry, Replica
 from slinfer.controller.slurm import SlurmError, SlurmJob
-
-from slinfer.config import ModelConfig
 from slinfer.v1 import engine_pb2
 
 log = logging.getLogger(__name__)
@@ -322,10 +321,17 @@ class Autoscaler:
             if m.up_since is None:
                 m.up_since = now
             waited = now - m.up_since
-            want = desired - groups.capacity
+            # The average lags: after a burst it still asks for replicas the load no longer needs, so a
+            # scale-up must also be needed by the load of this very moment.
+            needed_now = desired if m.pinned is not None else min(max(
+                math.ceil(round(sample / cfg.target_outstanding, 6)), cfg.min_replicas, 1 if urgent else 0),
+                cfg.max_replicas)
+            want = min(desired, needed_now) - groups.capacity
             room = MAX_JOBS_PER_REPLICA * max(desired, 1) - groups.total
             if not (urgent or m.pinned is not None or waited >= cfg.scale_up_delay_s):
                 outcome = f"wait scale-up delay ({waited:.0f}/{cfg.scale_up_delay_s:g}s)"
+            elif want <= 0:
+                outcome = f"hold: the load now ({sample:.0f}) needs only {needed_now}"
             elif now < m.backoff_until:
                 outcome = f"wait after sbatch failure ({m.backoff_until - now:.0f}s left)"
             elif room <= 0:
@@ -361,11 +367,13 @@ class Autoscaler:
 
         await self._finish_drains(m, now, settled, numbers)
 
-        if outcome != m.last_outcome and outcome not in ("submitted", "shrunk"):
+        # Once per change of outcome at INFO (a waiting count ticking up is not a change).
+        kind = outcome.split(" (")[0]
+        if kind != m.last_outcome and outcome not in ("submitted", "shrunk"):
             log.info("%s -> %s", numbers(), outcome)
         else:
             log.debug("%s -> %s", numbers(), outcome)
-        m.last_outcome = outcome
+        m.last_outcome = kind
 
     def _adopt(self, m: _Model, active: list[SlurmJob]) -> None:
         for job in active:

@@ -22,14 +22,14 @@ from typing import Any
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+
+from slinfer.config import GatewayConfig, ModelConfig
 from slinfer.controller import metrics
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.proxy import EngineFailed, EngineTimeout, Proxy
 from slinfer.controller.queue import QueueFull, WaitQueue
 from slinfer.controller.registry import Registry
-
-from slinfer.config import GatewayConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 

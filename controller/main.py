@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+
+from slinfer.config import DEFAULT_PATH, Config, ConfigError, load
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.gateway import Gateway
@@ -26,8 +28,6 @@ from slinfer.controller.proxy import Proxy
 from slinfer.controller.queue import WaitQueue
 from slinfer.controller.registry import Registry, RegistryService
 from slinfer.controller.slurm import SlurmClient
-
-from slinfer.config import DEFAULT_PATH, Config, ConfigError, load
 from slinfer.v1 import controller_pb2_grpc
 
 log = logging.getLogger("slinfer.controller")
@@ -108,7 +108,6 @@ def _add_admin(server: grpc.aio.Server, config: Config, registry: Registry, auto
     """The admin API (engineer B's servicer) next to the Registry."""
     try:
         from slinfer.controller import admin
-
         from slinfer.v1 import admin_pb2_grpc  # type: ignore[attr-defined]
     except ImportError as exc:
         log.warning("admin API not available (%s); `slinfer status/scale/drain/keys` will not work", exc)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 from prometheus_client.metrics import Histogram
+
 from slinfer.controller.registry import Replica
 from slinfer.controller.upstream import EngineConnection, EnginePool, UpstreamError, UpstreamTimeout
 

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from slinfer.controller.slurm import SlurmClient, SlurmError, SlurmJob
 
 from slinfer.config import ModelConfig
+from slinfer.controller.slurm import SlurmClient, SlurmError, SlurmJob
 from tests.slurmbed import SlurmBed
 
 pytestmark = pytest.mark.bed

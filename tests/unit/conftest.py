@@ -17,14 +17,14 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+
+from slinfer.config import GatewayConfig, ModelConfig
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.gateway import Gateway
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.proxy import Proxy
 from slinfer.controller.queue import WaitQueue
 from slinfer.controller.registry import Registry, RegistryService
-
-from slinfer.config import GatewayConfig, ModelConfig
 from slinfer.v1 import controller_pb2, controller_pb2_grpc, engine_pb2
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from slinfer.controller.slurm import SlurmError, SlurmJob
-
 from slinfer.config import ModelConfig
+from slinfer.controller.slurm import SlurmError, SlurmJob
 
 
 class Clock:

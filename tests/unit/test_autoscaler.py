@@ -11,12 +11,12 @@ import logging
 from dataclasses import replace
 
 import pytest
-from slinfer.controller.autoscaler import COMMENT_MARK, DEFAULT_START_LATENCY_S, FINAL_DRAIN_S, Autoscaler
-from slinfer.controller.registry import Registry
-from slinfer.controller.slurm import SlurmJob
 from slurm_double import Clock, Demand, SlurmDouble
 
 from slinfer.config import ModelConfig
+from slinfer.controller.autoscaler import COMMENT_MARK, DEFAULT_START_LATENCY_S, FINAL_DRAIN_S, Autoscaler
+from slinfer.controller.registry import Registry
+from slinfer.controller.slurm import SlurmJob
 from slinfer.v1 import controller_pb2, engine_pb2
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from slinfer.controller.balancer import ROUND_ROBIN, Balancer
 from slinfer.controller.registry import Replica
-
 from slinfer.v1 import engine_pb2
 
 

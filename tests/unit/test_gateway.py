@@ -9,9 +9,9 @@ import time
 import aiohttp
 import openai
 import pytest
-from slinfer.controller import metrics
 
 from slinfer.config import ModelConfig
+from slinfer.controller import metrics
 from slinfer.v1 import engine_pb2
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}

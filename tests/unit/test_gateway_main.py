@@ -11,8 +11,8 @@ from pathlib import Path
 
 import aiohttp
 import grpc
-from slinfer.controller.main import main
 
+from slinfer.controller.main import main
 from slinfer.v1 import controller_pb2, controller_pb2_grpc
 
 

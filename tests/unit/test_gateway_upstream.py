@@ -8,6 +8,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+
 from slinfer.controller import metrics
 from slinfer.controller.upstream import EnginePool, UpstreamError, UpstreamTimeout
 

@@ -16,11 +16,11 @@ import time
 import uuid
 
 import pytest
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
-from slinfer.controller.kubesync import KubeSync
 
 from slinfer import kubelabels as kl
+from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 from slinfer.config import KubernetesConfig
+from slinfer.controller.kubesync import KubeSync
 from slinfer.kubeapi import NODE_LEASE_NAMESPACE, ClientKubeAPI, KubeError, NotFound
 
 pytestmark = pytest.mark.skipif(

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
-from slinfer.controller.kubesync import GatewayEndpoint, KubeSync, LeaderElection
 
 from slinfer import kubelabels as kl
+from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 from slinfer.config import MODEL_NAME
+from slinfer.controller.kubesync import GatewayEndpoint, KubeSync, LeaderElection
 from slinfer.kubeapi import micro_time, parse_time
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,9 +6,9 @@ import asyncio
 import re
 
 import pytest
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 
 from slinfer import kubelabels as kl
+from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 from slinfer.kubeapi import NODE_LEASE_NAMESPACE, NotFound, Rejected, micro_time
 from tests.fakes.kube import FakeKubeAPI
 

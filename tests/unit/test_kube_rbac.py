@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
 from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 from slinfer.controller.kubesync import GatewayEndpoint, KubeSync, LeaderElection
-
 from slinfer.kubeapi import KINDS, NODE_LEASE_NAMESPACE
 from tests.fakes.kube import Call, FakeKubeAPI
 

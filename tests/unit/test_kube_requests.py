@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
-from slinfer.controller.kubesync import GATEWAY_SERVICE, LEADER_LEASE, GatewayEndpoint, KubeSync, LeaderElection
 
 from slinfer import kubelabels as kl
+from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 from slinfer.config import KubernetesConfig
+from slinfer.controller.kubesync import GATEWAY_SERVICE, LEADER_LEASE, GatewayEndpoint, KubeSync, LeaderElection
 from slinfer.kubeapi import MERGE_PATCH, ClientKubeAPI, Rejected, Unavailable, micro_time
 from tests.kuberecorder import Recorder, recording_api_server, write_kubeconfig
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
-from slinfer.controller.kubesync import GATEWAY_SERVICE, LEADER_LEASE, GatewayEndpoint, KubeSync, LeaderElection
 
 from slinfer import kubelabels as kl
+from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
+from slinfer.controller.kubesync import GATEWAY_SERVICE, LEADER_LEASE, GatewayEndpoint, KubeSync, LeaderElection
 from slinfer.kubeapi import NODE_LEASE_NAMESPACE, micro_time
 from tests.fakes.kube import FakeKubeAPI, matches
 
