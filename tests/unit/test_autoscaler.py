@@ -390,3 +390,41 @@ async def test_status_reports_counts() -> None:
     (st,) = bed.scaler.status()
     assert (st.ready, st.pending, st.starting, st.desired, st.in_flight, st.queued) == (1, 2, 0, 3, 9, 2)
     assert st.last_decision.startswith("submitted job")
+
+
+async def test_lagging_average_does_not_scale_up_for_load_that_is_gone(caplog: pytest.LogCaptureFixture) -> None:
+    bed = Bed(window_s=30.0, target_outstanding=8.0, max_replicas=2)
+    bed.demand["tiny"] = Demand(in_flight=20)
+    await bed.step()
+    a, b = bed.slurm.active()
+    bed.ready(a)
+    bed.ready(b)
+    await bed.step(20)
+    # Both jobs end (killed, or cancelled by hand) just as the load stops; the 30 s average is still high.
+    await bed.slurm.cancel(a)
+    await bed.slurm.cancel(b)
+    bed.engines.clear()
+    bed.demand["tiny"] = Demand()
+    with caplog.at_level(logging.INFO, "slinfer.controller.autoscaler"):
+        await bed.step()
+        await bed.step()
+    assert bed.scaler.status()[0].desired == 2
+    assert len(bed.slurm.submits) == 2
+    assert "hold: the load now (0) needs only 0" in caplog.text
+    # The load comes back: the average and the moment agree again.
+    bed.demand["tiny"] = Demand(in_flight=9)
+    await bed.step()
+    assert len(bed.slurm.submits) == 4
+
+
+async def test_waiting_is_logged_once_not_every_step(caplog: pytest.LogCaptureFixture) -> None:
+    bed = Bed(window_s=2.0, scale_down_delay_s=60.0)
+    bed.demand["tiny"] = Demand(in_flight=4)
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.ready(a)
+    bed.demand["tiny"] = Demand()
+    with caplog.at_level(logging.INFO, "slinfer.controller.autoscaler"):
+        for _ in range(10):
+            await bed.step()
+    assert caplog.text.count("wait scale-down delay") == 1
