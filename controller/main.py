@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from slinfer.config import DEFAULT_PATH, Config, ConfigError, load
+from slinfer.controller.admin import AdminService
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.gateway import Gateway
@@ -28,7 +29,7 @@ from slinfer.controller.proxy import Proxy
 from slinfer.controller.queue import WaitQueue
 from slinfer.controller.registry import Registry, RegistryService
 from slinfer.controller.slurm import SlurmClient
-from slinfer.v1 import controller_pb2_grpc
+from slinfer.v1 import admin_pb2_grpc, controller_pb2_grpc
 
 log = logging.getLogger("slinfer.controller")
 
@@ -64,7 +65,8 @@ async def serve(config: Config, stop: asyncio.Event,
 
     server = grpc.aio.server()
     controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, c.token, c.heartbeat_s), server)
-    _add_admin(server, config, registry, autoscaler, keys)
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminService(autoscaler=autoscaler, registry=registry, keys=keys, token=c.token), server)
     try:
         grpc_port = server.add_insecure_port(c.listen)
     except RuntimeError as exc:
@@ -101,20 +103,6 @@ async def serve(config: Config, stop: asyncio.Event,
         await gateway.stop()
         await server.stop(grace=2.0)
         log.info("controller stopped")
-
-
-def _add_admin(server: grpc.aio.Server, config: Config, registry: Registry, autoscaler: Autoscaler,
-               keys: KeyStore) -> None:
-    """The admin API (engineer B's servicer) next to the Registry."""
-    try:
-        from slinfer.controller import admin
-        from slinfer.v1 import admin_pb2_grpc  # type: ignore[attr-defined]
-    except ImportError as exc:
-        log.warning("admin API not available (%s); `slinfer status/scale/drain/keys` will not work", exc)
-        return
-    servicer = admin.AdminService(registry=registry, autoscaler=autoscaler, keys=keys,
-                                  token=config.controller.token)
-    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)
 
 
 async def _sweep(registry: Registry) -> None:

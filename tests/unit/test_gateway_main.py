@@ -13,7 +13,7 @@ import aiohttp
 import grpc
 
 from slinfer.controller.main import main
-from slinfer.v1 import controller_pb2, controller_pb2_grpc
+from slinfer.v1 import admin_pb2, admin_pb2_grpc, controller_pb2, controller_pb2_grpc
 
 
 def test_config_error_names_the_key_and_exits_2(tmp_path: Path, capsys) -> None:
@@ -82,13 +82,22 @@ source = "/models/m"
                                      json={"model": "m", "messages": [{"role": "user", "content": "x"}]}) as resp:
                     assert resp.status == 200
                     assert (await resp.json())["object"] == "chat.completion"
+                # The admin API is served next to the Registry: a key created there works at the gateway.
+                admin = admin_pb2_grpc.AdminStub(channel)
+                auth = (("authorization", "Bearer agent-token"),)
+                status = await admin.Status(admin_pb2.StatusRequest(), metadata=auth)
+                assert [m.name for m in status.models] == ["m"]
+                created = await admin.CreateKey(admin_pb2.CreateKeyRequest(name="carol"), metadata=auth)
+                async with http.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {created.secret}"},
+                                     json={"model": "m", "prompt": "x"}) as resp:
+                    assert resp.status == 200
                 bad = stub.Report(iter([controller_pb2.AgentReport(node="n2", token="wrong")]))
                 try:
                     await bad.read()
                     raise AssertionError("a wrong agent token was accepted")
                 except grpc.aio.AioRpcError as exc:
                     assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert engine.seen.auth == ["Bearer ek"]
+        assert engine.seen.auth == ["Bearer ek", "Bearer ek"]
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
