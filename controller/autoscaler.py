@@ -142,14 +142,14 @@ class Autoscaler:
 
     def __init__(self, models: Sequence[ModelConfig], registry: Registry, demand: Callable[[str], Demand],
                  slurm: Slurm, clock: Callable[[], float] = time.time, job_name_prefix: str = "slinfer",
-                 settle_s: float = 10.0) -> None:
+                 settle_s: float = 30.0) -> None:
         self._registry = registry
         self._demand = demand
         self._slurm = slurm
         self._clock = clock
         self._prefix = job_name_prefix
         # After a (re)start, running jobs whose agents have not reported yet look like starting engines;
-        # nothing is cancelled until the agents had time to re-register.
+        # nothing is cancelled until the agents had time to re-register (their reconnect backoff caps at 10 s).
         self._settle_s = settle_s
         self._started = clock()
         self._interval = 2.0

@@ -156,9 +156,10 @@ def render_status(reply: admin_pb2.StatusResponse) -> str:
                      (f"{m.last_decision} ({_ago(now - m.last_decision_at)} ago)" if m.last_decision else "-")])
     parts.append(_table(["MODEL", "READY/DESIRED", "MIN-MAX", "PIN", "LOAD", "TARGET", "IN-FLIGHT", "QUEUED",
                          "STARTING", "PENDING", "DRAINING", "LAST DECISION"], rows))
-    rows = [[r.job_id, r.model, r.node, r.state, str(r.outstanding), f"{r.running:g}", f"{r.waiting:g}",
-             f"{100 * r.kv_cache_usage:.0f}%", r.base_url] for r in reply.replicas]
-    parts.append("\nREPLICAS\n" + (_table(["JOB", "MODEL", "NODE", "STATE", "OUTSTANDING", "RUNNING",
+    # POOL "no" is a user's private engine: listed, never routed to.
+    rows = [[r.job_id, r.model, r.node, r.state, "yes" if r.pool else "no", str(r.outstanding), f"{r.running:g}",
+             f"{r.waiting:g}", f"{100 * r.kv_cache_usage:.0f}%", r.base_url] for r in reply.replicas]
+    parts.append("\nREPLICAS\n" + (_table(["JOB", "MODEL", "NODE", "STATE", "POOL", "OUTSTANDING", "RUNNING",
                                            "WAITING", "KV", "URL"], rows) if rows else "(none)\n"))
     rows = [[j.job_id, j.model, j.state, j.node or "-", _ago(now - j.submit_time) if j.submit_time else "-",
              _ago(j.end_time - now) if j.end_time > now else "-", j.reason if j.reason != "None" else ""]

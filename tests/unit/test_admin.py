@@ -88,7 +88,7 @@ async def test_status_table(controller: Controller, capsys: pytest.CaptureFixtur
     assert row[:6] == ["tiny", "1/1", "1-2", "auto", "3.0", "8"]
     assert f"submitted job {job}" in lines[1]
     replica = next(line for line in lines if line.startswith(job) and "http://" in line).split()
-    assert replica == [job, "tiny", "node7", "READY", "0", "2", "1", "25%", "http://10.0.0.7:20001"]
+    assert replica == [job, "tiny", "node7", "READY", "yes", "0", "2", "1", "25%", "http://10.0.0.7:20001"]
     slurm_row = next(line for line in lines if line.startswith(job) and "RUNNING" in line).split()
     assert slurm_row[:4] == [job, "tiny", "RUNNING", "node7"]
     agent_row = next(line for line in lines if line.startswith("node7")).split()
