@@ -104,10 +104,14 @@ class Gateway:
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Serves on host:port (port 0 picks one); returns the bound port."""
+    async def start(self, host: str, port: int, shutdown_grace_s: float = 30.0) -> int:
+        """Serves on host:port (port 0 picks one); returns the bound port.
+
+        `stop()` lets requests in flight finish for up to `shutdown_grace_s` before cutting them.
+        """
         # handler_cancellation: a client that leaves cancels its upstream request too, freeing the engine.
-        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=shutdown_grace_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=4096, reuse_address=True)
         await site.start()
@@ -118,11 +122,13 @@ class Gateway:
 
     async def stop(self) -> None:
         if self._housekeeping is not None:
-            self._housekeeping.cancel()
+            task, self._housekeeping = self._housekeeping, None
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
+                await task
         if self._runner is not None:
-            await self._runner.cleanup()
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
         await self._proxy.close()
 
     async def _forget_gone_engines(self) -> None:

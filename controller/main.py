@@ -78,7 +78,7 @@ async def serve(config: Config, stop: asyncio.Event,
     try:
         host, port = split_listen(config.gateway.listen)
         try:
-            gateway_port = await gateway.start(host, port)
+            gateway_port = await gateway.start(host, port, SHUTDOWN_GRACE_S)
         except OSError as exc:
             raise StartupError(f"gateway.listen: cannot listen on {config.gateway.listen}: {exc}") from exc
         log.info("controller up: registry/admin gRPC on %s, gateway on %s:%d, %d catalog models (%s), "

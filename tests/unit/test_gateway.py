@@ -389,3 +389,21 @@ async def test_unknown_route_is_openai_404(controller_factory, http):
     async with http.get(f"{c.url}/v1/nothing", headers=c.headers()) as resp:
         assert resp.status == 404
         assert_openai_error(await resp.json(), "not_found")
+
+
+async def test_stop_lets_requests_in_flight_finish(controller_factory, standins, http, engine_pb):
+    c = await controller_factory()
+    engine = await standins(model="m", delay_s=0.5)
+    await (await c.agent()).send([engine_pb("1", "m", engine.base_url)])
+    pending = asyncio.create_task(http.post(f"{c.url}/v1/chat/completions", json=CHAT, headers=c.headers()))
+    for _ in range(100):
+        if c.gateway.demand("m").in_flight == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert c.gateway.demand("m").in_flight == 1
+    await c.gateway.stop()
+    resp = await pending
+    assert resp.status == 200
+    assert (await resp.json())["object"] == "chat.completion"
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await http.post(f"{c.url}/v1/chat/completions", json=CHAT, headers=c.headers())
