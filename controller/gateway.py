@@ -39,6 +39,10 @@ AFFINITY_PREFIX_BYTES = 512
 # Retry-After hints: a saturated pool frees up within seconds; a replica from zero takes a Slurm job start.
 RETRY_AFTER_SATURATED_S = 1
 RETRY_AFTER_NO_REPLICA_S = 10
+# An engine that just failed a request is passed over for this long (unless no other is left): its agent
+# reports it dead within a heartbeat or two, and until then every request would try it first, as it has the
+# fewest outstanding.
+ENGINE_COOLDOWN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class Gateway:
         self._balancer = balancer
         self._queue = queue
         self._in_flight: dict[str, int] = {}
+        self._cooling: dict[str, float] = {}  # job id -> until (perf_counter)
         self._runner: web.AppRunner | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._state_metrics = CollectorRegistry()
@@ -213,17 +218,34 @@ class Gateway:
         queued_at = 0.0
         while True:
             candidates = self._registry.routable(model)
-            replica = self._balancer.pick(candidates, prefix, tried, config.max_outstanding_per_engine)
+            replica = None
+            if self._cooling:
+                now = time.perf_counter()
+                for job_id in [j for j, until in self._cooling.items() if until <= now]:
+                    del self._cooling[job_id]
+                replica = self._balancer.pick(candidates, prefix, tried | self._cooling.keys(),
+                                              config.max_outstanding_per_engine)
+            if replica is None:
+                replica = self._balancer.pick(candidates, prefix, tried, config.max_outstanding_per_engine)
             if replica is None:
                 saturated = any(r.job_id not in tried for r in candidates)
+                # Every routable engine already failed this request: wait for the Registry to change (the agent
+                # reports the engine down, or a replacement READY), but only for the cool-down; then the same
+                # engines may be tried again, within the retry budget.
+                failed_all = bool(candidates) and not saturated
                 now = time.perf_counter()
                 if not queued_at:
                     queued_at = now
+                until = min(deadline, now + ENGINE_COOLDOWN_S) if failed_all else deadline
                 try:
-                    woke = deadline > now and await self._queue.wait(model, deadline - now)
+                    woke = until > now and await self._queue.wait(model, until - now)
                 except QueueFull:
                     return self._refuse(model, saturated, "queue full")
-                if not woke:
+                if failed_all:
+                    tried = frozenset()
+                elif not woke:
+                    return self._refuse(model, saturated, "waited too long")
+                if time.perf_counter() >= deadline:
                     return self._refuse(model, saturated, "waited too long")
                 continue
             if queued_at:
@@ -242,6 +264,10 @@ class Gateway:
                                           "upstream_error", "engine_failed")
                 metrics.RETRIES.labels(model).inc()
                 tried = tried | {replica.job_id}
+                if replica.job_id not in self._cooling:
+                    log.info("engine %s (%s) passed over for %.0f s after a failure", replica.job_id,
+                             replica.node, ENGINE_COOLDOWN_S)
+                self._cooling[replica.job_id] = time.perf_counter() + ENGINE_COOLDOWN_S
             except EngineTimeout as exc:
                 return error_response(504, str(exc), "upstream_error", "engine_timeout")
             finally:

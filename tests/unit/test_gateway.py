@@ -237,7 +237,7 @@ async def test_engine_failing_before_first_byte_is_retried_elsewhere(controller_
     else:
         bad.fail = fail
     await (await c.agent()).send([engine_pb("bad", "m", bad.base_url), engine_pb("good", "m", good.base_url)])
-    # One phantom request on the good engine makes the bad one the least loaded: every request tries it first.
+    # One phantom request on the good engine makes the bad one the least loaded: it is tried first...
     c.registry.get("good").outstanding = 1
     before = metrics.RETRIES.labels("m")._value.get()
     for _ in range(6):
@@ -247,10 +247,49 @@ async def test_engine_failing_before_first_byte_is_retried_elsewhere(controller_
             text = await resp.text()
         assert text.endswith("data: [DONE]\n\n")
     assert good.seen.requests == 6
-    assert metrics.RETRIES.labels("m")._value.get() - before == 6
+    # ...once: after its failure it is passed over for a cool-down, so only the first request was retried.
+    assert metrics.RETRIES.labels("m")._value.get() - before == 1
     if fail != "refused":
-        assert bad.seen.requests == 6
+        assert bad.seen.requests == 1
     assert c.registry.get("bad").outstanding == 0 and c.registry.get("good").outstanding == 1
+
+
+async def test_a_lone_failing_engine_is_retried_after_its_cool_down(controller_factory, standins, http,
+                                                                     engine_pb):
+    c = await controller_factory()
+    engine = await standins(model="m")
+    engine.fail = "reset"
+    await (await c.agent()).send([engine_pb("1", "m", engine.base_url)])
+    started = time.perf_counter()
+    async with http.post(f"{c.url}/v1/completions", json={"model": "m", "prompt": "x"},
+                         headers=c.headers()) as resp:
+        assert resp.status == 502  # three tries, all on the one engine, a cool-down apart
+    assert 3.5 < time.perf_counter() - started < 6
+    assert engine.seen.requests == 3
+
+
+async def test_request_failed_by_its_only_engine_waits_for_the_restarted_engine(controller_factory, standins,
+                                                                                http, engine_pb):
+    # kill -9 of the only engine: the agent reports it STARTING, then READY again; the request is not lost.
+    c = await controller_factory()
+    engine = await standins(model="m")
+    engine.fail = "reset"
+    agent = await c.agent()
+    await agent.send([engine_pb("1", "m", engine.base_url)])
+    pending = asyncio.create_task(http.post(f"{c.url}/v1/completions", json={"model": "m", "prompt": "x"},
+                                            headers=c.headers()))
+    for _ in range(100):
+        if engine.seen.requests == 1:
+            break
+        await asyncio.sleep(0.01)
+    await agent.send([engine_pb("1", "m", engine.base_url, state=engine_pb2.STARTING)])
+    await asyncio.sleep(2.5)  # past the cool-down: it waits for a routable engine now
+    assert not pending.done() and c.gateway.demand("m").queued == 1
+    engine.fail = None
+    await agent.send([engine_pb("1", "m", engine.base_url, state=engine_pb2.READY)])
+    resp = await asyncio.wait_for(pending, 5)
+    assert resp.status == 200
+    assert engine.seen.requests == 2
 
 
 async def test_all_engines_failing_gives_502_after_retries(controller_factory, standins, http, engine_pb):
