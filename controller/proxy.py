@@ -46,7 +46,11 @@ class Proxy:
     def _pool(self, replica: Replica) -> EnginePool:
         pool = self._pools.get(replica.base_url)
         if pool is None:
-            pool = self._pools[replica.base_url] = EnginePool(replica.base_url, self._connect_timeout)
+            try:
+                pool = EnginePool(replica.base_url, self._connect_timeout)
+            except ValueError as exc:
+                raise EngineFailed(f"engine {replica.job_id}: {exc}") from exc
+            self._pools[replica.base_url] = pool
         return pool
 
     async def forget(self, keep: Iterable[str]) -> None:

@@ -226,17 +226,18 @@ async def test_saturated_engines_queue_then_429(controller_factory, standins, ht
     assert engine.seen.requests == 2
 
 
-@pytest.mark.parametrize("fail", ["reset", "close_stream", "refused"])
+@pytest.mark.parametrize("fail", ["reset", "close_stream", "refused", "bad_url"])
 async def test_engine_failing_before_first_byte_is_retried_elsewhere(controller_factory, standins, http, fail,
                                                                   engine_pb):
     c = await controller_factory()
     bad = await standins(model="m")
     good = await standins(model="m")
-    if fail == "refused":
+    bad_url = "http://no-port-here" if fail == "bad_url" else bad.base_url
+    if fail in ("refused", "bad_url"):
         await bad.stop()
     else:
         bad.fail = fail
-    await (await c.agent()).send([engine_pb("bad", "m", bad.base_url), engine_pb("good", "m", good.base_url)])
+    await (await c.agent()).send([engine_pb("bad", "m", bad_url), engine_pb("good", "m", good.base_url)])
     # One phantom request on the good engine makes the bad one the least loaded: it is tried first...
     c.registry.get("good").outstanding = 1
     before = metrics.RETRIES.labels("m")._value.get()
@@ -249,7 +250,7 @@ async def test_engine_failing_before_first_byte_is_retried_elsewhere(controller_
     assert good.seen.requests == 6
     # ...once: after its failure it is passed over for a cool-down, so only the first request was retried.
     assert metrics.RETRIES.labels("m")._value.get() - before == 1
-    if fail != "refused":
+    if fail not in ("refused", "bad_url"):
         assert bad.seen.requests == 1
     assert c.registry.get("bad").outstanding == 0 and c.registry.get("good").outstanding == 1
 
