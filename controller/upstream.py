@@ -134,7 +134,9 @@ class EngineConnection(asyncio.Protocol):
                 self.content_type = value.strip().decode("latin-1")
             elif name == b"connection":
                 self.keep_alive = b"close" not in value.lower()
-        if self._chunked:
+        if self.status in (204, 304):
+            self._remaining = 0  # no body, whatever the headers say
+        elif self._chunked:
             self._remaining = -1
         elif self._remaining < 0:
             self.keep_alive = False  # the body runs until the engine closes

@@ -177,6 +177,14 @@ async def test_idle_connection_closed_by_the_engine_is_replaced_transparently(sc
     assert metrics.RETRIES.labels("m")._value.get() == retries_before
 
 
+async def test_no_content_has_no_body_and_keeps_the_connection(scripted):
+    server = scripted(lambda n: [b"HTTP/1.1 204 No Content\r\n\r\n"] if n == 1 else [LENGTH_RESPONSE])
+    pool = EnginePool(await server.start(), 5)
+    assert await roundtrip(pool) == (204, "", b"")
+    assert (await roundtrip(pool))[2] == JSON
+    assert server.connections == 1
+
+
 async def test_engine_dying_before_and_during_the_body(scripted):
     before = scripted(lambda n: None)
     pool = EnginePool(await before.start(), 5)
