@@ -5,6 +5,12 @@ agent re-adopts them.
 
 from __future__ import annotations
 
+import os
+
+# The agent forks engines while gRPC's threads run; gRPC's fork handlers then crash the child before it execs
+# (seen: SIGSEGV in about one spawn out of three). The agent never uses gRPC in a forked child, so it needs none.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+
 import argparse
 import asyncio
 import logging
@@ -14,13 +20,14 @@ import sys
 from pathlib import Path
 
 import aiohttp
+
+from slinfer import config as config_mod
 from slinfer.agent.engines import EngineManager
 from slinfer.agent.gpu import Gpus
+from slinfer.agent.jobcheck import JobChecker
 from slinfer.agent.records import RecordStore
 from slinfer.agent.reporter import Reporter
 from slinfer.agent.server import serve
-
-from slinfer import config as config_mod
 
 log = logging.getLogger("slinfer.agent")
 
@@ -29,15 +36,16 @@ async def run(config: config_mod.Config) -> None:
     run_dir = Path(config.agent.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     gpus = Gpus()
+    node_name = config.agent.node_name or socket.gethostname().split(".")[0]
+    checker = JobChecker(node_name, config.agent.slurm_conf) if config.agent.verify_jobs else None
     async with aiohttp.ClientSession() as http:
-        engines = EngineManager(config, RecordStore(run_dir / "engines"), http, gpus)
+        engines = EngineManager(config, RecordStore(run_dir / "engines"), http, gpus, checker)
         await engines.adopt_all()
         server = await serve(engines, Path(config.agent.socket))
         tasks: list[asyncio.Task[None]] = []
         if config.agent.controller:
-            reporter = Reporter(config.agent.controller, config.agent.node_name or socket.gethostname().split(".")[0],
-                                engines.address, engines.engines, gpus, config.agent.heartbeat_s,
-                                config.controller.token)
+            reporter = Reporter(config.agent.controller, node_name, engines.address, engines.engines, gpus,
+                                config.agent.heartbeat_s, config.controller.token)
             engines.add_listener(reporter.notify)
             tasks.append(asyncio.create_task(reporter.run()))
         stop = asyncio.Event()

@@ -23,17 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
 from slinfer.agent import jobfiles
 from slinfer.agent.gpu import Gpus
+from slinfer.agent.jobcheck import JobChecker
 from slinfer.agent.processes import (
     ENGINE_MARKER,
     ProcessIdentity,
+    engine_tag,
     spawn_as_user,
     terminate_engine,
     user_home,
 )
 from slinfer.agent.records import EngineRecord, RecordStore
-
 from slinfer.config import MODEL_NAME, Config, ModelConfig
 from slinfer.v1 import engine_pb2 as pb
 
@@ -68,8 +70,9 @@ class _Running:
 
 class EngineManager:
     def __init__(self, config: Config, store: RecordStore, http: aiohttp.ClientSession, gpus: Gpus,
-                 clock: Callable[[], float] = time.time) -> None:
+                 checker: JobChecker | None = None, clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self.checker = checker
         self.store = store
         self.http = http
         self.gpus = gpus
@@ -83,6 +86,9 @@ class EngineManager:
         self._engines: dict[str, _Running] = {}
         self._listeners: list[Callable[[], None]] = []
         self._lock = asyncio.Lock()
+
+    def _tag(self, job_id: str) -> str:
+        return engine_tag(job_id, str(self.run_dir))
 
     # -- observers -------------------------------------------------------------------------------------------
 
@@ -133,6 +139,8 @@ class EngineManager:
             if existing is not None:
                 return self._to_proto(existing)
             refusal = self._refusal(job)
+            if not refusal and self.checker is not None:
+                refusal = await self.checker.refusal(job)
             if refusal:
                 log.warning("job %s: refused: %s", job.job_id, refusal)
                 return pb.Engine(job_id=job.job_id, model=job.model, state=pb.FAILED, reason=refusal)
@@ -191,7 +199,7 @@ class EngineManager:
             "CUDA_VISIBLE_DEVICES": ",".join(record.gpus),
             # The key goes in the environment, not argv, where every user on the node could read it.
             "VLLM_API_KEY": record.api_key,
-            ENGINE_MARKER: record.job_id,
+            ENGINE_MARKER: self._tag(record.job_id),
             "SLURM_JOB_ID": record.job_id,
         }
         env.update(self.config.agent.engine_env)
@@ -244,7 +252,7 @@ class EngineManager:
         code = running.popen.returncode if running.popen is not None else None
         reason = f"engine exited{f' with code {code}' if code is not None else ''}{self._log_tail(running)}"
         # Children of the dead engine (vLLM's workers) must not outlive it, nor hold the port.
-        await asyncio.to_thread(terminate_engine, rec.job_id, rec.session_id, 2.0)
+        await asyncio.to_thread(terminate_engine, self._tag(rec.job_id), rec.session_id, 2.0)
         if model is None:
             model = self.config.model(rec.model)
         if model is None or rec.restarts >= self.config.agent.max_restarts:
@@ -263,7 +271,8 @@ class EngineManager:
         rec.state, rec.reason = pb.FAILED, reason
         running.load = {}
         log.error("job %s: engine FAILED: %s", rec.job_id, reason)
-        await asyncio.to_thread(terminate_engine, rec.job_id, rec.session_id, self.config.agent.stop_grace_s)
+        await asyncio.to_thread(terminate_engine, self._tag(rec.job_id), rec.session_id,
+                                self.config.agent.stop_grace_s)
         self._changed(running)
 
     def _log_tail(self, running: _Running, lines: int = 3) -> str:
@@ -308,7 +317,8 @@ class EngineManager:
             running = self._engines.get(job_id)
             if running is None:
                 # No record, but make sure nothing marked with this job survives (a lost record, a crash).
-                leftovers = await asyncio.to_thread(terminate_engine, job_id, 0, self.config.agent.stop_grace_s)
+                leftovers = await asyncio.to_thread(terminate_engine, self._tag(job_id), 0,
+                                                    self.config.agent.stop_grace_s)
                 return StopResult(found=False, clean=not leftovers, leftover_pids=leftovers)
             rec = running.record
             rec.state = pb.STOPPING
@@ -318,7 +328,7 @@ class EngineManager:
                 with contextlib.suppress(asyncio.CancelledError):
                     await running.task
             began = time.monotonic()
-            leftovers = await asyncio.to_thread(terminate_engine, job_id, rec.session_id,
+            leftovers = await asyncio.to_thread(terminate_engine, self._tag(job_id), rec.session_id,
                                                 self.config.agent.stop_grace_s)
             if running.popen is not None:
                 running.popen.poll()

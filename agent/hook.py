@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import grpc
-from slinfer.agent import jobfiles
 
 from slinfer import config as config_mod
+from slinfer.agent import jobfiles
 from slinfer.v1 import agent_pb2, agent_pb2_grpc, engine_pb2
 
 AGENT_START_TIMEOUT_S = 15.0

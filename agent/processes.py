@@ -1,8 +1,10 @@
 """Ownership of an engine's processes: spawning it as the job's user, and killing every process it started.
 
 An engine runs in a session of its own (setsid), so its whole tree shares one session id even after the agent
-that started it is gone, and carries `SLINFER_ENGINE_JOB` in its environment, which catches children that left
-the session. This module knows nothing of engine states, health or Slurm.
+that started it is gone, and carries `SLINFER_ENGINE_JOB=JOBID@RUN_DIR` in its environment, which catches
+children that left the session. The agent's run folder is part of the tag because job ids are unique only
+within one Slurm cluster, and two agents (two beds, two clusters) may share a machine. This module knows
+nothing of engine states, health or Slurm.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ import psutil
 log = logging.getLogger(__name__)
 
 ENGINE_MARKER = "SLINFER_ENGINE_JOB"
+
+
+def engine_tag(job_id: str, run_dir: str) -> str:
+    """The value of ENGINE_MARKER for one job's engine under one agent."""
+    return f"{job_id}@{run_dir}"
 
 
 @dataclass(frozen=True)
@@ -71,10 +78,10 @@ def user_home(user: str, uid: int) -> str:
         return ""
 
 
-def engine_processes(job_id: str, session_id: int) -> list[psutil.Process]:
-    """Every live process of the engine: its session, plus whatever carries its marker."""
+def engine_processes(tag: str, session_id: int) -> list[psutil.Process]:
+    """Every live process of the engine: its session, plus whatever carries its tag."""
     found: dict[int, psutil.Process] = {}
-    marker = f"{ENGINE_MARKER}={job_id}"
+    marker = f"{ENGINE_MARKER}={tag}"
     for proc in psutil.process_iter(["pid", "status"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
             continue
@@ -98,25 +105,25 @@ def signal_all(processes: list[psutil.Process], sig: signal.Signals) -> None:
             pass
 
 
-def terminate_engine(job_id: str, session_id: int, grace_s: float) -> list[int]:
+def terminate_engine(tag: str, session_id: int, grace_s: float) -> list[int]:
     """SIGTERM to the engine's processes, SIGKILL after grace_s; returns the pids still alive at the end."""
-    procs = engine_processes(job_id, session_id)
+    procs = engine_processes(tag, session_id)
     if not procs:
         return []
-    log.info("job %s: SIGTERM to %d engine processes %s", job_id, len(procs), [p.pid for p in procs])
+    log.info("engine %s: SIGTERM to %d engine processes %s", tag, len(procs), [p.pid for p in procs])
     signal_all(procs, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        procs = engine_processes(job_id, session_id)
+        procs = engine_processes(tag, session_id)
         if not procs:
             return []
         time.sleep(0.1)
-    log.warning("job %s: %d engine processes outlived %.0fs of grace, SIGKILL %s", job_id, len(procs), grace_s,
+    log.warning("engine %s: %d processes outlived %.0fs of grace, SIGKILL %s", tag, len(procs), grace_s,
                 [p.pid for p in procs])
     for _ in range(50):
         signal_all(procs, signal.SIGKILL)
         time.sleep(0.1)
-        procs = engine_processes(job_id, session_id)
+        procs = engine_processes(tag, session_id)
         if not procs:
             return []
     return [p.pid for p in procs]

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import psutil
-from slinfer.agent.gpu import Gpus
 
+from slinfer.agent.gpu import Gpus
 from slinfer.v1 import controller_pb2 as pb
 from slinfer.v1 import controller_pb2_grpc, engine_pb2
 

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 import grpc
-from slinfer.agent.engines import EngineManager
 
+from slinfer.agent.engines import EngineManager
 from slinfer.v1 import agent_pb2 as pb
 from slinfer.v1 import agent_pb2_grpc
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from slinfer import __version__, devcluster, readiness
+from slinfer import __version__, devcluster, doctor, readiness
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     readiness.register(sub)
     devcluster.register(sub)
+    doctor.register(sub)
     try:
         from slinfer import admin_cli
     except ImportError:  # the admin commands arrive with the controller

@@ -96,6 +96,10 @@ class AgentConfig:
     controller: str = ""
     heartbeat_s: float = 1.0
     log_file: str = ""
+    # Start an engine only for a job that Slurm confirms runs on this node for that uid.
+    verify_jobs: bool = True
+    # SLURM_CONF for the agent's own `scontrol` calls; empty means Slurm's default.
+    slurm_conf: str = ""
 
 
 @dataclass(frozen=True)

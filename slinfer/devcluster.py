@@ -183,17 +183,23 @@ socket = "{bed.run_dir}/agent.sock"
 run_dir = "{bed.run_dir}"
 address = "127.0.0.1"
 node_name = "{NODE_NAME}"
+slurm_conf = "{bed.conf}"
 python = "{python}"
 controller = "127.0.0.1:{bed.controller_port}"
 log_file = "{bed.logs}/agent.log"
 stop_grace_s = 10.0
 health_interval_s = 0.5
+ready_timeout_s = 240.0
 port_range = [{bed.port_base + 1000}, {bed.port_base + 1999}]
 
 [agent.engine_env]
 HF_HUB_OFFLINE = "1"
 VLLM_CPU_KVCACHE_SPACE = "1"
 VLLM_NO_USAGE_STATS = "1"
+# CPU vLLM pins its threads to cores by default: two engines on this bed's two cores would pin to the same one
+# and starve each other (a second engine took minutes to start). The tiny model needs one thread.
+VLLM_CPU_OMP_THREADS_BIND = "nobind"
+OMP_NUM_THREADS = "1"
 DO_NOT_TRACK = "1"
 
 [[models]]
@@ -210,7 +216,7 @@ time_limit = "02:00:00"
 """)
 
 
-def _alive(bed: Bed, name: str) -> int:
+def daemon_pid(bed: Bed, name: str) -> int:
     """The pid of a daemon of this bed, or 0."""
     try:
         pid, created = json.loads(bed.pidfile(name).read_text())
@@ -222,8 +228,8 @@ def _alive(bed: Bed, name: str) -> int:
     return 0
 
 
-def _launch(bed: Bed, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
-    pid = _alive(bed, name)
+def launch(bed: Bed, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+    pid = daemon_pid(bed, name)
     if pid:
         return pid
     log_path = bed.logs / f"{name}.out"
@@ -238,8 +244,8 @@ def _launch(bed: Bed, name: str, argv: list[str], env: dict[str, str] | None = N
     return proc.pid
 
 
-def _stop(bed: Bed, name: str, grace: float = 10.0) -> None:
-    pid = _alive(bed, name)
+def stop_daemon(bed: Bed, name: str, grace: float = 10.0) -> None:
+    pid = daemon_pid(bed, name)
     if pid:
         try:
             proc = psutil.Process(pid)
@@ -293,24 +299,29 @@ def up(bed: Bed, controller: bool = True) -> None:
         tinymodel.generate(tiny_model_path())
     write_configs(bed)
     m = bed.state / "munge"
-    _launch(bed, "munged", ["munged", "-F", "-f", f"--socket={bed.munge_socket}",
+    launch(bed, "munged", ["munged", "-F", "-f", f"--socket={bed.munge_socket}",
                             f"--key-file={_ensure_munge_key(bed)}", f"--pid-file={m}/munged.pid",
                             f"--seed-file={m}/seed", f"--log-file={bed.logs}/munged.log"])
     _wait_for("munged's socket", bed.munge_socket.exists, 10)
-    fresh = not _alive(bed, "slurmctld")
-    _launch(bed, "slurmctld", ["slurmctld", "-D", "-f", str(bed.conf), *(["-c"] if fresh else [])])
+    fresh = not daemon_pid(bed, "slurmctld")
+    launch(bed, "slurmctld", ["slurmctld", "-D", "-f", str(bed.conf), *(["-c"] if fresh else [])])
     _wait_for("slurmctld", lambda: slurm(bed, "scontrol", "ping", check=False).stdout.count("UP") > 0, 30)
-    _launch(bed, "slurmd", ["slurmd", "-D", "-f", str(bed.conf), "-N", NODE_NAME])
+    launch(bed, "slurmd", ["slurmd", "-D", "-f", str(bed.conf), "-N", NODE_NAME])
     _wait_for("the node to register", lambda: node_state(bed) not in ("", "unknown", "unknown*", "down*"), 30)
     if any(word in node_state(bed) for word in ("drain", "down")):
         slurm(bed, "scontrol", "update", f"nodename={NODE_NAME}", "state=resume", check=False)
     _wait_for("the node to be idle or allocated",
               lambda: node_state(bed).rstrip("*~#") in ("idle", "mixed", "allocated"), 30)
-    _launch(bed, "agent", [str(_bin_dir() / "slinfer-agent"), "--config", str(bed.config)])
+    launch(bed, "agent", [str(_bin_dir() / "slinfer-agent"), "--config", str(bed.config)])
     _wait_for("the agent's socket", (bed.run_dir / "agent.sock").exists, 20)
     if controller:
-        _launch(bed, "controller", [str(_bin_dir() / "slinfer-controller"), "--config", str(bed.config)])
-        _wait_for("the controller's gateway", lambda: _port_open(bed.gateway_port), 30)
+        start_controller(bed)
+
+
+def start_controller(bed: Bed) -> int:
+    pid = launch(bed, "controller", [str(_bin_dir() / "slinfer-controller"), "--config", str(bed.config)])
+    _wait_for("the controller's gateway", lambda: _port_open(bed.gateway_port), 30)
+    return pid
 
 
 def _port_open(port: int) -> bool:
@@ -334,7 +345,7 @@ def _bed_processes(bed: Bed) -> list[psutil.Process]:
 
 def down(bed: Bed) -> list[int]:
     """Stops everything the bed runs; returns the pids of processes that could not be stopped."""
-    if _alive(bed, "slurmctld"):
+    if daemon_pid(bed, "slurmctld"):
         jobs = slurm(bed, "squeue", "-h", "-o", "%i", check=False).stdout.split()
         if jobs:
             slurm(bed, "scancel", *jobs, check=False)
@@ -343,7 +354,7 @@ def down(bed: Bed) -> list[int]:
             while time.monotonic() < deadline and slurm(bed, "squeue", "-h", "-o", "%i", check=False).stdout.split():
                 time.sleep(0.5)
     for name in ("controller", "agent", "slurmd", "slurmctld", "munged"):
-        _stop(bed, name)
+        stop_daemon(bed, name)
     _kill_engines_left(bed)
     left = _bed_processes(bed)
     for proc in left:
@@ -356,19 +367,20 @@ def down(bed: Bed) -> list[int]:
 
 
 def _kill_engines_left(bed: Bed) -> None:
-    from slinfer.agent.processes import terminate_engine
+    from slinfer.agent.processes import engine_tag, terminate_engine
 
     for record in (bed.run_dir / "engines").glob("*.json"):
         try:
             data = json.loads(record.read_text())
-            terminate_engine(str(data["job_id"]), int(data.get("session_id", 0)), 5.0)
+            tag = engine_tag(str(data["job_id"]), str(bed.run_dir))
+            terminate_engine(tag, int(data.get("session_id", 0)), 5.0)
         except (OSError, ValueError, KeyError):
             continue
         record.unlink(missing_ok=True)
 
 
 def status(bed: Bed) -> dict[str, object]:
-    daemons = {name: _alive(bed, name) for name in ("munged", "slurmctld", "slurmd", "agent", "controller")}
+    daemons = {name: daemon_pid(bed, name) for name in ("munged", "slurmctld", "slurmd", "agent", "controller")}
     return {"state_dir": str(bed.state), "daemons": daemons,
             "node": node_state(bed) if daemons["slurmctld"] else "", **bed.env()}
 

@@ -23,7 +23,7 @@ def slurm_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmBed]:
     bed = devcluster.Bed(TEST_STATE, TEST_PORT_BASE)
     devcluster.down(bed)
     shutil.rmtree(TEST_STATE, ignore_errors=True)
-    devcluster.up(bed)
+    devcluster.up(bed, controller=os.path.exists(Path(devcluster.REPO_ROOT, "controller", "main.py")))
     jobs_dir = tmp_path_factory.mktemp("jobs")
     jobs_dir.chmod(0o1777)
     try:

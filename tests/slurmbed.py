@@ -15,6 +15,9 @@ import psutil
 
 from slinfer import devcluster
 
+# The tests' bed (tests/conftest.py); engines of other beds on this machine have other tags.
+TEST_RUN_DIR = Path(os.environ.get("SLINFER_TEST_STATE", "/tmp/slinfer-test")) / "run"
+
 
 @dataclass
 class SlurmBed:
@@ -90,10 +93,10 @@ class SlurmBed:
             self.run("scancel", *jobs, check=False)
 
 
-def engine_pids(job_id: str, port: int | None = None) -> list[int]:
+def engine_pids(job_id: str, port: int | None = None, run_dir: Path | None = None) -> list[int]:
     """Processes of a job's engine, found without the agent: its marker, or its port on the command line."""
     pids = []
-    marker = f"SLINFER_ENGINE_JOB={job_id}".encode()
+    marker = f"SLINFER_ENGINE_JOB={job_id}@{run_dir or TEST_RUN_DIR}".encode()
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
