@@ -8,7 +8,7 @@ PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-
 TINY := $(VENV)/share/slinfer/models/tiny
 APT_PACKAGES := slurm-wlm slurmd slurmctld slurm-client munge libslurm-dev build-essential python3-venv python3-dev
 
-.PHONY: install system-deps venv spank model demo test lint check-spank bench clean demo-down
+.PHONY: install system-deps venv spank model demo test lint check-spank bench clean demo-down deb rpm check-packages
 
 install: system-deps venv spank model
 
@@ -64,3 +64,14 @@ bench: install
 clean:
 	$(MAKE) -C spank clean
 	rm -rf build *.egg-info slinfer/v1
+
+# Packages for administrators (packaging/): .debs and RPMs into dist/, and their CI (build, lintian, install,
+# systemd-analyze, slinfer doctor, one sbatch --inference job against the installed files, purge).
+deb:
+	packaging/build-deb.sh
+
+rpm:
+	packaging/build-rpm.sh
+
+check-packages: install
+	packaging/ci-packages.sh
