@@ -25,10 +25,12 @@ from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.gateway import Gateway
 from slinfer.controller.keys import KeyStore, KeyStoreError
+from slinfer.controller.kubesync import GatewayEndpoint, KubeSync
 from slinfer.controller.proxy import Proxy
 from slinfer.controller.queue import WaitQueue
 from slinfer.controller.registry import Registry, RegistryService
 from slinfer.controller.slurm import SlurmClient
+from slinfer.kubeapi import ClientKubeAPI, KubeError
 from slinfer.v1 import admin_pb2_grpc, controller_pb2_grpc
 
 log = logging.getLogger("slinfer.controller")
@@ -86,6 +88,9 @@ async def serve(config: Config, stop: asyncio.Event,
                  ", ".join(m.name for m in config.models) or "none", c.agent_timeout_s, c.autoscale_interval_s)
         tasks.append(asyncio.create_task(autoscaler.run(c.autoscale_interval_s), name="autoscaler"))
         tasks.append(asyncio.create_task(_sweep(registry), name="registry-sweep"))
+        if config.kubernetes.enabled:
+            tasks.append(asyncio.create_task(_kube_sync(config, registry, slurm, gateway_port).run(),
+                                             name="kubernetes-sync"))
         if on_ready is not None:
             result = on_ready(grpc_port, gateway_port)
             if result is not None:
@@ -103,6 +108,21 @@ async def serve(config: Config, stop: asyncio.Event,
         await gateway.stop()
         await server.stop(grace=2.0)
         log.info("controller stopped")
+
+
+def _kube_sync(config: Config, registry: Registry, slurm: SlurmClient, gateway_port: int) -> KubeSync:
+    k = config.kubernetes
+    if k.leader_election:
+        # The autoscaler has no leader gate yet: two elected controllers would both scale.
+        raise StartupError("kubernetes.leader_election: not supported by this controller yet; set it to false "
+                           "and run one controller")
+    try:
+        api = ClientKubeAPI.from_config(k)
+    except KubeError as exc:
+        raise StartupError(f"kubernetes: cannot load credentials: {exc}") from exc
+    gateway = GatewayEndpoint(k.gateway_address, gateway_port) if k.gateway_address else None
+    return KubeSync(api, [m.name for m in config.models], registry, slurm, namespace=k.namespace,
+                    gateway=gateway, gc_grace_s=k.gc_grace_s, interval_s=k.renew_interval_s)
 
 
 async def _sweep(registry: Registry) -> None:

@@ -108,3 +108,31 @@ source = "/models/m"
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_startup_problems_exit_1_with_the_reason(tmp_path: Path, capsys) -> None:
+    def config(extra: str) -> str:
+        path = tmp_path / "c.toml"
+        path.write_text(f'[controller]\nlisten = "127.0.0.1:{_free_port()}"\nstate_dir = "{tmp_path}/s"\n'
+                        f'slurm_bin_dir = "{tmp_path}/none"\n[gateway]\nlisten = "127.0.0.1:{_free_port()}"\n'
+                        + extra)
+        return str(path)
+
+    assert main(["--config", config(f'[kubernetes]\nenabled = true\nkubeconfig = "{tmp_path}/nope"\n')]) == 1
+    assert "kubernetes: cannot load credentials" in capsys.readouterr().err
+    assert main(["--config", config("[kubernetes]\nenabled = true\nleader_election = true\n")]) == 1
+    assert "kubernetes.leader_election" in capsys.readouterr().err
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "keys.json").write_text("garbage")
+    assert main(["--config", config("")]) == 1
+    assert "keys.json" in capsys.readouterr().err
+    (tmp_path / "s" / "keys.json").unlink()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "busy.toml"
+        path.write_text(f'[controller]\nlisten = "127.0.0.1:{_free_port()}"\nstate_dir = "{tmp_path}/s"\n'
+                        f'slurm_bin_dir = "{tmp_path}/none"\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
+        assert main(["--config", str(path)]) == 1
+    assert "gateway.listen: cannot listen" in capsys.readouterr().err
