@@ -1,0 +1,1 @@
+"""slinfer's benchmarks (`make bench` runs bench/run_all.py)."""

@@ -1,0 +1,209 @@
+"""`make bench`: every benchmark of issue 7 on a fresh dev-cluster bed, into one results folder.
+
+Brings up its own bed (`--state-dir`, `--port-base`: real Slurm, SPANK plugin, agent, controller, vLLM on the
+CPU), then, in the order that needs the fewest engine starts:
+  2. the scaling timeline (0 -> 2 replicas -> 0 under a load step),
+  4. engine busy fraction under peak load (2 replicas pinned),
+  3. routing quality per balancer policy on shared-prefix prompts (2 replicas, controller restarted per policy),
+  1. the seed paper's table (1 replica pinned: 100/500/1000 concurrent requests via the gateway and direct),
+then takes the bed down and, unless `--skip-standin`, runs bench/gateway_overhead.py against the fast engine
+stand-in (the gateway's own cost, without a slow engine hiding it). Writes results.json, results.md, the PNG
+plots and bench.log to `--out` (default results/<timestamp>/); `--latest DIR` also copies the Markdown and
+plots there (bench/results/latest for the committed copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` is importable
+
+from bench import peakbusy, plots, report, routing, scaling, seedtable
+from bench.bedprobe import BedProbe
+from slinfer import devcluster
+from slinfer.config import ModelConfig
+
+log = logging.getLogger("bench")
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "tiny"
+POLICIES = ("round_robin", "least_outstanding", "prefix_affinity")
+# The dev bed's gateway refuses past 512 outstanding per engine and queues 256: 1000 concurrent requests on one
+# replica need more room, or 232 of them get 429 and the comparison with a direct engine is void.
+# After a replica is cancelled its engine takes a few seconds to stop, busy on the same CPUs: let it go first.
+SETTLE_S = 8.0
+GATEWAY_ROOM = "max_outstanding_per_engine = 2048\nqueue_size = 2048\n"
+
+
+def _machine() -> dict[str, object]:
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    cpu = platform.processor() or ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpus": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "cpu_model": cpu,
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def _config_variant(base: str, policy: str) -> tuple[str, str]:
+    """(config text, balancer for bench/policy_controller.py or "") for one routing policy."""
+    if policy == "prefix_affinity":
+        return base + "prefix_affinity = true\n", ""  # [[models]] is the config's last table
+    if policy == "round_robin":
+        if "balancer" in {f.name for f in fields(ModelConfig)}:
+            return base + 'balancer = "round_robin"\n', ""
+        return base, "round_robin"
+    return base, ""
+
+
+async def _measure(probe: BedProbe, args: argparse.Namespace, base_config: str, out: dict[str, object]) -> None:
+    """Fills `out` part by part, so that a failure keeps what was measured before it."""
+    q = args.quick
+    parts = {int(x) for x in args.parts.split(",")}
+    await probe.wait_routable(0, 30)
+    if 2 in parts:
+        log.info("== part 2: scaling timeline")
+        out["scaling"] = await scaling.run(probe, users=args.step_users, max_tokens=32,
+                                           hold_after_ready_s=10 if q else 20, up_timeout_s=420, down_timeout_s=180)
+
+    log.info("== pinning 2 replicas")
+    await probe.pin(2)
+    await probe.wait_replicas(2, 420)
+    await probe.wait_routable(2, 30)
+    if 4 in parts:
+        log.info("== part 4: engine busy fraction under peak load")
+        out["peakbusy"] = await peakbusy.run(probe, users=64 if q else 256, duration_s=8 if q else 20,
+                                             warmup_s=3, max_tokens=16, max_tokens_upto=64)
+
+    routed: list[dict[str, object]] = []
+    if 3 in parts:
+        log.info("== part 3: routing quality")
+        out["routing"] = routed
+    for policy in POLICIES if 3 in parts else ():
+        text, balancer = _config_variant(base_config, policy)
+        probe.restart_controller(text, balancer)
+        await probe.pin(2)
+        await probe.wait_routable(2, 60)
+        routed.append(await routing.run(probe, policy, groups=16 if q else 128, per_group=4, users=32,
+                                        max_tokens=16))
+    if 3 in parts:
+        probe.restart_controller(base_config)
+    if 1 not in parts:
+        return
+    log.info("== part 1: the seed table, 1 replica pinned")
+    await probe.pin(1)
+    await probe.wait_replicas(1, 120)
+    await probe.wait_routable(1, 60)
+    await asyncio.sleep(SETTLE_S)
+    levels = [int(x) for x in args.levels.split(",")]
+    out["seedtable"] = await seedtable.run(probe, levels, max_tokens=16, repeats=1 if q else 2)
+    await probe.pin(0)
+
+
+async def _run_bed(bed: devcluster.Bed, args: argparse.Namespace, base_config: str,
+                   out: dict[str, object]) -> None:
+    async with BedProbe(bed, MODEL) as probe:
+        await _measure(probe, args, base_config, out)
+
+
+def _standin(args: argparse.Namespace) -> str:
+    log.info("== gateway overhead against the engine stand-in (bench/gateway_overhead.py)")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gateway_overhead.py"), "--levels", args.levels,
+                           "--duration", "3" if args.quick else "5"],
+                          capture_output=True, text=True, check=False, timeout=600)
+    if proc.returncode != 0:
+        log.error("gateway_overhead.py failed (%d): %s", proc.returncode, proc.stderr[-2000:])
+        return f"(failed with exit code {proc.returncode}; see bench.log)\n{proc.stderr[-2000:]}"
+    log.info("stand-in:\n%s", proc.stdout)
+    return proc.stdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / stamp)
+    parser.add_argument("--latest", type=Path, help="also copy results.md and the plots here")
+    parser.add_argument("--state-dir", type=Path, default=Path("/tmp/slinfer-bench"))
+    parser.add_argument("--port-base", type=int, default=46800)
+    parser.add_argument("--levels", default="100,500,1000", help="concurrencies of the seed table")
+    parser.add_argument("--step-users", type=int, default=32, help="users of the scaling step (target is 8 each)")
+    parser.add_argument("--parts", default="1,2,3,4", help="which parts to run (they run in the order 2, 4, 3, 1)")
+    parser.add_argument("--quick", action="store_true", help="shorter phases, for trying the script out")
+    parser.add_argument("--skip-standin", action="store_true", help="skip the stand-in gateway overhead run")
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(args.out / "bench.log")])
+    bed = devcluster.Bed(args.state_dir.resolve(), args.port_base)
+    meta: dict[str, object] = {"machine": _machine(), "uptime_start": _uptime(), "started": time.time(),
+                               "quick": args.quick, "state_dir": str(bed.state), "port_base": bed.port_base}
+    log.info("bench on %s; %s", meta["machine"], meta["uptime_start"])
+    results: dict[str, object] = {}
+    began = time.monotonic()
+    failed = ""
+    try:
+        if devcluster.daemon_pid(bed, "slurmctld"):
+            log.info("a bed is already up in %s: taking it down first", bed.state)
+            devcluster.down(bed)
+        devcluster.up(bed, controller=False)
+        base = bed.config.read_text().replace("[gateway]\n", "[gateway]\n" + GATEWAY_ROOM, 1)
+        bed.config.write_text(base)
+        devcluster.start_controller(bed)
+        meta["model_config"] = base[base.index("[[models]]"):]
+        meta["gateway_config"] = base[base.index("[gateway]"):base.index("[agent]")]
+        asyncio.run(_run_bed(bed, args, base, results))
+    except Exception as exc:
+        # What was measured before the failure is still written, with the failure named in results.md.
+        log.exception("the bed part failed")
+        failed = f"{type(exc).__name__}: {exc}"
+    finally:
+        meta["uptime_bed_end"] = _uptime()
+        (args.out / "controller.log").write_text(
+            (bed.logs / "controller.out").read_text(errors="replace")[-400_000:]
+            if (bed.logs / "controller.out").exists() else "")
+        left = devcluster.down(bed)
+        if left:
+            log.error("processes %s of the bed survived `down`", left)
+    meta["bed_minutes"] = (time.monotonic() - began) / 60
+    results["standin"] = "" if args.skip_standin else _standin(args)
+    meta["uptime_end"] = _uptime()
+    meta["minutes"] = (time.monotonic() - began) / 60
+    meta["failed"] = failed
+    results["meta"] = meta
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    images = plots.draw_all(results, args.out)
+    (args.out / "results.md").write_text(report.markdown(results, images))
+    log.info("results in %s (%.1f min)", args.out, meta["minutes"])
+    if args.latest:
+        args.latest.mkdir(parents=True, exist_ok=True)
+        for old in args.latest.glob("*"):
+            old.unlink()
+        for name in ["results.md", *images]:
+            shutil.copy2(args.out / name, args.latest / name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
