@@ -24,10 +24,10 @@ import aiohttp
 from slinfer import config as config_mod
 from slinfer.agent.engines import EngineManager
 from slinfer.agent.gpu import Gpus
-from slinfer.agent.jobcheck import JobChecker
 from slinfer.agent.records import RecordStore
 from slinfer.agent.reporter import Reporter
 from slinfer.agent.server import serve
+from slinfer.agent.slurmview import SlurmView
 
 log = logging.getLogger("slinfer.agent")
 
@@ -37,7 +37,7 @@ async def run(config: config_mod.Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     gpus = Gpus()
     node_name = config.agent.node_name or socket.gethostname().split(".")[0]
-    checker = JobChecker(node_name, config.agent.slurm_conf) if config.agent.verify_jobs else None
+    checker = SlurmView(node_name, config.agent.slurm_conf) if config.agent.verify_jobs else None
     async with aiohttp.ClientSession() as http:
         engines = EngineManager(config, RecordStore(run_dir / "engines"), http, gpus, checker)
         await engines.adopt_all()
@@ -48,6 +48,10 @@ async def run(config: config_mod.Config) -> None:
                                 config.agent.heartbeat_s, config.controller.token)
             engines.add_listener(reporter.notify)
             tasks.append(asyncio.create_task(reporter.run()))
+        if config.kubernetes.enabled:
+            publisher_task = await _start_kubernetes(config, engines, gpus, node_name)
+            if publisher_task is not None:
+                tasks.append(publisher_task)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,6 +62,33 @@ async def run(config: config_mod.Config) -> None:
             task.cancel()
         await server.stop(grace=1)
         await engines.close()
+
+
+async def _start_kubernetes(config: config_mod.Config, engines: EngineManager, gpus: Gpus,
+                            node_name: str) -> asyncio.Task[None] | None:
+    """Publishes this node and its engines to Kubernetes; trouble there never stops serving."""
+    from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
+    from slinfer.kubeapi import ClientKubeAPI, KubeError
+
+    try:
+        api = ClientKubeAPI.from_config(config.kubernetes)
+    except KubeError as exc:
+        log.error("Kubernetes disabled: %s", exc)
+        return None
+    partitions, gpu_count = await SlurmView(node_name, config.agent.slurm_conf).node_facts()
+    identity = NodeIdentity.detect(node_name, engines.address, partitions[0] if partitions else "", gpus.name(),
+                                   gpu_count or len(gpus.samples()))
+    publisher = NodePublisher(api, identity, namespace=config.kubernetes.namespace,
+                              renew_interval_s=config.kubernetes.renew_interval_s,
+                              lease_duration_s=config.kubernetes.lease_duration_s)
+
+    def publish() -> None:
+        publisher.notify([p for e in engines.engines() if (p := PublishedEngine.from_engine(e))])
+
+    engines.add_listener(publish)
+    publish()
+    log.info("publishing node %s to Kubernetes (partitions %s, %d GPUs)", node_name, partitions, gpu_count)
+    return asyncio.create_task(publisher.run())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,6 @@ import aiohttp
 
 from slinfer.agent import jobfiles
 from slinfer.agent.gpu import Gpus
-from slinfer.agent.jobcheck import JobChecker
 from slinfer.agent.processes import (
     ENGINE_MARKER,
     ProcessIdentity,
@@ -36,6 +35,7 @@ from slinfer.agent.processes import (
     user_home,
 )
 from slinfer.agent.records import EngineRecord, RecordStore
+from slinfer.agent.slurmview import SlurmView
 from slinfer.config import MODEL_NAME, Config, ModelConfig
 from slinfer.v1 import engine_pb2 as pb
 
@@ -70,7 +70,7 @@ class _Running:
 
 class EngineManager:
     def __init__(self, config: Config, store: RecordStore, http: aiohttp.ClientSession, gpus: Gpus,
-                 checker: JobChecker | None = None, clock: Callable[[], float] = time.time) -> None:
+                 checker: SlurmView | None = None, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.checker = checker
         self.store = store

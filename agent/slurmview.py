@@ -1,8 +1,9 @@
-"""Confirms with Slurm that a job asking for an engine really runs on this node for that user.
+"""What Slurm says about this node and its jobs, through `scontrol` (argv, never a shell).
 
-The hook is root and the socket root-only, so this is defence in depth: a stale or forged request (a replayed
-prolog, a wrong job id) must not get an engine with someone's GPUs. Not responsible for deciding what the
-agent does with a refusal.
+It confirms that a job asking for an engine really runs on this node for that user: the hook is root and the
+socket root-only, so this is defence in depth, but a stale or forged request (a replayed prolog, a wrong job
+id) must not get an engine with someone's GPUs. It also tells the node's partitions and GPU count, which the
+Kubernetes Node shows. Not responsible for deciding what the agent does with any of it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 LIVE_STATES = {"RUNNING", "CONFIGURING"}
 
 
-class JobChecker:
+class SlurmView:
     def __init__(self, node_name: str, slurm_conf: str = "", scontrol: str = "scontrol",
                  timeout_s: float = 10.0) -> None:
         self.node_name = node_name
@@ -63,3 +64,13 @@ class JobChecker:
         if self.node_name not in nodes:
             return f"Slurm does not place job {job.job_id} on node {self.node_name} (NodeList={fields.get('NodeList')})"
         return ""
+
+    async def node_facts(self) -> tuple[list[str], int]:
+        """This node's partitions and its number of GPUs in gres (empty and 0 when Slurm does not answer)."""
+        code, out, _ = await self._run("-o", "show", "node", self.node_name)
+        if code != 0:
+            return [], 0
+        fields = dict(re.findall(r"(\w+)=(\S*)", out))
+        partitions = [p for p in fields.get("Partitions", "").split(",") if p]
+        gpus = sum(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", fields.get("Gres", "")))
+        return partitions, gpus

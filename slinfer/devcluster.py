@@ -305,11 +305,9 @@ def up(bed: Bed, controller: bool = True) -> None:
                             f"--key-file={_ensure_munge_key(bed)}", f"--pid-file={m}/munged.pid",
                             f"--seed-file={m}/seed", f"--log-file={bed.logs}/munged.log"])
     _wait_for("munged's socket", bed.munge_socket.exists, 10)
-    fresh = not daemon_pid(bed, "slurmctld")
-    launch(bed, "slurmctld", ["slurmctld", "-D", "-f", str(bed.conf), *(["-c"] if fresh else [])])
-    _wait_for("slurmctld", lambda: slurm(bed, "scontrol", "ping", check=False).stdout.count("UP") > 0, 30)
-    launch(bed, "slurmd", ["slurmd", "-D", "-f", str(bed.conf), "-N", NODE_NAME])
-    _wait_for("the node to register", lambda: node_state(bed) not in ("", "unknown", "unknown*", "down*"), 30)
+    # A fresh bed starts with no jobs; a running one keeps its state.
+    start_slurmctld(bed, clear_state=not daemon_pid(bed, "slurmctld"))
+    start_slurmd(bed)
     if any(word in node_state(bed) for word in ("drain", "down")):
         slurm(bed, "scontrol", "update", f"nodename={NODE_NAME}", "state=resume", check=False)
     _wait_for("the node to be idle or allocated",
@@ -318,6 +316,29 @@ def up(bed: Bed, controller: bool = True) -> None:
     _wait_for("the agent's socket", (bed.run_dir / "agent.sock").exists, 20)
     if controller:
         start_controller(bed)
+
+
+def start_slurmctld(bed: Bed, clear_state: bool = False) -> int:
+    pid = launch(bed, "slurmctld", ["slurmctld", "-D", "-f", str(bed.conf), *(["-c"] if clear_state else [])])
+    _wait_for("slurmctld", lambda: slurm(bed, "scontrol", "ping", check=False).stdout.count("UP") > 0, 30)
+    return pid
+
+
+def start_slurmd(bed: Bed) -> int:
+    pid = launch(bed, "slurmd", ["slurmd", "-D", "-f", str(bed.conf), "-N", NODE_NAME])
+    _wait_for("the node to register", lambda: node_state(bed) not in ("", "unknown", "unknown*", "down*"), 30)
+    return pid
+
+
+def restart_agent(bed: Bed) -> int:
+    """Stops the bed's agent, whoever started it (`up` or the hook), and starts it again; engines keep running."""
+    stop_daemon(bed, "agent")
+    agents = [p for p in _bed_processes(bed)
+              if any(part.endswith(("slinfer-agent", "slinfer.agent.daemon")) for part in p.info["cmdline"] or [])]
+    for proc in agents:
+        proc.terminate()
+    psutil.wait_procs(agents, timeout=10)
+    return launch(bed, "agent", [str(_bin_dir() / "slinfer-agent"), "--config", str(bed.config)])
 
 
 def start_controller(bed: Bed) -> int:
