@@ -157,10 +157,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _wait_http(url: str, within_s: float = 30.0) -> None:
+async def _wait_http(url: str, proc: asyncio.subprocess.Process, log: Path, within_s: float = 60.0) -> None:
     parts = urlsplit(url)
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
+        if proc.returncode is not None:
+            raise RuntimeError(f"{url}: the process exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
             _, writer = await asyncio.open_connection(parts.hostname, parts.port)
             writer.close()
@@ -170,9 +172,9 @@ async def _wait_http(url: str, within_s: float = 30.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-async def _start(*argv: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.DEVNULL)
+async def _start(log: Path, *argv: str) -> asyncio.subprocess.Process:
+    with log.open("wb") as out:
+        return await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=out)
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:
@@ -237,10 +239,11 @@ async def bench(args: argparse.Namespace) -> None:
             else:
                 port = _free_port()
                 engine_url, engine_key = f"http://127.0.0.1:{port}", "bench-engine-key"
-                procs.append(await _start(sys.executable, str(ROOT / "bench" / "standin_engine.py"), "--port",
-                                          str(port), "--api-key", engine_key, "--model", args.model,
+                engine_log = Path(tmp) / "engine.log"
+                procs.append(await _start(engine_log, sys.executable, str(ROOT / "bench" / "standin_engine.py"),
+                                          "--port", str(port), "--api-key", engine_key, "--model", args.model,
                                           "--tokens", str(args.max_tokens)))
-                await _wait_http(engine_url)
+                await _wait_http(engine_url, procs[-1], engine_log)
             grpc_port, http_port = _free_port(), _free_port()
             config = Path(tmp) / "slinfer.toml"
             config.write_text(
@@ -249,10 +252,12 @@ async def bench(args: argparse.Namespace) -> None:
                 f'[gateway]\nlisten = "127.0.0.1:{http_port}"\napi_keys = ["{CLIENT_KEY}"]\n'
                 f"max_outstanding_per_engine = 100000\nqueue_size = 100000\n\n"
                 f'[[models]]\nname = "{args.model}"\nsource = "/bench"\n')
-            gateway = await _start(sys.executable, __file__, "--serve-gateway", str(config), "--loop", args.loop)
+            gateway_log = Path(tmp) / "gateway.log"
+            gateway = await _start(gateway_log, sys.executable, __file__, "--serve-gateway", str(config),
+                                   "--loop", args.loop)
             procs.append(gateway)
             gateway_url = f"http://127.0.0.1:{http_port}"
-            await _wait_http(gateway_url)
+            await _wait_http(gateway_url, gateway, gateway_log)
             tasks.append(asyncio.create_task(_heartbeat(f"127.0.0.1:{grpc_port}", args.model, engine_url,
                                                         engine_key)))
             await asyncio.sleep(1.5)
