@@ -449,3 +449,23 @@ async def test_stop_lets_requests_in_flight_finish(controller_factory, standins,
     assert (await resp.json())["object"] == "chat.completion"
     with pytest.raises(aiohttp.ClientConnectionError):
         await http.post(f"{c.url}/v1/chat/completions", json=CHAT, headers=c.headers())
+
+
+async def test_many_concurrent_mixed_requests_all_complete(controller_factory, standins, http, engine_pb):
+    c = await controller_factory()
+    engines = [await standins(model="m", tokens=8, token_delay_s=0.001) for _ in range(2)]
+    await (await c.agent()).send([engine_pb(str(i), "m", e.base_url) for i, e in enumerate(engines)])
+
+    async def one(i: int) -> bytes:
+        body = {**CHAT, "stream": i % 2 == 0}
+        async with http.post(f"{c.url}/v1/chat/completions", json=body, headers=c.headers()) as resp:
+            assert resp.status == 200
+            return await resp.read()
+
+    bodies = await asyncio.gather(*(one(i) for i in range(300)))
+    assert all(b.endswith(b"data: [DONE]\n\n") for b in bodies[0::2])
+    assert all(json.loads(b)["object"] == "chat.completion" for b in bodies[1::2])
+    assert sum(e.seen.requests for e in engines) == 300
+    assert min(e.seen.requests for e in engines) > 100
+    assert [r.outstanding for r in c.registry.replicas()] == [0, 0]
+    assert c.gateway.demand("m").in_flight == 0
