@@ -1,0 +1,156 @@
+#!/bin/bash
+# CI of the packages (`make check-packages`), as root on Debian 12 with the repo's .venv (make install):
+#   1. build the .debs (make deb) and check their contents (tests/packaging/test_packages.py)
+#   2. lintian: no errors (warnings are listed)
+#   3. install them on this machine with apt-get
+#   4. systemd-analyze verify the installed units
+#   5. a Slurm bed on the INSTALLED files: /usr/bin/slinfer dev-cluster with the installed spank_slinfer.so and
+#      /usr/libexec/slinfer/slinfer-hook; agent and controller from /opt/slinfer; only the engine's Python
+#      (the catalog's [agent].python) is the repo's .venv, because vLLM is not part of the package
+#   6. slinfer doctor on that bed: every line OK
+#   7. one sbatch --inference=tiny job that gets a chat completion from its engine
+#   8. stop the bed, apt-get purge, and check that nothing of the packages is left
+# State in /tmp/slinfer-pkgtest, ports from 36800 (other beds use other folders and ports).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+STATE=${SLINFER_PKGTEST_STATE:-/tmp/slinfer-pkgtest}
+PORT_BASE=${SLINFER_PKGTEST_PORT_BASE:-36800}
+VENV_PY=$REPO/.venv/bin/python
+TINY=${SLINFER_TINY_MODEL:-$REPO/.venv/share/slinfer/models/tiny}
+APT=(apt-get -y -q -o DPkg::Lock::Timeout=300)
+export DEBIAN_FRONTEND=noninteractive
+began=$(date +%s)
+step_began=$began
+
+step() {
+  local now; now=$(date +%s)
+  echo "== [$((now - began))s, previous step $((now - step_began))s] $*"
+  step_began=$now
+}
+die() { echo "ci-packages: FAILED: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (it installs packages and runs Slurm's daemons)"
+[ -x "$VENV_PY" ] || die "$VENV_PY is missing: run make install"
+[ -f "$TINY/config.json" ] || die "no tiny model in $TINY: run make install"
+for p in lintian debhelper; do
+  dpkg -s "$p" >/dev/null 2>&1 || "${APT[@]}" install "$p" >/dev/null
+done
+command -v systemd-analyze >/dev/null || "${APT[@]}" install systemd >/dev/null
+for p in slinfer slinfer-spank; do
+  if dpkg -s "$p" >/dev/null 2>&1; then die "$p is already installed on this machine: apt-get purge it first"; fi
+done
+user_existed=0
+getent passwd slinfer >/dev/null && user_existed=1
+
+bed_up=0
+installed=0
+cleanup() {
+  local code=$?
+  set +e
+  if [ $bed_up = 1 ]; then
+    step "stopping the bed"
+    env "${BED_ENV[@]}" /usr/bin/slinfer dev-cluster down --state-dir "$STATE" || code=1
+  fi
+  if [ $installed = 1 ]; then
+    step "apt-get purge slinfer slinfer-spank"
+    "${APT[@]}" purge slinfer slinfer-spank >/dev/null || code=1
+    [ $user_existed = 1 ] || userdel slinfer 2>/dev/null
+    left=$(ls -d /opt/slinfer /usr/libexec/slinfer /etc/slinfer /var/lib/slinfer /usr/bin/slinfer* \
+      /etc/slurm/plugstack.conf.d/slinfer.conf /usr/lib/sysusers.d/slinfer.conf \
+      /lib/systemd/system/slinfer-*.service /usr/lib/x86_64-linux-gnu/slurm-wlm/spank_slinfer.so 2>/dev/null)
+    if [ -n "$left" ]; then echo "ci-packages: left after purge: $left" >&2; code=1; fi
+    if dpkg-statoverride --list /etc/slinfer/slinfer.toml >/dev/null; then
+      echo "ci-packages: the statoverride of /etc/slinfer/slinfer.toml survived the purge" >&2; code=1
+    fi
+  fi
+  echo "== ci-packages: $([ $code = 0 ] && echo PASSED || echo FAILED) in $(( $(date +%s) - began ))s"
+  exit $code
+}
+trap cleanup EXIT
+# Interrupted: clean up, and report the failure (the EXIT trap alone would see status 0).
+trap 'exit 130' INT TERM
+
+step "make deb"
+packaging/build-deb.sh
+version=$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)
+debs=("dist/slinfer_${version}_amd64.deb" "dist/slinfer-spank_${version}_amd64.deb")
+
+step "the packages' contents (tests/packaging/test_packages.py)"
+SLINFER_DEB_DIR=$REPO/dist "$REPO/.venv/bin/pytest" -q -p no:cacheprovider tests/packaging/test_packages.py
+
+step "lintian"
+lint=$(lintian --pedantic "${debs[@]}" 2>&1 || true)
+echo "$lint" | grep -E '^[WIP]:' | sed 's/^/  /' || true
+if echo "$lint" | grep -q '^E:'; then
+  echo "$lint" | grep '^E:' >&2
+  die "lintian reports errors"
+fi
+echo "  lintian: no errors, $(echo "$lint" | grep -c '^W:' || true) warning(s) (listed above)"
+
+step "apt-get install ${debs[*]}"
+installed=1
+"${APT[@]}" install "${debs[@]/#/./}" >/dev/null
+getent passwd slinfer >/dev/null || die "the package did not create the slinfer user"
+[ "$(stat -c '%U:%G %a' /etc/slinfer/slinfer.toml)" = "root:slinfer 640" ] || die "slinfer.toml owner/mode"
+/usr/bin/slinfer --version
+# Every entry point imports all it needs from the private environment (a dependency missing from pyproject
+# shows here, not as a daemon that never comes up).
+for cmd in /usr/bin/slinfer-agent /usr/bin/slinfer-controller /usr/libexec/slinfer/slinfer-hook; do
+  "$cmd" --help >/dev/null || die "$cmd --help failed: the package misses a dependency"
+done
+
+step "systemd-analyze verify"
+# Offline: it parses the units, resolves their binaries and users, and needs no running systemd.
+# It exits 0 on directives it ignores (a misspelt KillMode=, say) and only prints them: any output fails.
+verify=$(systemd-analyze verify /lib/systemd/system/slinfer-agent.service \
+  /lib/systemd/system/slinfer-controller.service 2>&1) || die "systemd-analyze verify: $verify"
+[ -z "$verify" ] || die "systemd-analyze verify complains: $verify"
+grep -qx 'KillMode=process' /lib/systemd/system/slinfer-agent.service || die "the agent unit lacks KillMode=process"
+echo "  both units verify"
+
+step "a Slurm bed on the installed files ($STATE, ports from $PORT_BASE)"
+BED_ENV=(SLINFER_SPANK_PLUGIN=/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_slinfer.so
+         SLINFER_HOOK=/usr/libexec/slinfer/slinfer-hook SLINFER_ENGINE_PYTHON="$VENV_PY" SLINFER_TINY_MODEL="$TINY")
+env "${BED_ENV[@]}" /usr/bin/slinfer dev-cluster down --state-dir "$STATE" >/dev/null 2>&1 || true
+rm -rf "$STATE"
+bed_up=1
+env "${BED_ENV[@]}" /usr/bin/slinfer dev-cluster up --state-dir "$STATE" --port-base "$PORT_BASE"
+grep -q "hook=/usr/libexec/slinfer/slinfer-hook" "$STATE/plugstack.conf" || die "the bed does not use the installed hook"
+for daemon in agent controller; do
+  pid=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[0])" "$STATE/pids/$daemon.pid")
+  tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q '^/opt/slinfer/bin/' || die "$daemon does not run from /opt/slinfer"
+done
+export SLURM_CONF=$STATE/slurm.conf
+
+step "slinfer doctor --config $STATE/slinfer.toml"
+doctor_out=$(/usr/bin/slinfer doctor --config "$STATE/slinfer.toml" 2>&1) || { echo "$doctor_out"; die "doctor"; }
+echo "$doctor_out" | sed 's/^/  /'
+for check in config plugin plugin-version hook agent controller "engine tiny" munge; do
+  echo "$doctor_out" | grep -q "^OK   $check: " || die "doctor printed no OK line for $check"
+done
+
+step "sbatch --inference=tiny (the installed plugin, hook, agent)"
+mkdir -p "$STATE/jobs"
+chmod 1777 "$STATE/jobs"
+ask='curl -sS --max-time 60 "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY"'
+ask+=" -H 'Content-Type: application/json' -d '{\"model\": \"tiny\", \"max_tokens\": 8, \"messages\": "
+ask+="[{\"role\": \"user\", \"content\": \"hello\"}]}'"
+job=$(sbatch --parsable --inference=tiny --gres=gpu:1 -o "$STATE/jobs/job-%j.out" --wrap \
+  "/usr/bin/slinfer wait-ready --timeout 300 && echo READY && $ask && echo && echo DONE")
+job=${job%%;*}
+deadline=$(( $(date +%s) + 400 ))
+state=""
+while [ "$(date +%s)" -lt $deadline ]; do
+  state=$(scontrol -o show job "$job" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+  case $state in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY) break ;; esac
+  sleep 2
+done
+out=$(cat "$STATE/jobs/job-$job.out" 2>/dev/null || true)
+echo "$out" | sed 's/^/  job: /'
+[ "$state" = COMPLETED ] || die "job $job ended $state"
+echo "$out" | grep -q '"completion_tokens":[1-9]' || die "job $job got no chat completion"
+node=$(sinfo -h -N -o %T)
+[ "$node" = idle ] || { sleep 5; node=$(sinfo -h -N -o %T); }
+[ "$node" = idle ] || die "the node is $node after the job"
+echo "  job $job COMPLETED with a chat completion; node $node"
