@@ -194,10 +194,10 @@ def test_burst_scales_to_two_replicas_and_both_serve_then_an_engine_killed_under
 
 
 def test_controller_restart_under_load_submits_no_duplicates_and_routing_resumes(bed: SlurmBed) -> None:
-    _wait("two READY replicas", lambda: _ready_count(bed) == 2, 240)
-    jobs_before = set(_controller_jobs(bed))
-    load = Load(bed, concurrency=24).start()
+    load = Load(bed, concurrency=32).start()
     try:
+        _wait("two READY replicas", lambda: _ready_count(bed) == 2, 300)
+        jobs_before = set(_controller_jobs(bed))
         time.sleep(3)
         devcluster.stop_daemon(bed.bed, "controller")
         time.sleep(1)
