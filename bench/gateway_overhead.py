@@ -231,6 +231,7 @@ async def bench(args: argparse.Namespace) -> None:
     body = json.dumps({"model": args.model, "messages": [{"role": "user", "content": "Say hello."}],
                        "max_tokens": args.max_tokens, "temperature": 0}).encode()
     procs: list[asyncio.subprocess.Process] = []
+    logs: list[Path] = []
     tasks: list[asyncio.Task[None]] = []
     with tempfile.TemporaryDirectory(prefix="slinfer-bench-") as tmp:
         try:
@@ -242,7 +243,8 @@ async def bench(args: argparse.Namespace) -> None:
                 engine_log = Path(tmp) / "engine.log"
                 procs.append(await _start(engine_log, sys.executable, str(ROOT / "bench" / "standin_engine.py"),
                                           "--port", str(port), "--api-key", engine_key, "--model", args.model,
-                                          "--tokens", str(args.max_tokens)))
+                                          "--tokens", str(args.max_tokens), "--delay-ms", str(args.engine_delay_ms)))
+                logs.append(engine_log)
                 await _wait_http(engine_url, procs[-1], engine_log)
             grpc_port, http_port = _free_port(), _free_port()
             config = Path(tmp) / "slinfer.toml"
@@ -256,6 +258,7 @@ async def bench(args: argparse.Namespace) -> None:
             gateway = await _start(gateway_log, sys.executable, __file__, "--serve-gateway", str(config),
                                    "--loop", args.loop)
             procs.append(gateway)
+            logs.append(gateway_log)
             gateway_url = f"http://127.0.0.1:{http_port}"
             await _wait_http(gateway_url, gateway, gateway_log)
             tasks.append(asyncio.create_task(_heartbeat(f"127.0.0.1:{grpc_port}", args.model, engine_url,
@@ -264,7 +267,8 @@ async def bench(args: argparse.Namespace) -> None:
             gw_ps = psutil.Process(gateway.pid)
             engine_ps = psutil.Process(procs[0].pid) if not args.engine_url else None
             me = psutil.Process()
-            print(f"engine: {'real, ' + engine_url if args.engine_url else 'stand-in (bench/standin_engine.py)'}; "
+            standin = f"stand-in (bench/standin_engine.py, answers after {args.engine_delay_ms:g} ms)"
+            print(f"engine: {'real, ' + engine_url if args.engine_url else standin}; "
                   f"gateway event loop: {args.loop}; {os.cpu_count()} CPUs, load average "
                   f"{os.getloadavg()[0]:.2f}; {args.duration:.0f} s per level after {args.warmup:.0f} s warm-up; "
                   f"non-streaming chat, max_tokens={args.max_tokens}", flush=True)
@@ -298,6 +302,9 @@ async def bench(args: argparse.Namespace) -> None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                     await task
+            for proc, log in zip(procs, logs, strict=True):
+                if proc.returncode is not None:
+                    print(f"{log.name}: exited with {proc.returncode}:\n{log.read_text()[-3000:]}", file=sys.stderr)
             for proc in reversed(procs):
                 await _stop(proc)
 
@@ -309,6 +316,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--engine-url", default="", help="a real engine (http://HOST:PORT); default: stand-in")
     parser.add_argument("--engine-key", default="")
+    parser.add_argument("--engine-delay-ms", type=float, default=0.0,
+                        help="the stand-in waits this long before answering, like a real generation does")
     parser.add_argument("--model", default="standin", help="the engine's served model name")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="the gateway's event loop")
