@@ -38,6 +38,7 @@ class Sample:
     status: int  # HTTP status, 0 for a connection failure
     ttft: float = math.nan  # streaming only
     user: int = 0
+    error: str = ""  # the exception's class for a connection failure, e.g. ServerDisconnectedError
 
     @property
     def latency(self) -> float:
@@ -87,7 +88,8 @@ class Stats:
         kinds: dict[str, int] = {}
         for s in samples:
             if not s.ok:
-                kinds[str(s.status)] = kinds.get(str(s.status), 0) + 1
+                kind = str(s.status) if s.status else s.error or "connection"
+                kinds[kind] = kinds.get(kind, 0) + 1
         return cls(requests=len(samples), errors=len(samples) - len(ok),
                    mean=sum(lat) / len(lat) if lat else math.nan, p50=percentile(lat, 0.5),
                    p99=percentile(lat, 0.99), ttft_mean=sum(ttft) / len(ttft) if ttft else math.nan,
@@ -112,8 +114,10 @@ class LoadGenerator:
         self._rng = random.Random(0)
         self._url = target.base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Authorization": f"Bearer {target.api_key}", "Content-Type": "application/json"}
-        # limit=0: as many connections as users; every user keeps its own alive between requests.
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        # limit=0: as many connections as users; every user keeps its own alive between requests. Idle ones are
+        # dropped after 2 s, before vLLM's server (uvicorn, 5 s) closes them: reusing a connection the server is
+        # closing fails with ServerDisconnectedError, a client artefact rather than an engine failure.
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0),
                                               timeout=aiohttp.ClientTimeout(total=timeout_s))
 
     async def close(self) -> None:
@@ -137,8 +141,8 @@ class LoadGenerator:
                 else:
                     await response.read()
                 return Sample(start, time.monotonic(), response.status, ttft, user)
-        except (aiohttp.ClientError, TimeoutError):
-            return Sample(start, time.monotonic(), 0, ttft, user)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return Sample(start, time.monotonic(), 0, ttft, user, type(exc).__name__)
 
     async def burst(self, n: int, messages: Callable[[int], Messages], stream: bool) -> list[Sample]:
         """n requests sent at once; returns when the last one has ended."""

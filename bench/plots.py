@@ -149,18 +149,19 @@ def engine_busy(r: dict[str, Any]) -> Any:
     jobs = sorted(r["engines"])
     for job in jobs:
         pts = [(row[0] - r["start"], row[2]) for row in r["trace"] if row[1] == job]
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=f"engine of job {job}", linewidth=0.8)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=f"engine of job {job}", linewidth=0.8,
+                     drawstyle="steps-post", marker=".", markersize=3)
     axes[0].axvspan(0, r["end"] - r["start"], color="tab:orange", alpha=0.06)
     axes[0].set_xlabel("seconds (shaded: measured window)")
     axes[0].set_ylabel("vllm:num_requests_running")
-    axes[0].set_title(f"Running requests per engine, {r['users']} users through the gateway (sampled every 0.1 s)")
+    axes[0].set_title(f"Running requests per engine, {r['users']} users through the gateway (one dot per sample)")
     axes[0].legend(fontsize=8)
     axes[0].grid(alpha=0.3)
     values = [100 * r["engines"][j]["busy_fraction"] for j in jobs]
     axes[1].bar([f"job {j}" for j in jobs], values, color="tab:green")
     axes[1].axhline(100 * r["seed"], color="k", linestyle="--", label="seed paper: >85 % GPU utilisation")
     axes[1].set_ylim(0, 105)
-    axes[1].set_ylabel("% of samples with >= 1 running request")
+    axes[1].set_ylabel("% of time with >= 1 running request")
     axes[1].set_title("Busy fraction")
     axes[1].legend(fontsize=8, loc="lower right")
     for i, v in enumerate(values):

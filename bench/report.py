@@ -76,25 +76,44 @@ def _seed(r: dict[str, Any], standin: str) -> str:
            "(its URL and key from the job's env file), alternating which goes first. Latency and throughput "
            "from non-streaming bursts, TTFT (first SSE event) from streaming bursts. Seed paper: 7B model on "
            "GPUs behind Kubernetes + Slurm, mean 1.2/1.4/1.6 s, about 0.5 s overhead.\n"]
+    def bursts(level: float, path: str) -> list[dict[str, Any]]:
+        return [x for x in r["rows"] if x["level"] == level and x["path"] == path and not x["stream"]]
+
+    def errors(level: float, path: str) -> str:
+        kinds: dict[str, int] = {}
+        for x in r["rows"]:
+            if x["level"] == level and x["path"] == path:
+                for k, n in x["error_kinds"].items():
+                    kinds[k] = kinds.get(k, 0) + n
+        return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "0"
+
     rows = []
     for t in r["table"]:
         for path in ("direct", "gateway"):
             rows.append([f"{int(t['level'])}", path, _s(t[f"{path}_mean"]), _s(t[f"{path}_p50"]),
                          _s(t[f"{path}_p99"]), _s(t[f"{path}_ttft_p50"]), _s(t[f"{path}_ttft_p99"]),
-                         _s(t[f"{path}_throughput"], 0), f"{int(t[f'{path}_errors'])}",
+                         _s(t[f"{path}_throughput"], 0), errors(t["level"], path),
+                         ", ".join(_s(x["mean"], 2) for x in bursts(t["level"], path)),
                          _s(t["seed_mean"], 1) if path == "gateway" else ""])
     out.append(_table(["concurrent", "path", "mean (s)", "p50 (s)", "p99 (s)", "TTFT p50 (s)", "TTFT p99 (s)",
-                       "req/s", "errors", "seed mean (s)"], rows))
-    rows = [[f"{int(t['level'])}", _ms(t["overhead_mean"]), _ms(t["overhead_p50"]), _ms(t["overhead_p99"]),
-             _ms(t["overhead_ttft_p50"]), f"{t['overhead_vs_seed']:+.3f}"] for t in r["table"]]
-    out.append("\nOverhead, gateway minus direct (negative: the gateway run was faster, i.e. within the noise "
-               "of the shared machine):\n")
+                       "req/s", "errors", "each burst's mean (s)", "seed mean (s)"], rows))
+    rows = []
+    for t in r["table"]:
+        means = [x["mean"] for x in bursts(t["level"], "direct")]
+        spread = max(means) - min(means) if means else math.nan
+        rows.append([f"{int(t['level'])}", _ms(t["overhead_mean"]), _ms(t["overhead_p50"]), _ms(t["overhead_p99"]),
+                     _ms(t["overhead_ttft_p50"]), f"{t['overhead_vs_seed']:+.2f}", _ms(spread).lstrip("+")])
+    out.append("\nOverhead, gateway minus direct. Compare it with the last column, how much the direct path's "
+               "mean alone moved from one burst to the next on this shared machine: a difference smaller than "
+               "that is noise, not overhead (a negative one means the gateway's bursts happened to be faster). "
+               "The gateway's own cost is measured without a slow engine below.\n")
     out.append(_table(["concurrent", "mean (ms)", "p50 (ms)", "p99 (ms)", "TTFT p50 (ms)",
-                       "mean overhead / seed's 0.5 s"], rows))
+                       "mean overhead / seed's 0.5 s", "direct burst-to-burst spread (ms)"], rows))
     busy = [f"{int(x['level'])} {x['path']}{' stream' if x['stream'] else ''}: {100 * x['engine_busy_fraction']:.0f}%"
             for x in r["rows"] if isinstance(x["engine_busy_fraction"], float)
             and not math.isnan(x["engine_busy_fraction"])]
-    out.append("\nEngine busy during each burst (share of 0.1 s samples with a running request): "
+    out.append("\nEngine busy during each burst (share of the burst's time with a running request, from samples "
+               "every 0.1 s; a short burst has few samples): "
                + "; ".join(busy) + ".\n")
     out.append("\n![seed table](seed_table.png)\n")
     if standin.strip():
@@ -118,11 +137,13 @@ def _scaling(r: dict[str, Any]) -> str:
            f"({r['requests']['errors']} errors {r['requests']['error_kinds'] or ''})\n"]
     rows = [[rep["job_id"], _s(rep["decision_s"], 1), _s(rep["queue_s"], 1), _s(rep["engine_start_s"], 1),
              _s(rep["ready_s"], 1), " → ".join(rep["states"])] for rep in r["replicas"]]
-    out.append(_table(["job", "decision: step → sbatch (s)", "Slurm queue: sbatch → job start (s)",
+    out.append(_table(["job", "decision: step → sbatch done (s)", "Slurm queue: submit → start (s)",
                        "engine start: job start → agent READY (s)", "READY after step (s)", "Slurm states seen"],
                       rows))
-    out.append("\nDecision from the controller's log (the sbatch log line's time); Slurm queue from Slurm's job "
-               "start time (1 s resolution); engine start to the READY time the agent reported.\n")
+    out.append("\nDecision: from the load step to the controller's `submitted job` log line (sbatch returned). "
+               "Slurm queue: Slurm's own submit and start times (whole seconds). Engine start: from the later of "
+               "the job's start and the sbatch return to the READY time the agent reported (prolog, hook, vLLM "
+               "start and its first health check).\n")
     if r["decisions"]:
         out.append("\nThe controller's decisions, with the numbers behind them:\n\n```")
         out += [f"+{d['t'] - r['load_start']:6.1f}s  {d['message']}" for d in r["decisions"][:20]]
@@ -160,11 +181,13 @@ def _busy(r: dict[str, Any]) -> str:
            "users do not move in lockstep waves); each engine's `vllm:num_requests_running` sampled every "
            f"0.1 s (achieved: median gap {_s(r['sample_gap_median_s'], 2)} s, longest "
            f"{_s(r['sample_gap_max_s'], 2)} s — the engines answer /metrics late when the CPUs are saturated). "
-           "The bed has no GPU: the share of samples with at least one running request stands in for the seed "
-           "paper's GPU utilisation (over 85 %).\n"]
-    rows = [[job, f"{100 * e['busy_fraction']:.1f}%", _s(e["mean_running"], 1), _s(e["mean_waiting"], 1),
-             f"{int(e['samples'])}"] for job, e in sorted(r["engines"].items())]
-    out.append(_table(["engine (job)", "busy", "mean running", "mean waiting", "samples"], rows))
+           "The bed has no GPU: the share of time with at least one running request (each sample holding until "
+           "the next) stands in for the seed paper's GPU utilisation (over 85 %).\n"]
+    rows = [[job, f"{100 * e['busy_fraction']:.1f}%", f"{100 * e['busy_sample_share']:.1f}%",
+             _s(e["mean_running"], 1), _s(e["mean_waiting"], 1), f"{int(e['samples'])}"]
+            for job, e in sorted(r["engines"].items())]
+    out.append(_table(["engine (job)", "busy (share of time)", "busy (share of samples)", "mean running",
+                       "mean waiting", "samples"], rows))
     q = r["requests"]
     out.append(f"\nMean busy fraction **{100 * r['mean_busy_fraction']:.1f}%** against the seed's 85 %; "
                f"throughput {_s(q['throughput'], 1)} req/s, p50 {_s(q['p50'])} s, p99 {_s(q['p99'])} s, "

@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +65,28 @@ def _machine() -> dict[str, object]:
 
 def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def _wait_ports_free(bed: devcluster.Bed, within_s: float = 120.0) -> None:
+    """Waits until the bed's fixed ports can be bound. They lie in the kernel's ephemeral range, so the
+    thousands of connections of a previous run can leave one of them in TIME_WAIT (60 s), and slurmd then
+    fails with "Address already in use"."""
+    ports = [bed.slurmctld_port, bed.slurmd_port, bed.gateway_port, bed.controller_port]
+    deadline = time.monotonic() + within_s
+    while True:
+        busy = []
+        for port in ports:
+            with socket.socket() as s:
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    busy.append(port)
+        if not busy or time.monotonic() > deadline:
+            if busy:
+                log.warning("ports %s still in use after %.0fs; trying anyway", busy, within_s)
+            return
+        log.info("waiting for ports %s to be free (TIME_WAIT from earlier connections?)", busy)
+        time.sleep(5)
 
 
 def _config_variant(base: str, policy: str) -> tuple[str, str]:
@@ -117,7 +140,7 @@ async def _measure(probe: BedProbe, args: argparse.Namespace, base_config: str, 
     await probe.wait_routable(1, 60)
     await asyncio.sleep(SETTLE_S)
     levels = [int(x) for x in args.levels.split(",")]
-    out["seedtable"] = await seedtable.run(probe, levels, max_tokens=16, repeats=1 if q else 2)
+    out["seedtable"] = await seedtable.run(probe, levels, max_tokens=16, repeats=1 if q else 3)
     await probe.pin(0)
 
 
@@ -143,7 +166,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parser.add_argument("--out", type=Path, default=REPO / "results" / stamp)
-    parser.add_argument("--latest", type=Path, help="also copy results.md and the plots here")
+    parser.add_argument("--latest", type=Path, help="after a run without failure, also copy results.md and the "
+                        "plots here")
     parser.add_argument("--state-dir", type=Path, default=Path("/tmp/slinfer-bench"))
     parser.add_argument("--port-base", type=int, default=46800)
     parser.add_argument("--levels", default="100,500,1000", help="concurrencies of the seed table")
@@ -167,6 +191,7 @@ def main() -> int:
         if devcluster.daemon_pid(bed, "slurmctld"):
             log.info("a bed is already up in %s: taking it down first", bed.state)
             devcluster.down(bed)
+        _wait_ports_free(bed)
         devcluster.up(bed, controller=False)
         base = bed.config.read_text().replace("[gateway]\n", "[gateway]\n" + GATEWAY_ROOM, 1)
         bed.config.write_text(base)
@@ -196,7 +221,7 @@ def main() -> int:
     images = plots.draw_all(results, args.out)
     (args.out / "results.md").write_text(report.markdown(results, images))
     log.info("results in %s (%.1f min)", args.out, meta["minutes"])
-    if args.latest:
+    if args.latest and not failed:
         args.latest.mkdir(parents=True, exist_ok=True)
         for old in args.latest.glob("*"):
             old.unlink()

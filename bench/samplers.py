@@ -141,9 +141,13 @@ class BusySampler:
                           metric_sum(values, "vllm:num_requests_waiting")))
 
     async def _run(self) -> None:
+        # One loop per engine, so that an engine slow to answer /metrics does not delay the other's samples.
+        await asyncio.gather(*(self._loop(e) for e in self._engines))
+
+    async def _loop(self, engine: Engine) -> None:
         next_at = time.monotonic()
         while True:
-            await asyncio.gather(*(self._one(e) for e in self._engines))
+            await self._one(engine)
             next_at += self._interval
             delay = next_at - time.monotonic()
             if delay < 0:
@@ -151,15 +155,20 @@ class BusySampler:
             await asyncio.sleep(max(0.0, delay))
 
     def busy(self, start: float, end: float) -> dict[str, dict[str, float]]:
-        """Per engine, within [start, end] (unix seconds): the share of samples with >= 1 running request,
-        mean running and waiting, and the number of samples."""
+        """Per engine, within [start, end] (unix seconds): the share of time with >= 1 running request (each
+        sample holds until the next one: scrapes come late when the engine is busiest, so counting samples
+        alone would under-weigh busy spells), the plain share of samples, mean running and waiting, and the
+        number of samples."""
         out: dict[str, dict[str, float]] = {}
         for e in self._engines:
             rows = [r for r in self.rows if r[1] == e.job_id and start <= r[0] <= end]
             n = len(rows)
+            held = [(b[0] - a[0], a[2]) for a, b in zip(rows, [*rows[1:], (end, "", 0.0, 0.0)], strict=True)]
+            span = sum(d for d, _ in held)
             out[e.job_id] = {
                 "samples": float(n),
-                "busy_fraction": sum(1 for r in rows if r[2] >= 1) / n if n else float("nan"),
+                "busy_fraction": sum(d for d, running in held if running >= 1) / span if span > 0 else float("nan"),
+                "busy_sample_share": sum(1 for r in rows if r[2] >= 1) / n if n else float("nan"),
                 "mean_running": sum(r[2] for r in rows) / n if n else float("nan"),
                 "mean_waiting": sum(r[3] for r in rows) / n if n else float("nan"),
             }

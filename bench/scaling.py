@@ -70,11 +70,13 @@ async def run(probe: BedProbe, users: int, max_tokens: int, hold_after_ready_s: 
         seen = sampler.jobs.get(job_id)
         start = seen.start_time if seen else 0.0
         ready = seen.ready_at if seen else 0.0
+        submit = seen.submit_time if seen else 0.0
         replicas.append({
             "job_id": job_id, "decision_s": at - load_start, "sbatch_at": at - load_start,
-            "slurm_submit_at": (seen.submit_time - load_start) if seen and seen.submit_time else None,
-            "queue_s": (start - at) if start else None,
-            "engine_start_s": (ready - start) if start and ready else None,
+            "slurm_submit_at": (submit - load_start) if submit else None,
+            # Both of Slurm's own times, whole seconds: the sbatch log line may fall either side of them.
+            "queue_s": max(0.0, start - submit) if start and submit else None,
+            "engine_start_s": (ready - max(start, at)) if start and ready else None,
             "ready_s": (ready - load_start) if ready else None,
             "states": seen.states if seen else [],
             "gone_s": (seen.gone_at - load_start) if seen and seen.gone_at else None,
