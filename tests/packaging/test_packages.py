@@ -100,6 +100,9 @@ def test_units_and_plugstack_snippet(tree: Path) -> None:
     assert re.search(r"^ExecStart=/usr/bin/slinfer-controller ", controller, re.M)
     assert re.search(r"^User=slinfer$", controller, re.M)
     assert "u slinfer " in (tree / "usr/lib/sysusers.d/slinfer.conf").read_text()
+    for unit in (agent, controller):
+        (doc,) = re.findall(r"^Documentation=file://(\S+)$", unit, re.M)
+        assert (tree / doc.lstrip("/")).is_file(), doc
 
     lines = [line for line in (tree / "etc/slurm/plugstack.conf.d/slinfer.conf").read_text().splitlines()
              if line and not line.startswith("#")]
