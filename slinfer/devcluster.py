@@ -147,6 +147,8 @@ KillWait=5
 MinJobAge=600
 InactiveLimit=0
 MessageTimeout=20
+# Pings every 20 s: a restarted slurmctld learns soon what slurmd already finished.
+SlurmdTimeout=60
 SchedulerType=sched/backfill
 NodeName={NODE_NAME} NodeAddr=127.0.0.1 NodeHostname={host} CPUs=8 RealMemory=16000 Gres=gpu:{bed.gpus} State=UNKNOWN
 PartitionName=debug Nodes={NODE_NAME} Default=YES MaxTime=INFINITE State=UP

