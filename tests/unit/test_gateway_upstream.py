@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from slinfer.controller import metrics
+from slinfer.controller import metrics, upstream
 from slinfer.controller.upstream import EnginePool, UpstreamError, UpstreamTimeout
 
 Script = Callable[[int], list[bytes] | None]  # request number -> pieces to send (None: close without answer)
@@ -234,3 +234,27 @@ def test_base_url_must_be_host_port():
     with pytest.raises(ValueError, match="HOST:PORT"):
         EnginePool("http://no-port", 5)
     assert EnginePool("http://[::1]:8000", 5).host == "::1"
+
+
+async def test_idle_connections_past_the_limit_are_closed(scripted, monkeypatch):
+    server = scripted(lambda n: [LENGTH_RESPONSE])
+    pool = EnginePool(await server.start(), 5)
+    conns = [(await pool.acquire())[0] for _ in range(3)]
+    for conn in conns:
+        conn.start(pool.request_bytes("/v1/x", "k", b"{}"))
+        await conn.head(5)
+        await conn.read(5)
+    for conn in conns:
+        pool.release(conn)
+    assert server.connections == 3 and not any(c.closed for c in conns)
+    monkeypatch.setattr(upstream, "IDLE_LIMIT_S", 0.0)
+    fresh, reused = await pool.acquire()  # every pooled one is past the limit now
+    assert not reused and all(c.closed for c in conns)
+    fresh.start(pool.request_bytes("/v1/x", "k", b"{}"))
+    await fresh.head(5)
+    await fresh.read(5)
+    monkeypatch.setattr(upstream, "IDLE_LIMIT_S", 4.0)
+    pool.release(fresh)
+    assert server.connections == 4 and not fresh.closed
+    again, reused = await pool.acquire()
+    assert reused and again is fresh
