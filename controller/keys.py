@@ -36,6 +36,17 @@ class KeyInfo:
     created_at: float = 0.0
     # "store" for created keys, "config" for [gateway].api_keys.
     source: str = "store"
+    # The key's own limits (controller/limits.py); None means [gateway]'s default, 0 means none.
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+
+
+def _limit(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a key's limit must be an integer of 0 or more, not {value!r}")
+    return value
 
 
 def _digest(secret: str) -> bytes:
@@ -69,7 +80,9 @@ class KeyStore:
             data = json.loads(self._path.read_text())
             self._stored = [(bytes.fromhex(k["sha256"]),
                              KeyInfo(key_id=k["key_id"], name=k["name"], account=k.get("account", ""),
-                                     created_at=float(k.get("created_at", 0.0))))
+                                     created_at=float(k.get("created_at", 0.0)),
+                                     requests_per_minute=_limit(k.get("requests_per_minute")),
+                                     tokens_per_day=_limit(k.get("tokens_per_day"))))
                             for k in data["keys"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeyStoreError(f"{self._path}: unreadable key file: {exc}") from exc
@@ -92,13 +105,20 @@ class KeyStore:
                 tmp.unlink(missing_ok=True)
             raise KeyStoreError(f"{self._path}: cannot write key file: {exc}") from exc
 
-    def create(self, name: str, account: str = "") -> tuple[str, str]:
+    def create(self, name: str, account: str = "", requests_per_minute: int | None = None,
+               tokens_per_day: int | None = None) -> tuple[str, str]:
         """Makes a new key; returns (key_id, secret). The secret is not kept."""
         if not name or len(name) > 128 or not name.isprintable():
             raise ValueError("a key name must be 1-128 printable characters")
+        if len(account) > 128 or not account.isprintable():
+            raise ValueError("an account must be at most 128 printable characters")
+        for label, value in (("requests per minute", requests_per_minute), ("tokens per day", tokens_per_day)):
+            if value is not None and not 0 <= value < 2**63:
+                raise ValueError(f"{label} must be 0 (no limit) or more")
         key_id = secrets.token_hex(6)
         secret = f"{SECRET_PREFIX}{secrets.token_urlsafe(32)}"
-        entry = (_digest(secret), KeyInfo(key_id=key_id, name=name, account=account, created_at=time.time()))
+        entry = (_digest(secret), KeyInfo(key_id=key_id, name=name, account=account, created_at=time.time(),
+                                          requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day))
         self._stored.append(entry)
         try:
             self._save()
