@@ -142,8 +142,11 @@ class Autoscaler:
 
     def __init__(self, models: Sequence[ModelConfig], registry: Registry, demand: Callable[[str], Demand],
                  slurm: Slurm, clock: Callable[[], float] = time.time, job_name_prefix: str = "slinfer",
-                 settle_s: float = 30.0) -> None:
+                 settle_s: float = 30.0, is_leader: Callable[[], bool] = lambda: True) -> None:
         self._registry = registry
+        # With leader election only the leading controller submits and cancels; a standby watches.
+        self._is_leader = is_leader
+        self._leading = True
         self._demand = demand
         self._slurm = slurm
         self._clock = clock
@@ -228,6 +231,14 @@ class Autoscaler:
             await asyncio.sleep(interval)
 
     async def step(self) -> None:
+        leading = self._is_leader()
+        if leading != self._leading:
+            log.info("autoscaler %s", "leads now: scaling" if leading else "is on standby: another controller leads")
+            self._leading = leading
+            # A new leader first lets the agents' reports and the queue settle, as after a restart.
+            self._started = self._clock()
+        if not leading:
+            return
         try:
             jobs = await self._slurm.jobs()
         except SlurmError as exc:

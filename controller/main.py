@@ -26,7 +26,7 @@ from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.gateway import Gateway
 from slinfer.controller.keys import KeyStore, KeyStoreError
-from slinfer.controller.kubesync import GatewayEndpoint, KubeSync
+from slinfer.controller.kubesync import GatewayEndpoint, KubeSync, LeaderElection
 from slinfer.controller.proxy import Proxy
 from slinfer.controller.queue import WaitQueue
 from slinfer.controller.registry import Registry, RegistryService
@@ -64,7 +64,9 @@ async def serve(config: Config, stop: asyncio.Event,
     gateway = Gateway(config.gateway, config.models, registry, keys,
                       Proxy(config.gateway.connect_timeout_s, config.gateway.read_timeout_s), Balancer(), queue)
     slurm = SlurmClient(c.slurm_bin_dir, job_command=c.job_command, job_output=c.job_output)
-    autoscaler = Autoscaler(config.models, registry, gateway.demand, slurm, job_name_prefix=c.job_name_prefix)
+    kube_sync = _kube_sync(config, registry, slurm) if config.kubernetes.enabled else None
+    autoscaler = Autoscaler(config.models, registry, gateway.demand, slurm, job_name_prefix=c.job_name_prefix,
+                            is_leader=lambda: kube_sync is None or kube_sync.is_leader)
 
     server = grpc.aio.server()
     controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, c.token, c.heartbeat_s), server)
@@ -89,9 +91,8 @@ async def serve(config: Config, stop: asyncio.Event,
                  ", ".join(m.name for m in config.models) or "none", c.agent_timeout_s, c.autoscale_interval_s)
         tasks.append(asyncio.create_task(autoscaler.run(c.autoscale_interval_s), name="autoscaler"))
         tasks.append(asyncio.create_task(_sweep(registry), name="registry-sweep"))
-        if config.kubernetes.enabled:
-            tasks.append(asyncio.create_task(_kube_sync(config, registry, slurm, gateway_port).run(),
-                                             name="kubernetes-sync"))
+        if kube_sync is not None:
+            tasks.append(asyncio.create_task(kube_sync.run(), name="kubernetes-sync"))
         # Everything allocated so far lives as long as the process; keep it out of the collector's scans.
         # Measured with bench/gateway_overhead.py at 1000 concurrent: gen2 pauses went from 85-165 ms to 15 ms.
         gc.collect()
@@ -115,19 +116,19 @@ async def serve(config: Config, stop: asyncio.Event,
         log.info("controller stopped")
 
 
-def _kube_sync(config: Config, registry: Registry, slurm: SlurmClient, gateway_port: int) -> KubeSync:
+def _kube_sync(config: Config, registry: Registry, slurm: SlurmClient) -> KubeSync:
     k = config.kubernetes
-    if k.leader_election:
-        # The autoscaler has no leader gate yet: two elected controllers would both scale.
-        raise StartupError("kubernetes.leader_election: not supported by this controller yet; set it to false "
-                           "and run one controller")
     try:
         api = ClientKubeAPI.from_config(k)
     except KubeError as exc:
         raise StartupError(f"kubernetes: cannot load credentials: {exc}") from exc
+    election = (LeaderElection(api, k.namespace, LeaderElection.default_identity(),
+                               lease_duration_s=k.lease_duration_s) if k.leader_election else None)
+    gateway_port = int(config.gateway.listen.rpartition(":")[2])
     gateway = GatewayEndpoint(k.gateway_address, gateway_port) if k.gateway_address else None
     return KubeSync(api, [m.name for m in config.models], registry, slurm, namespace=k.namespace,
-                    gateway=gateway, gc_grace_s=k.gc_grace_s, interval_s=k.renew_interval_s)
+                    leader_election=election, gateway=gateway, gc_grace_s=k.gc_grace_s,
+                    interval_s=k.renew_interval_s)
 
 
 async def _sweep(registry: Registry) -> None:

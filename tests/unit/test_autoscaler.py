@@ -428,3 +428,18 @@ async def test_waiting_is_logged_once_not_every_step(caplog: pytest.LogCaptureFi
         for _ in range(10):
             await bed.step()
     assert caplog.text.count("wait scale-down delay") == 1
+
+
+
+async def test_a_standby_controller_never_submits_until_it_leads() -> None:
+    bed = Bed()
+    leading = False
+    bed.scaler = Autoscaler([bed.model], bed.registry, lambda m: bed.demand.get(m, Demand()), bed.slurm,
+                            clock=bed.clock, settle_s=0.0, is_leader=lambda: leading)
+    bed.demand["tiny"] = Demand(queued=3)
+    await bed.step()
+    await bed.step()
+    assert bed.slurm.submits == [], "a standby must not submit"
+    leading = True
+    await bed.step()
+    assert bed.slurm.submits == [("tiny", "slinfer-tiny", f"{COMMENT_MARK} model=tiny")]
