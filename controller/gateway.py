@@ -26,10 +26,12 @@ from prometheus_client import CollectorRegistry
 from slinfer.config import GatewayConfig, ModelConfig
 from slinfer.controller import metrics
 from slinfer.controller.balancer import Balancer
-from slinfer.controller.keys import KeyStore
+from slinfer.controller.keys import KeyInfo, KeyStore
+from slinfer.controller.limits import Limiter
 from slinfer.controller.proxy import EngineFailed, EngineTimeout, Proxy
 from slinfer.controller.queue import QueueFull, WaitQueue
 from slinfer.controller.registry import Registry
+from slinfer.controller.usage import Meter, UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ RETRY_AFTER_NO_REPLICA_S = 10
 # reports it dead within a heartbeat or two, and until then every request would try it first, as it has the
 # fewest outstanding.
 ENGINE_COOLDOWN_S = 2.0
+# Where a request keeps its authenticated key (aiohttp's per-request storage), for the usage ledger.
+_KEY = "slinfer.key"
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,11 @@ class Gateway:
     """OpenAI-compatible HTTP server in front of the Registry's engines."""
 
     def __init__(self, config: GatewayConfig, models: Sequence[ModelConfig], registry: Registry,
-                 keys: KeyStore, proxy: Proxy, balancer: Balancer, queue: WaitQueue) -> None:
+                 keys: KeyStore, proxy: Proxy, balancer: Balancer, queue: WaitQueue,
+                 limiter: Limiter | None = None, ledger: UsageLedger | None = None) -> None:
         self._config = config
+        self._limiter = limiter
+        self._ledger = ledger
         self._catalog = {m.name: m for m in models}
         self._registry = registry
         self._keys = keys
@@ -142,18 +149,21 @@ class Gateway:
             await self._proxy.forget(r.base_url for r in self._registry.replicas())
 
     # ---- handlers ----------------------------------------------------------------------------------
-    def _authenticate(self, request: web.Request) -> bool:
+    def _authenticate(self, request: web.Request) -> KeyInfo | None:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and bool(token) and self._keys.verify(token.strip()) is not None
+        if scheme.lower() != "bearer" or not token:
+            return None
+        return self._keys.verify(token.strip())
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         endpoint = ENDPOINTS[request.path]
         model = ""
         status = 500
+        meter = Meter()
         try:
-            response, model = await self._serve(request, endpoint, started)
+            response, model = await self._serve(request, endpoint, started, meter)
             status = response.status
             return response
         except asyncio.CancelledError:
@@ -169,14 +179,24 @@ class Gateway:
             if latency is None:
                 latency = self._latency[(model, endpoint)] = metrics.REQUEST_SECONDS.labels(model, endpoint)
             latency.observe(time.perf_counter() - started)
+            key: KeyInfo | None = request.get(_KEY)
+            if key is not None and self._ledger is not None:
+                self._ledger.record(key.key_id, key.name, key.account, model, status, meter)
 
-    async def _serve(self, request: web.Request, endpoint: str,
-                     started: float) -> tuple[web.StreamResponse, str]:
+    async def _serve(self, request: web.Request, endpoint: str, started: float,
+                     meter: Meter) -> tuple[web.StreamResponse, str]:
         """The response and the model label to count it under ("" unless the model is known: user input
         never becomes a label)."""
-        if not self._authenticate(request):
+        key = self._authenticate(request)
+        if key is None:
             return error_response(401, "Missing or invalid API key (send 'Authorization: Bearer KEY')",
                                   "invalid_request_error", "invalid_api_key"), ""
+        request[_KEY] = key
+        if self._limiter is not None:
+            refusal = self._limiter.check(key)
+            if refusal is not None:
+                type_ = "insufficient_quota" if refusal.code == "insufficient_quota" else "rate_limit_error"
+                return error_response(429, refusal.message, type_, refusal.code, refusal.retry_after_s), ""
         limit = self._config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return _too_large(limit), ""
@@ -184,10 +204,10 @@ class Gateway:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return _too_large(limit), ""
-        return await self._parsed(request, endpoint, body, started)
+        return await self._parsed(request, endpoint, body, started, meter)
 
-    async def _parsed(self, request: web.Request, endpoint: str, body: bytes,
-                      started: float) -> tuple[web.StreamResponse, str]:
+    async def _parsed(self, request: web.Request, endpoint: str, body: bytes, started: float,
+                      meter: Meter) -> tuple[web.StreamResponse, str]:
         try:
             head = _decode_head(body)
         except msgspec.ValidationError as exc:
@@ -207,10 +227,10 @@ class Gateway:
         if config is not None and config.prefix_affinity:
             raw = head.messages if head.messages else head.prompt
             prefix = bytes(raw)[:AFFINITY_PREFIX_BYTES] or None
-        return await self._dispatch(request, model, request.path, body, prefix, started), model
+        return await self._dispatch(request, model, request.path, body, prefix, started, meter), model
 
     async def _dispatch(self, request: web.Request, model: str, path: str, body: bytes, prefix: bytes | None,
-                        started: float) -> web.StreamResponse:
+                        started: float, meter: Meter) -> web.StreamResponse:
         config = self._config
         deadline = started + config.queue_timeout_s
         tried: frozenset[str] = frozenset()
@@ -254,7 +274,14 @@ class Gateway:
             replica.outstanding += 1
             self._in_flight[model] = self._in_flight.get(model, 0) + 1
             try:
-                return await self._proxy.forward(request, replica, path, body, self._ttft_child(model), started)
+                if self._ledger is None:
+                    return await self._proxy.forward(request, replica, path, body, self._ttft_child(model),
+                                                     started)
+                response = await self._proxy.forward(request, replica, path, body, self._ttft_child(model),
+                                                     started, meter.feed_chunk)
+                if type(response) is web.Response and isinstance(response.body, bytes):
+                    meter.feed_body(response.body)
+                return response
             except EngineFailed as exc:
                 failures += 1
                 log.warning("%s request failed on engine %s (%s), attempt %d of %d: %s", model, replica.job_id,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from prometheus_client.metrics import Histogram
@@ -88,10 +88,12 @@ class Proxy:
         raise AssertionError("unreachable")
 
     async def forward(self, request: web.Request, replica: Replica, path: str, body: bytes,
-                      ttft: Histogram | None = None, started: float = 0.0) -> web.StreamResponse:
+                      ttft: Histogram | None = None, started: float = 0.0,
+                      tap: Callable[[bytes], None] | None = None) -> web.StreamResponse:
         """Sends `body` to the engine's `path` and returns the response for the client.
 
-        A streamed answer is already prepared and relayed in full when this returns.
+        A streamed answer is already prepared and relayed in full when this returns; `tap` sees each of its
+        chunks as relayed (the usage meter).
         """
         pool = self._pool(replica)
         conn = await self._send(pool, replica, pool.request_bytes(path, replica.api_key, body))
@@ -106,12 +108,13 @@ class Proxy:
                     raise EngineFailed(f"engine {replica.job_id} died before its answer was complete: "
                                        f"{exc}") from exc
                 return web.Response(body=data, status=conn.status, headers={"Content-Type": content_type})
-            return await self._relay(request, conn, replica, content_type, ttft, started)
+            return await self._relay(request, conn, replica, content_type, ttft, started, tap)
         finally:
             pool.release(conn)
 
     async def _relay(self, request: web.Request, conn: EngineConnection, replica: Replica, content_type: str,
-                     ttft: Histogram | None, started: float) -> web.StreamResponse:
+                     ttft: Histogram | None, started: float,
+                     tap: Callable[[bytes], None] | None) -> web.StreamResponse:
         try:
             first = await conn.chunk(self._read_timeout)
         except UpstreamTimeout as exc:
@@ -126,6 +129,8 @@ class Proxy:
         if ttft is not None:
             ttft.observe(time.perf_counter() - started)
         await out.write(first)
+        if tap is not None:
+            tap(first)
         while True:
             # Only the engine's side is caught: a client that left raises out of write() and ends the relay.
             try:
@@ -139,5 +144,7 @@ class Proxy:
             if not chunk:
                 break
             await out.write(chunk)
+            if tap is not None:
+                tap(chunk)
         await out.write_eof()
         return out

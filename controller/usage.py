@@ -1,0 +1,277 @@
+"""The usage ledger: requests and tokens per client key, model and Slurm account, kept on disk append-only.
+
+Responsible for: counting each answered request of an authenticated key (requests, failed ones, prompt and
+completion tokens), summing them in memory per (UTC day, key, account, model) and appending those sums to
+`STATE_DIR/usage/usage-YYYY-MM-DD.jsonl` every `flush_s` (one line per sum and interval, never rewritten);
+answering how many tokens a key used today (the quota of controller/limits.py) and what was used since a time
+(`slinfer usage`). `Meter` reads the token counts of one answer: the engine's `usage` object of a JSON body or
+of a stream's final chunk (`stream_options.include_usage`), else one completion token per content chunk of
+the stream (then the request is counted as `estimated`, with no prompt tokens).
+Not responsible for: refusing requests (limits.py), authenticating keys, or Prometheus metrics.
+
+Memory is bounded by what is pending (sums of at most one flush interval) and one total per key for today,
+whatever the request rate. A crash loses at most the last interval; a write error keeps the sums in memory
+and retries at the next flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import msgspec
+
+log = logging.getLogger(__name__)
+
+DAY_S = 86400
+_FILE = re.compile(r"^usage-(\d{4}-\d{2}-\d{2})\.jsonl$")
+# A stream's bytes after its last complete event are kept until the rest arrives; an engine's events are
+# far smaller than this, so more means a malformed stream and counting stops rather than growing.
+MAX_EVENT_BYTES = 1 << 20
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _WithUsage(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_decode_usage = msgspec.json.Decoder(_WithUsage).decode
+
+
+class Meter:
+    """The token counts of one request's answer, fed its JSON body or its SSE chunks as they are relayed."""
+
+    __slots__ = ("_carry", "completion_tokens", "estimated", "prompt_tokens", "reported")
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.reported = False  # the engine said its counts
+        self.estimated = False  # counted from chunks
+        self._carry = b""
+
+    def feed_body(self, body: bytes) -> None:
+        try:
+            usage = _decode_usage(body).usage
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if usage is not None:
+            self.prompt_tokens, self.completion_tokens, self.reported = (usage.prompt_tokens,
+                                                                          usage.completion_tokens, True)
+
+    def feed_chunk(self, chunk: bytes) -> None:
+        data = self._carry + chunk if self._carry else chunk
+        events = data.split(b"\n\n")
+        self._carry = events.pop()
+        if len(self._carry) > MAX_EVENT_BYTES:
+            self._carry = b""
+        for event in events:
+            event = event.strip()
+            if not event.startswith(b"data:"):
+                continue
+            if b'"usage"' in event and b'"prompt_tokens"' in event:
+                self.feed_body(event[5:])
+                if self.reported:
+                    self.estimated = False
+                    continue
+            if self.reported or event.endswith(b"[DONE]") or b'"error"' in event[:16]:
+                continue
+            # vLLM sends one chunk per generated token; its first chat chunk carries only the role.
+            if b'"content":""' in event or b'"text":""' in event:
+                continue
+            self.completion_tokens += 1
+            self.estimated = True
+
+
+@dataclass
+class UsageRow:
+    """Sums for one key and model: a line of the ledger, or a day of `query`'s answer."""
+
+    day: str  # YYYY-MM-DD, UTC
+    key_id: str
+    account: str
+    model: str
+    requests: int = 0
+    failed: int = 0  # answered with a status of 400 or more, or left by the client
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: int = 0  # requests whose tokens were counted from stream chunks
+    key_name: str = ""
+    start: float = 0.0  # unix seconds of the first request summed here
+    end: float = 0.0  # ... and of the last
+
+    def add(self, other: UsageRow) -> None:
+        self.requests += other.requests
+        self.failed += other.failed
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.estimated += other.estimated
+        self.start = min(self.start, other.start) if self.start else other.start
+        self.end = max(self.end, other.end)
+
+
+_ROW_FIELDS = {f.name for f in fields(UsageRow)}
+
+
+def day_of(t: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+class UsageLedger:
+    """Per-key usage, summed in memory and appended to daily files under `folder`."""
+
+    def __init__(self, folder: str | Path, flush_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
+        self._folder = Path(folder)
+        self._flush_s = flush_s
+        self._clock = clock
+        self._pending: dict[tuple[str, str, str, str], UsageRow] = {}
+        self._today = ""
+        self._today_tokens: dict[str, int] = {}
+        self.write_errors = 0
+        self._folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._roll(self._clock())
+
+    # ---- the gateway's side ------------------------------------------------------------------------------
+    def record(self, key_id: str, key_name: str, account: str, model: str, status: int, meter: Meter) -> None:
+        now = self._clock()
+        day = day_of(now)
+        if day != self._today:
+            self._roll(now)
+        slot = (day, key_id, account, model)
+        row = self._pending.get(slot)
+        if row is None:
+            row = self._pending[slot] = UsageRow(day=day, key_id=key_id, account=account, model=model,
+                                                 key_name=key_name, start=now)
+        row.end = now
+        row.requests += 1
+        if status >= 400:
+            row.failed += 1
+        tokens = meter.prompt_tokens + meter.completion_tokens
+        if tokens:
+            row.prompt_tokens += meter.prompt_tokens
+            row.completion_tokens += meter.completion_tokens
+            self._today_tokens[key_id] = self._today_tokens.get(key_id, 0) + tokens
+        if meter.estimated:
+            row.estimated += 1
+
+    def tokens_today(self, key_id: str) -> int:
+        if day_of(self._clock()) != self._today:
+            self._roll(self._clock())
+        return self._today_tokens.get(key_id, 0)
+
+    # ---- persistence -------------------------------------------------------------------------------------
+    def _path(self, day: str) -> Path:
+        return self._folder / f"usage-{day}.jsonl"
+
+    def _roll(self, now: float) -> None:
+        """A new UTC day: today's totals start from what today's file already holds (a restarted controller)."""
+        self._today = day_of(now)
+        totals: dict[str, int] = {}
+        for row in self._read(self._path(self._today)):
+            totals[row.key_id] = totals.get(row.key_id, 0) + row.prompt_tokens + row.completion_tokens
+        for row in self._pending.values():
+            if row.day == self._today:
+                totals[row.key_id] = totals.get(row.key_id, 0) + row.prompt_tokens + row.completion_tokens
+        self._today_tokens = totals
+
+    def flush(self) -> None:
+        """Appends the pending sums to their day's file; on an error they stay pending."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        by_day: dict[str, list[UsageRow]] = {}
+        for row in pending.values():
+            by_day.setdefault(row.day, []).append(row)
+        for day, rows in by_day.items():
+            text = "".join(json.dumps(row.__dict__, separators=(",", ":")) + "\n" for row in rows)
+            path = self._path(day)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, text.encode())
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self.write_errors += 1
+                log.error("usage ledger: cannot append %d sums to %s (kept in memory, retried in %.0f s): %s",
+                          len(rows), path, self._flush_s, exc)
+                for row in rows:
+                    slot = (row.day, row.key_id, row.account, row.model)
+                    again = self._pending.get(slot)
+                    if again is None:
+                        self._pending[slot] = row
+                    else:
+                        row.add(again)
+                        self._pending[slot] = row
+
+    async def run(self) -> None:
+        """Flushes every `flush_s` until cancelled, then once more."""
+        try:
+            while True:
+                await asyncio.sleep(self._flush_s)
+                self.flush()
+        finally:
+            self.flush()
+
+    # ---- reading back ------------------------------------------------------------------------------------
+    def _read(self, path: Path) -> Iterator[UsageRow]:
+        try:
+            f = path.open()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("usage ledger: cannot read %s: %s", path, exc)
+            return
+        bad = 0
+        with f:
+            for line in f:
+                try:
+                    data = json.loads(line)
+                    row = UsageRow(**{k: v for k, v in data.items() if k in _ROW_FIELDS})
+                except (ValueError, TypeError):
+                    bad += 1  # a line cut by a crash mid-write
+                    continue
+                yield row
+        if bad:
+            log.warning("usage ledger: %d unreadable line(s) in %s skipped", bad, path)
+
+    def query(self, key_id: str = "", since: float = 0.0, until: float = 0.0) -> list[UsageRow]:
+        """Sums per (day, key, account, model) of the sums that started at or after `since` (and before
+        `until` when it is set), pending ones included. Reads files: run it off the event loop."""
+        since_day = day_of(since) if since else ""
+        until_day = day_of(until) if until else ""
+        totals: dict[tuple[str, str, str, str], UsageRow] = {}
+        sources: list[UsageRow] = []
+        for path in sorted(self._folder.iterdir()):
+            m = _FILE.match(path.name)
+            if m is None or (since_day and m.group(1) < since_day) or (until_day and m.group(1) > until_day):
+                continue
+            sources.extend(self._read(path))
+        sources.extend(UsageRow(**row.__dict__) for row in list(self._pending.values()))
+        for row in sources:
+            if (key_id and row.key_id != key_id) or row.start < since or (until and row.start >= until):
+                continue
+            slot = (row.day, row.key_id, row.account, row.model)
+            total = totals.get(slot)
+            if total is None:
+                totals[slot] = UsageRow(**row.__dict__)
+            else:
+                total.add(row)
+                total.key_name = total.key_name or row.key_name
+        return [totals[s] for s in sorted(totals)]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.flush()
