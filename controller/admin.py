@@ -1,15 +1,16 @@
-"""The admin gRPC service (`proto/slinfer/v1/admin.proto`) behind `slinfer status|scale|drain|keys`.
+"""The admin gRPC service (`proto/slinfer/v1/admin.proto`) behind `slinfer status|scale|drain|keys|usage`.
 
 Responsible for: authenticating each call with `[controller].token` (when set), translating requests into calls
-on the Autoscaler, the Registry and the KeyStore, and their failures into gRPC status codes with a readable
-message. Not responsible for: any decision (the autoscaler decides, this only forwards the admin's wish) or
-formatting for people (the CLI does).
+on the Autoscaler, the Registry, the KeyStore and the UsageLedger, and their failures into gRPC status codes
+with a readable message. Not responsible for: any decision (the autoscaler decides, this only forwards the
+admin's wish) or formatting for people (the CLI does).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from slinfer.controller.autoscaler import Autoscaler, ModelStatus
 from slinfer.controller.keys import KeyStore, KeyStoreError
 from slinfer.controller.registry import Registry
 from slinfer.controller.slurm import JOB_ID
+from slinfer.controller.usage import UsageLedger
 from slinfer.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     """The Admin servicer (grpc.aio); register it with `admin_pb2_grpc.add_AdminServicer_to_server`."""
 
     def __init__(self, autoscaler: Autoscaler, registry: Registry, keys: KeyStore, token: str = "",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, usage: UsageLedger | None = None) -> None:
         self._autoscaler = autoscaler
+        self._usage = usage
         self._registry = registry
         self._keys = keys
         self._token = token.encode()
@@ -108,7 +111,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                         context: grpc.aio.ServicerContext) -> admin_pb2.CreateKeyResponse:
         await self._authorize(context)
         try:
-            key_id, secret = self._keys.create(request.name, request.account)
+            key_id, secret = self._keys.create(
+                request.name, request.account,
+                request.requests_per_minute if request.HasField("requests_per_minute") else None,
+                request.tokens_per_day if request.HasField("tokens_per_day") else None)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KeyStoreError as exc:
@@ -120,7 +126,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         await self._authorize(context)
         return admin_pb2.ListKeysResponse(keys=[
             admin_pb2.KeyInfo(key_id=k.key_id, name=k.name, account=k.account, created_at=k.created_at,
-                              source=k.source) for k in self._keys.list()])
+                              source=k.source, requests_per_minute=k.requests_per_minute,
+                              tokens_per_day=k.tokens_per_day) for k in self._keys.list()])
 
     async def RevokeKey(self, request: admin_pb2.RevokeKeyRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.RevokeKeyResponse:
@@ -135,3 +142,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not found:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no key {request.key_id!r}")
         return admin_pb2.RevokeKeyResponse()
+
+    async def Usage(self, request: admin_pb2.UsageRequest,
+                    context: grpc.aio.ServicerContext) -> admin_pb2.UsageResponse:
+        await self._authorize(context)
+        if self._usage is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this controller keeps no usage ledger")
+        for name in ("since", "until"):
+            value = getattr(request, name)
+            if not math.isfinite(value) or value < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be unix seconds, not {value}")
+        if request.until and request.until <= request.since:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "until must be later than since")
+        assert self._usage is not None
+        rows = await self._usage.query_async(request.key_id, request.since, request.until)
+        return admin_pb2.UsageResponse(rows=[admin_pb2.UsageRow(
+            day=r.day, key_id=r.key_id, key_name=r.key_name, account=r.account, model=r.model, requests=r.requests,
+            failed=r.failed, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+            estimated=r.estimated) for r in rows])

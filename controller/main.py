@@ -27,10 +27,12 @@ from slinfer.controller.balancer import Balancer
 from slinfer.controller.gateway import Gateway
 from slinfer.controller.keys import KeyStore, KeyStoreError
 from slinfer.controller.kubesync import GatewayEndpoint, KubeSync, LeaderElection
+from slinfer.controller.limits import KeyLimits, Limiter
 from slinfer.controller.proxy import Proxy
 from slinfer.controller.queue import WaitQueue
 from slinfer.controller.registry import Registry, RegistryService
 from slinfer.controller.slurm import SlurmClient
+from slinfer.controller.usage import UsageLedger
 from slinfer.kubeapi import ClientKubeAPI, KubeError
 from slinfer.v1 import admin_pb2_grpc, controller_pb2_grpc
 
@@ -60,9 +62,14 @@ async def serve(config: Config, stop: asyncio.Event,
         keys = KeyStore(Path(c.state_dir) / "keys.json", config.gateway.api_keys)
     except KeyStoreError as exc:
         raise StartupError(str(exc)) from exc
+    g = config.gateway
+    ledger = UsageLedger(Path(c.state_dir) / "usage", g.usage_flush_s)
+    limiter = Limiter(KeyLimits(g.key_requests_per_minute, g.key_burst, g.key_tokens_per_day),
+                      ledger.tokens_today)
     queue = WaitQueue(config.gateway.queue_size)
     gateway = Gateway(config.gateway, config.models, registry, keys,
-                      Proxy(config.gateway.connect_timeout_s, config.gateway.read_timeout_s), Balancer(), queue)
+                      Proxy(config.gateway.connect_timeout_s, config.gateway.read_timeout_s), Balancer(), queue,
+                      limiter, ledger)
     slurm = SlurmClient(c.slurm_bin_dir, job_command=c.job_command, job_output=c.job_output)
     kube_sync = _kube_sync(config, registry, slurm) if config.kubernetes.enabled else None
     autoscaler = Autoscaler(config.models, registry, gateway.demand, slurm, job_name_prefix=c.job_name_prefix,
@@ -71,7 +78,7 @@ async def serve(config: Config, stop: asyncio.Event,
     server = grpc.aio.server()
     controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, c.token, c.heartbeat_s), server)
     admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminService(autoscaler=autoscaler, registry=registry, keys=keys, token=c.token), server)
+        AdminService(autoscaler=autoscaler, registry=registry, keys=keys, token=c.token, usage=ledger), server)
     try:
         grpc_port = server.add_insecure_port(c.listen)
     except RuntimeError as exc:
@@ -91,6 +98,7 @@ async def serve(config: Config, stop: asyncio.Event,
                  ", ".join(m.name for m in config.models) or "none", c.agent_timeout_s, c.autoscale_interval_s)
         tasks.append(asyncio.create_task(autoscaler.run(c.autoscale_interval_s), name="autoscaler"))
         tasks.append(asyncio.create_task(_sweep(registry), name="registry-sweep"))
+        tasks.append(asyncio.create_task(ledger.run(), name="usage-ledger"))
         if kube_sync is not None:
             tasks.append(asyncio.create_task(kube_sync.run(), name="kubernetes-sync"))
         # Everything allocated so far lives as long as the process; keep it out of the collector's scans.
@@ -112,6 +120,7 @@ async def serve(config: Config, stop: asyncio.Event,
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await gateway.stop()
+        ledger.close()  # what the last requests used
         await server.stop(grace=2.0)
         log.info("controller stopped")
 

@@ -140,7 +140,6 @@ class UsageLedger:
         self._today = ""
         self._today_tokens: dict[str, int] = {}
         self.write_errors = 0
-        self._folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._roll(self._clock())
 
     # ---- the gateway's side ------------------------------------------------------------------------------
@@ -198,6 +197,7 @@ class UsageLedger:
             text = "".join(json.dumps(row.__dict__, separators=(",", ":")) + "\n" for row in rows)
             path = self._path(day)
             try:
+                self._folder.mkdir(mode=0o700, parents=True, exist_ok=True)
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
                     os.write(fd, text.encode())
@@ -249,17 +249,31 @@ class UsageLedger:
 
     def query(self, key_id: str = "", since: float = 0.0, until: float = 0.0) -> list[UsageRow]:
         """Sums per (day, key, account, model) of the sums that started at or after `since` (and before
-        `until` when it is set), pending ones included. Reads files: run it off the event loop."""
+        `until` when it is set), pending ones included. Reads files: on the event loop, use `query_async`."""
+        return self._query(self._snapshot(), key_id, since, until)
+
+    async def query_async(self, key_id: str = "", since: float = 0.0, until: float = 0.0) -> list[UsageRow]:
+        """`query`, reading the files in a thread so that the gateway keeps serving meanwhile."""
+        return await asyncio.to_thread(self._query, self._snapshot(), key_id, since, until)
+
+    def _snapshot(self) -> list[UsageRow]:
+        return [UsageRow(**row.__dict__) for row in self._pending.values()]
+
+    def _query(self, pending: list[UsageRow], key_id: str, since: float, until: float) -> list[UsageRow]:
         since_day = day_of(since) if since else ""
         until_day = day_of(until) if until else ""
         totals: dict[tuple[str, str, str, str], UsageRow] = {}
         sources: list[UsageRow] = []
-        for path in sorted(self._folder.iterdir()):
+        try:
+            paths = sorted(self._folder.iterdir())
+        except FileNotFoundError:
+            paths = []
+        for path in paths:
             m = _FILE.match(path.name)
             if m is None or (since_day and m.group(1) < since_day) or (until_day and m.group(1) > until_day):
                 continue
             sources.extend(self._read(path))
-        sources.extend(UsageRow(**row.__dict__) for row in list(self._pending.values()))
+        sources.extend(pending)
         for row in sources:
             if (key_id and row.key_id != key_id) or row.start < since or (until and row.start >= until):
                 continue

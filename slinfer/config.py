@@ -71,6 +71,15 @@ class GatewayConfig:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
     retries: int = 2
+    # Limits of each client key unless the key has its own (`slinfer keys create --rpm N --tokens-per-day N`);
+    # 0 means no limit. A refused request gets 429 with Retry-After.
+    key_requests_per_minute: int = 0
+    # Requests a key may send at once before its rate applies; 0 means a full minute's worth.
+    key_burst: int = 0
+    # Prompt plus completion tokens per key per UTC day.
+    key_tokens_per_day: int = 0
+    # How often the usage ledger appends its sums under [controller].state_dir; a crash loses at most this.
+    usage_flush_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -267,6 +276,11 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     )
     _check_listen("controller.listen", config.controller.listen)
     _check_listen("gateway.listen", config.gateway.listen)
+    for name in ("key_requests_per_minute", "key_burst", "key_tokens_per_day"):
+        if getattr(config.gateway, name) < 0:
+            raise ConfigError(f"gateway.{name}", "must be 0 (no limit) or more")
+    if config.gateway.usage_flush_s <= 0:
+        raise ConfigError("gateway.usage_flush_s", "must be above 0")
     lo_hi = config.agent.port_range
     if len(lo_hi) != 2 or not 1024 <= lo_hi[0] <= lo_hi[1] <= 65535:
         raise ConfigError("agent.port_range", "must be [LOW, HIGH] within 1024..65535")
