@@ -1,4 +1,5 @@
-"""The administrator's commands of `slinfer`: status, scale, drain and keys, spoken to the controller's Admin API.
+"""The administrator's commands of `slinfer`: status, scale, drain, keys and usage, spoken to the controller's Admin
+API.
 
 Responsible for: parsing the commands, finding the controller (`--controller`, else $SLINFER_CONTROLLER, else
 `[controller].address` of the config) and its token, calling the Admin service, and printing readable tables.
@@ -8,7 +9,12 @@ Not responsible for: deciding anything (the controller does) or reading Slurm it
 from __future__ import annotations
 
 import argparse
+import calendar
+import csv
+import io
+import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -50,12 +56,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = ksub.add_parser("create", parents=[common], help="make a key; its secret is shown once")
     p.add_argument("name")
     p.add_argument("--account", default="", help="the Slurm account the key's use is attributed to")
+    p.add_argument("--rpm", type=_count, metavar="N",
+                   help="requests per minute for this key (0: no limit; default: [gateway].key_requests_per_minute)")
+    p.add_argument("--tokens-per-day", type=_count, metavar="N",
+                   help="prompt plus completion tokens per UTC day (0: no limit; default: "
+                        "[gateway].key_tokens_per_day)")
     p.set_defaults(func=_keys_create)
     p = ksub.add_parser("list", parents=[common], help="list keys (never their secrets)")
     p.set_defaults(func=_keys_list)
     p = ksub.add_parser("revoke", parents=[common], help="revoke a key by its id")
     p.add_argument("key_id")
     p.set_defaults(func=_keys_revoke)
+
+    p = sub.add_parser("usage", parents=[common],
+                       help="requests and tokens per key, model and Slurm account, per UTC day")
+    p.add_argument("--key", default="", metavar="ID", help="only this key")
+    p.add_argument("--since", type=_when_arg, default=0.0, metavar="WHEN",
+                   help="YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS] (UTC), or an age such as 7d, 12h, 30m")
+    p.add_argument("--until", type=_when_arg, default=0.0, metavar="WHEN", help="as --since; default now")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=_usage)
 
 
 # ---- talking to the controller ------------------------------------------------------------------------------
@@ -122,17 +142,21 @@ def _drain(args: argparse.Namespace) -> int:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    reply: admin_pb2.CreateKeyResponse = _call(
-        args, "CreateKey", admin_pb2.CreateKeyRequest(name=args.name, account=args.account))
+    request = admin_pb2.CreateKeyRequest(name=args.name, account=args.account)
+    if args.rpm is not None:
+        request.requests_per_minute = args.rpm
+    if args.tokens_per_day is not None:
+        request.tokens_per_day = args.tokens_per_day
+    reply: admin_pb2.CreateKeyResponse = _call(args, "CreateKey", request)
     sys.stdout.write(f"key id: {reply.key_id}\nsecret: {reply.secret}\n(the secret is not stored; keep it now)\n")
     return 0
 
 
 def _keys_list(args: argparse.Namespace) -> int:
     reply: admin_pb2.ListKeysResponse = _call(args, "ListKeys", admin_pb2.ListKeysRequest())
-    rows = [[k.key_id, k.name, k.account or "-", _when(k.created_at) if k.created_at else "-", k.source]
-            for k in reply.keys]
-    sys.stdout.write(_table(["ID", "NAME", "ACCOUNT", "CREATED", "SOURCE"], rows))
+    rows = [[k.key_id, k.name, k.account or "-", _when(k.created_at) if k.created_at else "-", k.source,
+             _limit(k, "requests_per_minute"), _limit(k, "tokens_per_day")] for k in reply.keys]
+    sys.stdout.write(_table(["ID", "NAME", "ACCOUNT", "CREATED", "SOURCE", "RPM", "TOKENS/DAY"], rows))
     return 0
 
 
@@ -140,6 +164,69 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     _call(args, "RevokeKey", admin_pb2.RevokeKeyRequest(key_id=args.key_id))
     sys.stdout.write(f"key {args.key_id} revoked\n")
     return 0
+
+
+USAGE_COLUMNS = ("day", "key_id", "key_name", "account", "model", "requests", "failed", "prompt_tokens",
+                 "completion_tokens", "estimated")
+
+
+def _usage(args: argparse.Namespace) -> int:
+    if args.until and args.until <= args.since:
+        raise RuntimeError("usage: --until must be later than --since")
+    reply: admin_pb2.UsageResponse = _call(
+        args, "Usage", admin_pb2.UsageRequest(key_id=args.key, since=args.since, until=args.until))
+    sys.stdout.write(render_usage(reply, args.format))
+    return 0
+
+
+def render_usage(reply: admin_pb2.UsageResponse, fmt: str) -> str:
+    records = [{c: getattr(r, c) for c in USAGE_COLUMNS} for r in reply.rows]
+    if fmt == "json":
+        return json.dumps(records, indent=1) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=USAGE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        return out.getvalue()
+    if not records:
+        return "(no usage recorded)\n"
+    return _table([c.upper() for c in USAGE_COLUMNS], [[str(r[c]) or "-" for c in USAGE_COLUMNS] for r in records])
+
+
+# ---- arguments ----------------------------------------------------------------------------------------------
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (0 means no limit)")
+    return value
+
+
+_AGE = re.compile(r"^(\d+)([dhm])$")
+
+
+def _when_arg(text: str, now: float | None = None) -> float:
+    """Unix seconds from a UTC date or time, or from an age before now."""
+    m = _AGE.match(text)
+    if m:
+        unit = {"d": 86400, "h": 3600, "m": 60}[m.group(2)]
+        return (now if now is not None else time.time()) - int(m.group(1)) * unit
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            return float(calendar.timegm(time.strptime(text, fmt)))
+        except ValueError:
+            continue
+    raise argparse.ArgumentTypeError(f"{text!r} is neither YYYY-MM-DD[THH:MM[:SS]] (UTC) nor an age like 7d, 12h, 30m")
+
+
+def _limit(key: admin_pb2.KeyInfo, name: str) -> str:
+    if not key.HasField(name):
+        return "default"
+    value = getattr(key, name)
+    return str(value) if value else "none"
 
 
 # ---- rendering ----------------------------------------------------------------------------------------------
