@@ -46,7 +46,7 @@ RETRY_AFTER_NO_REPLICA_S = 10
 # fewest outstanding.
 ENGINE_COOLDOWN_S = 2.0
 # Where a request keeps its authenticated key (aiohttp's per-request storage), for the usage ledger.
-_KEY = "slinfer.key"
+_KEY = web.RequestKey("slinfer.key", KeyInfo)
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class Gateway:
             if latency is None:
                 latency = self._latency[(model, endpoint)] = metrics.REQUEST_SECONDS.labels(model, endpoint)
             latency.observe(time.perf_counter() - started)
-            key: KeyInfo | None = request.get(_KEY)
+            key = request.get(_KEY)
             if key is not None and self._ledger is not None:
                 self._ledger.record(key.key_id, key.name, key.account, model, status, meter)
 
