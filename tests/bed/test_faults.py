@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from slinfer import devcluster
-from tests.slurmbed import SlurmBed, wait_no_engine
+from tests.slurmbed import SlurmBed, engine_pids, wait_no_engine
 
 MODEL = "tiny"
 MESSAGES = [{"role": "user", "content": "Write a long story about a cluster."}]
@@ -151,11 +151,16 @@ def test_time_limit_mid_stream_ends_each_stream_with_an_error_event(bed: SlurmBe
     _wait_routable(bed)
     started = time.monotonic()
     outcomes: Counter[str] = Counter()
-    # Rounds of streams back to back until Slurm's time limit (checked every ~30 s) ends the job under them;
-    # streams that find no engine any more are refused after their short timeout.
-    while bed.state(job) == "RUNNING" and time.monotonic() - started < 180:
-        with ThreadPoolExecutor(4) as pool:
-            outcomes.update(pool.map(lambda _: _stream(bed, timeout=20), range(4)))
+
+    def worker(offset: float) -> None:
+        # Staggered back-to-back streams, so that some are always mid-way when Slurm's time limit (checked every
+        # ~30 s) ends the job and its epilog stops the engine; later ones find no engine and are refused.
+        time.sleep(offset)
+        while engine_pids(job) and time.monotonic() - started < 180:
+            outcomes[_stream(bed, timeout=20)] += 1
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(worker, [0.0, 0.7, 1.4, 2.1]))
     print(f"\ntime limit mid-stream: {dict(outcomes)}, job {bed.state(job)}")
     assert bed.wait_state(job, {"TIMEOUT"}, 60) == "TIMEOUT"
     assert outcomes["SILENTLY TRUNCATED"] == 0
