@@ -109,12 +109,13 @@ def _seed(r: dict[str, Any], standin: str) -> str:
                "The gateway's own cost is measured without a slow engine below.\n")
     out.append(_table(["concurrent", "mean (ms)", "p50 (ms)", "p99 (ms)", "TTFT p50 (ms)",
                        "mean overhead / seed's 0.5 s", "direct burst-to-burst spread (ms)"], rows))
-    busy = [f"{int(x['level'])} {x['path']}{' stream' if x['stream'] else ''}: {100 * x['engine_busy_fraction']:.0f}%"
-            for x in r["rows"] if isinstance(x["engine_busy_fraction"], float)
-            and not math.isnan(x["engine_busy_fraction"])]
-    out.append("\nEngine busy during each burst (share of the burst's time with a running request, from samples "
-               "every 0.1 s; a short burst has few samples): "
-               + "; ".join(busy) + ".\n")
+    busy = [x["engine_busy_fraction"] for x in r["rows"]
+            if isinstance(x["engine_busy_fraction"], float) and not math.isnan(x["engine_busy_fraction"])]
+    if busy:
+        out.append(f"\nEngine busy during the bursts: {100 * min(busy):.0f} to {100 * max(busy):.0f}% of each burst's "
+                   "time (per burst in `results.json`). Indicative only: a burst lasts 0.4 to 4 s, and vLLM answers "
+                   "/metrics from the same event loop that is busy relaying the burst, so samples come late and "
+                   "few. Part 4 measures the busy fraction over a sustained load.\n")
     out.append("\n![seed table](seed_table.png)\n")
     if standin.strip():
         out.append("\n### The gateway's own cost, against the fast engine stand-in\n\n"
@@ -169,7 +170,11 @@ def _routing(rows: list[dict[str, Any]]) -> str:
                        "prefix-cache hits", "requests per engine", "errors"], table))
     out.append("\nPrefix-cache hits are vLLM's own counters (`vllm:prefix_cache_hits` / `..._queries`, in prompt "
                "tokens) summed over both engines. The engines' KV cache (1 GiB) holds every prompt of the run, "
-               "so what a policy can save is each prefix's first prefill on the second engine.\n")
+               "so what a policy can save is each prefix's first prefill on the second engine: with 4 requests "
+               "per prompt, a prompt split over both engines hits at most 2 times in 4, one kept on one engine "
+               "3 times in 4 (vLLM caches whole blocks, so a hit covers most but not all of a prompt's tokens). "
+               "Prefix affinity's bound on load (an engine above 1.25 times the mean outstanding passes the request "
+               "on) sends part of a prompt's requests to the other engine.\n")
     out.append("![routing](routing.png)\n")
     return "\n".join(out)
 

@@ -128,7 +128,7 @@ async def _measure(probe: BedProbe, args: argparse.Namespace, base_config: str, 
         probe.restart_controller(text, balancer)
         await probe.pin(2)
         await probe.wait_routable(2, 60)
-        routed.append(await routing.run(probe, policy, groups=16 if q else 128, per_group=4, users=32,
+        routed.append(await routing.run(probe, policy, groups=16 if q else 256, per_group=4, users=32,
                                         max_tokens=16))
     if 3 in parts:
         probe.restart_controller(base_config)
@@ -192,6 +192,7 @@ def main() -> int:
             log.info("a bed is already up in %s: taking it down first", bed.state)
             devcluster.down(bed)
         _wait_ports_free(bed)
+        (bed.logs / "controller.out").unlink(missing_ok=True)  # this run's log only (launch appends)
         devcluster.up(bed, controller=False)
         base = bed.config.read_text().replace("[gateway]\n", "[gateway]\n" + GATEWAY_ROOM, 1)
         bed.config.write_text(base)
