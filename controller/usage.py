@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DAY_S = 86400
 _FILE = re.compile(r"^usage-(\d{4}-\d{2}-\d{2})\.jsonl$")
+_EMPTY = re.compile(rb'"(?:content|text)":\s*""')
 # A stream's bytes after its last complete event are kept until the rest arrives; an engine's events are
 # far smaller than this, so more means a malformed stream and counting stops rather than growing.
 MAX_EVENT_BYTES = 1 << 20
@@ -89,7 +90,7 @@ class Meter:
             if self.reported or event.endswith(b"[DONE]") or b'"error"' in event[:16]:
                 continue
             # vLLM sends one chunk per generated token; its first chat chunk carries only the role.
-            if b'"content":""' in event or b'"text":""' in event:
+            if _EMPTY.search(event) is not None:
                 continue
             self.completion_tokens += 1
             self.estimated = True
