@@ -36,11 +36,12 @@ class Balancer:
         self._turn: dict[str, int] = {}
 
     def pick(self, replicas: Sequence[Replica], prefix: bytes | None = None, exclude: Collection[str] = (),
-             limit: int = 0) -> Replica | None:
-        """The engine for a request, or None when every candidate is excluded or at `limit` outstanding."""
+             limit: int = 0, policy: str | None = None) -> Replica | None:
+        """The engine for a request, or None when every candidate is excluded or at `limit` outstanding.
+        `policy` (a model's `[[models]].balancer`) overrides the balancer's default."""
         if prefix:
             return self._pick_affine(replicas, prefix, exclude, limit)
-        if self._policy == ROUND_ROBIN:
+        if (policy or self._policy) == ROUND_ROBIN:
             return self._pick_round_robin(replicas, exclude, limit)
         best: Replica | None = None
         ties = 0

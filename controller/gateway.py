@@ -236,6 +236,7 @@ class Gateway:
         tried: frozenset[str] = frozenset()
         failures = 0
         queued_at = 0.0
+        policy = self._catalog[model].balancer if model in self._catalog else None
         while True:
             candidates = self._registry.routable(model)
             replica = None
@@ -244,9 +245,9 @@ class Gateway:
                 for job_id in [j for j, until in self._cooling.items() if until <= now]:
                     del self._cooling[job_id]
                 replica = self._balancer.pick(candidates, prefix, tried | self._cooling.keys(),
-                                              config.max_outstanding_per_engine)
+                                              config.max_outstanding_per_engine, policy)
             if replica is None:
-                replica = self._balancer.pick(candidates, prefix, tried, config.max_outstanding_per_engine)
+                replica = self._balancer.pick(candidates, prefix, tried, config.max_outstanding_per_engine, policy)
             if replica is None:
                 saturated = any(r.job_id not in tried for r in candidates)
                 # Every routable engine already failed this request: wait for the Registry to change (the agent

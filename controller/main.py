@@ -8,6 +8,12 @@ and shuts down cleanly on SIGTERM or SIGINT: the gateway stops accepting and let
 
 from __future__ import annotations
 
+import os
+
+# The controller forks sbatch/squeue/scancel while gRPC's threads run; gRPC's fork handlers are for children
+# that use gRPC, which these never do, and they can crash a child before it execs (seen in the agent).
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+
 import argparse
 import asyncio
 import contextlib

@@ -150,6 +150,8 @@ class ModelConfig:
     # How long a DRAINING replica may keep its in-flight requests before it is cancelled anyway.
     drain_timeout_s: float = 300.0
     prefix_affinity: bool = False
+    # How the gateway spreads requests without prefix affinity: "least_outstanding" or "round_robin".
+    balancer: str = "least_outstanding"
     partition: str = ""
     account: str = ""
     qos: str = ""
@@ -240,6 +242,8 @@ def _check_model(key: str, model: ModelConfig) -> None:
     for name in ("scale_up_delay_s", "scale_down_delay_s", "drain_timeout_s"):
         if getattr(model, name) < 0:
             raise ConfigError(f"{key}.{name}", "must be 0 or more")
+    if model.balancer not in ("least_outstanding", "round_robin"):
+        raise ConfigError(f"{key}.balancer", f"{model.balancer!r} is not least_outstanding or round_robin")
     if not re.match(r"^(\d+-)?\d+(:\d{1,2}){0,2}$", model.time_limit):
         raise ConfigError(f"{key}.time_limit", f"{model.time_limit!r} is not a Slurm time (MM, HH:MM:SS, D-HH:MM)")
 

@@ -47,3 +47,12 @@ def test_prefix_affinity_still_wins_over_round_robin() -> None:
 def test_an_unknown_policy_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="round-robin"):
         Balancer(policy="round-robin")
+
+
+def test_a_models_policy_overrides_the_default_per_pick() -> None:
+    """The gateway passes each model's `[[models]].balancer`; least-outstanding stays the default."""
+    balancer = Balancer()
+    engines = [_replica("1", outstanding=5), _replica("2", outstanding=0)]
+    assert {balancer.pick(engines).job_id for _ in range(4)} == {"2"}  # type: ignore[union-attr]
+    turns = [balancer.pick(engines, policy=ROUND_ROBIN).job_id for _ in range(4)]  # type: ignore[union-attr]
+    assert sorted(turns) == ["1", "1", "2", "2"]

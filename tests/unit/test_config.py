@@ -95,6 +95,7 @@ def test_an_unknown_key_is_named(section: str, key: str) -> None:
     ({"name": "t", "source": "/m", "min_replicas": 3, "max_replicas": 1}, "models[0].max_replicas"),
     ({"name": "t", "source": "/m", "time_limit": "forever"}, "models[0].time_limit"),
     ({"name": "t", "source": "/m", "target_outstanding": 0}, "models[0].target_outstanding"),
+    ({"name": "t", "source": "/m", "balancer": "random"}, "models[0].balancer"),
 ])
 def test_a_bad_model_value_is_named(model: dict[str, Any], key: str) -> None:
     with pytest.raises(config.ConfigError) as err:
