@@ -122,8 +122,11 @@ class Gateway:
         `stop()` lets requests in flight finish for up to `shutdown_grace_s` before cutting them.
         """
         # handler_cancellation: a client that leaves cancels its upstream request too, freeing the engine.
+        # keepalive_timeout also closes a connection whose request head has not arrived in that time (a client
+        # that trickles its headers, or never sends any); aiohttp's default is an hour.
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True,
-                                     shutdown_timeout=shutdown_grace_s)
+                                     shutdown_timeout=shutdown_grace_s,
+                                     keepalive_timeout=self._config.client_timeout_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=4096, reuse_address=True)
         await site.start()
@@ -201,9 +204,13 @@ class Gateway:
         if request.content_length is not None and request.content_length > limit:
             return _too_large(limit), ""
         try:
-            body = await request.read()
+            async with asyncio.timeout(self._config.client_timeout_s):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return _too_large(limit), ""
+        except TimeoutError:
+            return error_response(408, f"The request body did not arrive within {self._config.client_timeout_s:g} "
+                                  "s.", "invalid_request_error", "request_timeout"), ""
         return await self._parsed(request, endpoint, body, started, meter)
 
     async def _parsed(self, request: web.Request, endpoint: str, body: bytes, started: float,

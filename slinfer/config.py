@@ -80,6 +80,9 @@ class GatewayConfig:
     key_tokens_per_day: int = 0
     # How often the usage ledger appends its sums under [controller].state_dir; a crash loses at most this.
     usage_flush_s: float = 10.0
+    # A client must send a request's head within this long of connecting (or of its previous answer on a
+    # keep-alive connection), else the connection is closed, and its body within this long of the head, else 408.
+    client_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -283,8 +286,9 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     for name in ("key_requests_per_minute", "key_burst", "key_tokens_per_day"):
         if getattr(config.gateway, name) < 0:
             raise ConfigError(f"gateway.{name}", "must be 0 (no limit) or more")
-    if config.gateway.usage_flush_s <= 0:
-        raise ConfigError("gateway.usage_flush_s", "must be above 0")
+    for name in ("usage_flush_s", "client_timeout_s"):
+        if getattr(config.gateway, name) <= 0:
+            raise ConfigError(f"gateway.{name}", "must be above 0")
     lo_hi = config.agent.port_range
     if len(lo_hi) != 2 or not 1024 <= lo_hi[0] <= lo_hi[1] <= 65535:
         raise ConfigError("agent.port_range", "must be [LOW, HIGH] within 1024..65535")
