@@ -25,6 +25,9 @@ from slinfer.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# The end of year 9999 UTC: past it a time cannot name a day.
+LAST_TIME = 253402300799.0
+
 
 def model_status(st: ModelStatus) -> admin_pb2.ModelStatus:
     return admin_pb2.ModelStatus(
@@ -150,7 +153,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this controller keeps no usage ledger")
         for name in ("since", "until"):
             value = getattr(request, name)
-            if not math.isfinite(value) or value < 0:
+            if not math.isfinite(value) or not 0 <= value <= LAST_TIME:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be unix seconds, not {value}")
         if request.until and request.until <= request.since:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "until must be later than since")

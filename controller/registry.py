@@ -25,6 +25,7 @@ from slinfer.v1 import controller_pb2, controller_pb2_grpc, engine_pb2
 log = logging.getLogger(__name__)
 
 READY = engine_pb2.READY
+_STATES = frozenset(engine_pb2.EngineState.values())
 
 
 @dataclass(eq=False)
@@ -251,6 +252,11 @@ class RegistryService(controller_pb2_grpc.RegistryServicer):
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing agent token")
                 if not report.node:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report without a node name")
+                bad = next((e for e in report.engines if e.state not in _STATES), None)
+                if bad is not None:
+                    # An unknown state would break every later reader of it (status, logs) far from here.
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"engine {bad.job_id[:40]!r} has an unknown state {bad.state}")
                 if node and report.node != node:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"node changed from {node!r} to {report.node!r} within one stream")
