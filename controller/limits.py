@@ -76,11 +76,6 @@ class Limiter:
         tokens = d.tokens_per_day if key.tokens_per_day is None else key.tokens_per_day
         return KeyLimits(requests_per_minute=rpm, burst=d.burst, tokens_per_day=tokens)
 
-    @property
-    def active(self) -> bool:
-        """False when no default limit is set; keys with their own limits still make `check` work."""
-        return bool(self._defaults.requests_per_minute or self._defaults.tokens_per_day)
-
     def check(self, key: KeyInfo) -> Refusal | None:
         """None when the request may go on (and then it has taken its place in the rate); else the refusal."""
         limits = self.limits_for(key)
