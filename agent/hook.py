@@ -21,6 +21,7 @@ import grpc
 
 from slinfer import config as config_mod
 from slinfer.agent import jobfiles
+from slinfer.agent.jobfiles import SLURM_JOB_ID
 from slinfer.v1 import agent_pb2, agent_pb2_grpc, engine_pb2
 
 AGENT_START_TIMEOUT_S = 15.0
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None)
     args = parser.parse_args(argv)
     began = time.monotonic()
-    if not args.job_id.isdigit():
+    if not SLURM_JOB_ID.fullmatch(args.job_id):
         _say(f"invalid job id {args.job_id[:20]!r}")
         return 1
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,10 @@ from pathlib import Path
 # The keys the SPANK plugin accepts from an env file (spank/environ.c keeps the same list).
 ENV_KEYS = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "SLINFER_MODEL", "SLINFER_STATUS_FILE", "SLINFER_ERROR",
             "SLINFER_JOB_ENGINE")
+
+
+# A Slurm job id, which also names the job's files: ASCII digits only (str.isdigit() would take '²' or '١٢٣').
+SLURM_JOB_ID = re.compile(r"[0-9]{1,20}")
 
 
 def jobs_dir(run_dir: str | Path) -> Path:

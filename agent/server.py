@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from slinfer.agent.engines import EngineManager
+from slinfer.agent.jobfiles import SLURM_JOB_ID
 from slinfer.v1 import agent_pb2 as pb
 from slinfer.v1 import agent_pb2_grpc
 
@@ -24,12 +25,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.engines = engines
 
     async def StartEngine(self, request: pb.StartEngineRequest, context: grpc.aio.ServicerContext) -> object:
-        if not request.job.job_id.isdigit():
+        if not SLURM_JOB_ID.fullmatch(request.job.job_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job.job_id must be a Slurm job id")
         return await self.engines.start(request.job)
 
     async def StopEngine(self, request: pb.StopEngineRequest, context: grpc.aio.ServicerContext) -> object:
-        if not request.job_id.isdigit():
+        if not SLURM_JOB_ID.fullmatch(request.job_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id must be a Slurm job id")
         result = await self.engines.stop(request.job_id)
         return pb.StopEngineResponse(found=result.found, clean=result.clean, leftover_pids=result.leftover_pids,

@@ -272,9 +272,7 @@ def test_scale_beyond_max_is_refused_or_clamped(servers: Servers) -> None:
     assert os.path.exists(servers.run_dirs[0])
 
 
-# ---- a known gap (last: it may start an engine) --------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="agent/server.py: str.isdigit() accepts '²' and '١٢٣'; only Slurm's own "
-                                       "check (verify_jobs) then stands between such an id and an engine")
+# ---- non-ASCII digits (last: a regression would start an engine) ---------------------------------------------------
 def test_non_ascii_digits_are_not_a_job_id(servers: Servers) -> None:
     job = engine_pb2.JobSpec(job_id="١٢٣", uid=1000, gid=1000, user="u", model="m", gpus=["0"])
     try:
