@@ -34,6 +34,7 @@ def slurm_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmBed]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `disruptive` (they restart Slurm's daemons, after which Slurm may keep a finished job
-    COMPLETING for minutes) run last, so that the node's state does not leak into other tests."""
+    """Tests marked `disruptive` (after a restart of Slurm's daemons, or a job ended by its time limit under
+    load, Slurm 22.05 may keep the finished job COMPLETING for minutes) run last, so that the node's state does
+    not leak into the tests that check the node is idle."""
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
