@@ -143,8 +143,8 @@ def _cut_streams(bed: SlurmBed, cut: object, streams: int = 6) -> Counter[str]:
 def test_scancel_mid_stream_ends_each_stream_with_an_error_event(bed: SlurmBed) -> None:
     job = _serving_job(bed, "--inference-pool")
     _wait_routable(bed)
-    # Sixteen streams share the engine, so none can run to its end in the second or two the cut takes.
-    outcomes = _cut_streams(bed, lambda: bed.run("scancel", job), streams=16)
+    # Forty-eight streams share the engine, so none can run to its end in the seconds the cut takes.
+    outcomes = _cut_streams(bed, lambda: bed.run("scancel", job), streams=48)
     print(f"\nscancel mid-stream: {dict(outcomes)}")
     assert outcomes["SILENTLY TRUNCATED"] == 0
     assert sum(n for o, n in outcomes.items() if o.startswith("cut")) > 0, "no stream was cut: test inconclusive"
