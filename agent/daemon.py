@@ -22,12 +22,15 @@ from pathlib import Path
 import aiohttp
 
 from slinfer import config as config_mod
+from slinfer import tls
+from slinfer.agent.cgroups import JobCgroups
 from slinfer.agent.engines import EngineManager
 from slinfer.agent.gpu import Gpus
 from slinfer.agent.records import RecordStore
 from slinfer.agent.reporter import Reporter
-from slinfer.agent.server import serve
+from slinfer.agent.server import serve, single_agent_lock
 from slinfer.agent.slurmview import SlurmView
+from slinfer.agent.warmstart import EngineTemplate
 
 log = logging.getLogger("slinfer.agent")
 
@@ -35,17 +38,26 @@ log = logging.getLogger("slinfer.agent")
 async def run(config: config_mod.Config) -> None:
     run_dir = Path(config.agent.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = single_agent_lock(Path(config.agent.socket))  # noqa: F841  (held open for the agent's life)
     gpus = Gpus()
     node_name = config.agent.node_name or socket.gethostname().split(".")[0]
     checker = SlurmView(node_name, config.agent.slurm_conf) if config.agent.verify_jobs else None
-    async with aiohttp.ClientSession() as http:
-        engines = EngineManager(config, RecordStore(run_dir / "engines"), http, gpus, checker)
+    # Health and load probes of https engines verify the node's certificate against [gateway].engine_ca.
+    connector = aiohttp.TCPConnector(ssl=tls.engine_client_context(config)) if config.agent.engine_tls_cert else None
+    async with aiohttp.ClientSession(connector=connector) as http:
+        cgroups = JobCgroups(node_name) if config.agent.contain else None
+        # The template imports vLLM for about 15 s in the background; engines meanwhile start cold (logged).
+        template = EngineTemplate(config, run_dir, run_dir / "logs") if config.agent.warm_start else None
+        engines = EngineManager(config, RecordStore.of_run_dir(run_dir), http, gpus, checker, cgroups=cgroups,
+                                template=template)
+        if template is not None:
+            template.start()
         await engines.adopt_all()
         server = await serve(engines, Path(config.agent.socket))
         tasks: list[asyncio.Task[None]] = []
         if config.agent.controller:
-            reporter = Reporter(config.agent.controller, node_name, engines.address, engines.engines, gpus,
-                                config.agent.heartbeat_s, config.controller.token)
+            reporter = Reporter(config.agent.controller, node_name, engines.address, engines.endpoints, gpus,
+                                config.agent.heartbeat_s, config.controller.token, config)
             engines.add_listener(reporter.notify)
             tasks.append(asyncio.create_task(reporter.run()))
         if config.kubernetes.enabled:
@@ -62,13 +74,15 @@ async def run(config: config_mod.Config) -> None:
             task.cancel()
         await server.stop(grace=1)
         await engines.close()
+        if template is not None:
+            await template.close()
 
 
 async def _start_kubernetes(config: config_mod.Config, engines: EngineManager, gpus: Gpus,
                             node_name: str) -> asyncio.Task[None] | None:
     """Publishes this node and its engines to Kubernetes; trouble there never stops serving."""
-    from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
-    from slinfer.kubeapi import ClientKubeAPI, KubeError
+    from slinfer.kube.api import ClientKubeAPI, KubeError
+    from slinfer.kube.publisher import NodeIdentity, NodePublisher, PublishedEngine
 
     try:
         api = ClientKubeAPI.from_config(config.kubernetes)
@@ -83,7 +97,7 @@ async def _start_kubernetes(config: config_mod.Config, engines: EngineManager, g
                               lease_duration_s=config.kubernetes.lease_duration_s)
 
     def publish() -> None:
-        publisher.notify([p for e in engines.engines() if (p := PublishedEngine.from_engine(e))])
+        publisher.notify([p for e in engines.endpoints() if (p := PublishedEngine.from_engine(e))])
 
     engines.add_listener(publish)
     publish()
@@ -97,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_mod.load(args.config)
+        if config.agent.controller:
+            # Only an agent that reports needs the token; one serving private engines talks to no one.
+            config_mod.require_token(config)
+            tls.channel_credentials(config)  # an unreadable certificate fails here, with its key
+        for key, path in (("agent.engine_tls_cert", config.agent.engine_tls_cert),
+                          ("agent.engine_tls_key", config.agent.engine_tls_key)):
+            if path:
+                tls.read_pem(key, path)
     except config_mod.ConfigError as exc:
         print(f"slinfer-agent: config error: {exc}", file=sys.stderr)
         return 2
@@ -105,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         handlers = [logging.FileHandler(config.agent.log_file)]
     logging.basicConfig(level=logging.INFO, handlers=handlers,
                         format="%(asctime)s slinfer-agent %(levelname)s %(name)s: %(message)s")
+    if config.agent.controller and not config.controller.token:
+        log.warning("INSECURE: [controller].insecure = true and no [controller].token: reports to %s carry no "
+                    "secret", config.agent.controller)
+    if config.agent.controller and not tls.client_uses_tls(config):
+        log.warning("INSECURE: reports to %s are plaintext and carry engines' API keys in the clear; set "
+                    "[controller].tls_ca", config.agent.controller)
     asyncio.run(run(config))
     return 0
 

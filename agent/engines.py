@@ -21,14 +21,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import aiohttp
+import psutil
 
 from slinfer.agent import jobfiles
+from slinfer.agent.cgroups import Hierarchy, JobCgroups
 from slinfer.agent.gpu import Gpus
 from slinfer.agent.processes import (
     ENGINE_MARKER,
     ProcessIdentity,
+    engine_processes,
     engine_tag,
     spawn_as_user,
     terminate_engine,
@@ -36,6 +40,7 @@ from slinfer.agent.processes import (
 )
 from slinfer.agent.records import EngineRecord, RecordStore
 from slinfer.agent.slurmview import SlurmView
+from slinfer.agent.warmstart import EngineTemplate, TemplateError, WarmProcess, stock_args, warm_refusal
 from slinfer.config import MODEL_NAME, Config, ModelConfig
 from slinfer.v1 import engine_pb2 as pb
 
@@ -47,6 +52,24 @@ LOAD_METRICS = {
     "vllm:num_requests_waiting": "waiting",
     "vllm:kv_cache_usage_perc": "kv_cache_usage",
 }
+# vLLM's flags that choose how a model is split over GPUs: a catalog entry that gives one keeps its own layout.
+LAYOUT_FLAGS = frozenset({"--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp"})
+# Spreads the master ports of jobs with neighbouring ids over the port range (a prime, so every port is used).
+MASTER_PORT_STRIDE = 7919
+# What starting a job's engine may raise: an interpreter the job's user may not execute, a missing binary, a
+# failed setuid or chdir in the child, no free port. Each is that job's failure, reported, never a prolog error.
+SPAWN_ERRORS = (OSError, subprocess.SubprocessError, RuntimeError)
+
+
+class EngineProcess(Protocol):
+    """What the manager uses of the process it started: a cold engine's Popen, or a warm engine's handle."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
 
 
 @dataclass
@@ -61,18 +84,26 @@ class StopResult:
 class _Running:
     record: EngineRecord
     identity: ProcessIdentity
-    popen: subprocess.Popen[bytes] | None
+    popen: EngineProcess | None
     log_path: Path
     load: dict[str, float] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     health_failures: int = 0
+    # The job's extern-step cgroups the engine was moved into, and their OOM kills before it started.
+    cgroups: list[Hierarchy] = field(default_factory=list)
+    oom_kills: int = 0
+    containing: asyncio.Task[None] | None = None
 
 
 class EngineManager:
     def __init__(self, config: Config, store: RecordStore, http: aiohttp.ClientSession, gpus: Gpus,
-                 checker: SlurmView | None = None, clock: Callable[[], float] = time.time) -> None:
+                 checker: SlurmView | None = None, clock: Callable[[], float] = time.time,
+                 cgroups: JobCgroups | None = None, template: EngineTemplate | None = None) -> None:
         self.config = config
+        # The warm start's template; None means every engine starts cold.
+        self.template = template
         self.checker = checker
+        self.cgroups = cgroups
         self.store = store
         self.http = http
         self.gpus = gpus
@@ -83,6 +114,7 @@ class EngineManager:
         os.chmod(self.logs_dir, 0o711)
         jobfiles.jobs_dir(self.run_dir)
         self.address = config.agent.address or _host_address()
+        self.node_name = config.agent.node_name or socket.gethostname().split(".")[0]
         self._engines: dict[str, _Running] = {}
         self._listeners: list[Callable[[], None]] = []
         self._lock = asyncio.Lock()
@@ -100,7 +132,8 @@ class EngineManager:
         self.store.save(rec)
         path = jobfiles.status_path(self.run_dir, rec.job_id)
         try:
-            jobfiles.write_status(path, STATE_NAMES[rec.state], rec.reason, rec.base_url, rec.model, rec.uid, rec.gid)
+            jobfiles.write_status(path, STATE_NAMES[rec.state], rec.reason, rec.base_url if rec.rank == 0 else "",
+                                  rec.model, rec.uid, rec.gid)
         except OSError as exc:
             log.error("job %s: cannot write status file %s: %s", rec.job_id, path, exc)
         for callback in self._listeners:
@@ -109,19 +142,25 @@ class EngineManager:
     def engines(self) -> list[pb.Engine]:
         return [self._to_proto(r) for r in self._engines.values()]
 
+    def endpoints(self) -> list[pb.Engine]:
+        """The engines this node serves: a rank above 0 of an engine across nodes is not one (rank 0 serves it)."""
+        return [self._to_proto(r) for r in self._engines.values() if r.record.rank == 0]
+
     def _to_proto(self, running: _Running) -> pb.Engine:
         rec = running.record
         return pb.Engine(
-            job_id=rec.job_id, model=rec.model, state=rec.state, reason=rec.reason, base_url=rec.base_url,
+            job_id=rec.job_id, model=rec.model, state=rec.state, reason=rec.reason,
+            base_url=rec.base_url if rec.rank == 0 else "",
             api_key=rec.api_key, gpus=rec.gpus, pool=rec.pool, pid=rec.pid, uid=rec.uid, user=rec.user,
             started_at=rec.started_at, ready_at=rec.ready_at, restarts=rec.restarts, partition=rec.partition,
-            load=pb.EngineLoad(**running.load),
+            load=pb.EngineLoad(**running.load), rank=rec.rank,
         )
 
     # -- start -----------------------------------------------------------------------------------------------
 
-    def _refusal(self, job: pb.JobSpec) -> str:
-        """The job's own mistake, if any, in words the user will read in the job's output."""
+    def _refusal(self, job: pb.JobSpec, nodes: list[str] | None = None) -> str:
+        """The job's own mistake, if any, in words the user will read in the job's output. `nodes` is the job's
+        node list, where the hook sent one."""
         if not MODEL_NAME.match(job.model):
             return f"invalid model name {job.model[:40]!r}"
         model = self.config.model(job.model)
@@ -131,38 +170,92 @@ class EngineManager:
         if len(job.gpus) < model.gpus:
             return (f"model '{job.model}' needs {model.gpus} GPU(s) but the job has {len(job.gpus)} "
                     f"(submit with --gres=gpu:{model.gpus})")
+        if nodes is not None and len(nodes) != model.nodes:
+            return (f"model '{job.model}' runs on {model.nodes} node(s) but the job has {len(nodes)} "
+                    f"(submit with --nodes={model.nodes} --gres=gpu:{model.gpus})")
+        if nodes is not None and self.node_name not in nodes:
+            return f"job {job.job_id}'s node list {job.node_list!r} does not name this node ({self.node_name})"
         return ""
+
+    async def _job_nodes(self, job: pb.JobSpec) -> list[str] | None:
+        """The job's nodes in Slurm's order, expanded (node[1-2] -> node1, node2): from the hook's node list, else
+        from Slurm; None when neither tells."""
+        if self.checker is not None:
+            if job.node_list:
+                return await self.checker.hostnames(job.node_list)
+            return await self.checker.job_nodes(job.job_id)
+        return [n for n in job.node_list.split(",") if n] if job.node_list else None
+
+    async def _node_address(self, node: str) -> str:
+        """Where another node of the job is reached: Slurm's NodeAddr, else its name resolved."""
+        if self.checker is not None:
+            address = await self.checker.node_address(node)
+            if address:
+                return address
+        return await asyncio.to_thread(socket.gethostbyname, node)
+
+    def _master_port(self, job_id: str) -> int:
+        """Rank 0's torch.distributed port, the same on every node of the job without any of them talking: a
+        port of [agent].port_range chosen by the job id."""
+        low, high = self.config.agent.port_range
+        return low + (int(job_id.split("_", 1)[0]) * MASTER_PORT_STRIDE) % (high - low + 1)
 
     async def start(self, job: pb.JobSpec) -> pb.Engine:
         async with self._lock:
             existing = self._engines.get(job.job_id)
             if existing is not None:
                 return self._to_proto(existing)
-            refusal = self._refusal(job)
+            nodes = await self._job_nodes(job)
+            model = self.config.model(job.model)
+            if nodes is None and model is not None and model.nodes > 1:
+                nodes = []
+            refusal = self._refusal(job, nodes)
             if not refusal and self.checker is not None:
                 refusal = await self.checker.refusal(job)
             if refusal:
                 log.warning("job %s: refused: %s", job.job_id, refusal)
                 return pb.Engine(job_id=job.job_id, model=job.model, state=pb.FAILED, reason=refusal)
-            model = self.config.model(job.model)
             assert model is not None
-            record = EngineRecord(
-                job_id=job.job_id, model=job.model, uid=job.uid, gid=job.gid, user=job.user, gpus=list(job.gpus),
-                pool=job.pool, partition=job.partition, work_dir=job.work_dir, host=self.address,
-                port=self._free_port(), api_key=secrets.token_urlsafe(32), state=pb.STARTING,
-                started_at=self.clock(),
-            )
-            running = self._spawn(record, model)
+            try:
+                layout = await self._layout(job, model, nodes or [])
+                record = EngineRecord(
+                    job_id=job.job_id, model=job.model, uid=job.uid, gid=job.gid, user=job.user,
+                    gpus=list(job.gpus), pool=job.pool, partition=job.partition, work_dir=job.work_dir,
+                    host=self.address, port=0 if layout.get("rank") else self._free_port(layout.get("master_port")),
+                    api_key=secrets.token_urlsafe(32), state=pb.STARTING, started_at=self.clock(),
+                    scheme="https" if self.config.agent.engine_tls_cert else "http", **layout,
+                )
+                running = self._spawn(record, model)
+            except SPAWN_ERRORS as exc:
+                # The engine could not be started as the job's user (permissions, a missing binary, no free
+                # port): that fails the job, never the prolog, which would drain the node.
+                reason = f"engine could not be started as {job.user or job.uid}: {exc}"
+                log.error("job %s: engine FAILED: %s", job.job_id, reason)
+                return pb.Engine(job_id=job.job_id, model=job.model, state=pb.FAILED, reason=reason)
             self._engines[job.job_id] = running
             self._changed(running)
             running.task = asyncio.create_task(self._supervise(running, model))
+            # Slurm creates the job's extern step only after this prolog returns: contain the engine once it is.
+            running.containing = asyncio.create_task(self._contain(running))
             log.info("job %s: started %s for %s (uid %d) on GPUs [%s] at %s, pid %d", job.job_id, job.model,
                      job.user, job.uid, ",".join(job.gpus), record.base_url, record.pid)
             return self._to_proto(running)
 
-    def _free_port(self) -> int:
+    async def _layout(self, job: pb.JobSpec, model: ModelConfig, nodes: list[str]) -> dict[str, Any]:
+        """The EngineRecord fields of a rank of an engine across nodes; none for an engine of one node."""
+        if model.nodes <= 1:
+            return {}
+        rank = nodes.index(self.node_name)
+        head = self.address if rank == 0 else await self._node_address(nodes[0])
+        peers = [await self._node_address(n) for n in nodes[1:]] if rank == 0 else []
+        return {"rank": rank, "nnodes": len(nodes), "head": head, "master_port": self._master_port(job.job_id),
+                "peers": peers}
+
+    def _free_port(self, avoid: int | None = None) -> int:
         low, high = self.config.agent.port_range
-        taken = {r.record.port for r in self._engines.values()}
+        taken = {r.record.port for r in self._engines.values()} | {r.record.master_port for r in self._engines.values()}
+        if avoid:
+            taken.add(avoid)
         start = secrets.randbelow(high - low + 1)
         for offset in range(high - low + 1):
             port = low + (start + offset) % (high - low + 1)
@@ -177,7 +270,10 @@ class EngineManager:
         raise RuntimeError(f"no free port in {low}-{high} on {self.address}")
 
     def _argv(self, record: EngineRecord, model: ModelConfig) -> list[str]:
-        template = model.engine_command or self.config.agent.engine_command
+        if record.rank > 0:
+            template = self.config.agent.engine_rank_command
+        else:
+            template = model.engine_command or self.config.agent.engine_command
         values = {"{python}": self.config.agent.python, "{source}": model.source, "{model}": model.name,
                   "{host}": record.host, "{port}": str(record.port), "{gpus}": str(len(record.gpus)),
                   "{job_id}": record.job_id}
@@ -186,7 +282,29 @@ class EngineManager:
             for key, value in values.items():
                 part = part.replace(key, value)
             argv.append(part)
-        return argv + list(model.engine_args)
+        argv += list(model.engine_args) + parallel_args(model) + rank_args(record)
+        return argv if record.rank > 0 else argv + self._ssl_args(record)
+
+    def _ssl_args(self, record: EngineRecord) -> list[str]:
+        """vLLM's HTTPS flags, with a copy of the node's key that only the job's user (the engine) can read:
+        the engine runs as that user, and the node's own key file stays root's."""
+        a = self.config.agent
+        if record.scheme != "https":
+            return []
+        folder = self.run_dir / "engine-tls"
+        folder.mkdir(exist_ok=True)
+        os.chmod(folder, 0o711)
+        copies = []
+        for source, suffix in ((a.engine_tls_cert, "pem"), (a.engine_tls_key, "key")):
+            target = folder / f"{record.job_id}.{suffix}"
+            target.unlink(missing_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "wb") as out:
+                out.write(Path(source).read_bytes())
+            if os.geteuid() == 0:
+                os.chown(target, record.uid, record.gid)
+            copies.append(str(target))
+        return ["--ssl-certfile", copies[0], "--ssl-keyfile", copies[1]]
 
     def _spawn(self, record: EngineRecord, model: ModelConfig) -> _Running:
         home = user_home(record.user, record.uid)
@@ -202,16 +320,84 @@ class EngineManager:
             ENGINE_MARKER: self._tag(record.job_id),
             "SLURM_JOB_ID": record.job_id,
         }
+        env.update(self._rank_env(record))
         env.update(self.config.agent.engine_env)
         env.update(model.engine_env)
         cwd = record.work_dir if record.work_dir and os.path.isdir(record.work_dir) else env["HOME"]
         log_path = self.logs_dir / f"{record.job_id}.log"
         argv = self._argv(record, model)
-        popen, identity = spawn_as_user(argv, uid=record.uid, gid=record.gid, user=record.user, env=env, cwd=cwd,
-                                        log_path=log_path)
+        popen: EngineProcess
+        warm = self._warm_spawn(record, model, argv, env, cwd, log_path)
+        if warm is not None:
+            popen, identity, record.start_path = warm, warm.identity, "warm"
+        else:
+            popen, identity = spawn_as_user(argv, uid=record.uid, gid=record.gid, user=record.user, env=env,
+                                            cwd=cwd, log_path=log_path)
+            record.start_path = "cold"
         record.argv = argv
         record.pid, record.create_time, record.session_id = identity.pid, identity.create_time, identity.pid
         return _Running(record=record, identity=identity, popen=popen, log_path=log_path)
+
+    def _rank_env(self, record: EngineRecord) -> dict[str, str]:
+        """A rank of an engine across nodes talks to the others from this node's address: vLLM's own pick and
+        gloo's (the interface of what the host name resolves to, loopback where it resolves to nothing, as on
+        the bed, whose ranks then could not connect) are not trusted. The catalog's engine_env may override."""
+        if record.nnodes <= 1:
+            return {}
+        env = {"VLLM_HOST_IP": self.address}
+        for name, addresses in psutil.net_if_addrs().items():
+            if any(a.address == self.address for a in addresses):
+                env["GLOO_SOCKET_IFNAME"] = name
+        return env
+
+    def _warm_spawn(self, record: EngineRecord, model: ModelConfig, argv: list[str], env: dict[str, str], cwd: str,
+                    log_path: Path) -> WarmProcess | None:
+        """The engine forked from the template, or None (logged, with the reason) for a cold start."""
+        template = self.template
+        status = template.status if template is not None else None
+        reason = warm_refusal(self.config, model, status is not None and status.ready,
+                              status.state if status is not None else "no template")
+        args = stock_args(argv, self.config.agent.python)
+        if not reason and args is None:
+            reason = "the engine argv is not the stock vLLM command"
+        if not reason:
+            assert template is not None and args is not None
+            groups = [record.gid]
+            if os.geteuid() == 0 and record.user:
+                with contextlib.suppress(OSError, KeyError):
+                    groups = os.getgrouplist(record.user, record.gid)
+            # vLLM's EngineCore and workers then fork from the warm child too, inheriting its imports.
+            warm_env = {**env, "VLLM_WORKER_MULTIPROC_METHOD": "fork"}
+            try:
+                process = template.spawn(args, uid=record.uid, gid=record.gid, groups=groups, env=warm_env,
+                                         cwd=cwd, log_path=log_path)
+            except TemplateError as exc:
+                reason = str(exc)
+            else:
+                log.info("job %s: warm start: engine pid %d forked from the engine template", record.job_id,
+                         process.pid)
+                return process
+        log.info("job %s: cold start: %s", record.job_id, reason)
+        return None
+
+    async def _contain(self, running: _Running) -> None:
+        """Moves the engine into its job's extern-step cgroups, so that Slurm's limits, accounting and cleanup
+        cover it. A refused move kills the engine and fails the job: an engine outside its job's limits is what
+        containment exists to prevent."""
+        if self.cgroups is None:
+            return
+        rec = running.record
+        try:
+            targets = await self.cgroups.wait_for_job(rec.job_id)
+            targets = await asyncio.to_thread(self.cgroups.contain, rec.job_id, rec.pid, targets)
+        except OSError as exc:
+            if rec.state in (pb.STARTING, pb.READY) and self._alive(running):
+                await self._fail(running, f"could not move the engine into job {rec.job_id}'s cgroups: {exc}")
+            return
+        running.cgroups, running.oom_kills = targets, self.cgroups.oom_kills(targets)
+        if not targets:
+            log.warning("job %s: no extern step cgroup on this node (Slurm without PrologFlags=Contain and "
+                        "proctrack/cgroup?): the engine is not contained by the job's limits", rec.job_id)
 
     def _scratch_home(self, record: EngineRecord) -> str:
         home = self.run_dir / "homes" / record.job_id
@@ -230,7 +416,13 @@ class EngineManager:
             if not self._alive(running):
                 await self._on_exit(running, model)
                 continue
-            healthy = await self._healthy(running)
+            healthy = await self._healthy(running) if rec.rank == 0 else True
+            lost = await asyncio.to_thread(self._lost_ranks, running) if rec.nnodes > 1 else ""
+            if lost and rec.state == pb.READY:
+                await self._fail(running, lost)
+                continue
+            # Not READY before every rank has joined (vLLM's rank 0 does not serve before, either).
+            healthy = healthy and not lost
             if rec.state == pb.STARTING:
                 if healthy:
                     rec.state, rec.ready_at, rec.reason = pb.READY, self.clock(), ""
@@ -239,8 +431,24 @@ class EngineManager:
                 elif self.clock() - rec.started_at > self.config.agent.ready_timeout_s:
                     await self._fail(running, f"engine not ready after {self.config.agent.ready_timeout_s:.0f}s"
                                               f"{self._log_tail(running)}")
-            elif rec.state == pb.READY:
+            elif rec.state == pb.READY and rec.rank == 0:
                 await self._read_load(running)
+
+    def _lost_ranks(self, running: _Running) -> str:
+        """Which ranks of an engine across nodes are not connected to this one, in words; empty when all are.
+        Rank 0 holds torch.distributed and gloo connections to every other rank's node, and each other rank to
+        rank 0's, for the engine's life: vLLM's rank 0 keeps answering /health after a remote rank died, until
+        a request reaches the dead rank, so the agent watches those connections itself."""
+        rec = running.record
+        remote: set[str] = set()
+        for proc in engine_processes(self._tag(rec.job_id), rec.session_id):
+            with contextlib.suppress(psutil.Error):
+                remote.update(c.raddr.ip.removeprefix("::ffff:") for c in proc.net_connections("tcp")
+                              if c.status == psutil.CONN_ESTABLISHED and c.raddr)
+        if rec.rank > 0:
+            return "" if rec.head in remote else f"rank {rec.rank} has no connection to rank 0 at {rec.head}"
+        gone = [f"rank {i} at {peer}" for i, peer in enumerate(rec.peers, start=1) if peer not in remote]
+        return f"{', '.join(gone)} left the engine (no connection to rank 0)" if gone else ""
 
     def _alive(self, running: _Running) -> bool:
         if running.popen is not None:
@@ -251,20 +459,52 @@ class EngineManager:
         rec = running.record
         code = running.popen.returncode if running.popen is not None else None
         reason = f"engine exited{f' with code {code}' if code is not None else ''}{self._log_tail(running)}"
+        if self.cgroups is not None and self.cgroups.oom_kills(running.cgroups) > running.oom_kills:
+            reason = (f"engine killed by the job's memory limit (out of memory in its cgroup; ask for more with "
+                      f"--mem): {reason}")
         # Children of the dead engine (vLLM's workers) must not outlive it, nor hold the port.
         await asyncio.to_thread(terminate_engine, self._tag(rec.job_id), rec.session_id, 2.0)
         if model is None:
             model = self.config.model(rec.model)
-        if model is None or rec.restarts >= self.config.agent.max_restarts:
+        if model is None:
             await self._fail(running, reason)
+            return
+        if self.checker is not None and await self.checker.job_over(rec.job_id):
+            # The job's end killed it (Slurm's cleanup of a contained job comes before the epilog's StopEngine), or
+            # its job ended while no agent ran: a restart would be an engine for a job that is gone.
+            await self._forget_ended(running, reason)
+            return
+        if rec.nnodes > 1:
+            # One rank cannot rejoin the others' torch.distributed group: the engine across nodes fails whole.
+            await self._fail(running, f"rank {rec.rank} of {rec.nnodes}: {reason} (an engine across nodes is not "
+                                      "restarted)")
+            return
+        if rec.restarts >= self.config.agent.max_restarts:
+            await self._fail(running, f"{reason} (after {rec.restarts} restarts; agent.max_restarts is "
+                                      f"{self.config.agent.max_restarts})")
             return
         rec.restarts += 1
         log.warning("job %s: %s; restart %d of %d", rec.job_id, reason, rec.restarts, self.config.agent.max_restarts)
-        fresh = self._spawn(rec, model)
-        running.popen, running.identity, running.log_path = fresh.popen, fresh.identity, fresh.log_path
+        try:
+            fresh = self._spawn(rec, model)
+            running.popen, running.identity, running.log_path = fresh.popen, fresh.identity, fresh.log_path
+        except SPAWN_ERRORS as exc:
+            await self._fail(running, f"{reason}; restart failed: {exc}")
+            return
         rec.state, rec.reason, rec.started_at, rec.ready_at = pb.STARTING, reason, self.clock(), 0.0
         running.load = {}
         self._changed(running)
+        await self._contain(running)
+
+    async def _forget_ended(self, running: _Running, reason: str) -> None:
+        rec = running.record
+        log.warning("job %s: %s; not restarted: Slurm no longer runs the job on this node", rec.job_id, reason)
+        rec.state = pb.STOPPED
+        self._engines.pop(rec.job_id, None)
+        self.store.delete(rec.job_id)
+        jobfiles.status_path(self.run_dir, rec.job_id).unlink(missing_ok=True)
+        for callback in self._listeners:
+            callback()
 
     async def _fail(self, running: _Running, reason: str) -> None:
         rec = running.record
@@ -341,6 +581,8 @@ class EngineManager:
             del self._engines[job_id]
             self.store.delete(job_id)
             jobfiles.status_path(self.run_dir, job_id).unlink(missing_ok=True)
+            for suffix in ("pem", "key"):
+                (self.run_dir / "engine-tls" / f"{job_id}.{suffix}").unlink(missing_ok=True)
             for callback in self._listeners:
                 callback()
             log.info("job %s: engine stopped in %.2fs, %s", job_id, time.monotonic() - began,
@@ -366,10 +608,30 @@ class EngineManager:
 
     async def close(self) -> None:
         """Stops supervising without touching the engines: a restarted agent re-adopts them."""
-        for running in self._engines.values():
-            if running.task is not None:
-                running.task.cancel()
-        await asyncio.gather(*(r.task for r in self._engines.values() if r.task), return_exceptions=True)
+        tasks = [t for r in self._engines.values() for t in (r.task, r.containing) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def parallel_args(model: ModelConfig) -> list[str]:
+    """vLLM's tensor-parallel flag for a model of several GPUs: one engine over all of them (the GPUs of every
+    node of the job for a model of several nodes). Left out where the entry's own engine_args choose a layout
+    (tensor or pipeline parallel), and for a model of one GPU on one node."""
+    size = max(model.gpus, 1) * model.nodes
+    if size <= 1 or any(arg.split("=", 1)[0] in LAYOUT_FLAGS for arg in model.engine_args):
+        return []
+    return ["--tensor-parallel-size", str(size)]
+
+
+def rank_args(record: EngineRecord) -> list[str]:
+    """vLLM's multi-node launch (multiprocessing backend) for one rank; rank 0 serves HTTP, the others are
+    headless and join rank 0's torch.distributed group at head:master_port."""
+    if record.nnodes <= 1:
+        return []
+    argv = ["--nnodes", str(record.nnodes), "--node-rank", str(record.rank), "--master-addr", record.head,
+            "--master-port", str(record.master_port)]
+    return [*argv, "--headless"] if record.rank > 0 else argv
 
 
 def _host_address() -> str:

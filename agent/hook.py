@@ -22,6 +22,8 @@ import grpc
 from slinfer import config as config_mod
 from slinfer.agent import jobfiles
 from slinfer.agent.jobfiles import SLURM_JOB_ID
+from slinfer.agent.processes import engine_processes, engine_tag, terminate_engine
+from slinfer.agent.records import RecordStore
 from slinfer.v1 import agent_pb2, agent_pb2_grpc, engine_pb2
 
 AGENT_START_TIMEOUT_S = 15.0
@@ -85,7 +87,8 @@ def job_from_environment(job_id: str, model: str, pool: bool) -> engine_pb2.JobS
         raise HookError(f"the prolog environment lacks SLURM_JOB_UID/SLURM_JOB_GID ({exc})") from exc
     return engine_pb2.JobSpec(job_id=job_id, uid=uid, gid=gid, user=env.get("SLURM_JOB_USER", ""), gpus=gpus,
                               partition=env.get("SLURM_JOB_PARTITION", ""), model=model, pool=pool,
-                              work_dir=env.get("SLURM_JOB_WORK_DIR", ""))
+                              work_dir=env.get("SLURM_JOB_WORK_DIR", ""),
+                              node_list=env.get("SLURM_JOB_NODELIST", ""))
 
 
 def prolog(config: config_mod.Config, args: argparse.Namespace) -> int:
@@ -97,6 +100,10 @@ def prolog(config: config_mod.Config, args: argparse.Namespace) -> int:
     if engine.state == engine_pb2.FAILED:
         values["SLINFER_ERROR"] = engine.reason
         _say(f"job {args.job_id}: {engine.reason}")
+    elif engine.rank > 0:
+        # A headless rank of an engine across nodes: the job's first node serves it; its status file here says
+        # how this rank is doing.
+        values["SLINFER_STATUS_FILE"] = str(jobfiles.status_path(config.agent.run_dir, args.job_id))
     else:
         values["OPENAI_BASE_URL"] = f"{engine.base_url}/v1"
         values["OPENAI_API_KEY"] = engine.api_key
@@ -107,14 +114,39 @@ def prolog(config: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def epilog(config: config_mod.Config, args: argparse.Namespace) -> int:
-    with connect(config) as channel:
-        stub = agent_pb2_grpc.AgentStub(channel)
-        result = stub.StopEngine(agent_pb2.StopEngineRequest(job_id=args.job_id),
-                                 timeout=config.agent.stop_grace_s + 60)
+    try:
+        channel = connect(config)
+    except HookError as exc:
+        leftover = _stop_without_agent(config, args.job_id, exc)
+    else:
+        with channel:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            result = stub.StopEngine(agent_pb2.StopEngineRequest(job_id=args.job_id),
+                                     timeout=config.agent.stop_grace_s + 60)
+        leftover = list(result.leftover_pids) if not result.clean else []
     Path(args.env_file).unlink(missing_ok=True)
-    if not result.clean:
-        raise HookError(f"job {args.job_id}: engine processes {list(result.leftover_pids)} could not be killed")
+    if leftover:
+        raise HookError(f"job {args.job_id}: engine processes {leftover} could not be killed")
     return 0
+
+
+def _stop_without_agent(config: config_mod.Config, job_id: str, why: HookError) -> list[int]:
+    """The agent is gone for good: the job's end must still leave no engine process. Where Slurm contains
+    jobs in cgroups it has killed the engine already, with the extern step; elsewhere the hook kills what carries
+    the job's engine tag. Only what survives that fails the epilog."""
+    tag = engine_tag(job_id, config.agent.run_dir)
+    found = [p.pid for p in engine_processes(tag, 0)]
+    if not found:
+        _say(f"job {job_id}: {why}; no engine process of this job is left")
+        leftover = []
+    else:
+        _say(f"job {job_id}: {why}; stopping engine processes {found} itself")
+        leftover = terminate_engine(tag, 0, config.agent.stop_grace_s)
+    if not leftover:
+        # The job is over and so is its engine: an agent that comes back later must not re-adopt the record
+        # and restart the engine of a job that no longer exists.
+        RecordStore.of_run_dir(config.agent.run_dir).delete(job_id)
+    return leftover
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-# The keys the SPANK plugin accepts from an env file (spank/environ.c keeps the same list).
+from slinfer.atomicfile import write_atomic
+
+# The keys the SPANK plugin accepts from an env file: spank/environ.c's accepted_keys[], tied by test_step_env_keys.py.
 ENV_KEYS = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "SLINFER_MODEL", "SLINFER_STATUS_FILE", "SLINFER_ERROR",
             "SLINFER_JOB_ENGINE")
 
@@ -35,19 +37,6 @@ def status_path(run_dir: str | Path, job_id: str) -> Path:
     return jobs_dir(run_dir) / f"{job_id}.status"
 
 
-def _write_private(path: Path, data: bytes, uid: int, gid: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
-    try:
-        os.write(fd, data)
-        if os.geteuid() == 0:
-            os.fchown(fd, uid, gid)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def write_env_file(path: Path, values: Mapping[str, str], uid: int, gid: int) -> None:
     lines = []
     for key, value in values.items():
@@ -57,16 +46,10 @@ def write_env_file(path: Path, values: Mapping[str, str], uid: int, gid: int) ->
         clean = " ".join(str(value).split("\n"))
         lines.append(f"{key}={clean}\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(path, "".join(lines).encode(), uid, gid)
+    write_atomic(path, "".join(lines).encode(), 0o400, (uid, gid))
 
 
 def write_status(path: Path, state: str, reason: str, base_url: str, model: str, uid: int, gid: int) -> None:
     payload = {"state": state, "reason": reason, "base_url": base_url, "model": model, "updated_at": time.time()}
-    _write_private(path, json.dumps(payload).encode(), uid, gid)
+    write_atomic(path, json.dumps(payload).encode(), 0o400, (uid, gid))
 
-
-def read_status(path: Path) -> dict[str, object] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

@@ -38,6 +38,14 @@ class ProcessIdentity:
     pid: int
     create_time: float
 
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity:
+        """The identity of a running pid; one that is already gone gets a start time that matches nothing."""
+        try:
+            return cls(pid, psutil.Process(pid).create_time())
+        except psutil.NoSuchProcess:
+            return cls(pid, 0.0)
+
     def alive(self) -> bool:
         try:
             proc = psutil.Process(self.pid)

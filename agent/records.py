@@ -12,6 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from slinfer.atomicfile import write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -38,15 +40,31 @@ class EngineRecord:
     ready_at: float = 0.0
     restarts: int = 0
     argv: list[str] = field(default_factory=list)
+    # How the engine was started: "warm" (forked from the engine template) or "cold" (its command exec'd).
+    start_path: str = ""
+    # "https" when the engine serves the node's certificate ([agent].engine_tls_cert).
+    scheme: str = "http"
+    # An engine across nodes: this node's rank of nnodes, rank 0's address and torch.distributed port, and (on
+    # rank 0) the other ranks' node addresses, whose connections show that they are still in the engine.
+    rank: int = 0
+    nnodes: int = 1
+    head: str = ""
+    master_port: int = 0
+    peers: list[str] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
 
 class RecordStore:
     """Reads and writes engine records; the folder is root-only because records hold API keys."""
+
+    @classmethod
+    def of_run_dir(cls, run_dir: str | Path) -> RecordStore:
+        """The agent's store under its run folder, where the agent and the hook both find it."""
+        return cls(Path(run_dir) / "engines")
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -57,11 +75,7 @@ class RecordStore:
         return self.folder / f"{job_id}.json"
 
     def save(self, record: EngineRecord) -> None:
-        tmp = self._path(record.job_id).with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(asdict(record), out)
-        os.replace(tmp, self._path(record.job_id))
+        write_atomic(self._path(record.job_id), json.dumps(asdict(record)).encode())
 
     def delete(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)

@@ -16,7 +16,10 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import psutil
 
+from slinfer import tls
 from slinfer.agent.gpu import Gpus
+from slinfer.backoff import AGENT_RECONNECT, Backoff
+from slinfer.config import Config
 from slinfer.v1 import controller_pb2 as pb
 from slinfer.v1 import controller_pb2_grpc, engine_pb2
 
@@ -25,7 +28,9 @@ log = logging.getLogger(__name__)
 
 class Reporter:
     def __init__(self, controller: str, node: str, address: str, engines: Callable[[], list[engine_pb2.Engine]],
-                 gpus: Gpus, heartbeat_s: float, token: str = "") -> None:
+                 gpus: Gpus, heartbeat_s: float, token: str = "", config: Config | None = None) -> None:
+        # The TLS settings of the channel (`[controller].tls_*`, `[agent].tls_*`); None means plaintext.
+        self.config = config
         self.controller = controller
         self.node = node
         self.address = address
@@ -63,21 +68,26 @@ class Reporter:
                 pass
 
     async def run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff.of(AGENT_RECONNECT)
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.controller) as channel:
+                channel_of = (tls.aio_channel(self.controller, self.config) if self.config is not None
+                              else grpc.aio.insecure_channel(self.controller))
+                async with channel_of as channel:
                     stub = controller_pb2_grpc.RegistryStub(channel)
                     call = stub.Report(self._reports())
                     async for ack in call:
                         if not self.connected:
                             log.info("reporting to controller %s", self.controller)
-                        self.connected, backoff = True, 0.5
+                        self.connected = True
+                        backoff.succeeded()
                         if ack.heartbeat_interval > 0:
                             self.heartbeat_s = ack.heartbeat_interval
             except grpc.aio.AioRpcError as exc:
+                delay = backoff.failed(time.monotonic(), exc.code().name)
                 log.log(logging.WARNING if self.connected else logging.DEBUG,
-                        "controller %s: %s; retrying in %.1fs", self.controller, exc.code().name, backoff)
+                        "controller %s: %s; retrying in %.1fs", self.controller, exc.code().name, delay)
+            else:
+                delay = backoff.failed(time.monotonic(), "stream ended")
             self.connected = False
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            await asyncio.sleep(delay)

@@ -1,11 +1,13 @@
 """The agent's local gRPC API (StartEngine, StopEngine, ListEngines) on a root-only unix socket.
 
-Responsible for: the socket's permissions and translating calls to the engine manager. Not responsible for:
+Responsible for: the socket's permissions, one agent per socket (its lock), and translating calls to the engine
+manager. Not responsible for:
 deciding anything about engines.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -38,6 +40,21 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     async def ListEngines(self, request: pb.ListEnginesRequest, context: grpc.aio.ServicerContext) -> object:
         return pb.ListEnginesResponse(engines=self.engines.engines())
+
+
+def single_agent_lock(socket_path: Path) -> int:
+    """One agent per socket: an exclusive flock on SOCKET.lock, held (by the returned fd) for the agent's life and
+    released by the kernel when it dies. A second agent (the hook and a job's other hook, or systemd, starting one
+    at the same moment) exits here, before it adopts, stops or unlinks anything of the first one's."""
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = socket_path.with_name(socket_path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"slinfer-agent: another agent holds {lock_path}; this one exits") from None
+    return fd
 
 
 async def serve(engines: EngineManager, socket_path: Path) -> grpc.aio.Server:

@@ -4,7 +4,7 @@ Responsible for: the controller's Admin API (status, pinning a replica count), t
 /v1/models, each READY replica's engine URL and key (from the agent's `<run>/jobs/<job>.env`, as a job's own
 steps would read them), an engine's /metrics counters, the controller's decision log lines, and restarting the
 controller with another config or balancer policy. Not responsible for: bringing the bed up or down
-(`slinfer.devcluster`), generating load (`loadgen`) or deciding anything.
+(`slinfer.dev.devcluster`), generating load (`loadgen`) or deciding anything.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.loadgen import Target
-from slinfer import devcluster
+from slinfer import config as config_mod
+from slinfer import tls
+from slinfer.dev import devcluster
+from slinfer.slurm.states import JobState
 from slinfer.v1 import admin_pb2, admin_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 # "2025-11-24 03:55:00,123 INFO slinfer.controller.autoscaler: model=tiny submitted job 5"
-# Slurm states of a job that still holds (or waits for) its node; squeue --json also lists ended jobs.
-ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"})
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
 
 
@@ -73,10 +74,14 @@ class BedProbe:
         self._session: aiohttp.ClientSession | None = None
         self._channel: grpc.aio.Channel | None = None
         self._admin: admin_pb2_grpc.AdminStub | None = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
 
     async def __aenter__(self) -> BedProbe:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        self._channel = grpc.aio.insecure_channel(self._controller)
+        # The bed's gRPC port speaks (mutual) TLS and wants the token, as a site's does.
+        config = config_mod.load(self.bed.config)
+        self._metadata = (("authorization", f"Bearer {config.controller.token}"),)
+        self._channel = tls.aio_channel(self._controller, config)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         return self
 
@@ -89,7 +94,7 @@ class BedProbe:
     # ---- the controller ---------------------------------------------------------------------------------
     async def status(self) -> admin_pb2.StatusResponse:
         assert self._admin is not None
-        return await self._admin.Status(admin_pb2.StatusRequest(), timeout=10)
+        return await self._admin.Status(admin_pb2.StatusRequest(), timeout=10, metadata=self._metadata)
 
     async def model_status(self) -> admin_pb2.ModelStatus:
         reply = await self.status()
@@ -100,7 +105,7 @@ class BedProbe:
         assert self._admin is not None
         request = (admin_pb2.ScaleRequest(model=self.model, auto=True) if replicas is None
                    else admin_pb2.ScaleRequest(model=self.model, replicas=replicas))
-        await self._admin.Scale(request, timeout=10)
+        await self._admin.Scale(request, timeout=10, metadata=self._metadata)
 
     async def wait_replicas(self, ready: int, within_s: float, idle_others: bool = True) -> float:
         """Seconds until exactly `ready` replicas are READY (and, with idle_others, none is starting, pending
@@ -123,7 +128,7 @@ class BedProbe:
         began = time.monotonic()
         while time.monotonic() - began < within_s:
             reply = await self.status()
-            if not [j for j in reply.jobs if j.model == self.model and j.state in ACTIVE_STATES] and \
+            if not [j for j in reply.jobs if j.model == self.model and JobState.parse(j.state).holds_node] and \
                     not [r for r in reply.replicas if r.model == self.model]:
                 return time.monotonic() - began
             await asyncio.sleep(0.5)

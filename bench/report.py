@@ -159,8 +159,7 @@ def _routing(rows: list[dict[str, Any]]) -> str:
            f"{first['groups']} system prompts of about 420 tokens, each shared by {first['per_group']} requests "
            f"(shuffled), {first['users']} users, streaming, {first['max_tokens']} tokens per answer, 2 replicas "
            "pinned. The controller was restarted per policy; each policy gets its own prompts so that no cache "
-           "carries over. Round-robin ran through `bench/policy_controller.py` (the controller with "
-           "`Balancer(policy=\"round_robin\")`) until a `[[models]].balancer` key exists; prefix affinity is "
+           "carries over. Round-robin is `[[models]].balancer = \"round_robin\"`; prefix affinity is "
            "`[[models]].prefix_affinity = true`.\n"]
     table = [[r["policy"].replace("_", " "), _s(r["ttft_mean"]), _s(r["ttft_p50"]), _s(r["ttft_p99"]),
               _s(r["p50"]), _s(r["throughput"], 1), f"{100 * r['prefix_hit_rate']:.1f}%",

@@ -6,10 +6,11 @@ CPU), then, in the order that needs the fewest engine starts:
   4. engine busy fraction under peak load (2 replicas pinned),
   3. routing quality per balancer policy on shared-prefix prompts (2 replicas, controller restarted per policy),
   1. the seed paper's table (1 replica pinned: 100/500/1000 concurrent requests via the gateway and direct),
-then takes the bed down and, unless `--skip-standin`, runs bench/gateway_overhead.py against the fast engine
-stand-in (the gateway's own cost, without a slow engine hiding it). Writes results.json, results.md, the PNG
-plots and bench.log to `--out` (default results/<timestamp>/); `--latest DIR` also copies the Markdown and
-plots there (bench/results/latest for the committed copy).
+  5. streaming through the gateway against that one engine (bench/stream_relay.py: throughput and TTFT ratios),
+then takes the bed down and, unless `--skip-standin`, runs bench/gateway_overhead.py and bench/stream_relay.py
+against the fast engine stand-in (the gateway's own cost, without a slow engine hiding it). Writes
+results.json, results.md, the PNG plots and bench.log to `--out` (default results/<timestamp>/); `--latest
+DIR` also copies the Markdown and plots there (bench/results/latest for the committed copy).
 """
 
 from __future__ import annotations
@@ -25,16 +26,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` is importable
 
-from bench import peakbusy, plots, report, routing, scaling, seedtable
+from bench import peakbusy, plots, report, routing, scaling, seedtable, stream_relay
 from bench.bedprobe import BedProbe
-from slinfer import devcluster
-from slinfer.config import ModelConfig
+from slinfer.dev import devcluster
 
 log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -89,15 +88,13 @@ def _wait_ports_free(bed: devcluster.Bed, within_s: float = 120.0) -> None:
         time.sleep(5)
 
 
-def _config_variant(base: str, policy: str) -> tuple[str, str]:
-    """(config text, balancer for bench/policy_controller.py or "") for one routing policy."""
+def _config_variant(base: str, policy: str) -> str:
+    """The controller's config text for one routing policy ([[models]] is the config's last table)."""
     if policy == "prefix_affinity":
-        return base + "prefix_affinity = true\n", ""  # [[models]] is the config's last table
+        return base + "prefix_affinity = true\n"
     if policy == "round_robin":
-        if "balancer" in {f.name for f in fields(ModelConfig)}:
-            return base + 'balancer = "round_robin"\n', ""
-        return base, "round_robin"
-    return base, ""
+        return base + 'balancer = "round_robin"\n'
+    return base
 
 
 async def _measure(probe: BedProbe, args: argparse.Namespace, base_config: str, out: dict[str, object]) -> None:
@@ -124,23 +121,29 @@ async def _measure(probe: BedProbe, args: argparse.Namespace, base_config: str, 
         log.info("== part 3: routing quality")
         out["routing"] = routed
     for policy in POLICIES if 3 in parts else ():
-        text, balancer = _config_variant(base_config, policy)
-        probe.restart_controller(text, balancer)
+        probe.restart_controller(_config_variant(base_config, policy))
         await probe.pin(2)
         await probe.wait_routable(2, 60)
         routed.append(await routing.run(probe, policy, groups=16 if q else 256, per_group=4, users=32,
                                         max_tokens=16))
     if 3 in parts:
         probe.restart_controller(base_config)
-    if 1 not in parts:
+    if not parts & {1, 5}:
         return
-    log.info("== part 1: the seed table, 1 replica pinned")
     await probe.pin(1)
     await probe.wait_replicas(1, 120)
     await probe.wait_routable(1, 60)
     await asyncio.sleep(SETTLE_S)
-    levels = [int(x) for x in args.levels.split(",")]
-    out["seedtable"] = await seedtable.run(probe, levels, max_tokens=16, repeats=1 if q else 3)
+    if 1 in parts:
+        log.info("== part 1: the seed table, 1 replica pinned")
+        levels = [int(x) for x in args.levels.split(",")]
+        out["seedtable"] = await seedtable.run(probe, levels, max_tokens=16, repeats=1 if q else 3)
+    if 5 in parts:
+        log.info("== part 5: streaming through the gateway vs one engine, 1 replica pinned")
+        await asyncio.sleep(SETTLE_S)
+        out["stream_relay_engine"] = await stream_relay.engine_rounds(probe, rounds=2 if q else 4,
+                                                                      requests=100 if q else 300, users=32,
+                                                                      max_tokens=64)
     await probe.pin(0)
 
 
@@ -162,6 +165,18 @@ def _standin(args: argparse.Namespace) -> str:
     return proc.stdout
 
 
+def _stream_relay(args: argparse.Namespace) -> dict[str, object]:
+    log.info("== streaming relay cost against the engine stand-in (bench/stream_relay.py)")
+    out = args.out / "stream_relay.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "stream_relay.py"), "--rounds", "1" if args.quick
+                           else "3", "--json", str(out)], capture_output=True, text=True, check=False, timeout=1800)
+    log.info("stream relay:\n%s", proc.stdout)
+    if proc.returncode != 0 or not out.exists():
+        log.error("stream_relay.py failed (%d): %s", proc.returncode, proc.stderr[-2000:])
+        return {"failed": proc.returncode, "text": proc.stdout + proc.stderr[-2000:]}
+    return {**json.loads(out.read_text()), "text": proc.stdout}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -172,7 +187,8 @@ def main() -> int:
     parser.add_argument("--port-base", type=int, default=46800)
     parser.add_argument("--levels", default="100,500,1000", help="concurrencies of the seed table")
     parser.add_argument("--step-users", type=int, default=32, help="users of the scaling step (target is 8 each)")
-    parser.add_argument("--parts", default="1,2,3,4", help="which parts to run (they run in the order 2, 4, 3, 1)")
+    parser.add_argument("--parts", default="1,2,3,4,5",
+                        help="which parts to run (they run in the order 2, 4, 3, 1, 5)")
     parser.add_argument("--quick", action="store_true", help="shorter phases, for trying the script out")
     parser.add_argument("--skip-standin", action="store_true", help="skip the stand-in gateway overhead run")
     args = parser.parse_args()
@@ -214,13 +230,15 @@ def main() -> int:
             log.error("processes %s of the bed survived `down`", left)
     meta["bed_minutes"] = (time.monotonic() - began) / 60
     results["standin"] = "" if args.skip_standin else _standin(args)
+    if not args.skip_standin:
+        results["stream_relay"] = _stream_relay(args)
     meta["uptime_end"] = _uptime()
     meta["minutes"] = (time.monotonic() - began) / 60
     meta["failed"] = failed
     results["meta"] = meta
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     images = plots.draw_all(results, args.out)
-    (args.out / "results.md").write_text(report.markdown(results, images))
+    (args.out / "results.md").write_text(report.markdown(results, images) + stream_relay.markdown(results))
     log.info("results in %s (%.1f min)", args.out, meta["minutes"])
     if args.latest and not failed:
         args.latest.mkdir(parents=True, exist_ok=True)

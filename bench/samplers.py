@@ -18,11 +18,30 @@ from dataclasses import dataclass, field
 import aiohttp
 import grpc
 
-from bench.bedprobe import ACTIVE_STATES, BedProbe, Engine, metric_sum
+from bench.bedprobe import BedProbe, Engine, metric_sum
 from bench.loadgen import Sample, percentile
+from slinfer.slurm.states import JobState
 
 # The rolling window for the timeline's p99: long enough to hold a few hundred requests on the bed.
 P99_WINDOW_S = 5.0
+
+
+class _Background:
+    """A sampler's loop as a task: `start()` runs `_run()` in the background, `stop()` cancels it."""
+
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        raise NotImplementedError
 
 
 @dataclass
@@ -38,7 +57,7 @@ class JobSeen:
     states: list[str] = field(default_factory=list)
 
 
-class ControlSampler:
+class ControlSampler(_Background):
     """Samples the controller and gateway every `interval`; `rows` and `jobs` fill as it runs."""
 
     def __init__(self, probe: BedProbe, users: Callable[[], int], samples: Sequence[Sample],
@@ -50,16 +69,6 @@ class ControlSampler:
         self._interval = interval
         self.rows: list[dict[str, float]] = []
         self.jobs: dict[str, JobSeen] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         next_at = time.monotonic()
@@ -77,7 +86,7 @@ class ControlSampler:
         now = now_m + self._offset
         model = self._probe.model
         m = next(x for x in reply.models if x.name == model)
-        pending = sum(1 for j in reply.jobs if j.model == model and j.state in ("PENDING", "CONFIGURING"))
+        pending = sum(1 for j in reply.jobs if j.model == model and JobState.parse(j.state).waiting)
         done = [s for s in self._samples if s.end >= now_m - P99_WINDOW_S]
         ok = [s for s in done if s.ok]
         self.rows.append({
@@ -94,7 +103,7 @@ class ControlSampler:
         for j in reply.jobs:
             if j.model != model:
                 continue
-            if j.state in ACTIVE_STATES:
+            if JobState.parse(j.state).holds_node:
                 listed.add(j.job_id)
             seen = self.jobs.setdefault(j.job_id, JobSeen(j.job_id, first_seen=now))
             seen.submit_time = j.submit_time or seen.submit_time
@@ -110,7 +119,7 @@ class ControlSampler:
                 seen.gone_at = now
 
 
-class BusySampler:
+class BusySampler(_Background):
     """Samples running/waiting requests of each engine every `interval` (0.1 s); rows are
     (unix time, job id, running, waiting)."""
 
@@ -120,16 +129,6 @@ class BusySampler:
         self._interval = interval
         self.rows: list[tuple[float, str, float, float]] = []
         self.misses = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _one(self, engine: Engine) -> None:
         try:

@@ -21,31 +21,16 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.gateway_overhead import (
-    CLIENT_KEY,
-    ROOT,
-    _free_port,
-    _heartbeat,
-    _start,
-    _stop,
-    _wait_http,
-    serve_gateway,
-)
-
-_HEAD_END = b"\r\n\r\n"
-_CHUNKED_END = b"\r\n0\r\n\r\n"
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
+from bench.gateway_overhead import CLIENT_KEY, BenchProcesses, response_span, run_fast
 
 
 class _StreamConn(asyncio.Protocol):
@@ -62,21 +47,11 @@ class _StreamConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        end = self.buf.find(_HEAD_END)
-        if end < 0:
+        span = response_span(self.buf, streaming=True)
+        if span is None:
             return
-        head = bytes(self.buf[:end + 2])
-        m = _CONTENT_LENGTH.search(head)
-        if m:
-            total = end + 4 + int(m.group(1))
-            if len(self.buf) < total:
-                return
-        else:
-            term = self.buf.find(_CHUNKED_END, end)
-            if term < 0:
-                return
-            total = term + len(_CHUNKED_END)
-        status = int(head[9:12])
+        end, total = span
+        status = int(self.buf[9:12])
         body = bytes(self.buf[end + 4:total])
         del self.buf[:total]
         if self.waiter is not None and not self.waiter.done():
@@ -176,35 +151,13 @@ def _mib(n: float) -> str:
 async def soak(args: argparse.Namespace) -> int:
     body = json.dumps({"model": args.model, "messages": [{"role": "user", "content": "Say hello."}],
                        "max_tokens": args.tokens, "stream": True}).encode()
-    procs: list[asyncio.subprocess.Process] = []
-    logs: list[Path] = []
-    tasks: list[asyncio.Task[None]] = []
     with tempfile.TemporaryDirectory(prefix="slinfer-soak-") as tmp:
+        children = BenchProcesses(tmp)
         try:
-            engine_port = _free_port()
-            engine_url, engine_key = f"http://127.0.0.1:{engine_port}", "soak-engine-key"
-            engine_log = Path(tmp) / "engine.log"
-            procs.append(await _start(engine_log, sys.executable, str(ROOT / "bench" / "standin_engine.py"),
-                                      "--port", str(engine_port), "--api-key", engine_key, "--model", args.model,
-                                      "--tokens", str(args.tokens), "--token-delay-ms", str(args.token_delay_ms)))
-            logs.append(engine_log)
-            await _wait_http(engine_url, procs[-1], engine_log)
-            grpc_port, http_port = _free_port(), _free_port()
-            config = Path(tmp) / "slinfer.toml"
-            config.write_text(
-                f'[controller]\nlisten = "127.0.0.1:{grpc_port}"\nstate_dir = "{tmp}/state"\n'
-                f'slurm_bin_dir = "{tmp}/no-slurm"\nlog_level = "warning"\n\n'
-                f'[gateway]\nlisten = "127.0.0.1:{http_port}"\napi_keys = ["{CLIENT_KEY}"]\n'
-                f"max_outstanding_per_engine = 100000\nqueue_size = 100000\n\n"
-                f'[[models]]\nname = "{args.model}"\nsource = "/soak"\n')
-            gateway_log = Path(tmp) / "gateway.log"
-            gateway = await _start(gateway_log, sys.executable, str(ROOT / "bench" / "gateway_overhead.py"),
-                                   "--serve-gateway", str(config), "--loop", "uvloop")
-            procs.append(gateway)
-            logs.append(gateway_log)
-            await _wait_http(f"http://127.0.0.1:{http_port}", gateway, gateway_log)
-            tasks.append(asyncio.create_task(_heartbeat(f"127.0.0.1:{grpc_port}", args.model, engine_url,
-                                                        engine_key)))
+            engine_key = "soak-engine-key"
+            engine_url, engine_port, _ = await children.standin(
+                args.model, engine_key, "--tokens", str(args.tokens), "--token-delay-ms", str(args.token_delay_ms))
+            http_port, gateway = await children.gateway(args.model, "/soak", "uvloop", engine_url, engine_key)
             await asyncio.sleep(2.0)
             gw = psutil.Process(gateway.pid)
             before_rss, before_fds = gw.memory_info().rss, gw.num_fds()
@@ -263,15 +216,7 @@ async def soak(args: argparse.Namespace) -> int:
             print("result: " + ("OK" if not problems else "FAILED: " + "; ".join(problems)), flush=True)
             return 1 if problems else 0
         finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                    await task
-            for proc, log in zip(procs, logs, strict=True):
-                if proc.returncode is not None:
-                    print(f"{log.name}: exited with {proc.returncode}:\n{log.read_text()[-3000:]}", file=sys.stderr)
-            for proc in reversed(procs):
-                await _stop(proc)
+            await children.close()
 
 
 def main() -> None:
@@ -285,18 +230,8 @@ def main() -> None:
     parser.add_argument("--max-rss-growth-mib", type=float, default=32.0,
                         help="resident growth under load, first to last sample, that fails the soak")
     parser.add_argument("--model", default="standin")
-    parser.add_argument("--serve-gateway", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_gateway:
-        serve_gateway(args.serve_gateway, "uvloop")
-        return
-    try:
-        import uvloop
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        sys.exit(runner.run(soak(args)))
+    sys.exit(run_fast(soak(args)))
 
 
 if __name__ == "__main__":

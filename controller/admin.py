@@ -1,9 +1,10 @@
 """The admin gRPC service (`proto/slinfer/v1/admin.proto`) behind `slinfer status|scale|drain|keys|usage`.
 
-Responsible for: authenticating each call with `[controller].token` (when set), translating requests into calls
-on the Autoscaler, the Registry, the KeyStore and the UsageLedger, and their failures into gRPC status codes
-with a readable message. Not responsible for: any decision (the autoscaler decides, this only forwards the
-admin's wish) or formatting for people (the CLI does).
+Responsible for: authenticating each call with `[controller].token` (empty only with `insecure = true`),
+translating requests into calls on the Autoscaler, the Registry, the KeyStore and the UsageLedger, and their
+failures into gRPC status codes with a readable message. Not responsible for: any decision (the autoscaler
+decides, this only forwards the admin's wish), formatting for people (the CLI does), or TLS (the server's
+credentials, controller/main.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 
 from slinfer.controller.autoscaler import Autoscaler, ModelStatus
 from slinfer.controller.keys import KeyStore, KeyStoreError
+from slinfer.controller.pins import PinStore, PinStoreError
 from slinfer.controller.registry import Registry
 from slinfer.controller.slurm import JOB_ID
 from slinfer.controller.usage import UsageLedger
@@ -42,8 +44,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     """The Admin servicer (grpc.aio); register it with `admin_pb2_grpc.add_AdminServicer_to_server`."""
 
     def __init__(self, autoscaler: Autoscaler, registry: Registry, keys: KeyStore, token: str = "",
-                 clock: Callable[[], float] = time.time, usage: UsageLedger | None = None) -> None:
+                 clock: Callable[[], float] = time.time, usage: UsageLedger | None = None,
+                 pins: PinStore | None = None) -> None:
         self._autoscaler = autoscaler
+        self._pins = pins
         self._usage = usage
         self._registry = registry
         self._keys = keys
@@ -95,6 +99,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info("admin %s: scale %s %s", context.peer(), request.model, "auto" if count is None else count)
+        if self._pins is not None:
+            try:
+                self._pins.save(request.model, count)
+            except PinStoreError as exc:
+                await context.abort(grpc.StatusCode.INTERNAL, f"applied, but lost at the next restart: {exc}")
         (st,) = [s for s in self._autoscaler.status() if s.name == request.model]
         return admin_pb2.ScaleResponse(model=model_status(st))
 

@@ -1,8 +1,8 @@
 """The autoscaler: keeps each catalog model's Slurm jobs between its min and max replicas, following the load.
 
 Responsible for: sampling each model's load (the gateway's in-flight plus queued requests, or the engines' own
-running plus waiting where larger) into a moving average; turning it into a desired replica count (ceil of
-load / target, clamped, or the admin's pinned count); acting through Slurm after the scale-up or scale-down
+running plus waiting where larger) into a moving average; asking the pure policy (scaling_policy.py) for the
+desired replica count and this step's action; acting through Slurm after the scale-up or scale-down
 delay (submit; cancel PENDING jobs first, then drain a READY replica and cancel it once idle); replacing replicas
 before their time limit with a lead time learned from observed submit-to-READY latency; adopting its own jobs
 again after a restart (recognised by job name and comment); logging every decision with its numbers.
@@ -22,10 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from slinfer.backoff import AGENT_RECONNECT, Backoff, BackoffPolicy
 from slinfer.config import ModelConfig
 from slinfer.controller import metrics
 from slinfer.controller.movingaverage import MovingAverage
 from slinfer.controller.registry import Registry, Replica
+from slinfer.controller.scaling_policy import Action, Jobs, Load, Timers, decide
 from slinfer.controller.slurm import SlurmError, SlurmJob
 from slinfer.v1 import engine_pb2
 
@@ -42,13 +44,10 @@ FINAL_DRAIN_S = 30.0
 # A job sbatch accepted but squeue does not list yet counts as pending for this long.
 SUBMIT_VISIBILITY_S = 60.0
 # After a failed sbatch, wait this long (doubling per failure, up to the cap) before trying again.
-SUBMIT_BACKOFF_S = 5.0
-SUBMIT_BACKOFF_MAX_S = 300.0
-# Replacements for expiring jobs may overlap them, but never beyond this many jobs per desired replica.
-MAX_JOBS_PER_REPLICA = 2
-
-PENDING_STATES = frozenset({"PENDING", "CONFIGURING", "REQUEUED"})
-RUNNING_STATES = frozenset({"RUNNING", "RESIZING"})
+SUBMIT_BACKOFF = BackoffPolicy(initial_s=5.0, max_s=300.0)
+# After a (re)start, running jobs whose agents have not reported yet look like starting engines; nothing is
+# cancelled until every agent had three reconnect tries at its backoff's cap to re-register.
+SETTLE_S = 3 * AGENT_RECONNECT.max_s
 
 
 class Demand(Protocol):
@@ -64,7 +63,7 @@ class Slurm(Protocol):
     """The part of SlurmClient the autoscaler uses."""
 
     async def submit(self, model: ModelConfig, job_name: str, comment: str) -> str: ...
-    async def jobs(self) -> list[SlurmJob]: ...
+    async def jobs(self, names: Sequence[str] = ()) -> list[SlurmJob]: ...
     async def cancel(self, job_id: str) -> None: ...
 
 
@@ -110,8 +109,11 @@ class _Model:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=8))
     seen_ready: set[str] = field(default_factory=set)
     adopted: set[str] = field(default_factory=set)
-    failures: int = 0
-    backoff_until: float = 0.0
+    # Jobs whose node's agent fell silent: lost until Slurm ends them or the agent reports them again, even after
+    # the Registry has forgotten that agent (else the still-RUNNING job would read as a starting replica, and the
+    # replacement for it be cancelled).
+    lost: set[str] = field(default_factory=set)
+    backoff: Backoff = field(default_factory=lambda: Backoff.of(SUBMIT_BACKOFF))
     last_outcome: str = ""
 
 
@@ -142,8 +144,11 @@ class Autoscaler:
 
     def __init__(self, models: Sequence[ModelConfig], registry: Registry, demand: Callable[[str], Demand],
                  slurm: Slurm, clock: Callable[[], float] = time.time, job_name_prefix: str = "slinfer",
-                 settle_s: float = 30.0, is_leader: Callable[[], bool] = lambda: True) -> None:
+                 settle_s: float = SETTLE_S, is_leader: Callable[[], bool] = lambda: True,
+                 outstanding_elsewhere: Callable[[str, float], int] | None = None) -> None:
         self._registry = registry
+        # Requests other gateways (the gateway tier) have in flight on a job's engine, given its drain's start.
+        self._elsewhere = outstanding_elsewhere
         # With leader election only the leading controller submits and cancels; a standby watches.
         self._is_leader = is_leader
         self._leading = True
@@ -151,8 +156,6 @@ class Autoscaler:
         self._slurm = slurm
         self._clock = clock
         self._prefix = job_name_prefix
-        # After a (re)start, running jobs whose agents have not reported yet look like starting engines;
-        # nothing is cancelled until the agents had time to re-register (their reconnect backoff caps at 10 s).
         self._settle_s = settle_s
         self._started = clock()
         self._interval = 2.0
@@ -193,6 +196,11 @@ class Autoscaler:
         m.status.pinned = count
         m.up_since = m.down_since = None
 
+    def scaled_to_zero(self, model: str) -> bool:
+        """True while an administrator pins `model` at 0 replicas: the autoscaler starts none for it."""
+        m = self._models.get(model)
+        return m is not None and m.pinned == 0
+
     def drain(self, job_id: str) -> str:
         """Drains one of the autoscaler's jobs (it is cancelled once idle); returns its model."""
         found = self._jobs.get(job_id)
@@ -213,10 +221,13 @@ class Autoscaler:
         return list(self._jobs.values())
 
     def lead_time(self, model: str) -> float:
+        """How long before a job's time limit its replacement is submitted: the slowest recent start with its
+        margin, plus the final drain (an expiring replica is drained FINAL_DRAIN_S before its limit whether or
+        not the replacement is READY, so the replacement must be READY by then), plus two steps of lag."""
         m = self._models[model]
         if not m.latencies:
             return DEFAULT_START_LATENCY_S
-        return max(m.latencies) * LEAD_FACTOR + 2 * self._interval
+        return max(m.latencies) * LEAD_FACTOR + FINAL_DRAIN_S + 2 * self._interval
 
     # ---- loop ---------------------------------------------------------------------------------------
     async def run(self, interval: float) -> None:
@@ -240,7 +251,8 @@ class Autoscaler:
         if not leading:
             return
         try:
-            jobs = await self._slurm.jobs()
+            # Only this controller's user's jobs of its job names: Slurm's cost stays flat as the queue grows.
+            jobs = await self._slurm.jobs([self.job_name(name) for name in self._models])
         except SlurmError as exc:
             # Acting on a stale or missing view of the queue could submit duplicates.
             log.warning("squeue failed, no scaling this step: %s", exc)
@@ -280,8 +292,8 @@ class Autoscaler:
         self._adopt(m, active)
         settled = now - self._started >= self._settle_s
 
+        groups = self._classify(m, active, now)
         lead = self.lead_time(cfg.name)
-        groups = self._classify(m, active, now, lead)
 
         demand = self._demand(cfg.name)
         engines = sum(r.running + r.waiting for r in self._registry.replicas(cfg.name)
@@ -290,19 +302,10 @@ class Autoscaler:
         m.average.add(sample)
         load = m.average.value()
 
-        urgent = ""  # why no delay applies, if none does
-        if m.pinned is not None:
-            desired = m.pinned
-        else:
-            # Rounded first so that float noise (8.000001 / 8) does not add a replica.
-            desired = min(max(math.ceil(round(load / cfg.target_outstanding, 6)), cfg.min_replicas),
-                          cfg.max_replicas)
-            if demand.queued > 0 and groups.capacity == 0 and cfg.max_replicas > 0:
-                # Scale from zero: a waiting request must not wait for the window or the delay.
-                desired = max(desired, 1)
-                urgent = "scale from zero"
-            elif groups.capacity < cfg.min_replicas:
-                urgent = "below min"  # not a reaction to load, so no delay applies
+        d = decide(cfg, Load(load, sample, demand.queued), Jobs(groups.capacity, groups.total),
+                   Timers(m.up_since, m.down_since, m.backoff.retry_at), now, pinned=m.pinned, settled=settled)
+        desired = d.desired
+        m.up_since, m.down_since = d.timers.up_since, d.timers.down_since
 
         st = m.status
         st.pinned, st.desired, st.load = m.pinned, desired, load
@@ -326,51 +329,22 @@ class Autoscaler:
             await self._cancel(m, job.job_id, f"{numbers()} -> cancel {job.job_id}: engine failed ({reason})",
                                "cancel_failed")
 
-        outcome = "steady"
-        if desired > groups.capacity:
-            m.down_since = None
-            if m.up_since is None:
-                m.up_since = now
-            waited = now - m.up_since
-            # The average lags: after a burst it still asks for replicas the load no longer needs, so a
-            # scale-up must also be needed by the load of this very moment.
-            needed_now = desired if m.pinned is not None else min(max(
-                math.ceil(round(sample / cfg.target_outstanding, 6)), cfg.min_replicas, 1 if urgent else 0),
-                cfg.max_replicas)
-            want = min(desired, needed_now) - groups.capacity
-            room = MAX_JOBS_PER_REPLICA * max(desired, 1) - groups.total
-            if not (urgent or m.pinned is not None or waited >= cfg.scale_up_delay_s):
-                outcome = f"wait scale-up delay ({waited:.0f}/{cfg.scale_up_delay_s:g}s)"
-            elif want <= 0:
-                outcome = f"hold: the load now ({sample:.0f}) needs only {needed_now}"
-            elif now < m.backoff_until:
-                outcome = f"wait after sbatch failure ({m.backoff_until - now:.0f}s left)"
-            elif room <= 0:
-                outcome = f"hold: {groups.total} jobs already (expiring ones not yet gone)"
-            else:
-                n = min(want, room)
-                await self._submit(m, n, f"{numbers()} -> submit {n}" + (f" ({urgent})" if urgent else ""))
-                outcome = "submitted"
-        elif desired < groups.capacity:
-            m.up_since = None
-            if m.down_since is None:
-                m.down_since = now
-            waited = now - m.down_since
-            if m.pinned is None and waited < cfg.scale_down_delay_s:
-                outcome = f"wait scale-down delay ({waited:.0f}/{cfg.scale_down_delay_s:g}s)"
-            elif not settled:
-                outcome = "wait for agents to re-register after start"
-            else:
-                await self._shrink(m, groups, groups.capacity - desired, numbers())
-                outcome = "shrunk"
-        else:
-            m.up_since = m.down_since = None
+        outcome = d.reason
+        if d.action is Action.SUBMIT:
+            await self._submit(m, d.count, f"{numbers()} -> submit {d.count}" + (f" ({d.urgent})" if d.urgent else ""))
+        elif d.action is Action.SHRINK:
+            await self._shrink(m, groups, d.count, numbers())
 
-        # A replica near its time limit leaves once enough others are READY, or at the latest just before it.
+        # A replica near its time limit leaves once enough READY replicas outlive it (its replacements: they may
+        # be near their own limit already, when the lead is longer than a job's life after READY), or at the
+        # latest just before its limit. At least one: a moment's desired=0 (the average of in-flight samples can
+        # read 0 under light steady traffic) is for scale-down and its delay to act on, not a replacement.
+        serving = groups.ready + groups.expiring
         for job in sorted(groups.expiring, key=lambda j: j.end_time) if settled else ():
             left = job.end_time - now
-            if len(groups.ready) >= desired or left <= FINAL_DRAIN_S:
-                why = "replacement ready" if len(groups.ready) >= desired else "no replacement in time"
+            outliving = sum(1 for j in serving if (j.end_time or math.inf) > job.end_time)
+            if outliving >= max(desired, 1) or left <= FINAL_DRAIN_S:
+                why = "replacement ready" if outliving >= max(desired, 1) else "no replacement in time"
                 log.info("%s -> drain %s: time limit in %.0fs (lead %.0fs), %s", numbers(), job.job_id, left,
                          lead, why)
                 self._start_drain(m, job.job_id, "time limit")
@@ -398,8 +372,9 @@ class Autoscaler:
         active_ids = {j.job_id for j in active}
         m.adopted &= active_ids | set(m.submitted)
         m.seen_ready &= active_ids
+        m.lost &= active_ids
 
-    def _classify(self, m: _Model, active: list[SlurmJob], now: float, lead: float) -> _Groups:
+    def _classify(self, m: _Model, active: list[SlurmJob], now: float) -> _Groups:
         g = _Groups()
         listed = {j.job_id for j in active}
         g.unlisted = [job_id for job_id in m.submitted if job_id not in listed]
@@ -410,10 +385,10 @@ class Autoscaler:
             if job.job_id in m.draining:
                 g.draining.append(job)
                 continue
-            if job.state in PENDING_STATES:
+            if job.waiting:
                 g.pending.append(job)
                 continue
-            if job.state not in RUNNING_STATES:
+            if not job.running:
                 continue  # SUSPENDED: neither capacity nor ours to act on
             if rep is not None and rep.draining:
                 # Drained by hand through the Registry, or by a previous controller that restarted.
@@ -426,14 +401,23 @@ class Autoscaler:
             if rep is not None and rep.state in (engine_pb2.STOPPING, engine_pb2.STOPPED):
                 continue  # ending on its own
             if rep is not None and not self._registry.agent_alive(rep.node):
+                m.lost.add(job.job_id)
                 g.lost.append(job)
                 continue
-            if rep is not None and rep.state == engine_pb2.READY:
+            if rep is None and job.job_id in m.lost:
+                g.lost.append(job)
+                continue
+            m.lost.discard(job.job_id)
+            serving = rep is not None and rep.state == engine_pb2.READY
+            if rep is not None and serving:
                 self._learn(m, job, rep)
-            expiring = job.end_time > 0 and job.end_time - now <= lead
-            if expiring:
+            # Only a serving replica is replaced before its limit; a starting one is capacity still. (With a lead
+            # longer than a job's life after READY, as for a short time limit, a job expires the moment it serves
+            # and its replacement is submitted then, not while it starts, which only doubled every start.)
+            # The lead as of this job: a start seen just now (its own) counts already.
+            if serving and job.end_time > 0 and job.end_time - now <= self.lead_time(m.config.name):
                 g.expiring.append(job)
-            elif rep is not None and rep.state == engine_pb2.READY:
+            elif serving:
                 g.ready.append(job)
             else:
                 g.starting.append(job)
@@ -457,14 +441,12 @@ class Autoscaler:
             try:
                 job_id = await self._slurm.submit(m.config, self.job_name(name), self.comment(name))
             except SlurmError as exc:
-                m.failures += 1
-                backoff = min(SUBMIT_BACKOFF_S * 2 ** (m.failures - 1), SUBMIT_BACKOFF_MAX_S)
-                m.backoff_until = self._clock() + backoff
+                backoff = m.backoff.failed(self._clock(), str(exc))
                 log.error("model=%s sbatch failed (%d in a row), next try in %.0fs: %s",
-                          name, m.failures, backoff, exc)
+                          name, m.backoff.failures, backoff, exc)
                 self._count(name, "submit_failed")
                 return
-            m.failures = 0
+            m.backoff.succeeded()
             m.submitted[job_id] = self._clock()
             log.info("model=%s submitted job %s", name, job_id)
             self._count(name, "submit")
@@ -506,6 +488,8 @@ class Autoscaler:
             if rep is None and not settled:
                 continue  # its agent may not have re-registered yet: it could still be serving
             outstanding = rep.outstanding if rep is not None else 0
+            if self._elsewhere is not None:
+                outstanding += self._elsewhere(job_id, since)
             waited = now - since
             if outstanding == 0:
                 await self._cancel(m, job_id, f"{numbers()} -> cancel drained job {job_id} after {waited:.0f}s",

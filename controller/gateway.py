@@ -5,7 +5,9 @@ body in one validating pass that materialises nothing else, picks an engine thro
 Registry's routable ones, waits in the per-model queue when there is none (scale from zero) or all are at
 their outstanding limit, retries on another engine when one fails before any byte, and answers every failure
 as OpenAI-shaped JSON. It counts in-flight and queued requests per model, which the autoscaler reads through
-`demand()`. It does not start or stop engines, and it never re-serialises a request body.
+`demand()`. Which paths it proxies is the route table (routes.py); what `/v1/models` says about each model
+is the ModelBoard's (modelstatus.py). It does not start or stop engines, and it never re-serialises a request
+body.
 """
 
 from __future__ import annotations
@@ -15,27 +17,30 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
 
 from slinfer.config import GatewayConfig, ModelConfig
 from slinfer.controller import metrics
 from slinfer.controller.balancer import Balancer
+from slinfer.controller.inflight import InFlight
 from slinfer.controller.keys import KeyInfo, KeyStore
 from slinfer.controller.limits import Limiter
+from slinfer.controller.modelstatus import ModelBoard
 from slinfer.controller.proxy import EngineFailed, EngineTimeout, Proxy
 from slinfer.controller.queue import QueueFull, WaitQueue
-from slinfer.controller.registry import Registry
+from slinfer.controller.registry import Registry, Replica
+from slinfer.controller.routes import BY_PATH, Route, not_served_message, served
 from slinfer.controller.usage import Meter, UsageLedger
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
 # How much of the prompt (raw JSON bytes) decides prefix affinity: enough to tell system prompts apart.
 AFFINITY_PREFIX_BYTES = 512
 # Retry-After hints: a saturated pool frees up within seconds; a replica from zero takes a Slurm job start.
@@ -47,6 +52,16 @@ RETRY_AFTER_NO_REPLICA_S = 10
 ENGINE_COOLDOWN_S = 2.0
 # Where a request keeps its authenticated key (aiohttp's per-request storage), for the usage ledger.
 _KEY = web.RequestKey("slinfer.key", KeyInfo)
+# The request's model once it is known, so that a request that ends in an exception is still counted for it.
+_MODEL = web.RequestKey("slinfer.model", str)
+# How often a draining gateway looks whether its last connection has closed.
+DRAIN_POLL_S = 0.05
+
+
+class UsageSink(Protocol):
+    """Where the gateway counts each answered request: the controller's ledger, or a gateway tier's relay."""
+
+    def record(self, key_id: str, key_name: str, account: str, model: str, status: int, meter: Meter) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class _Head(msgspec.Struct):
     model: str | None = None
     messages: msgspec.Raw = msgspec.Raw()
     prompt: msgspec.Raw = msgspec.Raw()
+    input: msgspec.Raw = msgspec.Raw()
 
 
 _decode_head = msgspec.json.Decoder(_Head).decode
@@ -78,8 +94,18 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, models: Sequence[ModelConfig], registry: Registry,
                  keys: KeyStore, proxy: Proxy, balancer: Balancer, queue: WaitQueue,
-                 limiter: Limiter | None = None, ledger: UsageLedger | None = None) -> None:
+                 limiter: Limiter | None = None, ledger: UsageLedger | UsageSink | None = None,
+                 board: ModelBoard | None = None,
+                 scaled_to_zero: Callable[[str], bool] | None = None,
+                 health: Callable[[], dict[str, object]] | None = None,
+                 state_collectors: Sequence[Collector] = (), instance: str = "") -> None:
         self._config = config
+        self._board = board if board is not None else ModelBoard(models, registry)
+        # The autoscaler's word that an administrator holds a model at 0 replicas: no replica is coming.
+        self._scaled_to_zero = scaled_to_zero
+        # A gateway tier's word on its controller feed, added to /healthz.
+        self._health = health
+        self._draining = False
         self._limiter = limiter
         self._ledger = ledger
         self._catalog = {m.name: m for m in models}
@@ -88,13 +114,18 @@ class Gateway:
         self._proxy = proxy
         self._balancer = balancer
         self._queue = queue
-        self._in_flight: dict[str, int] = {}
+        self._in_flight = InFlight()
         self._cooling: dict[str, float] = {}  # job id -> until (perf_counter)
         self._runner: web.AppRunner | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._state_metrics = CollectorRegistry()
         self._state_metrics.register(metrics.StateCollector(
-            registry, self._catalog, lambda m: self._in_flight.get(m, 0), queue.depth))
+            registry, self._catalog, self._in_flight.model, queue.depth))
+        for collector in state_collectors:
+            self._state_metrics.register(collector)
+        # The gateway tier's instance name, a label on every series it exports ("" for the controller's own).
+        self._instance = instance
+        self._sites: list[web.TCPSite] = []
         # Labelled children cached: .labels() takes a lock and builds a tuple on every call.
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[tuple[str, str], Any] = {}
@@ -103,20 +134,34 @@ class Gateway:
 
     # ---- the autoscaler's view ---------------------------------------------------------------------
     def demand(self, model: str) -> Demand:
-        return Demand(in_flight=self._in_flight.get(model, 0), queued=self._queue.depth(model))
+        return Demand(in_flight=self._in_flight.model(model), queued=self._queue.depth(model))
+
+    def outstanding(self) -> dict[str, int]:
+        """Requests in flight per engine (job id), for a gateway tier's report to the controller."""
+        return {r.job_id: r.outstanding for r in self._registry.replicas() if r.outstanding}
 
     # ---- server lifecycle --------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._config.max_body_bytes, handler_args={"max_field_size": 16384})
-        for path in ENDPOINTS:
+        for path in BY_PATH:
             app.router.add_post(path, self._handle)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
+        app.on_response_prepare.append(self._close_when_draining)
         return app
 
-    async def start(self, host: str, port: int, shutdown_grace_s: float = 30.0) -> int:
+    async def _close_when_draining(self, request: web.Request, response: web.StreamResponse) -> None:
+        # A draining gateway answers with `Connection: close`: the client's next request opens a connection
+        # that another listener of the port accepts, instead of finding this one closed.
+        if self._draining:
+            response.force_close()
+            # force_close() this late no longer writes the header; without it the client would reuse the
+            # connection and find it closed.
+            response.headers["Connection"] = "close"
+
+    async def start(self, host: str, port: int, shutdown_grace_s: float = 30.0, reuse_port: bool = False) -> int:
         """Serves on host:port (port 0 picks one); returns the bound port.
 
         `stop()` lets requests in flight finish for up to `shutdown_grace_s` before cutting them.
@@ -128,12 +173,41 @@ class Gateway:
                                      shutdown_timeout=shutdown_grace_s,
                                      keepalive_timeout=self._config.client_timeout_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=4096, reuse_address=True)
+        site = web.TCPSite(self._runner, host, port, backlog=4096, reuse_address=True,
+                           reuse_port=reuse_port or None)
         await site.start()
+        self._sites = [site]
         self._housekeeping = asyncio.create_task(self._forget_gone_engines())
         bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("gateway listening on %s:%d", host, bound)
         return int(bound)
+
+    async def listen_also(self, host: str, port: int) -> int:
+        """Serves the same app on one more port (a worker's own, for scraping each worker's /metrics)."""
+        assert self._runner is not None, "start() first"
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        self._sites.append(site)
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def drain(self, grace_s: float) -> int:
+        """Stops accepting, answers every further request with `Connection: close`, and waits (up to
+        `grace_s`) until every client connection has closed; returns how many were still open."""
+        self._draining = True
+        for site in self._sites:
+            if site._server is not None:
+                site._server.close()  # type: ignore[union-attr]  # the listener only; connections stay
+        server = self._runner.server if self._runner is not None else None
+        deadline = time.monotonic() + grace_s
+        # aiohttp signals no connection's close: poll.
+        while server is not None and server.connections and time.monotonic() < deadline:  # noqa: ASYNC110
+            # An idle connection's client may be sending on it right now: only one that got a
+            # `Connection: close` answer, or the grace's end, closes it.
+            await asyncio.sleep(DRAIN_POLL_S)
+        left = len(server.connections) if server is not None else 0
+        log.info("gateway drained: %d connections still open after %.1f s", left,
+                 grace_s - max(0.0, deadline - time.monotonic()))
+        return left
 
     async def stop(self) -> None:
         if self._housekeeping is not None:
@@ -145,6 +219,7 @@ class Gateway:
             runner, self._runner = self._runner, None
             await runner.cleanup()
         await self._proxy.close()
+        await self._board.close()
 
     async def _forget_gone_engines(self) -> None:
         while True:
@@ -161,18 +236,20 @@ class Gateway:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        endpoint = ENDPOINTS[request.path]
+        route = BY_PATH[request.path]
+        endpoint = route.endpoint
         model = ""
         status = 500
-        meter = Meter()
+        meter = route.meter()
         try:
-            response, model = await self._serve(request, endpoint, started, meter)
+            response, model = await self._serve(request, route, started, meter)
             status = response.status
             return response
         except asyncio.CancelledError:
             status = 499  # the client went away (nginx's code for it)
             raise
         finally:
+            model = model or request.get(_MODEL, "")
             key = (model, endpoint, status)
             counter = self._counters.get(key)
             if counter is None:
@@ -186,7 +263,7 @@ class Gateway:
             if key is not None and self._ledger is not None:
                 self._ledger.record(key.key_id, key.name, key.account, model, status, meter)
 
-    async def _serve(self, request: web.Request, endpoint: str, started: float,
+    async def _serve(self, request: web.Request, route: Route, started: float,
                      meter: Meter) -> tuple[web.StreamResponse, str]:
         """The response and the model label to count it under ("" unless the model is known: user input
         never becomes a label)."""
@@ -211,9 +288,9 @@ class Gateway:
         except TimeoutError:
             return error_response(408, f"The request body did not arrive within {self._config.client_timeout_s:g} "
                                   "s.", "invalid_request_error", "request_timeout"), ""
-        return await self._parsed(request, endpoint, body, started, meter)
+        return await self._parsed(request, route, body, started, meter)
 
-    async def _parsed(self, request: web.Request, endpoint: str, body: bytes, started: float,
+    async def _parsed(self, request: web.Request, route: Route, body: bytes, started: float,
                       meter: Meter) -> tuple[web.StreamResponse, str]:
         try:
             head = _decode_head(body)
@@ -230,11 +307,12 @@ class Gateway:
         if config is None and not self._registry.replicas(model):
             return error_response(404, f"The model '{model}' does not exist; GET /v1/models lists the models "
                                   "served here.", "invalid_request_error", "model_not_found"), ""
+        request[_MODEL] = model
         prefix: bytes | None = None
-        if config is not None and config.prefix_affinity:
-            raw = head.messages if head.messages else head.prompt
+        if config is not None and config.prefix_affinity and route.prompt_field:
+            raw = getattr(head, route.prompt_field)
             prefix = bytes(raw)[:AFFINITY_PREFIX_BYTES] or None
-        return await self._dispatch(request, model, request.path, body, prefix, started, meter), model
+        return await self._dispatch(request, model, route.engine_path, body, prefix, started, meter), model
 
     async def _dispatch(self, request: web.Request, model: str, path: str, body: bytes, prefix: bytes | None,
                         started: float, meter: Meter) -> web.StreamResponse:
@@ -256,6 +334,10 @@ class Gateway:
             if replica is None:
                 replica = self._balancer.pick(candidates, prefix, tried, config.max_outstanding_per_engine, policy)
             if replica is None:
+                # Held at 0 with no replica known (not even one starting): waiting would only delay the 503.
+                if (not candidates and self._scaled_to_zero is not None and self._scaled_to_zero(model)
+                        and not self._registry.replicas(model)):
+                    return self._refuse(model, False, "scaled to 0 replicas by an administrator", coming=False)
                 saturated = any(r.job_id not in tried for r in candidates)
                 # Every routable engine already failed this request: wait for the Registry to change (the agent
                 # reports the engine down, or a replacement READY), but only for the cool-down; then the same
@@ -279,16 +361,17 @@ class Gateway:
             if queued_at:
                 metrics.QUEUE_WAIT_SECONDS.labels(model).observe(time.perf_counter() - queued_at)
                 queued_at = 0.0
-            replica.outstanding += 1
-            self._in_flight[model] = self._in_flight.get(model, 0) + 1
+            self._in_flight.start(model, replica)
             try:
-                if self._ledger is None:
-                    return await self._proxy.forward(request, replica, path, body, self._ttft_child(model),
-                                                     started)
+                metered = self._ledger is not None
                 response = await self._proxy.forward(request, replica, path, body, self._ttft_child(model),
-                                                     started, meter.feed_chunk)
+                                                     started, meter.feed_chunk if metered else None)
                 if type(response) is web.Response and isinstance(response.body, bytes):
-                    meter.feed_body(response.body)
+                    # An OpenAI error always has a message; a 404 without one is the engine's router: no such route.
+                    if response.status == 404 and b'"message"' not in response.body:
+                        return await self._route_missing(model, replica, path)
+                    if metered:
+                        meter.feed_body(response.body)
                 return response
             except EngineFailed as exc:
                 failures += 1
@@ -306,12 +389,22 @@ class Gateway:
             except EngineTimeout as exc:
                 return error_response(504, str(exc), "upstream_error", "engine_timeout")
             finally:
-                replica.outstanding -= 1
-                self._in_flight[model] -= 1
+                self._in_flight.finish(model, replica)
                 if self._queue.depth(model):
                     self._queue.wake_one(model)
 
-    def _refuse(self, model: str, saturated: bool, why: str) -> web.Response:
+    async def _route_missing(self, model: str, replica: Replica, path: str) -> web.Response:
+        """The engine answered a bare 404 (no OpenAI error, so no such route on it): say what it serves."""
+        on_engine = await self._board.engine_routes(replica)
+        if on_engine is None:
+            listing = f"the gateway serves: {', '.join(served())}"
+        else:
+            listing = f"it serves: {', '.join(f'POST {p}' for p in on_engine) or 'none of the routes here'}"
+        log.info("%s: engine %s has no route %s", model, replica.job_id, path)
+        return error_response(404, f"The engine of model '{model}' does not serve POST {path}; {listing}",
+                              "invalid_request_error", "not_found")
+
+    def _refuse(self, model: str, saturated: bool, why: str, coming: bool = True) -> web.Response:
         depth = self._queue.depth(model)
         if saturated:
             log.info("%s request refused with 429: %s (every engine at %d outstanding, %d queued)", model, why,
@@ -320,7 +413,8 @@ class Gateway:
                                   "rate_limit_error", "saturated", RETRY_AFTER_SATURATED_S)
         log.info("%s request refused with 503: %s (no routable replica, %d queued, %d known)", model, why,
                  depth, len(self._registry.replicas(model)))
-        return error_response(503, f"No replica of '{model}' is ready ({why}); one is being started.",
+        then = "one is being started" if coming else "none is being started"
+        return error_response(503, f"No replica of '{model}' is ready ({why}); {then}.",
                               "service_unavailable", "no_replica", RETRY_AFTER_NO_REPLICA_S)
 
     def _ttft_child(self, model: str) -> Any:
@@ -333,33 +427,34 @@ class Gateway:
         if not self._authenticate(request):
             return error_response(401, "Missing or invalid API key (send 'Authorization: Bearer KEY')",
                                   "invalid_request_error", "invalid_api_key")
-        names = list(self._catalog) + sorted({r.model for r in self._registry.replicas()} - set(self._catalog))
-        data = []
-        for name in names:
+        data = await self._board.entries()
+        for entry in data:
+            name = entry["id"]
             config = self._catalog.get(name)
-            data.append({
-                "id": name, "object": "model", "created": 0, "owned_by": "slinfer",
+            entry.update({
                 "ready_replicas": len(self._registry.routable(name)),
                 "total_replicas": len(self._registry.replicas(name)),
                 "min_replicas": config.min_replicas if config else None,
                 "max_replicas": config.max_replicas if config else None,
                 "in_catalog": config is not None,
-                "in_flight": self._in_flight.get(name, 0),
+                "in_flight": self._in_flight.model(name),
                 "queued": self._queue.depth(name),
             })
         return web.json_response({"object": "list", "data": data})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "agents": len(self._registry.agents()),
-                                  "replicas": len(self._registry.replicas())})
+        body: dict[str, object] = {"status": "ok", "agents": len(self._registry.agents()),
+                                   "replicas": len(self._registry.replicas())}
+        if self._health is not None:
+            body.update(self._health())
+        return web.json_response(body)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(self._state_metrics),
+        return web.Response(body=metrics.render(self._state_metrics, self._instance),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def _not_found(self, request: web.Request) -> web.Response:
-        return error_response(404, f"No route {request.method} {request.path} (served: GET /v1/models, POST "
-                              f"{', '.join(ENDPOINTS)}, GET /healthz, GET /metrics)", "invalid_request_error",
+        return error_response(404, not_served_message(request.method, request.path), "invalid_request_error",
                               "not_found")
 
 

@@ -8,16 +8,16 @@ about HTTP.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from slinfer.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class KeyInfo:
     # The key's own limits (controller/limits.py); None means [gateway]'s default, 0 means none.
     requests_per_minute: int | None = None
     tokens_per_day: int | None = None
+    # A gateway tier's share of the rate's burst (the controller's feed sets it); None means [gateway]'s.
+    burst: int | None = None
 
 
 def _limit(value: object) -> int | None:
@@ -91,18 +93,11 @@ class KeyStore:
         data = {"keys": [{**asdict(info), "sha256": digest.hex()} for digest, info in self._stored]}
         for entry in data["keys"]:
             del entry["source"]
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
+            del entry["burst"]
         try:
             self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path)
+            write_atomic(self._path, json.dumps(data, indent=1).encode())
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             raise KeyStoreError(f"{self._path}: cannot write key file: {exc}") from exc
 
     def create(self, name: str, account: str = "", requests_per_minute: int | None = None,
@@ -127,6 +122,23 @@ class KeyStore:
             raise
         log.info("created client key %s (name %r, account %r)", key_id, name, account)
         return key_id, secret
+
+    @classmethod
+    def mirror(cls, entries: list[tuple[bytes, KeyInfo]]) -> KeyStore:
+        """A store that only verifies: the gateway tier's copy of the controller's keys (hashes only)."""
+        store = cls.__new__(cls)
+        store._path = Path("/nonexistent")
+        store._config = []
+        store._stored = list(entries)
+        return store
+
+    def replace(self, entries: list[tuple[bytes, KeyInfo]]) -> None:
+        """The gateway tier's update from the controller; nothing is written."""
+        self._stored = list(entries)
+
+    def entries(self) -> list[tuple[bytes, KeyInfo]]:
+        """Every key as (sha256 digest, info), for the controller's feed to the gateways."""
+        return list(self._stored) + list(self._config)
 
     def list(self) -> list[KeyInfo]:
         return [info for _, info in self._stored] + [info for _, info in self._config]

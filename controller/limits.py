@@ -74,7 +74,8 @@ class Limiter:
         d = self._defaults
         rpm = d.requests_per_minute if key.requests_per_minute is None else key.requests_per_minute
         tokens = d.tokens_per_day if key.tokens_per_day is None else key.tokens_per_day
-        return KeyLimits(requests_per_minute=rpm, burst=d.burst, tokens_per_day=tokens)
+        burst = d.burst if key.burst is None else key.burst
+        return KeyLimits(requests_per_minute=rpm, burst=burst, tokens_per_day=tokens)
 
     def check(self, key: KeyInfo) -> Refusal | None:
         """None when the request may go on (and then it has taken its place in the rate); else the refusal."""

@@ -1,7 +1,8 @@
 """`slinfer-controller --config PATH`: wires the registry, gateway, autoscaler and admin API into one process.
 
-It loads the config (a ConfigError prints the key at fault and exits 2), serves gRPC (Registry for agents,
-Admin for the CLI) on `[controller].listen` and the gateway on `[gateway].listen`, runs the autoscaler loop,
+It loads the config (a ConfigError prints the key at fault and exits 2; so does an empty `[controller].token`
+without `insecure = true`), serves gRPC (Registry for agents, Admin for the CLI) on `[controller].listen`, over
+TLS when `[controller].tls_cert` is set, and the gateway on `[gateway].listen`, runs the autoscaler loop,
 and shuts down cleanly on SIGTERM or SIGINT: the gateway stops accepting and lets in-flight requests finish
 (bounded), then the gRPC server and the autoscaler stop. It holds no logic of its own beyond the wiring.
 """
@@ -26,21 +27,29 @@ from pathlib import Path
 
 import grpc
 
-from slinfer.config import DEFAULT_PATH, Config, ConfigError, load
+from slinfer import tls
+from slinfer.backoff import AGENT_RECONNECT
+from slinfer.config import DEFAULT_PATH, Config, ConfigError, load, require_token
+from slinfer.controller import metrics
 from slinfer.controller.admin import AdminService
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
-from slinfer.controller.gateway import Gateway
+from slinfer.controller.gateway import Demand, Gateway
+from slinfer.controller.gatewayhub import GatewayHub
 from slinfer.controller.keys import KeyStore, KeyStoreError
-from slinfer.controller.kubesync import GatewayEndpoint, KubeSync, LeaderElection
 from slinfer.controller.limits import KeyLimits, Limiter
+from slinfer.controller.modelstatus import ModelBoard
+from slinfer.controller.pins import PinStore, PinStoreError
 from slinfer.controller.proxy import Proxy
 from slinfer.controller.queue import WaitQueue
 from slinfer.controller.registry import Registry, RegistryService
 from slinfer.controller.slurm import SlurmClient
 from slinfer.controller.usage import UsageLedger
-from slinfer.kubeapi import ClientKubeAPI, KubeError
-from slinfer.v1 import admin_pb2_grpc, controller_pb2_grpc
+from slinfer.kube.api import ClientKubeAPI, KubeError
+from slinfer.kube.leader import LeaderElection
+from slinfer.kube.objects import GatewayEndpoint
+from slinfer.kube.sync import KubeSync
+from slinfer.v1 import admin_pb2_grpc, controller_pb2_grpc, gateway_pb2_grpc
 
 log = logging.getLogger("slinfer.controller")
 
@@ -63,6 +72,12 @@ async def serve(config: Config, stop: asyncio.Event,
                 on_ready: Callable[[int, int], Awaitable[None] | None] | None = None) -> None:
     """Runs the controller until `stop` is set; `on_ready(grpc_port, gateway_port)` once all listen."""
     c = config.controller
+    try:
+        require_token(config)
+        credentials = tls.server_credentials(config)
+    except ConfigError as exc:
+        raise StartupError(f"config error: {exc}") from exc
+    _warn_insecure(config)
     registry = Registry(agent_timeout_s=c.agent_timeout_s)
     try:
         keys = KeyStore(Path(c.state_dir) / "keys.json", config.gateway.api_keys)
@@ -73,20 +88,47 @@ async def serve(config: Config, stop: asyncio.Event,
     limiter = Limiter(KeyLimits(g.key_requests_per_minute, g.key_burst, g.key_tokens_per_day),
                       ledger.tokens_today)
     queue = WaitQueue(config.gateway.queue_size)
+    # /v1/models reads the autoscaler's jobs (pending reason, start time); the autoscaler reads the gateway's
+    # demand, so the board asks for the jobs through a late-bound lambda.
+    board = ModelBoard(config.models, registry, jobs=lambda: autoscaler.jobs())
     gateway = Gateway(config.gateway, config.models, registry, keys,
-                      Proxy(config.gateway.connect_timeout_s, config.gateway.read_timeout_s), Balancer(), queue,
-                      limiter, ledger)
+                      Proxy(config.gateway.connect_timeout_s, config.gateway.read_timeout_s,
+                            config.gateway.client_timeout_s,
+                            tls.engine_client_context(config) if config.gateway.engine_ca else None),
+                      Balancer(), queue,
+                      limiter, ledger, board, scaled_to_zero=lambda model: autoscaler.scaled_to_zero(model),
+                      state_collectors=[metrics.GaugeCollector(
+                          "slinfer_gateways_connected", "slinfer-gateway processes watching this controller",
+                          lambda: float(hub.connected()))])
     slurm = SlurmClient(c.slurm_bin_dir, job_command=c.job_command, job_output=c.job_output)
     kube_sync = _kube_sync(config, registry, slurm) if config.kubernetes.enabled else None
-    autoscaler = Autoscaler(config.models, registry, gateway.demand, slurm, job_name_prefix=c.job_name_prefix,
-                            is_leader=lambda: kube_sync is None or kube_sync.is_leader)
+    # The gateway tier's feed; a restarted controller sends its first table once every live agent reported.
+    hub = GatewayHub(registry, keys, limiter, ledger, c.token, lambda model: autoscaler.scaled_to_zero(model),
+                     [m.name for m in config.models], warmup_s=AGENT_RECONNECT.max_s + 2 * c.heartbeat_s)
+
+    def demand(model: str) -> Demand:
+        here, there = gateway.demand(model), hub.demand(model)
+        return Demand(in_flight=here.in_flight + there.in_flight, queued=here.queued + there.queued)
+
+    autoscaler = Autoscaler(config.models, registry, demand, slurm, job_name_prefix=c.job_name_prefix,
+                            is_leader=lambda: kube_sync is None or kube_sync.is_leader,
+                            outstanding_elsewhere=hub.outstanding)
+    # `slinfer scale` pins survive a restart: the autoscaler's first step already holds them.
+    try:
+        pins = PinStore(Path(c.state_dir) / "pins.json")
+        pins.restore(autoscaler)
+    except PinStoreError as exc:
+        raise StartupError(str(exc)) from exc
 
     server = grpc.aio.server()
     controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, c.token, c.heartbeat_s), server)
+    gateway_pb2_grpc.add_GatewayFeedServicer_to_server(hub, server)
     admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminService(autoscaler=autoscaler, registry=registry, keys=keys, token=c.token, usage=ledger), server)
+        AdminService(autoscaler=autoscaler, registry=registry, keys=keys, token=c.token, usage=ledger,
+                     pins=pins), server)
     try:
-        grpc_port = server.add_insecure_port(c.listen)
+        grpc_port = (server.add_secure_port(c.listen, credentials) if credentials is not None
+                     else server.add_insecure_port(c.listen))
     except RuntimeError as exc:
         raise StartupError(f"controller.listen: cannot listen on {c.listen}: {exc}") from exc
     if not grpc_port:
@@ -99,8 +141,10 @@ async def serve(config: Config, stop: asyncio.Event,
             gateway_port = await gateway.start(host, port, SHUTDOWN_GRACE_S)
         except OSError as exc:
             raise StartupError(f"gateway.listen: cannot listen on {config.gateway.listen}: {exc}") from exc
-        log.info("controller up: registry/admin gRPC on %s, gateway on %s:%d, %d catalog models (%s), "
-                 "agent timeout %.1f s, autoscale every %.1f s", c.listen, host, gateway_port, len(config.models),
+        log.info("controller up: registry/admin gRPC on %s (%s), gateway on %s:%d, %d catalog models (%s), "
+                 "agent timeout %.1f s, autoscale every %.1f s", c.listen,
+                 ("mutual TLS" if c.tls_client_auth else "TLS") if credentials is not None else "PLAINTEXT",
+                 host, gateway_port, len(config.models),
                  ", ".join(m.name for m in config.models) or "none", c.agent_timeout_s, c.autoscale_interval_s)
         tasks.append(asyncio.create_task(autoscaler.run(c.autoscale_interval_s), name="autoscaler"))
         tasks.append(asyncio.create_task(_sweep(registry), name="registry-sweep"))
@@ -131,6 +175,19 @@ async def serve(config: Config, stop: asyncio.Event,
         log.info("controller stopped")
 
 
+def _warn_insecure(config: Config) -> None:
+    """Says at every start, at WARNING, what an operator gave up; nothing here stops the start."""
+    c = config.controller
+    if c.insecure and not c.token:
+        log.warning("INSECURE: [controller].insecure = true and no [controller].token: any host that reaches "
+                    "%s can register engines and call the admin API. Set a token and remove insecure", c.listen)
+    elif c.insecure:
+        log.warning("[controller].insecure = true has no effect while a token is set; remove it")
+    if not c.tls_cert:
+        log.warning("INSECURE: the gRPC port %s is plaintext: agents' reports carry every engine's API key in "
+                    "the clear. Set [controller].tls_cert, tls_key and tls_ca", c.listen)
+
+
 def _kube_sync(config: Config, registry: Registry, slurm: SlurmClient) -> KubeSync:
     k = config.kubernetes
     try:
@@ -158,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load(args.config)
+        require_token(config)
     except ConfigError as exc:
         print(f"slinfer-controller: config error in {args.config}: {exc}", file=sys.stderr)
         return 2

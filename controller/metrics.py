@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -92,6 +92,36 @@ class StateCollector(Collector):
         yield agents
 
 
-def render(state: CollectorRegistry) -> bytes:
-    """The text exposition of the event series followed by the state series."""
+class GaugeCollector(Collector):
+    """One unlabelled gauge read at scrape time (the gateway tier's feed state, the controller's gateways)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self._name, self._documentation, value=self._read())
+
+
+class _Instance:
+    """Every sample of `registries` with the gateway tier's instance label added (several gateways add up)."""
+
+    def __init__(self, registries: tuple[CollectorRegistry, ...], instance: str) -> None:
+        self._registries = registries
+        self._instance = instance
+
+    def collect(self) -> Iterable[Metric]:
+        for registry in self._registries:
+            for family in registry.collect():
+                family.samples = [s._replace(labels={**s.labels, "gateway": self._instance})
+                                  for s in family.samples]
+                yield family
+
+
+def render(state: CollectorRegistry, instance: str = "") -> bytes:
+    """The text exposition of the event series followed by the state series; with `instance`, each sample
+    carries `gateway="INSTANCE"`."""
+    if instance:
+        return generate_latest(_Instance((REGISTRY, state), instance))  # type: ignore[arg-type]
     return generate_latest(REGISTRY) + generate_latest(state)

@@ -3,7 +3,7 @@
 Agents open one `Registry.Report` stream each and send every engine they run on each heartbeat; the registry
 keeps one `Replica` per engine (keyed by job id) and one `AgentInfo` per node. It answers "where can a request
 for model M go" (`routable`) and lets the autoscaler mark a replica draining. It does not route, count
-requests (the gateway updates `Replica.outstanding`), or start and stop jobs.
+requests (inflight.py updates `Replica.outstanding`), or start and stop jobs.
 
 An agent silent for `agent_timeout_s` loses its engines from routing at once (checked on every read, so no
 timer is needed for correctness); a sweep forgets it entirely after a longer grace, in case it comes back.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Replica:
     running: float = 0.0
     waiting: float = 0.0
     kv_cache_usage: float = 0.0
+    # Requests the gateway has in flight on this engine; written only by inflight.InFlight.
     outstanding: int = 0
     started_at: float = 0.0
     ready_at: float = 0.0
@@ -162,6 +164,41 @@ class Registry:
         agent.job_ids = sorted(seen)
         for model in woke:
             self._notify(model)
+
+    def mirror(self, replicas: list[Replica], alive_nodes: set[str]) -> None:
+        """Replaces everything with a controller's snapshot (the gateway tier's copy of the routes).
+
+        Replicas already known keep their object (requests in flight hold it and count on it); the agents are
+        those of the snapshot, heard from now when the controller still hears them, long ago otherwise.
+        """
+        now = self._clock()
+        woke: set[str] = set()
+        fresh: dict[str, Replica] = {}
+        for new in replicas:
+            old = self._replicas.get(new.job_id)
+            was = old is not None and old.model == new.model and self._routable_now(old, now)
+            if old is not None and old.model == new.model:
+                for name in ("node", "base_url", "api_key", "state", "pool", "draining"):
+                    setattr(old, name, getattr(new, name))
+                new = old
+            new.last_seen = now if new.node in alive_nodes else -math.inf
+            fresh[new.job_id] = new
+            if not was and self._routable_now(new, now):
+                woke.add(new.model)
+        self._replicas = fresh
+        self._by_model = {}
+        for replica in fresh.values():
+            self._by_model.setdefault(replica.model, []).append(replica)
+        nodes = {r.node for r in fresh.values()} | alive_nodes
+        self._agents = {n: AgentInfo(node=n, address="", agent_id="", connected=n in alive_nodes,
+                                     last_seen=now if n in alive_nodes else -math.inf,
+                                     job_ids=sorted(r.job_id for r in fresh.values() if r.node == n))
+                        for n in nodes}
+        for model in woke:
+            self._notify(model)
+
+    def _routable_now(self, r: Replica, now: float) -> bool:
+        return r.state == READY and r.pool and not r.draining and r.last_seen >= now - self._timeout
 
     def disconnected(self, node: str) -> None:
         """The agent's stream ended; its engines stay routable until the timeout, as it may reconnect."""

@@ -7,18 +7,44 @@ bodies and `Connection: close`, and hands the body to the caller whole (`read`) 
 arrives (`chunk`, for SSE), pausing the socket when the caller falls behind. A pooled connection the engine
 closed while idle is replaced by a fresh one transparently, once (by the proxy). It does not choose engines,
 retry on other engines, or follow redirects.
+
+Pass-through (`relay_to`, for a stream once its first chunk reached the client): the body bytes of each
+read are decoded and written to the client's transport from `data_received` itself, framed for the client
+in one write, with no task switch and no timer per chunk (bench/stream_relay.py measures the difference).
+The caller's task sleeps until the body ends, the engine fails or falls silent for the read timeout (one
+timer per stream that re-arms itself only when it fires), or the client's write buffer passes its limit: then
+the engine's socket is paused until the caller has seen the client drain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 
 # Engines behind uvicorn (vLLM) close idle keep-alive connections after 5 s; stay under that.
 IDLE_LIMIT_S = 4.0
 # Body bytes buffered for a slow reader before the engine's socket is paused.
 HIGH_WATER = 1 << 20
+# In pass-through, bytes waiting in the client's transport before the engine's socket is paused: far above
+# what a client that keeps up ever leaves there (a few events), far below what would cost memory per stream.
+SINK_HIGH_WATER = 256 * 1024
+
+
+# How vLLM's stream says that its engine failed mid-answer: an event that is an error object, not a chunk.
+ENGINE_ERROR_EVENT = b'data: {"error"'
+
+
+def engine_error_message(event: bytes) -> str:
+    """The engine's own words from its error event, or the event itself when it does not parse."""
+    try:
+        error = json.loads(event.removeprefix(b"data: "))["error"]
+        return str(error.get("message") if isinstance(error, dict) else error)[:300]
+    except (ValueError, KeyError, TypeError):
+        return event[:300].decode(errors="replace")
 
 
 class UpstreamError(Exception):
@@ -62,10 +88,21 @@ class EngineConnection(asyncio.Protocol):
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        # Pass-through: the client's transport, whether it takes chunked framing, what sees the bytes, and
+        # the loop time of the engine's last bytes (for the silence timer).
+        self._sink: asyncio.WriteTransport | None = None
+        self._sink_chunked = True
+        self._tap: Callable[[bytes], None] | None = None
+        self._sink_full = False
+        self._pieces: list[bytes] = []
+        self._last = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -113,6 +150,11 @@ class EngineConnection(asyncio.Protocol):
                 self._push(data)
             else:
                 self._push(data)
+        if self._sink is not None:
+            self._last = self._loop.time()  # type: ignore[union-attr]
+            self._flush()
+            if not (self._done or self._sink_full or self._error is not None):
+                return  # the caller sleeps on: nothing for it to do
         self._wake()
 
     # ---- parsing -------------------------------------------------------------------------------------
@@ -143,51 +185,62 @@ class EngineConnection(asyncio.Protocol):
             self.keep_alive = False  # the body runs until the engine closes
 
     def _feed_chunked(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
+        if self._buf:
+            data = bytes(self._buf) + data
+            self._buf.clear()
         pos = 0
+        end_of_data = len(data)
         while not self._done:
             state = self._cstate
-            if state == _SIZE:
-                end = buf.find(b"\r\n", pos)
+            if state == _DATA:
+                take = min(end_of_data - pos, self._chunk_left)
+                if take <= 0:
+                    break
+                self._push(data[pos:pos + take] if pos or take != end_of_data else data)
+                pos += take
+                self._chunk_left -= take
+                if self._chunk_left == 0:
+                    self._cstate = _DATA_END
+            elif state == _SIZE:
+                end = data.find(b"\r\n", pos)
                 if end < 0:
                     break
-                size_text = bytes(buf[pos:end]).split(b";", 1)[0].strip()
+                size_text = data[pos:end]
                 try:
                     size = int(size_text, 16)
                 except ValueError:
-                    self._fail(f"bad chunk size {size_text[:20]!r}")
-                    return
+                    try:  # a chunk extension (";name=value") or padding
+                        size = int(size_text.split(b";", 1)[0].strip(), 16)
+                    except ValueError:
+                        self._fail(f"bad chunk size {size_text[:20]!r}")
+                        return
                 pos = end + 2
                 if size == 0:
                     self._cstate = _TRAILER
                 else:
                     self._chunk_left = size
                     self._cstate = _DATA
-            elif state == _DATA:
-                take = min(len(buf) - pos, self._chunk_left)
-                if take <= 0:
-                    break
-                self._push(bytes(buf[pos:pos + take]))
-                pos += take
-                self._chunk_left -= take
-                if self._chunk_left == 0:
-                    self._cstate = _DATA_END
             elif state == _DATA_END:
-                if len(buf) - pos < 2:
+                if end_of_data - pos < 2:
                     break
                 pos += 2
                 self._cstate = _SIZE
             else:  # trailer lines up to an empty one
-                end = buf.find(b"\r\n", pos)
+                end = data.find(b"\r\n", pos)
                 if end < 0:
                     break
                 if end == pos:
                     self._done = True
                 pos = end + 2
-        del buf[:pos]
+        if pos < end_of_data and not self._done:
+            self._buf += data[pos:]
+        if len(self._buf) > 65536 and self._cstate != _DATA:
+            self._fail("chunk header or trailer over 64 KiB")
 
     def _push(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._pieces.append(data)
+            return
         self._body.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
@@ -274,10 +327,108 @@ class EngineConnection(asyncio.Protocol):
     def finish(self) -> bool:
         """Ends the request; True when the connection can serve another."""
         self._active = False
+        self._sink = self._tap = None
+        self._sink_full = False
+        self._pieces.clear()
         if self._paused and self.transport is not None and not self.closed:
             self._paused = False
             self.transport.resume_reading()
         return self._done and self._error is None and self.keep_alive and not self.closed
+
+    # ---- pass-through ------------------------------------------------------------------------------------
+    def relay_to(self, sink: asyncio.WriteTransport, chunked: bool, tap: Callable[[bytes], None] | None) -> None:
+        """From now on the body goes to `sink` as it arrives (what is buffered already goes first)."""
+        self._sink, self._sink_chunked, self._tap = sink, chunked, tap
+        self._pieces.extend(self._body)
+        self._body.clear()
+        self._buffered = 0
+        self._flush()
+        self._resume()
+
+    def _flush(self) -> None:
+        pieces = self._pieces
+        if not pieces:
+            return
+        if self._error is not None:
+            pieces.clear()  # the engine failed mid-stream: nothing after its error event reaches the client
+            return
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        sink = self._sink
+        assert sink is not None
+        failed_at = data.find(ENGINE_ERROR_EVENT)
+        if failed_at >= 0:
+            # vLLM reports its dying engine core inside the stream (its own error event, code 500), then ends
+            # the stream as if it were whole: what came before passes, the rest becomes the gateway's error.
+            event = data[failed_at:].split(b"\n", 1)[0]
+            data = data[:failed_at]
+            self._error = UpstreamError(f"it said {engine_error_message(event)}", before_response=False)
+            self.keep_alive = False
+            if not data:
+                return
+        if sink.is_closing():
+            # The client left; its handler is being cancelled, which ends this request. Stop reading meanwhile.
+            self._sink_full = True
+        else:
+            sink.write(b"%x\r\n%b\r\n" % (len(data), data) if self._sink_chunked else data)
+            if self._tap is not None:
+                self._tap(data)
+            if sink.get_write_buffer_size() <= SINK_HIGH_WATER:
+                return
+            self._sink_full = True
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        self._sink_full = False
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    async def relayed(self, read_timeout_s: float) -> bool:
+        """Sleeps until the body has been passed through (True) or the client's buffer is over its limit
+        (False: the engine's socket is paused; call `resume_relay` once the client drained). Raises
+        UpstreamError if the engine fails, UpstreamTimeout if it is silent for `read_timeout_s`."""
+        loop = self._loop
+        assert loop is not None
+        self._last = loop.time()
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return True
+            if self._sink_full:
+                return False
+            if self.closed:
+                raise UpstreamError("engine connection closed", before_response=False)
+            waiter = self._waiter = loop.create_future()
+            self._timer = loop.call_at(self._last + read_timeout_s, self._silence, waiter, read_timeout_s)
+            try:
+                await waiter
+            except TimeoutError as exc:
+                raise UpstreamTimeout(f"engine silent for {read_timeout_s:g} s", before_response=False) from exc
+            finally:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self._waiter = None
+
+    def resume_relay(self) -> None:
+        assert self._loop is not None
+        self._last = self._loop.time()
+        self._resume()
+
+    def _silence(self, waiter: asyncio.Future[None], read_timeout_s: float) -> None:
+        """The silence timer: fires once per timeout period, not per chunk; re-arms if bytes came since."""
+        if waiter.done():
+            return
+        assert self._loop is not None
+        due = self._last + read_timeout_s
+        if self._loop.time() >= due:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = self._loop.call_at(due, self._silence, waiter, read_timeout_s)
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -288,7 +439,9 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class EnginePool:
     """Keep-alive connections to one engine (host:port), reused most-recent first."""
 
-    def __init__(self, base_url: str, connect_timeout_s: float) -> None:
+    def __init__(self, base_url: str, connect_timeout_s: float, ssl_context: ssl.SSLContext | None = None) -> None:
+        # An https engine is verified (a certificate for its node) against the site's engine CA.
+        self._ssl = (ssl_context or ssl.create_default_context()) if base_url.startswith("https://") else None
         rest = base_url.split("://", 1)[-1].rstrip("/")
         hostport, _, prefix = rest.partition("/")
         host, _, port = hostport.rpartition(":")
@@ -328,7 +481,8 @@ class EnginePool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(EngineConnection, self.host, self.port)
+                _, conn = await loop.create_connection(EngineConnection, self.host, self.port, ssl=self._ssl,
+                                                       server_hostname=self.host if self._ssl else None)
         except TimeoutError as exc:
             raise UpstreamTimeout(f"connect to {self._hostport} timed out after {self._connect_timeout} s",
                                   before_response=True) from exc

@@ -6,7 +6,9 @@ completion tokens), summing them in memory per (UTC day, key, account, model) an
 answering how many tokens a key used today (the quota of controller/limits.py) and what was used since a time
 (`slinfer usage`). `Meter` reads the token counts of one answer: the engine's `usage` object of a JSON body or
 of a stream's final chunk (`stream_options.include_usage`), else one completion token per content chunk of
-the stream (then the request is counted as `estimated`, with no prompt tokens).
+the stream (then the request is counted as `estimated`, with no prompt tokens). It counts a stream's events
+with byte scans over what each read delivered and parses only events that carry `usage` (or an error, or
+are not plain `data:` events), so that metering costs the relay little per chunk.
 Not responsible for: refusing requests (limits.py), authenticating keys, or Prometheus metrics.
 
 Memory is bounded by what is pending (sums of at most one flush interval) and one total per key for today,
@@ -73,11 +75,39 @@ class Meter:
                                                                           usage.completion_tokens, True)
 
     def feed_chunk(self, chunk: bytes) -> None:
+        """Counts the complete events in `chunk` (after what an earlier chunk left unfinished)."""
         data = self._carry + chunk if self._carry else chunk
-        events = data.split(b"\n\n")
-        self._carry = events.pop()
-        if len(self._carry) > MAX_EVENT_BYTES:
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._carry = data if len(data) <= MAX_EVENT_BYTES else b""
+            return
+        end += 2
+        if end < len(data):
+            self._carry = data[end:]
+            if len(self._carry) > MAX_EVENT_BYTES:
+                self._carry = b""
+            data = data[:end]
+        else:
             self._carry = b""
+        if b'"usage"' in data or b'"error"' in data:
+            self._feed_events(data.split(b"\n\n")[:-1])
+            return
+        if self.reported:
+            return
+        events = data.count(b"\n\n")
+        # Every event a plain `data:` line (as vLLM sends): count with scans; anything else, event by event.
+        if data.count(b"\n\ndata:") + data.startswith(b"data:") != events or b"\n\n\n" in data:
+            self._feed_events(data.split(b"\n\n")[:-1])
+            return
+        # vLLM sends one chunk per generated token; its first chat chunk carries only the role.
+        tokens = events - data.count(b"[DONE]\n\n")
+        if _EMPTY.search(data) is not None:  # rare: the role chunk; count events, not matches
+            tokens -= sum(1 for event in data.split(b"\n\n") if _EMPTY.search(event) is not None)
+        if tokens > 0:
+            self.completion_tokens += tokens
+            self.estimated = True
+
+    def _feed_events(self, events: list[bytes]) -> None:
         for event in events:
             event = event.strip()
             if not event.startswith(b"data:"):
@@ -89,7 +119,6 @@ class Meter:
                     continue
             if self.reported or event.endswith(b"[DONE]") or b'"error"' in event[:16]:
                 continue
-            # vLLM sends one chunk per generated token; its first chat chunk carries only the role.
             if _EMPTY.search(event) is not None:
                 continue
             self.completion_tokens += 1
@@ -112,6 +141,27 @@ class UsageRow:
     key_name: str = ""
     start: float = 0.0  # unix seconds of the first request summed here
     end: float = 0.0  # ... and of the last
+
+    def count(self, now: float, status: int, meter: Meter) -> None:
+        """One answered request, at `now`."""
+        self.end = now
+        self.requests += 1
+        if status >= 400:
+            self.failed += 1
+        self.prompt_tokens += meter.prompt_tokens
+        self.completion_tokens += meter.completion_tokens
+        if meter.estimated:
+            self.estimated += 1
+
+    @staticmethod
+    def pending(rows: dict[tuple[str, str, str, str], UsageRow], day: str, key_id: str, key_name: str,
+                account: str, model: str, now: float) -> UsageRow:
+        """The row of (day, key, account, model) in `rows`, made at `now` when it is the first."""
+        row = rows.get((day, key_id, account, model))
+        if row is None:
+            row = rows[(day, key_id, account, model)] = UsageRow(day=day, key_id=key_id, account=account,
+                                                                 model=model, key_name=key_name, start=now)
+        return row
 
     def add(self, other: UsageRow) -> None:
         self.requests += other.requests
@@ -149,22 +199,30 @@ class UsageLedger:
         day = day_of(now)
         if day != self._today:
             self._roll(now)
-        slot = (day, key_id, account, model)
-        row = self._pending.get(slot)
-        if row is None:
-            row = self._pending[slot] = UsageRow(day=day, key_id=key_id, account=account, model=model,
-                                                 key_name=key_name, start=now)
-        row.end = now
-        row.requests += 1
-        if status >= 400:
-            row.failed += 1
+        UsageRow.pending(self._pending, day, key_id, key_name, account, model, now).count(now, status, meter)
         tokens = meter.prompt_tokens + meter.completion_tokens
         if tokens:
-            row.prompt_tokens += meter.prompt_tokens
-            row.completion_tokens += meter.completion_tokens
             self._today_tokens[key_id] = self._today_tokens.get(key_id, 0) + tokens
-        if meter.estimated:
-            row.estimated += 1
+
+    def add_row(self, other: UsageRow) -> None:
+        """Adds sums another gateway counted (the gateway tier's reports), as `record` adds one request."""
+        if other.day != self._today:
+            self._roll(self._clock())
+        slot = (other.day, other.key_id, other.account, other.model)
+        row = self._pending.get(slot)
+        if row is None:
+            row = self._pending[slot] = UsageRow(day=other.day, key_id=other.key_id, account=other.account,
+                                                 model=other.model, key_name=other.key_name)
+        row.add(other)
+        if other.day == self._today:
+            tokens = other.prompt_tokens + other.completion_tokens
+            self._today_tokens[other.key_id] = self._today_tokens.get(other.key_id, 0) + tokens
+
+    def totals_today(self) -> tuple[str, dict[str, int]]:
+        """(UTC day, tokens per key today): what the gateways enforce quotas from."""
+        if day_of(self._clock()) != self._today:
+            self._roll(self._clock())
+        return self._today, dict(self._today_tokens)
 
     def tokens_today(self, key_id: str) -> int:
         if day_of(self._clock()) != self._today:

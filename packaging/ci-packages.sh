@@ -2,7 +2,13 @@
 # CI of the packages (`make check-packages`), as root on Debian 12 with the repo's .venv (make install):
 #   1. build the .debs (make deb) and check their contents (tests/packaging/test_packages.py)
 #   2. lintian: no errors (warnings are listed)
-#   3. install them on this machine with apt-get
+#   2b. the RPMs for Slurm 22.05 and for each release root (/opt/slurm/RELEASE, `make slurm`): rpmbuild, rpmlint
+#      (packaging/build-rpm.sh: no errors, no warning but those packaging/rpm/slinfer.rpmlintrc accepts), and
+#      their contents (tests/packaging/test_rpms.py)
+#   2c. each release root's slinfer-spank .deb installed with dpkg into an overlay of that root, where its plugin
+#      loads in that release's sbatch (tests/packaging/test_release_debs.py)
+#   3. install them on this machine with apt-get: the postinst generates [controller].token, and an upgrade
+#      (dpkg -i of the same version again, which runs postinst as an upgrade from it) keeps it
 #   4. systemd-analyze verify the installed units
 #   5. a Slurm bed on the INSTALLED files: /usr/bin/slinfer dev-cluster with the installed spank_slinfer.so and
 #      /usr/libexec/slinfer/slinfer-hook; agent and controller from /opt/slinfer; only the engine's Python
@@ -18,6 +24,8 @@ STATE=${SLINFER_PKGTEST_STATE:-/tmp/slinfer-pkgtest}
 PORT_BASE=${SLINFER_PKGTEST_PORT_BASE:-36800}
 VENV_PY=$REPO/.venv/bin/python
 TINY=${SLINFER_TINY_MODEL:-$REPO/.venv/share/slinfer/models/tiny}
+# The real model is built by `make model` into the checkout's venv: the package's Python has no torch to build it.
+SMOLLM2=${SLINFER_SMOLLM2_MODEL:-$REPO/.venv/share/slinfer/models/smollm2}
 APT=(apt-get -y -q -o DPkg::Lock::Timeout=300)
 export DEBIAN_FRONTEND=noninteractive
 began=$(date +%s)
@@ -33,7 +41,7 @@ die() { echo "ci-packages: FAILED: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and runs Slurm's daemons)"
 [ -x "$VENV_PY" ] || die "$VENV_PY is missing: run make install"
 [ -f "$TINY/config.json" ] || die "no tiny model in $TINY: run make install"
-for p in lintian debhelper; do
+for p in lintian debhelper rpm rpmlint; do
   dpkg -s "$p" >/dev/null 2>&1 || "${APT[@]}" install "$p" >/dev/null
 done
 command -v systemd-analyze >/dev/null || "${APT[@]}" install systemd >/dev/null
@@ -88,15 +96,45 @@ if echo "$lint" | grep -q '^E:'; then
 fi
 echo "  lintian: no errors, $(echo "$lint" | grep -c '^W:' || true) warning(s) (listed above)"
 
+step "RPMs for Slurm 22.05 and each release root (rpmbuild, rpmlint)"
+releases=()
+for stamp in /opt/slurm/*/.complete; do
+  [ -e "$stamp" ] && releases+=("$(basename "$(dirname "$stamp")")")
+done
+rm -f dist/*.rpm
+packaging/build-rpm.sh
+for release in "${releases[@]}"; do
+  packaging/build-rpm.sh "$release"
+done
+SLINFER_RPM_DIR=$REPO/dist "$REPO/.venv/bin/pytest" -q -p no:cacheprovider tests/packaging/test_rpms.py
+[ "$(ls dist/slinfer-spank-*.rpm | wc -l)" = $(( ${#releases[@]} + 1 )) ] || die "not one slinfer-spank RPM per release"
+
+step "each release's slinfer-spank .deb in its root (${releases[*]:-none})"
+for release in "${releases[@]}"; do
+  packaging/build-spank-deb.sh "$release"
+done
+SLINFER_DEB_DIR=$REPO/dist "$REPO/.venv/bin/pytest" -q -p no:cacheprovider tests/packaging/test_release_debs.py
+
 step "apt-get install ${debs[*]}"
 installed=1
 "${APT[@]}" install "${debs[@]/#/./}" >/dev/null
 getent passwd slinfer >/dev/null || die "the package did not create the slinfer user"
 [ "$(stat -c '%U:%G %a' /etc/slinfer/slinfer.toml)" = "root:slinfer 640" ] || die "slinfer.toml owner/mode"
+token_of() { sed -n -E 's/^token = "([0-9a-f]{64})".*/\1/p' /etc/slinfer/slinfer.toml; }
+token=$(token_of)
+[ -n "$token" ] || die "the postinst generated no [controller].token: $(grep -n token /etc/slinfer/slinfer.toml)"
+/opt/slinfer/bin/python3 -c 'import sys; from slinfer import config; config.require_token(config.load(sys.argv[1]))' \
+  /etc/slinfer/slinfer.toml || die "the installed config does not pass the controller's token check"
+echo "  install generated a token (${#token} hex digits) into /etc/slinfer/slinfer.toml"
+dpkg -i "${debs[@]/#/./}" >/dev/null || die "dpkg -i over the installed packages (an upgrade) failed"
+[ "$(token_of)" = "$token" ] || die "the upgrade changed or lost the token: $(grep -n token /etc/slinfer/slinfer.toml)"
+[ "$(grep -c '^token = ' /etc/slinfer/slinfer.toml)" = 1 ] || die "the upgrade added a second token line"
+[ "$(stat -c '%U:%G %a' /etc/slinfer/slinfer.toml)" = "root:slinfer 640" ] || die "slinfer.toml owner/mode after upgrade"
+echo "  the upgrade kept the token and the config's root:slinfer 0640"
 /usr/bin/slinfer --version
 # Every entry point imports all it needs from the private environment (a dependency missing from pyproject
 # shows here, not as a daemon that never comes up).
-for cmd in /usr/bin/slinfer-agent /usr/bin/slinfer-controller /usr/libexec/slinfer/slinfer-hook; do
+for cmd in /usr/bin/slinfer-agent /usr/bin/slinfer-controller /usr/bin/slinfer-gateway /usr/libexec/slinfer/slinfer-hook; do
   "$cmd" --help >/dev/null || die "$cmd --help failed: the package misses a dependency"
 done
 
@@ -104,14 +142,16 @@ step "systemd-analyze verify"
 # Offline: it parses the units, resolves their binaries and users, and needs no running systemd.
 # It exits 0 on directives it ignores (a misspelt KillMode=, say) and only prints them: any output fails.
 verify=$(systemd-analyze verify /lib/systemd/system/slinfer-agent.service \
-  /lib/systemd/system/slinfer-controller.service 2>&1) || die "systemd-analyze verify: $verify"
+  /lib/systemd/system/slinfer-controller.service /lib/systemd/system/slinfer-gateway.service 2>&1) \
+  || die "systemd-analyze verify: $verify"
 [ -z "$verify" ] || die "systemd-analyze verify complains: $verify"
 grep -qx 'KillMode=process' /lib/systemd/system/slinfer-agent.service || die "the agent unit lacks KillMode=process"
-echo "  both units verify"
+echo "  the three units verify"
 
 step "a Slurm bed on the installed files ($STATE, ports from $PORT_BASE)"
 BED_ENV=(SLINFER_SPANK_PLUGIN=/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_slinfer.so
-         SLINFER_HOOK=/usr/libexec/slinfer/slinfer-hook SLINFER_ENGINE_PYTHON="$VENV_PY" SLINFER_TINY_MODEL="$TINY")
+         SLINFER_HOOK=/usr/libexec/slinfer/slinfer-hook SLINFER_ENGINE_PYTHON="$VENV_PY" SLINFER_TINY_MODEL="$TINY"
+         SLINFER_SMOLLM2_MODEL="$SMOLLM2")
 env "${BED_ENV[@]}" /usr/bin/slinfer dev-cluster down --state-dir "$STATE" >/dev/null 2>&1 || true
 rm -rf "$STATE"
 bed_up=1
@@ -126,9 +166,11 @@ export SLURM_CONF=$STATE/slurm.conf
 step "slinfer doctor --config $STATE/slinfer.toml"
 doctor_out=$(/usr/bin/slinfer doctor --config "$STATE/slinfer.toml" 2>&1) || { echo "$doctor_out"; die "doctor"; }
 echo "$doctor_out" | sed 's/^/  /'
-for check in config plugin plugin-version hook agent controller "engine tiny" munge; do
+for check in config plugin plugin-version hook agent tls controller "engine tiny" munge; do
   echo "$doctor_out" | grep -q "^OK   $check: " || die "doctor printed no OK line for $check"
 done
+echo "$doctor_out" | grep -q "^NOTE engine-hop: the gateway-to-engine hop is PLAINTEXT" \
+  || die "doctor did not say that the bed's engine hop is plaintext"
 
 step "sbatch --inference=tiny (the installed plugin, hook, agent)"
 mkdir -p "$STATE/jobs"

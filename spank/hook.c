@@ -1,8 +1,8 @@
 /*
  * Fork + execve of slinfer-hook with a deadline.
  *
- * Responsible for: starting the hook without a shell and with a clean descriptor table, passing
- * its output on line by line (slurmstepd's own stdout/stderr are /dev/null in the prolog), waiting
+ * Responsible for: the hook's argv (one builder for prolog and epilog), starting the hook
+ * without a shell and with a clean descriptor table, passing its output on line by line (slurmstepd's own stdout/stderr are /dev/null in the prolog), waiting
  * for it at most the configured time, killing it past that, and saying precisely how it ended.
  * Not responsible for: what the hook does, or children it detaches (the agent it may start must
  * leave the hook's session and descriptors itself).
@@ -290,4 +290,30 @@ fail_fds:
 			close(out[i]);
 	}
 	return -1;
+}
+
+void slinfer_hook_argv(const struct slinfer_args *args, const char *phase, const char *jobid,
+		       const struct slinfer_options *opts, const char *envfile,
+		       char *argv[SLINFER_HOOK_ARGV_MAX])
+{
+	int n = 0;
+
+	/* execve takes char *const[]: the hook gets copies, nothing writes through these. */
+	argv[n++] = (char *)args->hook;
+	argv[n++] = (char *)phase;
+	argv[n++] = "--job-id";
+	argv[n++] = (char *)jobid;
+	if (opts != NULL) {
+		argv[n++] = "--model";
+		argv[n++] = (char *)opts->model;
+		if (opts->pool)
+			argv[n++] = "--pool";
+	}
+	argv[n++] = "--env-file";
+	argv[n++] = (char *)envfile;
+	if (args->config[0] != '\0') {
+		argv[n++] = "--config";
+		argv[n++] = (char *)args->config;
+	}
+	argv[n] = NULL;
 }

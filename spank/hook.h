@@ -4,6 +4,9 @@
 
 #include <stddef.h>
 
+#include "args.h"
+#include "options.h"
+
 /* Receives each line the hook writes to stdout or stderr, without the newline. */
 typedef void (*slinfer_hook_line_f)(void *ctx, const char *line);
 
@@ -23,5 +26,18 @@ typedef void (*slinfer_hook_line_f)(void *ctx, const char *line);
  */
 int slinfer_hook_run(char *const argv[], unsigned int timeout_s, slinfer_hook_line_f on_line,
 		     void *ctx, char *err, size_t errlen);
+
+/* Room for the longest argv slinfer_hook_argv builds, with its NULL. */
+#define SLINFER_HOOK_ARGV_MAX 16
+
+/*
+ * The hook's argv for phase ("prolog" or "epilog"), the one place both are spelled:
+ *   HOOK prolog --job-id JOBID --model MODEL [--pool] --env-file ENVFILE [--config PATH]
+ *   HOOK epilog --job-id JOBID --env-file ENVFILE [--config PATH]
+ * opts gives --model and --pool (prolog; NULL for the epilog). argv points into its arguments.
+ */
+void slinfer_hook_argv(const struct slinfer_args *args, const char *phase, const char *jobid,
+		       const struct slinfer_options *opts, const char *envfile,
+		       char *argv[SLINFER_HOOK_ARGV_MAX]);
 
 #endif

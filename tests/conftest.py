@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from slinfer import devcluster
-from tests.slurmbed import SlurmBed
+from slinfer.dev import devcluster
+from tests.fakes.slurmbed import SlurmBed
 
 TEST_STATE = Path(os.environ.get("SLINFER_TEST_STATE", "/tmp/slinfer-test"))
 TEST_PORT_BASE = int(os.environ.get("SLINFER_TEST_PORT_BASE", 26800))
@@ -24,13 +24,34 @@ def slurm_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmBed]:
     devcluster.down(bed)
     shutil.rmtree(TEST_STATE, ignore_errors=True)
     devcluster.up(bed, controller=os.path.exists(Path(devcluster.REPO_ROOT, "controller", "main.py")))
-    jobs_dir = tmp_path_factory.mktemp("jobs")
+    # The bed's unprivileged users write their jobs' output here: a folder they can reach, unlike pytest's own.
+    jobs_dir = TEST_STATE / "job-output"
+    jobs_dir.mkdir()
     jobs_dir.chmod(0o1777)
     try:
         yield SlurmBed(bed, jobs_dir)
     finally:
         left = devcluster.down(bed)
         assert not left, f"dev-cluster down left processes {left}"
+
+
+@pytest.fixture(autouse=True)
+def node_left_usable(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A bed test must not leave the node drained or down: that would fail every later test for a reason not
+    theirs. One that does fails here with Slurm's reason and slurmd's log of the test, and the node is resumed."""
+    if "slurm_bed" not in request.fixturenames:
+        yield
+        return
+    slurm_bed: SlurmBed = request.getfixturevalue("slurm_bed")
+    log_offset = slurm_bed.slurmd_log_size()
+    yield
+    state = slurm_bed.node_state()
+    if "drain" not in state and "down" not in state:
+        return
+    reason = slurm_bed.node_reason()
+    log = slurm_bed.slurmd_log_since(log_offset)
+    slurm_bed.resume_node()
+    pytest.fail(f"the test left the node {state} ({reason!r}); slurmd logged meanwhile:\n{log[-6000:]}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

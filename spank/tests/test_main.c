@@ -1,6 +1,7 @@
 /*
  * Test harness for the pure parts of the plugin: --inference validation, option registration,
- * plugstack arguments, env-file parsing/loading and the hook runner (real processes).
+ * plugstack arguments, env-file parsing/loading, the hook's argv and the hook runner (real
+ * processes).
  * Prints "N passed, M failed" last and exits non-zero when anything failed.
  */
 #include <errno.h>
@@ -518,6 +519,48 @@ static void test_hook(void)
 	CHECK(signal(SIGCHLD, SIG_DFL) == SIG_IGN); /* and the host's setting is restored */
 }
 
+/* ---- the hook's argv, one builder for prolog and epilog ---- */
+
+static void join_argv(char *const argv[], char *out, size_t outlen)
+{
+	size_t off = 0;
+
+	out[0] = '\0';
+	for (int i = 0; argv[i] != NULL && off < outlen; i++)
+		off += (size_t)snprintf(out + off, outlen - off, "%s%s", i ? " " : "", argv[i]);
+}
+
+static void test_hook_argv(void)
+{
+	struct slinfer_args a;
+	struct slinfer_options o;
+	char *argv[SLINFER_HOOK_ARGV_MAX];
+	char line[4096];
+
+	memset(&a, 0, sizeof(a));
+	memset(&o, 0, sizeof(o));
+	snprintf(a.hook, sizeof(a.hook), "/usr/libexec/slinfer/slinfer-hook");
+	snprintf(o.model, sizeof(o.model), "tiny");
+	o.inference = o.model_valid = true;
+
+	slinfer_hook_argv(&a, "prolog", "42", &o, "/run/slinfer/jobs/42.env", argv);
+	join_argv(argv, line, sizeof(line));
+	CHECK_STR(line, "/usr/libexec/slinfer/slinfer-hook prolog --job-id 42 --model tiny "
+			"--env-file /run/slinfer/jobs/42.env");
+
+	o.pool = true;
+	snprintf(a.config, sizeof(a.config), "/etc/slinfer/slinfer.toml");
+	slinfer_hook_argv(&a, "prolog", "42", &o, "/run/slinfer/jobs/42.env", argv);
+	join_argv(argv, line, sizeof(line));
+	CHECK_STR(line, "/usr/libexec/slinfer/slinfer-hook prolog --job-id 42 --model tiny --pool "
+			"--env-file /run/slinfer/jobs/42.env --config /etc/slinfer/slinfer.toml");
+
+	slinfer_hook_argv(&a, "epilog", "42", NULL, "/run/slinfer/jobs/42.env", argv);
+	join_argv(argv, line, sizeof(line));
+	CHECK_STR(line, "/usr/libexec/slinfer/slinfer-hook epilog --job-id 42 "
+			"--env-file /run/slinfer/jobs/42.env --config /etc/slinfer/slinfer.toml");
+}
+
 static void cleanup(void)
 {
 	char cmd[PATH_MAX];
@@ -542,6 +585,7 @@ int main(void)
 	test_env_parse();
 	test_env_load();
 	test_hook();
+	test_hook_argv();
 	cleanup();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed == 0 ? 0 : 1;

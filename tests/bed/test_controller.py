@@ -20,8 +20,8 @@ import openai
 import psutil
 import pytest
 
-from slinfer import devcluster
-from tests.slurmbed import SlurmBed, engine_pids, wait_no_engine
+from slinfer.dev import devcluster
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_no_engine
 
 pytestmark = pytest.mark.bed
 MODEL = "tiny"
@@ -78,6 +78,8 @@ class Load:
     bed: SlurmBed
     concurrency: int
     max_tokens: int = 48
+    # A client's limit on one request (a request stuck on an engine that is gone fails after it).
+    timeout_s: float = 120.0
     outcomes: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     log: list[tuple[float, float, str]] = field(default_factory=list)  # (start, end, outcome)
@@ -92,7 +94,7 @@ class Load:
     async def _run(self) -> None:
         env = self.bed.bed.env()
         client = openai.AsyncOpenAI(base_url=env["SLINFER_GATEWAY_URL"], api_key=env["SLINFER_API_KEY"],
-                                    timeout=120, max_retries=0)
+                                    timeout=self.timeout_s, max_retries=0)
         deadline = time.monotonic() + 600
 
         async def worker() -> None:
@@ -133,7 +135,21 @@ def bed(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
     _wait("the controller's jobs to end", lambda: not _controller_jobs(slurm_bed), 120)
 
 
+def _no_replica(bed: SlurmBed) -> None:
+    """This test's precondition, whatever ran before: none of the controller's jobs left."""
+    bed.run("scancel", "--name", f"slinfer-{MODEL}", check=False)
+    _wait("the controller's jobs to end", lambda: not _controller_jobs(bed) and _ready_count(bed) == 0, 120)
+
+
+def _a_replica(bed: SlurmBed) -> None:
+    """This test's precondition, whatever ran before: at least one READY replica (a request scales from zero)."""
+    if _ready_count(bed) == 0:
+        _client(bed).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert _ready_count(bed) >= 1
+
+
 def test_first_request_waits_for_the_controllers_job_and_succeeds(bed: SlurmBed) -> None:
+    _no_replica(bed)
     assert _controller_jobs(bed) == {}
     assert _ready_count(bed) == 0
     began = time.monotonic()
@@ -148,7 +164,9 @@ def test_first_request_waits_for_the_controllers_job_and_succeeds(bed: SlurmBed)
 
 
 def test_streaming_through_the_gateway_returns_the_same_tokens_as_the_engine(bed: SlurmBed) -> None:
-    (replica,) = _replicas(bed)
+    _a_replica(bed)
+    # Every replica has the same weights: at temperature 0 any of them gives the same tokens.
+    replica = _replicas(bed)[0]
     direct = openai.OpenAI(base_url=str(replica["OPENAI_BASE_URL"]), api_key=str(replica["OPENAI_API_KEY"]))
     kwargs = {"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "temperature": 0.0}
     via_gateway = _client(bed).chat.completions.create(stream=True, **kwargs)  # type: ignore[call-overload]
@@ -216,6 +234,7 @@ def test_controller_restart_under_load_submits_no_duplicates_and_routing_resumes
 
 
 def test_without_load_the_replicas_return_to_min_and_their_engines_are_gone(bed: SlurmBed) -> None:
+    _a_replica(bed)
     jobs = list(_controller_jobs(bed))
     assert jobs
     waited = _wait("the controller's jobs to be cancelled", lambda: not _controller_jobs(bed), 240)

@@ -1,31 +1,57 @@
-"""Faults on the real bed, each reporting requests sent / succeeded / failed: Slurm's daemons restarted under
-load, the controller killed with SIGKILL under load, and a serving job cancelled or timed out mid-stream, where
-every stream either completes or ends with an error event, never silently."""
+"""Faults on the real bed, each forced by the test and each asserted to have happened, with requests sent /
+succeeded / failed reported: Slurm's daemons restarted under load; the controller killed with SIGKILL under
+load; a serving job of the real model cancelled or timed out while long streams run, so the cut always lands
+mid-stream (each cut stream must end with the OpenAI-shaped `engine_failed` error event, none silently, and
+later requests get 503 `no_replica`); an engine that keeps crashing, restarted up to `max_restarts` and then
+FAILED with its reason shown by `slinfer wait-ready`; and the two infrastructure failures that must drain the
+node: a prolog that cannot reach any agent, an epilog that cannot kill an engine's processes."""
 
 from __future__ import annotations
 
-import subprocess
+import json
+import os
+import shutil
+import signal
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
+import psutil
 import pytest
 
-from slinfer import devcluster
-from tests.slurmbed import SlurmBed, engine_pids, wait_no_engine
+from slinfer import config as configmod
+from slinfer.dev import devcluster
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_no_engine
 
-MODEL = "tiny"
+pytestmark = pytest.mark.bed
+TINY = "tiny"
+# The streams that a fault cuts run on the real model: a few hundred tokens take it tens of seconds here, so a
+# cut while they run always lands mid-stream.
+SMOLLM2 = "smollm2"
+LONG_TOKENS = 300
 MESSAGES = [{"role": "user", "content": "Write a long story about a cluster."}]
-READY_TIMEOUT = 300
+READY_TIMEOUT = 600
+# Outcomes of a stream that was cut as slinfer promises, or ran to its end.
+CUT = "cut: engine_failed"
+COMPLETE = "complete"
+# Clear refusals of a stream that began after the engine had gone (before any chunk): retries exhausted on the
+# dying engine, or no replica left.
+REFUSED = ("refused: 502 engine_failed", "refused: 503 no_replica")
 
 
 def _admin(bed: SlurmBed, *args: str) -> None:
-    subprocess.run([f"{sys.prefix}/bin/slinfer", *args], env=bed.env(), check=True, capture_output=True,
-                   timeout=30)
+    bed.admin(*args)
+
+
+def _gateway(bed: SlurmBed, timeout: float) -> openai.OpenAI:
+    env = bed.bed.env()
+    return openai.OpenAI(base_url=env["SLINFER_GATEWAY_URL"], api_key=env["SLINFER_API_KEY"], timeout=timeout,
+                         max_retries=0)
 
 
 class DirectLoad:
@@ -41,7 +67,7 @@ class DirectLoad:
         deadline = time.monotonic() + 300
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                self.client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16)
+                self.client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=16)
                 self.outcomes["ok"] += 1
             except openai.APIError as exc:
                 self.outcomes[type(exc).__name__] += 1
@@ -58,51 +84,172 @@ class DirectLoad:
             thread.join(timeout=90)
 
 
-def _stream(bed: SlurmBed, first_chunk: threading.Event | None = None, timeout: float = 120) -> str:
-    """One long stream through the gateway: 'complete' (finish_reason length), 'cut: ...' (an error after the
-    first chunk, or another finish_reason), 'refused: ...' (an error before it) or 'SILENTLY TRUNCATED' (ended
-    without finish_reason or error)."""
-    env = bed.bed.env()
-    client = openai.OpenAI(base_url=env["SLINFER_GATEWAY_URL"], api_key=env["SLINFER_API_KEY"], timeout=timeout,
-                           max_retries=0)
+class GatewayLoad:
+    """Closed-loop short chat requests through the gateway; outcomes with their start times."""
+
+    def __init__(self, bed: SlurmBed, model: str, workers: int = 8) -> None:
+        self.client = _gateway(bed, 60)
+        self.model = model
+        self.log: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(workers)]
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + 400
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            began = time.monotonic()
+            try:
+                self.client.chat.completions.create(model=self.model, messages=MESSAGES, max_tokens=16)
+                outcome = "ok"
+            except openai.APIStatusError as exc:
+                outcome = f"http {exc.status_code} {exc.code}"
+            except openai.APIConnectionError:
+                outcome = "connection refused or reset"
+            self.log.append((began, outcome))
+            if outcome != "ok":
+                time.sleep(0.2)
+
+    def between(self, start: float, end: float) -> Counter[str]:
+        return Counter(o for began, o in self.log if start <= began < end)
+
+    def __enter__(self) -> GatewayLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=90)
+
+
+def _stream(bed: SlurmBed, first_chunk: threading.Event | None = None, timeout: float = 300) -> str:
+    """One long stream of the real model through the gateway, and how it ended: COMPLETE (finish_reason
+    `length`: with ignore_eos an uncut stream runs to max_tokens), CUT (the gateway's `engine_failed` error event
+    after the first chunk), 'refused: STATUS CODE' (an error before any chunk); anything else is a failure of
+    slinfer's promise: another error mid-stream, another finish_reason (not a cut: the client cannot tell it from
+    an answer), or 'SILENTLY TRUNCATED' (no finish_reason, no error)."""
     finish, began = None, False
     try:
-        stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=460, stream=True,
-                                                extra_body={"ignore_eos": True})
+        stream = _gateway(bed, timeout).chat.completions.create(
+            model=SMOLLM2, messages=MESSAGES, max_tokens=LONG_TOKENS, stream=True, extra_body={"ignore_eos": True})
         for chunk in stream:
             began = True
             if first_chunk is not None:
                 first_chunk.set()
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
+    except openai.APIStatusError as exc:
+        return f"refused: {exc.status_code} {exc.code}"
     except openai.APIError as exc:
-        return f"{'cut' if began else 'refused'}: {type(exc).__name__}"
-    if finish == "length":  # ignore_eos: a stream that was not cut runs to max_tokens
-        return "complete"
-    # An engine that aborts its requests as it stops says so in finish_reason: visible, not silent.
-    return f"cut: finish_reason={finish}" if finish else "SILENTLY TRUNCATED"
+        if began:
+            return f"cut: {exc.code}" if exc.code else f"cut without error event: {type(exc).__name__}"
+        return f"refused: {type(exc).__name__} {exc.code}"
+    if finish == "length":
+        return COMPLETE
+    return f"ended with finish_reason={finish}" if finish else "SILENTLY TRUNCATED"
+
+
+def _later_requests_get_503_no_replica(bed: SlurmBed) -> None:
+    """With the model held at 0 and its only engine gone, a request is refused at once with 503 no_replica."""
+    client = _gateway(bed, 30)
+    deadline = time.monotonic() + 60
+    seen: Counter[str] = Counter()
+    while True:
+        began = time.monotonic()
+        try:
+            client.chat.completions.create(model=SMOLLM2, messages=MESSAGES, max_tokens=4)
+            seen["ok"] += 1
+        except openai.APIStatusError as exc:
+            seen[f"{exc.status_code} {exc.code}"] += 1
+            if exc.status_code == 503 and exc.code == "no_replica":
+                assert int(exc.response.headers["Retry-After"]) > 0
+                assert time.monotonic() - began < 5, "the 503 must come at once, not after the queue timeout"
+                break
+        assert time.monotonic() < deadline, f"no 503 no_replica within 60 s of the engine's end: {dict(seen)}"
+        time.sleep(0.5)
+    print(f"requests after the engine's end, until the first 503 no_replica: {dict(seen)}")
+
+
+def _assert_cuts(outcomes: Counter[str], what: str) -> None:
+    cut = outcomes[CUT]
+    print(f"\n{what}: {sum(outcomes.values())} streams, {cut} cut mid-stream; how each ended: {dict(outcomes)}")
+    assert cut >= 1, f"{what}: no stream was cut mid-stream, so the fault was not exercised: {dict(outcomes)}"
+    wrong = {o: n for o, n in outcomes.items() if o not in (CUT, COMPLETE, *REFUSED)}
+    assert not wrong, f"{what}: streams that ended otherwise than complete or with engine_failed: {wrong}"
 
 
 @pytest.fixture(scope="module")
 def bed(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
     slurm_bed.cleanup_jobs()
     # The autoscaler stays out of the way: these tests bring their own engines.
-    _admin(slurm_bed, "scale", MODEL, "0")
+    _admin(slurm_bed, "scale", TINY, "0")
+    _admin(slurm_bed, "scale", SMOLLM2, "0")
     yield slurm_bed
-    _admin(slurm_bed, "scale", MODEL, "auto")
+    _admin(slurm_bed, "scale", TINY, "auto")
+    _admin(slurm_bed, "scale", SMOLLM2, "auto")
     slurm_bed.cleanup_jobs()
 
 
-def _serving_job(bed: SlurmBed, *args: str) -> str:
-    job = bed.sbatch("--inference=tiny", "--gres=gpu:1", *args,
+@pytest.fixture(autouse=True)
+def _no_job_left(bed: SlurmBed) -> Iterator[None]:
+    """No test here leaves a job behind for the next, whether it passed or not."""
+    yield
+    bed.cleanup_jobs()
+
+
+def _serving_job(bed: SlurmBed, model: str, *args: str) -> str:
+    job = bed.sbatch(f"--inference={model}", "--gres=gpu:1", *args,
                      script=f"slinfer wait-ready --timeout {READY_TIMEOUT} && echo READY && sleep 900")
     bed.wait_output(job, r"READY", READY_TIMEOUT)
     return job
 
 
+def _wait_routable(bed: SlurmBed, model: str, replicas: int = 1, timeout: float = 30) -> float:
+    client = _gateway(bed, 10)
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        models = client.models.list().model_dump()["data"]
+        if any(m["id"] == model and m.get("ready_replicas", 0) >= replicas for m in models):
+            return time.monotonic() - began
+        time.sleep(0.5)
+    raise AssertionError(f"the gateway never saw {replicas} READY {model} replica(s)")
+
+
+def _pins(bed: SlurmBed) -> dict[str, int]:
+    """The controller's pins as `slinfer status --json` shows them: model -> pinned replica count."""
+    status = json.loads(bed.run(sys.executable, "-m", "slinfer.cli.main", "status", "--json").stdout)
+    return {m["name"]: int(m.get("pinnedCount", 0)) for m in status["models"] if m.get("pinned")}
+
+
+def _controller_jobs(bed: SlurmBed, model: str) -> set[str]:
+    return set(bed.run("squeue", "-h", "-n", f"slinfer-{model}", "-o", "%i").stdout.split())
+
+
+def _daemons(bed: SlurmBed, program: str) -> list[psutil.Process]:
+    """This bed's running `program` (slinfer-agent, slinfer-controller, or the hook-started `slinfer.agent.daemon`),
+    found by its command line: what is running, whatever the pid files say."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if program in cmd and str(bed.bed.config) in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def _agents(bed: SlurmBed) -> list[psutil.Process]:
+    return _daemons(bed, "slinfer-agent") + _daemons(bed, "slinfer.agent.daemon")
+
+
+def _resume_node(bed: SlurmBed) -> None:
+    bed.run("scontrol", "update", f"nodename={devcluster.NODE_NAME}", "state=resume", check=False)
+    state = bed.wait_node_idle(timeout=60)
+    assert state == "idle", f"the node did not come back after resume: {state}"
+
+
 @pytest.mark.disruptive
 def test_slurmctld_and_slurmd_restarted_mid_run_leave_the_engine_serving(bed: SlurmBed) -> None:
-    job = _serving_job(bed)
+    job = _serving_job(bed, TINY)
     env = bed.env_file(job)
     with DirectLoad(env["OPENAI_BASE_URL"], env["OPENAI_API_KEY"]) as load:
         time.sleep(3)
@@ -130,60 +277,218 @@ def test_slurmctld_and_slurmd_restarted_mid_run_leave_the_engine_serving(bed: Sl
     assert bed.state(job) == "CANCELLED"
 
 
-def _cut_streams(bed: SlurmBed, cut: object, streams: int = 6) -> Counter[str]:
+def test_scancel_mid_stream_cuts_streams_with_the_engine_failed_event(bed: SlurmBed) -> None:
+    job = _serving_job(bed, SMOLLM2, "--inference-pool")
+    _wait_routable(bed, SMOLLM2)
+    streams = 8
     with ThreadPoolExecutor(streams) as pool:
         started = [threading.Event() for _ in range(streams)]
         futures = [pool.submit(_stream, bed, event) for event in started]
         for event in started:
-            assert event.wait(60), "a stream never began"
-        cut()  # type: ignore[operator]
-        return Counter(f.result(timeout=180) for f in futures)
-
-
-def test_scancel_mid_stream_ends_each_stream_with_an_error_event(bed: SlurmBed) -> None:
-    job = _serving_job(bed, "--inference-pool")
-    _wait_routable(bed)
-    # Forty-eight streams share the engine, so none can run to its end in the seconds the cut takes.
-    outcomes = _cut_streams(bed, lambda: bed.run("scancel", job), streams=48)
-    print(f"\nscancel mid-stream: {dict(outcomes)}")
-    assert outcomes["SILENTLY TRUNCATED"] == 0
-    # Whether streams are still running when the epilog stops the engine depends on timing: on a quiet machine
-    # all 48 had finished (CI); where they had not, each cut one ended with an error event. None may end silently.
+            assert event.wait(120), "a stream never began"
+        # Every stream has its first chunk and asks for 300 tokens: none can be done within the cut.
+        time.sleep(2)
+        assert not any(f.done() for f in futures), "a stream ended before the cut"
+        bed.run("scancel", job)
+        outcomes = Counter(f.result(timeout=300) for f in futures)
+    _assert_cuts(outcomes, "scancel mid-stream")
+    assert outcomes[CUT] == streams, "all eight streams were mid-way at the scancel"
     wait_no_engine(job, None, 60)
+    _later_requests_get_503_no_replica(bed)
 
 
 @pytest.mark.disruptive  # Slurm sometimes keeps a job it timed out COMPLETING for minutes (seen: ~10 min)
-def test_time_limit_mid_stream_ends_each_stream_with_an_error_event(bed: SlurmBed) -> None:
-    job = _serving_job(bed, "--inference-pool", "--time=1")
-    _wait_routable(bed)
+def test_time_limit_mid_stream_cuts_streams_with_the_engine_failed_event(bed: SlurmBed) -> None:
+    # Four minutes leave the real model time to start (one to three here) and to serve streams before the limit.
+    job = _serving_job(bed, SMOLLM2, "--inference-pool", "--time=4")
+    _wait_routable(bed, SMOLLM2)
     started = time.monotonic()
     outcomes: Counter[str] = Counter()
 
     def worker(offset: float) -> None:
-        # Staggered back-to-back streams, so that some are always mid-way when Slurm's time limit (checked every
-        # ~30 s) ends the job and its epilog stops the engine; later ones find no engine and are refused.
+        # Staggered back-to-back long streams: whenever Slurm's time limit (checked every ~30 s) ends the job
+        # and its epilog stops the engine, several are mid-way; later ones find no engine and are refused.
         time.sleep(offset)
-        while engine_pids(job) and time.monotonic() - started < 180:
-            outcomes[_stream(bed, timeout=20)] += 1
+        while engine_pids(job) and time.monotonic() - started < 300:
+            outcomes[_stream(bed)] += 1
 
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(worker, [0.0, 0.7, 1.4, 2.1]))
-    print(f"\ntime limit mid-stream: {dict(outcomes)}, job {bed.state(job)}")
+        list(pool.map(worker, [0.0, 3.0, 6.0, 9.0]))
+    print(f"job {job} ended {bed.state(job)} after {time.monotonic() - started:.0f}s of streams")
     assert bed.wait_state(job, {"TIMEOUT"}, 60) == "TIMEOUT"
-    assert outcomes["SILENTLY TRUNCATED"] == 0
-    assert outcomes["complete"] > 0
-    # Whether a stream is mid-way at the moment the epilog stops the engine depends on Slurm's timing (the
-    # scancel test above forces that case); none may end silently, whichever way it went.
+    _assert_cuts(outcomes, "time limit mid-stream")
     wait_no_engine(job, None, 60)
+    _later_requests_get_503_no_replica(bed)
 
 
-def _wait_routable(bed: SlurmBed) -> None:
-    env = bed.bed.env()
-    client = openai.OpenAI(base_url=env["SLINFER_GATEWAY_URL"], api_key=env["SLINFER_API_KEY"], max_retries=0)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        models = client.models.list().model_dump()["data"]
-        if any(m["id"] == MODEL and m.get("ready_replicas", 0) >= 1 for m in models):
-            return
+def test_controller_sigkill_under_load_submits_no_duplicates_and_routing_comes_back(bed: SlurmBed) -> None:
+    _admin(bed, "scale", TINY, "1")
+    try:
+        _wait_routable(bed, TINY, timeout=READY_TIMEOUT)
+        jobs = _controller_jobs(bed, TINY)
+        assert len(jobs) == 1, jobs
+        # Four closed-loop users stay under one replica's target (8 outstanding): any second job would be a
+        # duplicate, not a scale-up.
+        with GatewayLoad(bed, TINY, workers=4) as load:
+            time.sleep(5)
+            (controller,) = _daemons(bed, "slinfer-controller")
+            controller.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            controller.wait(10)
+            time.sleep(2)
+            during = load.between(killed, time.monotonic())
+            devcluster.start_controller(bed.bed)
+            restarted = time.monotonic()
+            # The restarted one finds its job in squeue, and the admin's pin in its state folder.
+            print(f"\ncontroller SIGKILLed; routable again {_wait_routable(bed, TINY, timeout=60):.1f}s after "
+                  "its restart")
+            assert _pins(bed).get(TINY) == 1, f"the pin did not survive the SIGKILL: {_pins(bed)}"
+            for _ in range(20):
+                assert _controller_jobs(bed, TINY) == jobs, "a restarted controller must not submit duplicates"
+                time.sleep(0.5)
+            after = load.between(restarted + 5, time.monotonic())
+        print(f"while dead: {dict(during)}; from 5 s after the restart: {dict(after)}; "
+              f"whole run: {dict(Counter(o for _, o in load.log))}")
+        assert during and "ok" not in during, "requests must fail while the gateway is dead: was it killed?"
+        assert after["ok"] > 20 and set(after) == {"ok"}
+        assert _controller_jobs(bed, TINY) == jobs
+    finally:
+        # Back to the module's pins (the SIGKILLed controller kept them on disk; this test changed TINY's).
+        _admin(bed, "scale", TINY, "0")
+        _admin(bed, "scale", SMOLLM2, "0")
+    deadline = time.monotonic() + 120
+    while _controller_jobs(bed, TINY) and time.monotonic() < deadline:
         time.sleep(0.5)
-    raise AssertionError("the gateway never saw the pool engine READY")
+    assert not _controller_jobs(bed, TINY)
+
+
+def test_a_crashing_engine_is_restarted_up_to_max_restarts_then_fails_with_its_reason(bed: SlurmBed) -> None:
+    max_restarts = configmod.load(str(bed.bed.config)).agent.max_restarts
+    assert max_restarts >= 1
+    flag = bed.jobs_dir / f"crash-{time.monotonic_ns()}"
+    job = bed.sbatch(f"--inference={TINY}", "--gres=gpu:1", script=(
+        f"slinfer wait-ready --timeout {READY_TIMEOUT} && echo READY; "
+        f"while [ ! -e {flag} ]; do sleep 0.5; done; "
+        f"slinfer wait-ready --timeout 30; echo WAIT_READY_EXIT=$?"))
+    try:
+        bed.wait_output(job, r"READY", READY_TIMEOUT)
+        status_file = bed.bed.run_dir / "jobs" / f"{job}.status"
+
+        def state() -> str:
+            return str(json.loads(status_file.read_text())["state"])
+
+        killed: list[int] = []
+        for crash in range(max_restarts + 1):
+            (server,) = [p for p in engine_pids(job) if "vllm.entrypoints" in " ".join(psutil.Process(p).cmdline())]
+            assert server not in killed and state() == "READY"
+            os.kill(server, signal.SIGKILL)
+            killed.append(server)
+            deadline = time.monotonic() + 60
+            while state() == "READY":  # the agent notices the death
+                assert time.monotonic() < deadline, f"crash {crash + 1}: the agent never noticed"
+                time.sleep(0.2)
+            if crash < max_restarts:
+                assert state() == "STARTING", f"crash {crash + 1} of {max_restarts + 1}: {state()}, not restarted"
+                deadline = time.monotonic() + READY_TIMEOUT
+                while state() != "READY":
+                    assert time.monotonic() < deadline, f"crash {crash + 1}: the restarted engine never got READY"
+                    assert state() != "FAILED", f"FAILED after only {crash + 1} crash(es)"
+                    time.sleep(0.5)
+        assert state() == "FAILED"
+        wait_no_engine(job, None, 30)
+        flag.touch()
+        found = bed.wait_output(job, r"WAIT_READY_EXIT=(\d+)", 60)
+        out = bed.output(job)
+        print(f"\n{len(killed)} crashes (SIGKILL of the API server), {max_restarts} restarts; job output:\n{out}")
+        assert found.group(1) == "1"
+        assert f"after {max_restarts} restarts" in out
+        assert "engine FAILED: engine exited with code -9" in out
+    finally:
+        bed.run("scancel", job, check=False)
+    assert bed.wait_node_idle(timeout=90) == "idle"
+
+
+def test_prolog_fails_when_no_agent_can_be_reached_and_the_node_is_drained(bed: SlurmBed) -> None:
+    socket_path = Path(configmod.load(str(bed.bed.config)).agent.socket)
+    for agent in _agents(bed):
+        agent.terminate()
+        agent.wait(30)
+    assert not _agents(bed)
+    # A directory where the agent's socket belongs: no agent answers, and none the hook starts can listen.
+    socket_path.unlink(missing_ok=True)
+    socket_path.mkdir()
+    job = ""
+    try:
+        job = bed.sbatch(f"--inference={TINY}", "--gres=gpu:1", script="echo RAN")
+        deadline = time.monotonic() + 120
+        while "drain" not in bed.node_state():
+            assert time.monotonic() < deadline, f"node not drained: {bed.node_state()} (job {bed.state(job)})"
+            time.sleep(1)
+        reason = bed.run("sinfo", "-h", "-N", "-o", "%E").stdout.strip()
+        print(f"\nprolog without an agent: node {bed.node_state()}, reason {reason!r}, job {bed.state(job)}")
+        assert "RAN" not in bed.output(job), "the job ran although its prolog failed"
+        assert "prolog" in reason.lower()
+    finally:
+        # An agent again. The failed job's epilog hook may start one at the same moment; the agent's lock lets
+        # only one of them live.
+        shutil.rmtree(socket_path, ignore_errors=True)
+        bed.bed.pidfile("agent").unlink(missing_ok=True)
+        try:
+            devcluster.launch(bed.bed, "agent", [str(Path(sys.executable).parent / "slinfer-agent"), "--config",
+                                                 str(bed.bed.config)])
+        except RuntimeError as exc:  # exited at once: the hook's agent holds the lock
+            print(f"the epilog hook's agent came first: {exc}")
+        deadline = time.monotonic() + 30
+        while not socket_path.is_socket() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if job:
+            bed.run("scancel", job, check=False)
+            deadline = time.monotonic() + 120
+            while bed.state(job) not in ("CANCELLED", "COMPLETED", "FAILED", "") and time.monotonic() < deadline:
+                time.sleep(1)
+        _resume_node(bed)
+    assert len(_agents(bed)) == 1, [a.cmdline() for a in _agents(bed)]
+
+
+def test_epilog_fails_when_an_engine_process_cannot_be_killed_and_the_node_is_drained(bed: SlurmBed) -> None:
+    freezer_root = Path("/sys/fs/cgroup/freezer")
+    if not (freezer_root / "cgroup.procs").exists():
+        pytest.fail("this test needs the cgroup v1 freezer at /sys/fs/cgroup/freezer (NOTES.md: mounted here)")
+    job = _serving_job(bed, TINY)
+    # A frozen process cannot act on SIGKILL until it is thawed: the agent's kill must fail on it.
+    frozen = freezer_root / f"slinfer-test-{os.getpid()}-{job}"
+    frozen.mkdir()
+    try:
+        pids = engine_pids(job)
+        assert pids
+        for pid in pids:
+            (frozen / "cgroup.procs").write_text(str(pid))
+        (frozen / "freezer.state").write_text("FROZEN")
+        deadline = time.monotonic() + 10
+        while (frozen / "freezer.state").read_text().strip() != "FROZEN":
+            assert time.monotonic() < deadline, "the engine's processes did not freeze"
+            time.sleep(0.1)
+        bed.run("scancel", job)
+        deadline = time.monotonic() + 180
+        while "drain" not in bed.node_state():
+            assert time.monotonic() < deadline, f"node not drained: {bed.node_state()} (job {bed.state(job)})"
+            time.sleep(1)
+        reason = bed.run("sinfo", "-h", "-N", "-o", "%E").stdout.strip()
+        left = [p for p in pids if psutil.pid_exists(p)]
+        print(f"\nepilog with unkillable engine processes: node {bed.node_state()}, reason {reason!r}, "
+              f"still alive {left}")
+        assert left, "the frozen engine processes must have outlived the epilog"
+        assert "epilog" in reason.lower()
+    finally:
+        (frozen / "freezer.state").write_text("THAWED")
+        bed.run("scancel", job, check=False)
+        wait_no_engine(job, None, 60)  # thawed, they act on the SIGKILLs that the agent sent
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                frozen.rmdir()
+                break
+            except OSError:  # busy until the last of them has been reaped
+                assert time.monotonic() < deadline, f"{frozen} still holds {(frozen / 'cgroup.procs').read_text()}"
+                time.sleep(0.5)
+    _resume_node(bed)

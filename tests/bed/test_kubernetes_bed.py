@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from slinfer import devcluster, kubelabels
-from tests.kuberecorder import Recorder, recording_api_server, write_kubeconfig
-from tests.slurmbed import SlurmBed
+from slinfer.dev import devcluster
+from slinfer.kube import labels as kubelabels
+from tests.fakes.kuberecorder import Recorder, recording_api_server, write_kubeconfig
+from tests.fakes.slurmbed import BED_USER, SlurmBed
 
+pytestmark = pytest.mark.bed
 NAMESPACE = "slinfer"
 RECORDER_PORT = 26870  # within the test bed's port block (tests/conftest.py)
 
@@ -42,6 +44,12 @@ async def _until(what: str, predicate: object, seconds: float) -> float:
 async def recorder(slurm_bed: SlurmBed, tmp_path: Path) -> AsyncIterator[Recorder]:
     config = slurm_bed.bed.config
     original = config.read_text()
+    # The node must serve this test's engine alone (its Node goes once it serves nothing): no pool replica of
+    # the autoscaler, nor any job an earlier test left.
+    slurm_bed.admin("scale", "tiny", "0")
+    slurm_bed.admin("scale", "smollm2", "0")
+    slurm_bed.cleanup_jobs()
+    await asyncio.to_thread(slurm_bed.wait_no_jobs)
     async with recording_api_server(port=RECORDER_PORT) as rec:
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", rec.url)
         config.write_text(original + f'\n[kubernetes]\nenabled = true\nkubeconfig = "{kubeconfig}"\n'
@@ -53,12 +61,14 @@ async def recorder(slurm_bed: SlurmBed, tmp_path: Path) -> AsyncIterator[Recorde
         finally:
             config.write_text(original)
             await asyncio.to_thread(devcluster.restart_agent, slurm_bed.bed)
+            slurm_bed.admin("scale", "tiny", "auto")
+            slurm_bed.admin("scale", "smollm2", "auto")
 
 
 async def test_a_real_job_registers_node_lease_and_pod_and_the_pod_goes_when_the_job_ends(
         slurm_bed: SlurmBed, recorder: Recorder) -> None:
-    job = (await _run(slurm_bed, "sbatch", "--parsable", "--inference=tiny", "--gres=gpu:1", "-o",
-                      f"{slurm_bed.jobs_dir}/job-%j.out", "--wrap",
+    job = (await _run(slurm_bed, "runuser", "-u", BED_USER, "--", "sbatch", "--parsable", "--inference=tiny",
+                      "--gres=gpu:1", "-o", f"{slurm_bed.jobs_dir}/job-%j.out", "--wrap",
                       "slinfer wait-ready --timeout 300 && echo READY && sleep 600")).strip()
     node = kubelabels.node_name(devcluster.NODE_NAME)
 

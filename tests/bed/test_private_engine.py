@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from tests.slurmbed import SlurmBed, engine_pids, wait_no_engine
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_no_engine
 
 ASK = (
     "import os; from openai import OpenAI; c = OpenAI(); "
@@ -19,6 +19,7 @@ ASK = (
     "messages=[{'role': 'user', 'content': 'hello'}]); "
     "print('ANSWER', r.usage.completion_tokens, repr(r.choices[0].message.content))"
 )
+pytestmark = pytest.mark.bed
 READY_TIMEOUT = 300
 
 
@@ -92,7 +93,7 @@ def test_model_not_in_catalog_fails_the_job_with_the_reason_and_the_node_stays_i
     job = slurm_bed.sbatch("--inference=no-such-model", script="echo SCRIPT_RAN")
     assert slurm_bed.wait_state(job, {"FAILED", "COMPLETED"}, 60) == "FAILED"
     out = slurm_bed.output(job)
-    assert "model 'no-such-model' is not in this cluster's catalog (known: tiny)" in out
+    assert "model 'no-such-model' is not in this cluster's catalog (known: tiny, smollm2, tiny-tp2, tiny-2node)" in out
     assert "SCRIPT_RAN" not in out
     assert slurm_bed.wait_node_idle() == "idle"
     assert engine_pids(job) == []

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from slinfer.config import ModelConfig
-from slinfer.controller.slurm import SlurmClient, SlurmError, SlurmJob
-from tests.slurmbed import SlurmBed
+from slinfer.controller.slurm import STALE_S, SlurmClient, SlurmError, SlurmJob
+from slinfer.dev import devcluster
+from slinfer.slurm import queries
+from tests.fakes.slurmbed import SlurmBed
 
 pytestmark = pytest.mark.bed
 
@@ -99,8 +101,8 @@ async def test_running_and_pending_jobs_then_cancel(cleanup: list[str], slurm_be
     job_id = await slurm.submit(model(gpus=4, time_limit="2"), "slinfer-t", "c")
     cleanup.append(job_id)
     job = await wait_state(slurm, job_id, {"PENDING"})
-    for _ in range(30):  # the reason is "None" until the scheduler has looked at the job
-        if job.reason != "None":
+    for _ in range(30):  # no reason (squeue's "None") until the scheduler has looked at the job
+        if job.reason:
             break
         await asyncio.sleep(1)
         job = await wait_state(slurm, job_id, {"PENDING"})
@@ -137,3 +139,47 @@ async def test_missing_binaries_raise_slurm_error(tmp_path: Path) -> None:
 async def test_cancel_rejects_non_ids() -> None:
     with pytest.raises(ValueError):
         await client().cancel("--signal=KILL")
+
+
+async def test_asks_only_about_its_own_jobs(cleanup: list[str], slurm_bed: SlurmBed) -> None:
+    # Another user's held job: the bed's munge socket is open to users, as a site's is.
+    done = await asyncio.to_thread(devcluster.run_as, slurm_bed.bed, "nobody", [
+        "sbatch", "--parsable", "--hold", "--output=/dev/null", "--job-name=slinfer-t", "--wrap", "true"])
+    other = done.stdout.strip()
+    cleanup.append(other)
+    clock = [0.0]
+    slurm = SlurmClient("", ENV, job_command=["sleep", "60"], clock=lambda: clock[0])
+    mine = await slurm.submit(model(gpus=4, time_limit="2"), "slinfer-t", "c")
+    cleanup.append(mine)
+    listed = {j.job_id: j for j in await slurm.jobs(["slinfer-t"])}
+    # The first call lists the user's jobs of that name: its own, not the other user's of the same name.
+    assert mine in listed and other not in listed
+    assert slurm.listings == 1 and "--user=root" in slurm.runner.argv(queries.user_jobs("root").argv)
+    calls = slurm.runner.calls
+    clock[0] += 2
+    again = await slurm.jobs(["slinfer-t"])
+    # Later steps ask about each known job by id: one scontrol call, no listing.
+    assert [j.job_id for j in again] == [mine] and slurm.listings == 1
+    assert slurm.runner.calls == calls + 1
+    await slurm.cancel(mine)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        clock[0] += 2
+        seen = await slurm.jobs(["slinfer-t"])
+        if not seen:
+            break
+        assert [j.job_id for j in seen] == [mine]
+        await asyncio.sleep(0.5)
+    # Once reported over, the job is forgotten: no more calls about it until the next listing.
+    assert seen == []
+    calls = slurm.runner.calls
+    assert await slurm.jobs(["slinfer-t"]) == [] and slurm.runner.calls == calls
+    # A pause longer than STALE_S (a standby leading again) lists again; so does a failed sbatch.
+    clock[0] += STALE_S + 1
+    await slurm.jobs(["slinfer-t"])
+    assert slurm.listings == 2
+    with pytest.raises(SlurmError):
+        await slurm.submit(model(gpus=64), "slinfer-t", "c")
+    clock[0] += 2
+    await slurm.jobs(["slinfer-t"])
+    assert slurm.listings == 3

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from slinfer.kubeapi import KINDS, Conflict, KubeError, NotFound, Rejected, Unavailable
+from slinfer.kube.api import KINDS, Conflict, KubeError, NotFound, Rejected, Unavailable
 
 _WITH_STATUS = {"Pod", "Node", "Service"}
 

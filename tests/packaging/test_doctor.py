@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from slinfer import doctor
+from slinfer.cli import doctor
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "spank" / "spank_slinfer.so"
@@ -260,7 +260,7 @@ def test_munge_through_a_socket_that_is_not_there_fails(tmp_path: Path, monkeypa
 
 def test_command_line_exit_code_and_a_bad_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from slinfer import cli
+    from slinfer.cli import main as cli
 
     config = _config(tmp_path, "[agent]\nno_such_key = 1\n")
     monkeypatch.setenv("SLURM_CONF", str(_site(tmp_path, "")))
@@ -272,3 +272,106 @@ def test_command_line_exit_code_and_a_bad_config(tmp_path: Path, monkeypatch: py
     (line,) = out.splitlines()
     assert line.startswith("FAIL config: agent.no_such_key: unknown key (known: address, ")
     assert line.endswith(f") -- fix: correct agent.no_such_key in {config}")
+
+
+@pytest.mark.parametrize(("settings", "contained", "names"), [
+    ("ProctrackType=proctrack/cgroup\nPrologFlags=Alloc,Contain\n", True, ""),
+    ("ProctrackType=proctrack/linuxproc\nPrologFlags=Alloc,Contain\n", False, "proctrack/linuxproc"),
+    ("ProctrackType=proctrack/cgroup\nPrologFlags=Alloc\n", False, "PrologFlags=Contain"),
+])
+def test_containment_says_when_engines_escape_their_jobs_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 settings: str, contained: bool, names: str) -> None:
+    config = _config(tmp_path, '[[models]]\nname = "m"\nsource = "hub/id"\n')
+    conf = _site(tmp_path, "", extra=settings)
+    results = _by_check(list(_doctor(tmp_path, conf, config, monkeypatch).run(
+        {"plugin", "plugin-version", "hook", "agent", "controller", "engines", "munge"})))
+    line = results["containment"]
+    # Not contained is said (NOTE) but fails nothing: a site may run without cgroups.
+    assert line.ok and line.note is not contained, line.line()
+    assert line.line().startswith("OK  " if contained else "NOTE"), line.line()
+    assert names in (line.detail if contained else line.fix)
+
+
+def test_containment_is_off_when_the_agent_is_told_not_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(tmp_path, '[agent]\ncontain = false\n[[models]]\nname = "m"\nsource = "hub/id"\n')
+    conf = _site(tmp_path, "", extra="ProctrackType=proctrack/cgroup\nPrologFlags=Contain\n")
+    results = _by_check(list(_doctor(tmp_path, conf, config, monkeypatch).run(
+        {"plugin", "plugin-version", "hook", "agent", "controller", "engines", "munge"})))
+    assert results["containment"].note and "[agent].contain = true" in results["containment"].fix
+
+
+def test_plugin_built_for_another_release_fails_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The 24.11 plugin as `make slurm SLURM_RELEASE=24.11` builds it, against the system's 22.05 clients.
+    other = Path(__file__).resolve().parents[2] / "spank" / "build" / "24.11" / "spank_slinfer.so"
+    if not other.exists():
+        pytest.skip(f"{other} is not built (make slurm SLURM_RELEASE=24.11)")
+    assert doctor.version_text(doctor.elf_symbol_u32(other, "plugin_version")).startswith("24.11.")
+    config = _config(tmp_path, "")
+    conf = _site(tmp_path, f"required {other} hook=/bin/true\n")
+    conf.write_text(conf.read_text().replace(f"PlugStackConfig={tmp_path}/plugstack.conf",
+                                             f"PlugStackConfig={tmp_path}/empty.conf"))
+    (tmp_path / "empty.conf").write_text("")
+    check = _doctor(tmp_path, conf, config, monkeypatch)
+    monkeypatch.setattr(check, "_entry", lambda: doctor.PlugstackEntry(other, True, {}, tmp_path / "p"))
+    (result,) = check.check_plugin_version()
+    assert not result.ok
+    assert "was built for Slurm 24.11." in result.detail and "this Slurm is 22.05" in result.detail
+    assert "slinfer-spank built for Slurm 22.05" in result.fix and "SLURM_ROOT=" in result.fix
+
+
+def test_gateway_host_line_checks_the_feed_token_and_migrate_req(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a real GatewayHub behind a real gRPC server (in a thread of its own: doctor's calls block)."""
+    import asyncio
+    import threading
+
+    import grpc
+
+    from slinfer.controller.gatewayhub import GatewayHub
+    from slinfer.controller.keys import KeyStore
+    from slinfer.controller.limits import KeyLimits, Limiter
+    from slinfer.controller.registry import Registry
+    from slinfer.controller.usage import UsageLedger
+    from slinfer.v1 import gateway_pb2_grpc
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port: list[int] = []
+    server_box: list[grpc.aio.Server] = []
+
+    async def serve() -> None:
+        ledger = UsageLedger(tmp_path / "usage")
+        hub = GatewayHub(Registry(), KeyStore(tmp_path / "keys.json"), Limiter(KeyLimits(), ledger.tokens_today),
+                         ledger, "feed-token", lambda m: False, [], warmup_s=0.0)
+        server = grpc.aio.server()
+        gateway_pb2_grpc.add_GatewayFeedServicer_to_server(hub, server)
+        port.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        server_box.append(server)
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(serve()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    migrate = tmp_path / "tcp_migrate_req"
+    monkeypatch.setattr(doctor, "MIGRATE_REQ", migrate)
+    try:
+        for token, migrate_value, expect in (("feed-token", "1", (True, True)), ("wrong", "0", (False, False))):
+            migrate.write_text(f"{migrate_value}\n")
+            config = _config(tmp_path, f'[controller]\naddress = "127.0.0.1:{port[0]}"\ntoken = "{token}"\n')
+            check = _doctor(tmp_path, _site(tmp_path, ""), config, monkeypatch)
+            check.gateway_host = True
+            check.check_config()
+            feed, knob = check.check_gateway()
+            assert (feed.ok, knob.ok) == expect, (feed.line(), knob.line())
+            if not feed.ok:
+                assert "UNAUTHENTICATED" in feed.detail and "[controller].token" in feed.fix
+                assert "sysctl" in knob.fix and "is 0" in knob.detail
+        # Without --gateway-host the line is not run at all.
+        check.gateway_host = False
+        assert "gateway" not in _by_check(list(check.run({"plugin", "plugin-version", "hook", "agent", "controller",
+                                                          "engines", "munge", "tls", "engine-hop", "containment"})))
+    finally:
+        asyncio.run_coroutine_threadsafe(server_box[0].stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

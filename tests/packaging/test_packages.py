@@ -3,6 +3,7 @@ packaging/ci-packages.sh runs these right after the build; without built package
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -20,7 +21,8 @@ PLUGIN_DIR = "/usr/lib/x86_64-linux-gnu/slurm-wlm"
 
 
 def _deb(name: str) -> Path:
-    found = sorted(DEB_DIR.glob(f"{name}_*_amd64.deb"))
+    # The system's release only: `make deb-spank` puts other releases' slinfer-spank (+slurmR) beside it.
+    found = sorted(p for p in DEB_DIR.glob(f"{name}_*_amd64.deb") if "+slurm" not in p.name)
     if not found:
         pytest.skip(f"no {name} .deb in {DEB_DIR}: run make deb")
     return found[-1]
@@ -74,6 +76,7 @@ def test_commands_and_hook_link_into_the_private_environment(tree: Path) -> None
     for link, target in [("usr/bin/slinfer", "opt/slinfer/bin/slinfer"),
                          ("usr/bin/slinfer-agent", "opt/slinfer/bin/slinfer-agent"),
                          ("usr/bin/slinfer-controller", "opt/slinfer/bin/slinfer-controller"),
+                         ("usr/bin/slinfer-gateway", "opt/slinfer/bin/slinfer-gateway"),
                          ("usr/libexec/slinfer/slinfer-hook", "opt/slinfer/bin/slinfer-hook")]:
         assert os.readlink(tree / link) == f"/{target}"
         script = (tree / target).read_text()
@@ -100,7 +103,12 @@ def test_units_and_plugstack_snippet(tree: Path) -> None:
     assert re.search(r"^ExecStart=/usr/bin/slinfer-controller ", controller, re.M)
     assert re.search(r"^User=slinfer$", controller, re.M)
     assert "u slinfer " in (tree / "usr/lib/sysusers.d/slinfer.conf").read_text()
-    for unit in (agent, controller):
+    gateway = (tree / "lib/systemd/system/slinfer-gateway.service").read_text()
+    assert re.search(r"^ExecStart=/usr/bin/slinfer-gateway --config /etc/slinfer/slinfer.toml --workers ", gateway,
+                     re.M)
+    assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", gateway, re.M)  # the rolling restart
+    assert json.loads((tree / "usr/share/slinfer/grafana/slinfer-dashboard.json").read_text())["panels"]
+    for unit in (agent, controller, gateway):
         (doc,) = re.findall(r"^Documentation=file://(\S+)$", unit, re.M)
         assert (tree / doc.lstrip("/")).is_file(), doc
 
@@ -109,3 +117,11 @@ def test_units_and_plugstack_snippet(tree: Path) -> None:
     assert lines == [f"required {PLUGIN_DIR}/spank_slinfer.so hook=/usr/libexec/slinfer/slinfer-hook "
                      "config=/etc/slinfer/slinfer.toml rundir=/run/slinfer timeout=60"]
     assert (tree / PLUGIN_DIR.lstrip("/") / "spank_slinfer.so").is_file()
+
+
+def test_the_postinst_generates_the_token_with_the_packaged_script(tree: Path) -> None:
+    script = tree / "usr/libexec/slinfer/ensure-token"
+    assert script.is_file() and script.stat().st_mode & 0o111
+    postinst = subprocess.run(["dpkg-deb", "-I", str(_deb("slinfer")), "postinst"], capture_output=True, text=True,
+                              check=True).stdout
+    assert "/usr/libexec/slinfer/ensure-token /etc/slinfer/slinfer.toml" in postinst

@@ -142,7 +142,7 @@ async def controller_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awai
     made: list[Controller] = []
 
     async def make(models: list[ModelConfig] | None = None, token: str = "", agent_timeout_s: float = 6.0,
-                   **gateway_fields: object) -> Controller:
+                   scaled_to_zero: Callable[[str], bool] | None = None, **gateway_fields: object) -> Controller:
         registry = Registry(agent_timeout_s=agent_timeout_s)
         server = grpc.aio.server()
         controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, token, 0.5), server)
@@ -151,8 +151,9 @@ async def controller_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awai
         config = replace(GatewayConfig(api_keys=[CLIENT_KEY]), **gateway_fields)  # type: ignore[arg-type]
         keys = KeyStore(tmp_path / f"keys{len(made)}.json", config.api_keys)
         gateway = Gateway(config, models if models is not None else [ModelConfig(name="m", source="/x")],
-                          registry, keys, Proxy(config.connect_timeout_s, config.read_timeout_s), Balancer(),
-                          WaitQueue(config.queue_size))
+                          registry, keys, Proxy(config.connect_timeout_s, config.read_timeout_s,
+                                                config.client_timeout_s), Balancer(), WaitQueue(config.queue_size),
+                          scaled_to_zero=scaled_to_zero)
         port = await gateway.start("127.0.0.1", 0)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
         controller = Controller(registry, gateway, keys, grpc_port, f"http://127.0.0.1:{port}", channel, server)

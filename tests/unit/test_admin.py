@@ -11,15 +11,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from slurm_double import Clock, Demand, SlurmDouble
 
-from slinfer import cli
+from slinfer.cli import main as cli
 from slinfer.config import ModelConfig
 from slinfer.controller.admin import AdminService
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.registry import Registry
 from slinfer.v1 import admin_pb2_grpc, controller_pb2, engine_pb2
+from tests.fakes.slurm_double import Clock, Demand, SlurmDouble
 
 TOKEN = "admin-secret"
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from slurm_double import Clock, Demand, SlurmDouble
 
 from slinfer.config import ModelConfig
 from slinfer.controller import keys as keys_module
@@ -22,6 +21,7 @@ from slinfer.controller.keys import KeyStore
 from slinfer.controller.registry import Registry, RegistryService
 from slinfer.controller.usage import UsageLedger
 from slinfer.v1 import admin_pb2, admin_pb2_grpc, controller_pb2, controller_pb2_grpc, engine_pb2
+from tests.fakes.slurm_double import Clock, Demand, SlurmDouble
 
 TOKEN = "the-agent-and-admin-token"
 

@@ -11,13 +11,13 @@ import logging
 from dataclasses import replace
 
 import pytest
-from slurm_double import Clock, Demand, SlurmDouble
 
 from slinfer.config import ModelConfig
 from slinfer.controller.autoscaler import COMMENT_MARK, DEFAULT_START_LATENCY_S, FINAL_DRAIN_S, Autoscaler
 from slinfer.controller.registry import Registry
 from slinfer.controller.slurm import SlurmJob
 from slinfer.v1 import controller_pb2, engine_pb2
+from tests.fakes.slurm_double import Clock, Demand, SlurmDouble
 
 
 class Bed:
@@ -234,6 +234,8 @@ async def test_restart_adopts_jobs_without_duplicates_or_cancels() -> None:
     await bed.step()
     assert bed.slurm.submits == [] and bed.slurm.cancels == []
     assert sorted(j.job_id for _, j in bed.scaler.jobs()) == ["7", "8"]
+    # It asks Slurm only for its own job names (squeue --name, beside --user), not the whole queue.
+    assert bed.slurm.names_asked[-1] == ["slinfer-tiny"]
     # The agent reports job 7 READY; desired is 1 (min), so the PENDING extra goes, after the settle time.
     bed.engine("7")
     await bed.step(3)
@@ -267,7 +269,7 @@ async def test_replacement_before_time_limit_with_learned_lead() -> None:
     bed.ready(a)  # READY 38 s after submit
     await bed.step(0)
     lead = bed.scaler.lead_time("tiny")
-    assert lead == pytest.approx(38 * 1.5 + 2 * 2.0)
+    assert lead == pytest.approx(38 * 1.5 + FINAL_DRAIN_S + 2 * 2.0)
     # Until the job is within the lead of its limit, nothing happens.
     await bed.step(600 - lead - 5)
     assert len(bed.slurm.submits) == 1
@@ -283,6 +285,105 @@ async def test_replacement_before_time_limit_with_learned_lead() -> None:
     assert bed.registry.get(a).draining  # type: ignore[union-attr]
     assert bed.slurm.cancels == [a]  # idle, so cancelled in the same step
     assert bed.scaler.decisions[("tiny", "drain_time_limit")] == 1
+
+
+async def test_a_replacement_as_slow_as_the_learned_start_is_ready_before_the_final_drain() -> None:
+    # The walltime promise: a replacement that starts exactly as slowly as the slowest start seen so far is READY
+    # while the old replica still serves, never after the old one was drained at FINAL_DRAIN_S before its limit.
+    # (The lead was once 1.5 x 20 s + 4 s: the replacement came READY 14 s before the limit, 16 s after the
+    # old one's final drain, and for those 16 s nothing served.)
+    bed = Bed(window_s=2.0, min_replicas=1)
+    bed.slurm.limit_s = 180.0
+    await bed.step()
+    (a,) = bed.slurm.active()
+    latency = 20.0
+    bed.clock.now += latency
+    bed.ready(a)
+    await bed.step(0)
+    # Its own start taught the lead at once: no replacement while it has longer than that to live.
+    assert bed.slurm.active() == [a] and len(bed.slurm.submits) == 1
+    submits = len(bed.slurm.submits)
+    bed.registry.get(a).outstanding = 1  # type: ignore[union-attr]
+    # Step by step, as the controller does, until the replacement is submitted.
+    while len(bed.slurm.submits) == submits:
+        await bed.step(2.0)
+        assert not bed.registry.get(a).draining  # type: ignore[union-attr]
+    b = bed.slurm.active()[-1]
+    left_at_submit = bed.slurm.jobs_[a].end_time - bed.clock.now
+    for _ in range(int(latency / 2.0)):
+        await bed.step(2.0)
+        assert not bed.registry.get(a).draining, (  # type: ignore[union-attr]
+            f"drained {bed.slurm.jobs_[a].end_time - bed.clock.now:.0f}s before its limit, replacement not READY")
+    bed.ready(b)
+    await bed.step(0)
+    assert bed.registry.get(a).draining  # type: ignore[union-attr]
+    left = bed.slurm.jobs_[a].end_time - bed.clock.now
+    print(f"replacement submitted {left_at_submit:.0f}s before the limit, READY {left:.0f}s before it")
+    assert left > FINAL_DRAIN_S
+    assert bed.scaler.decisions[("tiny", "drain_time_limit")] == 1
+
+
+async def test_a_time_limit_shorter_than_the_lead_plus_a_start_hands_over_without_a_gap() -> None:
+    # The bed's walltime test: 3-minute jobs whose engines take 68 s to be READY, so the lead (68 x 1.5 + 30 + 4 =
+    # 136 s) is longer than a job's 112 s after READY: each job is "expiring" the moment it serves. Its
+    # replacement, READY in turn, is expiring too; it must still count as the replacement (it outlives the old
+    # one), and a starting job must not be replaced while it starts. Seen on the bed before the fix: two jobs
+    # submitted at once for the first replica, then both drained "no replacement in time", nothing serving.
+    bed = Bed(window_s=2.0, min_replicas=1, max_replicas=2)
+    bed.slurm.limit_s = 180.0
+    latency = 68.0
+    submitted_at: dict[str, float] = {}
+    served: list[str] = []
+    gaps: list[float] = []
+    t0 = bed.clock.now
+    while bed.clock.now - t0 < 900:
+        await bed.step(1.0)
+        for job in bed.slurm.active():
+            j = bed.slurm.jobs_[job]
+            if j.state == "PENDING":  # an idle cluster: it runs at once, its engine READY `latency` later
+                bed.slurm.start(job)
+                submitted_at[job] = bed.clock.now
+            elif job not in served and bed.clock.now - submitted_at[job] >= latency:
+                bed.engine(job)
+                served.append(job)
+            assert j.end_time == 0 or bed.clock.now < j.end_time, f"job {job} reached its time limit"
+        for job in list(bed.engines.get("n1", {})):
+            if job not in bed.slurm.active():
+                del bed.engines["n1"][job]  # cancelled: its engine is gone
+        bed.heartbeat()
+        if served and not bed.registry.routable("tiny"):
+            gaps.append(bed.clock.now - t0)
+        # Never more than the one serving replica and its replacement.
+        assert len(bed.slurm.active()) <= 2
+    assert bed.scaler.lead_time("tiny") == pytest.approx(latency * 1.5 + FINAL_DRAIN_S + 2 * 2.0)
+    assert not gaps, f"nothing routable at {gaps[:5]}"
+    # 900 s of 3-minute jobs, each replaced 112 - 44 = 68 s after it served: at least six handovers.
+    assert bed.scaler.decisions[("tiny", "drain_time_limit")] >= 6
+    # No job was submitted in vain: each one served, or is the replacement starting as the run ends.
+    starting = [j for j in bed.slurm.active() if j not in served]
+    assert len(starting) <= 1 and len(served) + len(starting) == len(bed.slurm.submits)
+    assert bed.slurm.cancels == served[:len(bed.slurm.cancels)]  # each cancelled after it served, oldest first
+
+
+async def test_a_moment_of_no_load_does_not_drain_an_expiring_replica_early() -> None:
+    # Seen on the bed: light steady traffic whose sampled in-flight average read 0 for a window made desired 0, and
+    # "0 READY replicas outlive it >= desired 0" drained the only replica 84 s before its limit, with requests
+    # still arriving. Scale-down has its own delay for that; the expiry drain waits for a replacement.
+    bed = Bed(window_s=2.0, min_replicas=0, scale_down_delay_s=1000.0)  # scale-down stays out of it
+    bed.slurm.limit_s = 600.0
+    bed.demand["tiny"] = Demand(in_flight=3)
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.clock.now += 30
+    bed.ready(a)
+    await bed.step(0)
+    bed.demand["tiny"] = Demand(in_flight=0)
+    while bed.slurm.jobs_[a].end_time - bed.clock.now > FINAL_DRAIN_S + 2:
+        await bed.step(2.0)
+        assert not bed.registry.get(a).draining, (  # type: ignore[union-attr]
+            f"drained {bed.slurm.jobs_[a].end_time - bed.clock.now:.0f}s before its limit without a replacement")
+    await bed.step(4.0)
+    assert bed.registry.get(a).draining  # type: ignore[union-attr]
 
 
 async def test_expiring_replica_drained_before_limit_without_replacement() -> None:
@@ -380,6 +481,30 @@ async def test_silent_agent_replicas_are_replaced() -> None:
     assert bed.scaler.status()[0].lost == 1
 
 
+async def test_a_lost_replica_stays_lost_after_the_registry_forgets_its_agent() -> None:
+    bed = Bed(window_s=2.0, min_replicas=1)
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.ready(a)
+    await bed.step()
+    bed.engines.clear()  # the node stops reporting; Slurm still lists its job RUNNING
+    await bed.step(7)
+    (b,) = [j for j in bed.slurm.active() if j != a]
+    bed.ready(b, node="n2")
+    for _ in range(40):  # well past the Registry's forget_after (60 s here)
+        await bed.step()
+        bed.registry.sweep()
+    assert bed.registry.get(a) is None, "the Registry should have forgotten the silent agent's replica"
+    assert b not in bed.slurm.cancels, "the replacement was cancelled: the lost job read as a starting replica"
+    assert sorted(bed.slurm.active()) == sorted([a, b])
+    assert len(bed.slurm.submits) == 2
+    assert bed.scaler.status()[0].lost == 1
+    # Slurm ends the lost job at last (its node DOWN): nothing more is submitted for it.
+    bed.slurm.jobs_[a] = replace(bed.slurm.jobs_[a], state="NODE_FAIL")
+    await bed.step()
+    assert bed.scaler.status()[0].lost == 0 and len(bed.slurm.submits) == 2
+
+
 async def test_status_reports_counts() -> None:
     bed = Bed(window_s=2.0, max_replicas=3)
     bed.demand["tiny"] = Demand(in_flight=9, queued=2)
@@ -443,3 +568,30 @@ async def test_a_standby_controller_never_submits_until_it_leads() -> None:
     leading = True
     await bed.step()
     assert bed.slurm.submits == [("tiny", "slinfer-tiny", f"{COMMENT_MARK} model=tiny")]
+
+
+async def test_a_drain_waits_for_requests_the_gateway_tier_has_on_the_engine() -> None:
+    bed = Bed(window_s=2.0, drain_timeout_s=30.0)
+    elsewhere: dict[str, int] = {}
+    asked: list[tuple[str, float]] = []
+
+    def outstanding_elsewhere(job_id: str, since: float) -> int:
+        asked.append((job_id, since))
+        return elsewhere.get(job_id, 0)
+
+    bed.scaler = Autoscaler([bed.model], bed.registry, lambda m: bed.demand.get(m, Demand()), bed.slurm,
+                            clock=bed.clock, settle_s=0.0, outstanding_elsewhere=outstanding_elsewhere)
+    bed.demand["tiny"] = Demand(in_flight=4)
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.ready(a)
+    elsewhere[a] = 3  # none here, three through slinfer-gateway workers
+    bed.demand["tiny"] = Demand()
+    await bed.step(5)
+    assert bed.registry.get(a).draining  # type: ignore[union-attr]
+    await bed.step()
+    assert bed.slurm.cancels == []
+    assert asked and asked[-1][0] == a and asked[-1][1] <= bed.clock.now  # the drain's start, on its clock
+    elsewhere[a] = 0
+    await bed.step()
+    assert bed.slurm.cancels == [a]

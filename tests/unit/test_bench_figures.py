@@ -9,7 +9,7 @@ from bench import plots, report
 from bench.bedprobe import BedProbe, Engine
 from bench.loadgen import Sample, Stats, Target, percentile
 from bench.samplers import BusySampler
-from slinfer import devcluster
+from slinfer.dev import devcluster
 
 
 def test_percentile_is_nearest_rank_and_ignores_nan() -> None:

@@ -207,6 +207,34 @@ async def test_expired_wait_and_full_queue_answer_503_with_retry_after(controlle
     assert c.gateway.demand("m").queued == 0
 
 
+async def test_model_scaled_to_zero_is_refused_at_once_unless_a_replica_is_known(controller_factory, standins, http,
+                                                                                 engine_pb):
+    pinned = {"m"}
+    c = await controller_factory(queue_timeout_s=30.0, scaled_to_zero=lambda model: model in pinned)
+    started = time.perf_counter()
+    async with http.post(f"{c.url}/v1/chat/completions", json=CHAT, headers=c.headers()) as resp:
+        assert resp.status == 503
+        assert int(resp.headers["Retry-After"]) > 0
+        body = await resp.json()
+    assert time.perf_counter() - started < 1.0, "a model held at 0 must not wait out the queue timeout"
+    assert_openai_error(body, "no_replica")
+    assert "none is being started" in body["error"]["message"]
+    # Unpinned, a request with no replica waits for one (scale from zero) instead of being refused.
+    pinned.clear()
+    waiting = asyncio.create_task(http.post(f"{c.url}/v1/chat/completions", json=CHAT, headers=c.headers()))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    engine = await standins(model="m")
+    await (await c.agent()).send([engine_pb("1", "m", engine.base_url)])
+    answered = await asyncio.wait_for(waiting, 5)
+    assert answered.status == 200
+    answered.release()
+    # A replica that is known (a user's pool job) is still served while the model is pinned at 0.
+    pinned.add("m")
+    async with http.post(f"{c.url}/v1/chat/completions", json=CHAT, headers=c.headers()) as resp:
+        assert resp.status == 200
+
+
 async def test_saturated_engines_queue_then_429(controller_factory, standins, http, engine_pb):
     c = await controller_factory(max_outstanding_per_engine=1, queue_size=1, queue_timeout_s=5.0)
     engine = await standins(model="m", delay_s=0.4)
@@ -384,6 +412,24 @@ async def test_client_leaving_the_queue_frees_its_place(controller_factory, http
             break
         await asyncio.sleep(0.01)
     assert c.gateway.demand("m").queued == 0
+
+
+async def test_engines_own_error_event_mid_stream_becomes_engine_failed(controller_factory, standins, http,
+                                                                         engine_pb):
+    c = await controller_factory()
+    engine = await standins(model="m", tokens=10)
+    engine.fail = "error_event"
+    await (await c.agent()).send([engine_pb("1", "m", engine.base_url)])
+    async with http.post(f"{c.url}/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers=c.headers()) as resp:
+        assert resp.status == 200
+        events = [line.strip() for line in (await resp.read()).split(b"\n") if line.strip()]
+    # The role chunk and two tokens, then the gateway's event in place of the engine's (and no [DONE]).
+    assert len(events) == 4, events
+    last = json.loads(events[-1].removeprefix(b"data: "))
+    assert_openai_error(last, "engine_failed")
+    assert "EngineCore encountered an issue." in last["error"]["message"]
+    assert c.registry.get("1").outstanding == 0
 
 
 async def test_client_leaving_mid_stream_releases_the_engine(controller_factory, standins, engine_pb):

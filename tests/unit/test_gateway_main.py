@@ -114,7 +114,8 @@ def test_startup_problems_exit_1_with_the_reason(tmp_path: Path, capsys) -> None
     def config(extra: str) -> str:
         path = tmp_path / "c.toml"
         path.write_text(f'[controller]\nlisten = "127.0.0.1:{_free_port()}"\nstate_dir = "{tmp_path}/s"\n'
-                        f'slurm_bin_dir = "{tmp_path}/none"\n[gateway]\nlisten = "127.0.0.1:{_free_port()}"\n'
+                        f'slurm_bin_dir = "{tmp_path}/none"\ntoken = "startup-token"\n'
+                        f'[gateway]\nlisten = "127.0.0.1:{_free_port()}"\n'
                         + extra)
         return str(path)
 
@@ -134,6 +135,7 @@ def test_startup_problems_exit_1_with_the_reason(tmp_path: Path, capsys) -> None
         port = busy.getsockname()[1]
         path = tmp_path / "busy.toml"
         path.write_text(f'[controller]\nlisten = "127.0.0.1:{_free_port()}"\nstate_dir = "{tmp_path}/s"\n'
-                        f'slurm_bin_dir = "{tmp_path}/none"\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
+                        f'slurm_bin_dir = "{tmp_path}/none"\ntoken = "startup-token"\n'
+                        f'[gateway]\nlisten = "127.0.0.1:{port}"\n')
         assert main(["--config", str(path)]) == 1
     assert "gateway.listen: cannot listen" in capsys.readouterr().err

@@ -24,7 +24,6 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from slurm_double import Clock, Demand, SlurmDouble
 
 from slinfer.agent.engines import EngineManager
 from slinfer.agent.gpu import Gpus
@@ -46,6 +45,7 @@ from slinfer.v1 import (
     controller_pb2_grpc,
     engine_pb2,
 )
+from tests.fakes.slurm_double import Clock, Demand, SlurmDouble
 
 TOKEN = "fuzz-token"
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -17,11 +17,11 @@ import uuid
 
 import pytest
 
-from slinfer import kubelabels as kl
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 from slinfer.config import KubernetesConfig
-from slinfer.controller.kubesync import KubeSync
-from slinfer.kubeapi import NODE_LEASE_NAMESPACE, ClientKubeAPI, KubeError, NotFound
+from slinfer.kube import labels as kl
+from slinfer.kube.api import NODE_LEASE_NAMESPACE, ClientKubeAPI, KubeError, NotFound
+from slinfer.kube.publisher import NodeIdentity, NodePublisher, PublishedEngine
+from slinfer.kube.sync import KubeSync
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("KUBECONFIG"),

@@ -14,11 +14,13 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from slinfer import kubelabels as kl
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 from slinfer.config import MODEL_NAME
-from slinfer.controller.kubesync import GatewayEndpoint, KubeSync, LeaderElection
-from slinfer.kubeapi import micro_time, parse_time
+from slinfer.kube import labels as kl
+from slinfer.kube.api import micro_time, parse_time
+from slinfer.kube.leader import LeaderElection
+from slinfer.kube.objects import GatewayEndpoint
+from slinfer.kube.publisher import NodeIdentity, NodePublisher, PublishedEngine
+from slinfer.kube.sync import KubeSync
 
 ROOT = Path(__file__).resolve().parents[2]
 # The oldest release slinfer claims (the kubeletVersion it reports) and the newest the validator knows.

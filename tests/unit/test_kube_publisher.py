@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from slinfer import kubelabels as kl
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
-from slinfer.kubeapi import NODE_LEASE_NAMESPACE, NotFound, Rejected, micro_time
+from slinfer.kube import labels as kl
+from slinfer.kube.api import NODE_LEASE_NAMESPACE, NotFound, Rejected, micro_time
+from slinfer.kube.publisher import NodeIdentity, NodePublisher, PublishedEngine
 from tests.fakes.kube import FakeKubeAPI
 
 NS = "slinfer"

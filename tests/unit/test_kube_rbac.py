@@ -7,9 +7,11 @@ from pathlib import Path
 
 import yaml
 
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
-from slinfer.controller.kubesync import GatewayEndpoint, KubeSync, LeaderElection
-from slinfer.kubeapi import KINDS, NODE_LEASE_NAMESPACE
+from slinfer.kube.api import KINDS, NODE_LEASE_NAMESPACE
+from slinfer.kube.leader import LeaderElection
+from slinfer.kube.objects import GatewayEndpoint
+from slinfer.kube.publisher import NodeIdentity, NodePublisher, PublishedEngine
+from slinfer.kube.sync import KubeSync
 from tests.fakes.kube import Call, FakeKubeAPI
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """Request-level tests: the exact HTTP requests the official client sends for slinfer, against a recording
-server (PyPI kmock, see tests/kuberecorder.py), through `ClientKubeAPI` loaded from a kubeconfig file."""
+server (PyPI kmock, see tests/fakes/kuberecorder.py), through `ClientKubeAPI` loaded from a kubeconfig file."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from slinfer import kubelabels as kl
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
 from slinfer.config import KubernetesConfig
-from slinfer.controller.kubesync import GATEWAY_SERVICE, LEADER_LEASE, GatewayEndpoint, KubeSync, LeaderElection
-from slinfer.kubeapi import MERGE_PATCH, ClientKubeAPI, Rejected, Unavailable, micro_time
-from tests.kuberecorder import Recorder, recording_api_server, write_kubeconfig
+from slinfer.kube import labels as kl
+from slinfer.kube.api import MERGE_PATCH, ClientKubeAPI, Rejected, Unavailable, micro_time
+from slinfer.kube.leader import LEADER_LEASE, LeaderElection
+from slinfer.kube.objects import GATEWAY_SERVICE, GatewayEndpoint
+from slinfer.kube.publisher import NodeIdentity, NodePublisher, PublishedEngine
+from slinfer.kube.sync import KubeSync
+from tests.fakes.kuberecorder import Recorder, recording_api_server, write_kubeconfig
 
 NS = "slinfer"
 NODE = "slinfer-gpu01"

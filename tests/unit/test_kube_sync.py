@@ -7,15 +7,18 @@ are what the controller's Services select and what its garbage collection recogn
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from slinfer import kubelabels as kl
-from slinfer.agent.kubernetes import NodeIdentity, NodePublisher, PublishedEngine
-from slinfer.controller.kubesync import GATEWAY_SERVICE, LEADER_LEASE, GatewayEndpoint, KubeSync, LeaderElection
-from slinfer.kubeapi import NODE_LEASE_NAMESPACE, micro_time
+from slinfer.kube import labels as kl
+from slinfer.kube.api import NODE_LEASE_NAMESPACE, micro_time
+from slinfer.kube.leader import LEADER_LEASE, LeaderElection
+from slinfer.kube.objects import GATEWAY_SERVICE, GatewayEndpoint
+from slinfer.kube.publisher import NodeIdentity, NodePublisher, PublishedEngine
+from slinfer.kube.sync import KubeSync
 from tests.fakes.kube import FakeKubeAPI, matches
 
 NS = "slinfer"
@@ -45,11 +48,13 @@ class Slurm:
     def __init__(self) -> None:
         self.list: list[Job] = []
         self.error: Exception | None = None
+        self.asked: list[list[str]] = []
 
-    async def jobs(self) -> list[Job]:
+    async def jobs_by_id(self, job_ids: Sequence[str]) -> list[Job]:
+        self.asked.append(list(job_ids))
         if self.error is not None:
             raise self.error
-        return list(self.list)
+        return [j for j in self.list if j.job_id in job_ids]
 
 
 class Registry:
@@ -231,6 +236,8 @@ async def test_pods_of_ended_jobs_go_then_the_idle_node(api: FakeKubeAPI, clock:
     clock.now = start + 30
     await renew_only(api, clock)
     await ks.step()
+    # Slurm is asked only about the Pods' jobs whose engine no agent reports, never the whole queue.
+    assert slurm.asked[-1] == ["2"]
     assert api.stored("Pod", kl.pod_name("slinfer-gpu01", "1"), NS) is not None
     registry.engines = {}
     await ks.step()

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from slinfer import cli
+from slinfer.cli import main as cli
 from slinfer.config import GatewayConfig, ModelConfig
 from slinfer.controller.admin import AdminService
 from slinfer.controller.balancer import Balancer

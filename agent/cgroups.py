@@ -1,0 +1,176 @@
+"""Puts a job's engine into the job's own cgroups, those of its extern step.
+
+Responsible for: finding, for a job, the cgroups that Slurm gave its extern step (`PrologFlags=Contain`) on this
+node, on cgroup v1 and v2 alike, and moving an engine's process tree into them, so that the job's memory, core
+and device limits bind the engine, Slurm accounts for it, and Slurm's own cleanup kills it even when the agent
+is gone. Not responsible for: creating or limiting cgroups (Slurm does), starting or stopping engines.
+
+Where the extern step's cgroups are is release- and layout-specific (v1 `slurm/uid_U/job_J/step_extern` or
+`slurm_NODE/...`, v2 under `slurmstepd.scope`, with or without systemd), so they are not guessed: the extern
+step's own task (the `sleep` that `slurmstepd: [J.extern]` keeps) is in exactly the cgroups we want, and
+`/proc/PID/cgroup` names them, one line per hierarchy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+# Slurm starts a job's extern step only after its prolog, from which the engine was started: measured on the
+# bed, about 0.4 s after the prolog returns; a loaded node takes longer.
+EXTERN_STEP_WAIT_S = 30.0
+# How often to look for it meanwhile: a fifth of a second of an engine outside its job's limits at most.
+EXTERN_STEP_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """One line of /proc/PID/cgroup joined to where that hierarchy is mounted."""
+
+    mountpoint: Path
+    path: str  # relative to the hierarchy's root, as /proc/PID/cgroup gives it
+
+    @property
+    def directory(self) -> Path:
+        return self.mountpoint / self.path.lstrip("/")
+
+
+# The controllers a v1 hierarchy can carry; its mount options name them among the ordinary mount flags.
+V1_CONTROLLERS = frozenset({"blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "hugetlb", "memory", "misc",
+                            "net_cls", "net_prio", "perf_event", "pids", "rdma"})
+
+
+def _key(controllers: Iterable[str]) -> str:
+    names = list(controllers)
+    named = [n for n in names if n.startswith("name=")]
+    return named[0] if named else ",".join(sorted(n for n in names if n in V1_CONTROLLERS))
+
+
+def mounts(mounts_text: str) -> dict[str, Path]:
+    """Maps each hierarchy's key as /proc/PID/cgroup spells it ("memory", "cpu,cpuacct", "name=systemd", "" for
+    v2) to its mountpoint, from the text of /proc/self/mounts."""
+    found: dict[str, Path] = {}
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        mountpoint, fstype, options = parts[1], parts[2], parts[3].split(",")
+        if fstype == "cgroup2":
+            found.setdefault("", Path(mountpoint))
+        elif fstype == "cgroup" and (key := _key(options)):
+            found.setdefault(key, Path(mountpoint))
+    return found
+
+
+def hierarchies(proc_cgroup_text: str, mounted: dict[str, Path]) -> list[Hierarchy]:
+    """The cgroups of a process, from the text of its /proc/PID/cgroup, where their hierarchy is mounted."""
+    result = []
+    for line in proc_cgroup_text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, path = parts[1], parts[2]
+        mountpoint = mounted.get(_key(controllers.split(",")) if controllers else "")
+        if mountpoint is not None:
+            result.append(Hierarchy(mountpoint, path))
+    return result
+
+
+def is_job_cgroup(hierarchy: Hierarchy, job_id: str) -> bool:
+    return f"/job_{job_id}/" in f"{hierarchy.path}/"
+
+
+class JobCgroups:
+    """Finds a job's extern step on this node and moves process trees into its cgroups."""
+
+    def __init__(self, node_name: str, proc: Path = Path("/proc")) -> None:
+        self.node_name = node_name
+        self.proc = proc
+
+    def extern_task(self, job_id: str) -> int:
+        """The pid of the extern step's task of this job on this node, or 0 when there is none (no Contain)."""
+        wanted = f"slurmstepd: [{job_id}.extern]"
+        candidates = []
+        for stepd in psutil.process_iter(["cmdline"]):
+            # slurmstepd rewrites its argv[0] with spaces in it, which /proc may give back split or whole.
+            if " ".join(stepd.info["cmdline"] or []) != wanted:
+                continue
+            try:
+                candidates.extend(child.pid for child in stepd.children())
+            except psutil.Error:
+                continue
+        if len(candidates) > 1:
+            # Several slurmd on one host (the multi-node bed): v1 paths carry the node's name.
+            mine = [pid for pid in candidates if f"slurm_{self.node_name}/" in self._read(pid)]
+            candidates = mine or candidates
+        return candidates[0] if candidates else 0
+
+    def _read(self, pid: int) -> str:
+        try:
+            return (self.proc / str(pid) / "cgroup").read_text()
+        except OSError:
+            return ""
+
+    def of_job(self, job_id: str) -> list[Hierarchy]:
+        """The extern step's cgroups, each named by the job; empty when the job has none on this node (yet)."""
+        task = self.extern_task(job_id)
+        if not task:
+            return []
+        mounted = mounts((self.proc / "self" / "mounts").read_text())
+        return [h for h in hierarchies(self._read(task), mounted) if is_job_cgroup(h, job_id)]
+
+    async def wait_for_job(self, job_id: str, wait_s: float = EXTERN_STEP_WAIT_S) -> list[Hierarchy]:
+        """of_job, polled until the extern step exists or wait_s passed; cancellable (no thread sleeps)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            targets = await asyncio.to_thread(self.of_job, job_id)
+            if targets or time.monotonic() >= deadline:
+                return targets
+            await asyncio.sleep(EXTERN_STEP_POLL_S)
+
+    def move(self, pids: Iterable[int], targets: list[Hierarchy]) -> None:
+        """Writes each pid into every target's cgroup.procs (a process moves with its threads)."""
+        for pid in pids:
+            for target in targets:
+                (target.directory / "cgroup.procs").write_text(f"{pid}\n")
+
+    def contain(self, job_id: str, root_pid: int, targets: list[Hierarchy]) -> list[Hierarchy]:
+        """Moves root_pid and its descendants into the job's extern cgroups `targets`; returns them.
+        Raises OSError when a move is refused."""
+        if not targets:
+            return []
+        began = time.monotonic()
+        self.move([root_pid], targets)
+        # Children forked before the move stayed behind; those forked after it are born inside.
+        try:
+            descendants = [child.pid for child in psutil.Process(root_pid).children(recursive=True)]
+        except psutil.Error:
+            descendants = []
+        self.move(descendants, targets)
+        log.info("job %s: engine pid %d (+%d children) moved into %d cgroups of its extern step (%s) in %.1f ms",
+                 job_id, root_pid, len(descendants), len(targets), targets[0].path,
+                 (time.monotonic() - began) * 1000)
+        return targets
+
+    def oom_kills(self, targets: list[Hierarchy]) -> int:
+        """How many processes the kernel has killed for the memory limit of these cgroups (v1 memory.oom_control,
+        v2 memory.events); 0 where neither is readable."""
+        for target in targets:
+            for name in ("memory.events", "memory.oom_control"):
+                try:
+                    text = (target.directory / name).read_text()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and value.strip().isdigit():
+                        return int(value)
+        return 0

@@ -1,0 +1,94 @@
+"""Token counts of the Responses API (`/v1/responses`) for the usage ledger.
+
+Responsible for: `ResponsesMeter`, the `Meter` of a Responses answer. A JSON answer carries
+`usage.input_tokens` / `usage.output_tokens`; a streamed one is a series of typed SSE events
+(`event: response.output_text.delta`, ...) whose final `response.completed` (or `response.incomplete` /
+`response.failed`) event carries the same `usage` inside its `response`. Until that event arrives, each
+`response.output_text.delta` counts one completion token, and the request is `estimated`, as for chat.
+Not responsible for: the chat and completions shapes (usage.Meter), or summing and storing counts (the ledger).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from slinfer.controller.usage import MAX_EVENT_BYTES, Meter
+
+# The events that end a Responses stream and carry the whole response, usage included.
+FINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+# The event of one piece of generated text: the estimate's unit when no final event arrives.
+DELTA_EVENT = b"response.output_text.delta"
+
+
+class _Tokens(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+class _Response(msgspec.Struct):
+    usage: _Tokens | None = None
+
+
+class _Document(msgspec.Struct):
+    """A Responses JSON answer (`usage` at the top) or a final event's data (`usage` inside `response`)."""
+
+    usage: _Tokens | None = None
+    response: _Response | None = None
+
+
+_decode = msgspec.json.Decoder(_Document).decode
+
+
+def usage_of(data: bytes) -> tuple[int, int] | None:
+    """(input tokens, output tokens) of a Responses answer or final event's data; None without them."""
+    try:
+        doc = _decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    usage = doc.usage if doc.usage is not None else (doc.response.usage if doc.response is not None else None)
+    if usage is None or (usage.input_tokens is None and usage.output_tokens is None):
+        return None
+    return usage.input_tokens or 0, usage.output_tokens or 0
+
+
+class ResponsesMeter(Meter):
+    """A Meter that reads the Responses API's usage shape and typed stream events."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rest = b""
+
+    def feed_body(self, body: bytes) -> None:
+        counts = usage_of(body)
+        if counts is not None:
+            self.prompt_tokens, self.completion_tokens = counts
+            self.reported = True
+
+    def feed_chunk(self, chunk: bytes) -> None:
+        data = self._rest + chunk if self._rest else chunk
+        events = data.split(b"\n\n")
+        self._rest = events.pop()
+        if len(self._rest) > MAX_EVENT_BYTES:
+            self._rest = b""
+        for event in events:
+            self._event(event)
+
+    def _event(self, event: bytes) -> None:
+        kind = b""
+        payload = b""
+        for line in event.split(b"\n"):
+            if line.startswith(b"event:"):
+                kind = line[6:].strip()
+            elif line.startswith(b"data:"):
+                payload = line[5:]
+        if kind in FINAL_EVENTS:
+            counts = usage_of(payload)
+            if counts is not None:
+                self.prompt_tokens, self.completion_tokens = counts
+                self.reported = True
+                self.estimated = False
+        elif kind == DELTA_EVENT and not self.reported:
+            self.completion_tokens += 1
+            self.estimated = True

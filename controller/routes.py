@@ -1,0 +1,55 @@
+"""The gateway's route table: every OpenAI (and vLLM) path a client may call, next to the engine path it goes to.
+
+Responsible for: the one list of proxied routes (client path, engine path, metric label, which body field
+carries the prompt for prefix affinity, which Meter reads the answer's usage) and the sentence that names them in a 404.
+Not responsible for: serving the routes (gateway.py), or the gateway's own routes (/v1/models, /healthz,
+/metrics), which the gateway answers itself and which are named here only for the 404's sake.
+
+Every proxied route shares one path through the gateway: the client's key, the key's limits, the usage
+ledger, the wait for a replica, retries before the first byte and OpenAI-shaped errors. A route of the table
+that a model's engine lacks (vLLM serves no embeddings for a generative model) answers an OpenAI-shaped 404
+naming the routes that engine serves (gateway.py, with modelstatus.py's reading of the engine's schema).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slinfer.controller.responses_usage import ResponsesMeter
+from slinfer.controller.usage import Meter
+
+
+@dataclass(frozen=True)
+class Route:
+    """One proxied POST route."""
+
+    path: str  # what the client calls on the gateway
+    engine_path: str  # what the gateway calls on the engine (vLLM's OpenAI server)
+    endpoint: str  # the `endpoint` label of the gateway's metrics
+    prompt_field: str  # the body field whose first bytes decide prefix affinity ("" for none)
+    meter: type[Meter] = Meter  # reads the answer's token counts for the usage ledger
+
+
+# The table: one glance shows what the gateway serves and where each request lands on the engine.
+ROUTES: tuple[Route, ...] = (
+    Route("/v1/chat/completions", "/v1/chat/completions", "chat", "messages"),
+    Route("/v1/completions", "/v1/completions", "completions", "prompt"),
+    Route("/v1/responses", "/v1/responses", "responses", "input", ResponsesMeter),
+    Route("/v1/embeddings", "/v1/embeddings", "embeddings", "input"),
+    Route("/tokenize", "/tokenize", "tokenize", ""),
+    Route("/detokenize", "/detokenize", "detokenize", ""),
+)
+
+BY_PATH: dict[str, Route] = {r.path: r for r in ROUTES}
+
+# The gateway's own routes, answered without an engine.
+OWN_ROUTES: tuple[str, ...] = ("GET /v1/models", "GET /healthz", "GET /metrics")
+
+
+def served() -> list[str]:
+    """Every route the gateway answers, as "METHOD PATH"."""
+    return [f"POST {r.path}" for r in ROUTES] + list(OWN_ROUTES)
+
+
+def not_served_message(method: str, path: str) -> str:
+    return f"No route {method} {path[:200]}; served: {', '.join(served())}"

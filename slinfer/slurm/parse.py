@@ -1,0 +1,112 @@
+"""Parsers of what Slurm's text clients print, the same on 22.05, 24.11 and 26.05.
+
+Responsible for: squeue lines in slinfer's own `--format` (SQUEUE_FORMAT), `scontrol -o show job|node` records,
+`sinfo -V` / `slurmctld -V` versions, and times (unix seconds under SLURM_TIME_FORMAT=%s, or ISO local time).
+Text output is used rather than `--json`: its shape has not changed across these releases and its filters are
+honoured on every one (22.05's `--json` ignores them), while the JSON schema changed in every release.
+Not responsible for: running the commands (runner.py) or choosing their filters (queries.py).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from slinfer.slurm.jobs import Job
+from slinfer.slurm.states import JobState
+
+# Fields are separated by the ASCII unit separator, which no job name or comment a user types contains; the
+# free-text fields (name, comment) come last, so that even a separator inside them cannot shift the others.
+SEP = "\x1f"
+# %i job id (array jobs as 12_3), %T state, %u user, %U uid, %B batch host, %N node list, %V submit, %S start,
+# %e end (time limit's end while running), %r reason, %j name, %k comment.
+SQUEUE_FIELDS = ("%i", "%T", "%u", "%U", "%B", "%N", "%V", "%S", "%e", "%r", "%j", "%k")
+SQUEUE_FORMAT = SEP.join(SQUEUE_FIELDS)
+# A key of an `scontrol -o` record: capitalised, so that "model=tiny" inside a comment is not taken for one.
+_KEY = re.compile(r"(?:^|(?<=\s))([A-Z][A-Za-z0-9_:/.]*)=")
+_VERSION = re.compile(r"\b(\d+)\.(\d+)\.(\d+)\b")
+# What the clients print for a time that is not set.
+_NO_TIME = frozenset({"", "N/A", "NONE", "UNKNOWN", "0"})
+
+
+def seconds(value: str) -> float:
+    """A time as squeue or scontrol prints it: unix seconds (SLURM_TIME_FORMAT=%s) or ISO local time."""
+    value = value.strip()
+    if value.upper() in _NO_TIME:
+        return 0.0
+    if value.isdigit():
+        return float(value)
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _host(value: str) -> str:
+    return "" if value.strip().lower() in ("", "n/a", "(null)", "none") else value.strip()
+
+
+def squeue(out: str) -> list[Job]:
+    """The jobs in `squeue --noheader --format=SQUEUE_FORMAT` output."""
+    jobs = []
+    n = len(SQUEUE_FIELDS)
+    for line in out.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split(SEP, n - 1)
+        if len(parts) != n:
+            raise ValueError(f"squeue line has {len(parts)} fields, not {n}: {line!r}")
+        job_id, state, user, uid, batch, nodes, submit, start, end, reason, name, comment = parts
+        parsed = JobState.parse(state)
+        jobs.append(Job(job_id=job_id.strip(), name=name, comment="" if comment == "(null)" else comment,
+                        state=parsed.name, node=_host(batch) or _host(nodes),
+                        submit_time=seconds(submit), start_time=seconds(start) if not parsed.waiting else 0.0,
+                        end_time=seconds(end) if not parsed.waiting else 0.0,
+                        reason="" if reason.strip() == "None" else reason.strip(), user=user.strip(),
+                        uid=int(uid) if uid.strip().isdigit() else -1, nodes=_host(nodes)))
+    return jobs
+
+
+def record(line: str) -> dict[str, str]:
+    """One `scontrol -o show ...` record as {key: value}; values may hold spaces."""
+    fields: dict[str, str] = {}
+    matches = list(_KEY.finditer(line))
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(line)
+        fields[m.group(1)] = line[m.end():end].strip()
+    return fields
+
+
+def scontrol_jobs(out: str) -> list[Job]:
+    """The jobs in `scontrol -o show job [ID]` output (one record a line)."""
+    jobs = []
+    for line in out.splitlines():
+        f = record(line)
+        if "JobId" not in f:
+            continue
+        parsed = JobState.parse(f.get("JobState", ""))
+        owner = re.match(r"([^()]*)\((\d+)\)", f.get("UserId", ""))
+        job_id = f["JobId"]
+        if f.get("ArrayJobId") and f.get("ArrayTaskId"):
+            job_id = f"{f['ArrayJobId']}_{f['ArrayTaskId']}"
+        jobs.append(Job(job_id=job_id, name=f.get("JobName", ""),
+                        comment="" if f.get("Comment", "(null)") == "(null)" else f.get("Comment", ""),
+                        state=parsed.name, node=_host(f.get("BatchHost", "")),
+                        submit_time=seconds(f.get("SubmitTime", "")),
+                        start_time=0.0 if parsed.waiting else seconds(f.get("StartTime", "")),
+                        end_time=0.0 if parsed.waiting else seconds(f.get("EndTime", "")),
+                        reason="" if f.get("Reason", "None") == "None" else f.get("Reason", ""),
+                        user=owner.group(1) if owner else "", uid=int(owner.group(2)) if owner else -1,
+                        nodes=_host(f.get("NodeList", ""))))
+    return jobs
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in a node's Gres= (gpu:4, gpu:a100:2(S:0-1), ...)."""
+    return sum(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def release(version_text: str) -> str:
+    """`slurm 22.05.8` or `slurm-wlm 26.05.5` -> "22.05"; empty when there is no version."""
+    m = _VERSION.search(version_text)
+    return f"{m.group(1)}.{m.group(2)}" if m else ""

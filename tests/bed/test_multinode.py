@@ -1,0 +1,237 @@
+"""A bed of two compute nodes, each a slurmd and an agent in network, UTS and mount namespaces of its own on a
+bridge (`slinfer dev-cluster up --nodes 2`): the controller's replicas land on both nodes and the head's gateway
+serves from both; a node taken off the network stops being routed to within agent_timeout_s, only requests in
+flight there fail, replacement capacity gets READY on the other node, and the bed goes down leaving nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from slinfer.config import load as load_config
+from slinfer.dev import devcluster
+from tests.bed.test_controller import MODEL, Load, _wait
+from tests.conftest import TEST_PORT_BASE, TEST_STATE
+from tests.fakes.slurmbed import SlurmBed, engine_pids
+
+pytestmark = pytest.mark.bed
+
+# Its own bed beside the session's one-node bed: head ports base+100.., node subnet and job ids of its own.
+MULTI_STATE = Path(f"{TEST_STATE}-multi")
+MULTI_PORT_BASE = TEST_PORT_BASE + 100
+NODES = 2
+# How long the gateway may keep routing to a node whose agent fell silent: the registry drops its engines once
+# the last report is agent_timeout_s old; one more second covers the agent's report interval and our polling.
+ROUTING_SLACK_S = 1.0
+# A request stuck on the lost node gives up after this; requests on a live engine take well under a second.
+CLIENT_TIMEOUT_S = 20.0
+
+
+@pytest.fixture(scope="module")
+def multi() -> Iterator[SlurmBed]:
+    bed = devcluster.Bed(MULTI_STATE, MULTI_PORT_BASE, nodes=NODES)
+    devcluster.down(bed)
+    shutil.rmtree(MULTI_STATE, ignore_errors=True)
+    devcluster.up(bed)
+    jobs_dir = MULTI_STATE / "job-output"
+    jobs_dir.mkdir()
+    jobs_dir.chmod(0o1777)
+    try:
+        yield SlurmBed(bed, jobs_dir)
+    finally:
+        net = bed.network
+        assert net is not None
+        if net.left():  # a test that took a node off the network and failed before it went down
+            for i in net.indexes:
+                net.set_link(i, True)
+        left = devcluster.down(bed)
+        assert not left, f"dev-cluster down left processes {left}"
+        assert not net.left(), f"dev-cluster down left {net.left()}"
+
+
+def _gateway_metrics(bed: SlurmBed) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{bed.bed.gateway_port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def _replicas_in(bed: SlurmBed, state: str) -> int:
+    found = re.search(rf'^slinfer_replicas\{{model="{MODEL}",state="{state}"\}} (\S+)$', _gateway_metrics(bed),
+                      re.MULTILINE)
+    return int(float(found.group(1))) if found else 0
+
+
+def _jobs(bed: SlurmBed) -> dict[str, tuple[str, str]]:
+    """The controller's live jobs: id -> (state, node)."""
+    out = bed.run("squeue", "-h", "-o", "%i %j %T %N").stdout
+    return {p[0]: (p[2], p[3] if len(p) > 3 else "") for p in (line.split() for line in out.splitlines())
+            if len(p) >= 3 and p[1] == f"slinfer-{MODEL}"}
+
+
+def _engine_env(bed: SlurmBed, job_id: str, node: str) -> dict[str, str]:
+    path = bed.bed.node_run_dir(node) / "jobs" / f"{job_id}.env"
+    if not path.exists():
+        return {}
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def _engine_counts(bed: SlurmBed, node: str, base_url: str) -> float:
+    """Requests an engine has received (finished + running + waiting), from its own /metrics, read inside the
+    node's network namespace, so it answers while the node is off the bridge."""
+    net = bed.bed.network
+    assert net is not None
+    fetch = ("import sys, urllib.request; "
+             "sys.stdout.write(urllib.request.urlopen(sys.argv[1] + '/metrics', timeout=5).read().decode())")
+    ns = f"--net=/run/netns/{net.namespace(bed.bed.node_index(node))}"
+    base = base_url.removesuffix("/v1")
+    text = subprocess.run(["nsenter", ns, "--", sys.executable, "-c", fetch, base], capture_output=True,
+                          text=True, check=True, timeout=30).stdout
+    names = ("vllm:request_success_total", "vllm:num_requests_running", "vllm:num_requests_waiting")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(names))
+
+
+def _netns_inode(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def _ready_after_submit(bed: SlurmBed, job_id: str) -> float:
+    """The controller's own measure of sbatch -> READY for a job (its log line, from Slurm's submit time; the
+    autoscaler's next step writes it, a moment after the registry shows the replica READY)."""
+    found: list[re.Match[str]] = []
+
+    def logged() -> bool:
+        text = (bed.bed.logs / "controller.out").read_text(errors="replace")
+        found[:] = list(re.finditer(rf"job {job_id} READY (\S+)s after submit", text))
+        return bool(found)
+
+    _wait(f"the controller's READY line for job {job_id}", logged, 10, 0.2)
+    return float(found[0].group(1))
+
+
+def test_two_replicas_on_two_nodes_serve_through_the_head(multi: SlurmBed) -> None:
+    bed = multi.bed
+    net = bed.network
+    assert net is not None
+    # Each node is its own host: its slurmd runs in its namespace with its own host name and config.
+    for node in bed.node_names:
+        pid = devcluster.daemon_pid(bed, bed.daemon_name("slurmd", node))
+        assert pid and _netns_inode(pid) != _netns_inode(os.getpid())
+        host = subprocess.run(["nsenter", f"--uts=/proc/{pid}/ns/uts", "hostname"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert host == node
+        seen = subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", "cat", str(bed.config)],
+                              capture_output=True, text=True, check=True).stdout
+        assert f'node_name = "{node}"' in seen and f'address = "{bed.node_address(node)}"' in seen
+    # `slinfer doctor` on a node checks that node: its agent's socket, the controller over the bridge, its munge.
+    node = bed.node_names[1]
+    doctor = subprocess.run(devcluster.in_node(bed, node, [f"{sys.prefix}/bin/slinfer", "doctor", "--config",
+                                                           str(bed.config), "--skip", "engines"]),
+                            env=multi.env(), capture_output=True, text=True, timeout=120)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert f"{bed.node_run_dir(node)}/agent.sock" in doctor.stdout
+    assert f"controller: {bed.head_address}:{bed.controller_port} answers" in doctor.stdout, doctor.stdout
+    began = time.monotonic()
+    multi.admin("scale", MODEL, "2")
+    _wait("two READY replicas", lambda: _replicas_in(multi, "READY") == 2, 300)
+    jobs = _jobs(multi)
+    assert len(jobs) == 2, jobs
+    nodes = {node for _, node in jobs.values()}
+    assert nodes == set(bed.node_names), f"both replicas should spread over the nodes: {jobs}"
+    urls = {}
+    for job_id, (_, node) in jobs.items():
+        env = _engine_env(multi, job_id, node)
+        assert env["OPENAI_BASE_URL"].startswith(f"http://{bed.node_address(node)}:"), env
+        urls[job_id] = (node, env["OPENAI_BASE_URL"])
+        # The engine runs inside its node: the same network namespace as that node's slurmd.
+        pids = engine_pids(job_id, run_dir=bed.node_run_dir(node))
+        slurmd = devcluster.daemon_pid(bed, bed.daemon_name("slurmd", node))
+        assert pids and all(_netns_inode(p) == _netns_inode(slurmd) for p in pids), (job_id, node, pids)
+        print(f"\njob {job_id} on {node} ({bed.node_address(node)}): sbatch -> READY "
+              f"{_ready_after_submit(multi, job_id):.1f}s (controller's measure)")
+    print(f"scale 2 -> both READY in {time.monotonic() - began:.1f}s")
+
+    before = {job: _engine_counts(multi, node, url) for job, (node, url) in urls.items()}
+    load = Load(multi, concurrency=6, max_tokens=8).start()
+    time.sleep(8)
+    load.stop()
+    after = {job: _engine_counts(multi, node, url) for job, (node, url) in urls.items()}
+    served = {job: after[job] - before[job] for job in urls}
+    assert load.outcomes["ok"] > 10 and set(load.outcomes) == {"ok"}, (load.outcomes, load.errors[:3])
+    assert all(n > 0 for n in served.values()), f"the gateway should route to both nodes: {served}"
+    assert sum(served.values()) == load.outcomes["ok"], (served, load.outcomes)
+    print(f"{load.outcomes['ok']} requests through the head's gateway, per engine: "
+          + ", ".join(f"{urls[j][0]}={n:.0f}" for j, n in served.items()))
+
+
+def test_a_node_lost_to_the_network_is_routed_around_and_replaced(multi: SlurmBed) -> None:
+    bed = multi.bed
+    net = bed.network
+    assert net is not None
+    timeout_s = load_config(str(bed.config)).controller.agent_timeout_s
+    multi.admin("scale", MODEL, "2")  # as the test before does: this one must not depend on it having run
+    _wait("two READY replicas", lambda: _replicas_in(multi, "READY") == 2, 300)
+    jobs = _jobs(multi)
+    by_node = {node: job for job, (_, node) in jobs.items()}
+    # The second node goes: for the first seconds Slurm still counts it up (SlurmdTimeout), and between two
+    # equally loaded nodes LLN picks the first, so the controller's replacement lands on the survivor at once.
+    survivor, lost = bed.node_names
+    assert set(by_node) == {survivor, lost}, jobs
+    urls = {node: _engine_env(multi, job, node)["OPENAI_BASE_URL"] for node, job in by_node.items()}
+    before = {node: _engine_counts(multi, node, url) for node, url in urls.items()}
+
+    load = Load(multi, concurrency=6, max_tokens=8, timeout_s=CLIENT_TIMEOUT_S).start()
+    time.sleep(4)
+    t_loss = time.monotonic()
+    net.set_link(bed.node_index(lost), False)
+    _wait("the gateway to see the node lost", lambda: _replicas_in(multi, "LOST") >= 1, timeout_s + 30, 0.1)
+    t_stop = time.monotonic()
+    lost_received = _engine_counts(multi, lost, urls[lost]) - before[lost]
+    # The lost node's engine dies with it: the bed keeps at most two engines (each about 3 GB) on this machine.
+    for pid in engine_pids(by_node[lost], run_dir=bed.node_run_dir(lost)):
+        psutil.Process(pid).kill()
+
+    _wait("replacement capacity READY", lambda: _replicas_in(multi, "READY") >= 2, 300)
+    t_ready = time.monotonic()
+    replacement = {job: node for job, (state, node) in _jobs(multi).items()
+                   if job not in jobs and state == "RUNNING"}
+    # Every request stuck on the lost node has given up by then (the replacement mostly took longer already).
+    time.sleep(max(0.0, t_stop + CLIENT_TIMEOUT_S + 2 - time.monotonic()))
+    load.stop()
+    survivor_received = _engine_counts(multi, survivor, urls[survivor]) - before[survivor]
+    assert replacement and set(replacement.values()) == {survivor}, (replacement, _jobs(multi))
+    assert "drain" not in devcluster.node_state(bed, survivor) and "down" not in devcluster.node_state(bed, survivor)
+
+    failed = [(b, o) for b, _, o in load.log if o != "ok"]
+    ok = load.outcomes["ok"]
+    new_url = _engine_env(multi, *next(iter(replacement.items())))["OPENAI_BASE_URL"]
+    replacement_received = _engine_counts(multi, survivor, new_url)
+    # Requests the lost engine took in but whose answers never came back: the only ones allowed to fail.
+    delivered_by_lost = ok - survivor_received - replacement_received
+    undelivered = lost_received - delivered_by_lost
+    print(f"\nnode {lost} off the network: no routing there {t_stop - t_loss:.1f}s after the loss "
+          f"(agent_timeout_s {timeout_s:g}); replacement on {survivor} READY {t_ready - t_loss:.1f}s after; "
+          f"requests lost {len(failed)} of {len(load.log)} (in flight on {lost}: {undelivered:.0f})")
+    assert t_stop - t_loss <= timeout_s + ROUTING_SLACK_S
+    assert all(began < t_stop for began, _ in failed), f"a request started after routing stopped failed: {failed}"
+    assert len(failed) <= undelivered, (failed, load.errors[:3], lost_received, delivered_by_lost)
+    assert ok > 20
+
+    net.set_link(bed.node_index(lost), True)
+    left = devcluster.down(bed)
+    assert not left, f"dev-cluster down left processes {left}"
+    assert not net.left(), f"dev-cluster down left {net.left()}"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(MULTI_STATE) in " ".join(p.info["cmdline"] or [])]
+    # The lost node's slurmstepds outlive its slurmd, and nothing in their argv names the bed.
+    steps = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
+    outlived = [s for s in steps if s.startswith("slurmstepd") and any(f"[{j}." in s for j in {*jobs, *replacement})]
+    assert not outlived, f"slurmstepds of the bed's jobs outlived it: {outlived}"
+    assert devcluster.status(bed)["network"] == []

@@ -1,0 +1,69 @@
+"""The agent's cgroup path logic, on the texts that /proc gives on cgroup v1 (this machine), on a pure cgroup v2
+node and on a hybrid one: which hierarchy each line of /proc/PID/cgroup lives in, which of them are the job's,
+and the OOM counter of each version. The move itself runs on the bed (tests/bed/test_containment.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from slinfer.agent.cgroups import Hierarchy, JobCgroups, hierarchies, is_job_cgroup, mounts
+
+V1_MOUNTS = """\
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,nosuid,nodev,noexec,relatime,cpu,cpuacct 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0
+cgroup /sys/fs/cgroup/freezer cgroup rw,relatime,freezer 0 0
+cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,xattr,name=systemd 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0
+proc /proc proc rw,relatime 0 0
+"""
+V1_TASK = """\
+9:name=systemd:/
+6:freezer:/slurm_node1/uid_1001/job_42/step_extern
+4:memory:/slurm_node1/uid_1001/job_42/step_extern/task_0
+2:cpu,cpuacct:/slurm_node1/uid_1001/job_42/step_extern/task_0
+0::/
+"""
+V2_MOUNTS = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate,memory_recursiveprot 0 0\n"
+V2_TASK = "0::/system.slice/slurmstepd.scope/job_42/step_extern/user/task_special\n"
+
+
+def test_v1_lines_join_their_mounts_and_only_the_jobs_cgroups_are_targets() -> None:
+    found = hierarchies(V1_TASK, mounts(V1_MOUNTS))
+    by_dir = {str(h.directory) for h in found if is_job_cgroup(h, "42")}
+    assert by_dir == {
+        "/sys/fs/cgroup/freezer/slurm_node1/uid_1001/job_42/step_extern",
+        "/sys/fs/cgroup/memory/slurm_node1/uid_1001/job_42/step_extern/task_0",
+        "/sys/fs/cgroup/cpu,cpuacct/slurm_node1/uid_1001/job_42/step_extern/task_0",
+    }
+    # The root cgroups (systemd, the v2 tree at /) are not the job's; job 4 is not job 42's prefix.
+    assert not any(is_job_cgroup(h, "4") for h in found)
+
+
+def test_v2_the_job_is_one_leaf_of_the_unified_tree() -> None:
+    found = hierarchies(V2_TASK, mounts(V2_MOUNTS))
+    assert [str(h.directory) for h in found if is_job_cgroup(h, "42")] == [
+        "/sys/fs/cgroup/system.slice/slurmstepd.scope/job_42/step_extern/user/task_special"]
+
+
+def test_a_hierarchy_that_is_not_mounted_is_skipped() -> None:
+    assert hierarchies("5:devices:/slurm/uid_0/job_7/step_extern\n", mounts(V1_MOUNTS)) == []
+
+
+def test_oom_kills_are_read_from_either_version(tmp_path: Path) -> None:
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    v1.mkdir()
+    v2.mkdir()
+    (v1 / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    (v2 / "memory.events").write_text("low 0\nhigh 0\nmax 5\noom 2\noom_kill 2\n")
+    cgroups = JobCgroups("node1")
+    assert cgroups.oom_kills([Hierarchy(tmp_path, "/v1")]) == 3
+    assert cgroups.oom_kills([Hierarchy(tmp_path, "/v2")]) == 2
+    assert cgroups.oom_kills([Hierarchy(tmp_path, "/none")]) == 0
+
+
+def test_a_job_without_an_extern_step_has_no_cgroups_to_join() -> None:
+    # No `slurmstepd: [999999999.extern]` runs here, so there is nothing to contain the engine in.
+    assert JobCgroups("node1").of_job("999999999") == []
+    assert asyncio.run(JobCgroups("node1").wait_for_job("999999999", wait_s=0.3)) == []

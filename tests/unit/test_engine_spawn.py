@@ -1,0 +1,90 @@
+"""A job's engine that cannot be started is that job's failure: the real EngineManager answers FAILED with the
+reason instead of raising (which gRPC turned into UNKNOWN, the hook into exit 1, and Slurm into a drained node).
+Each case forces its fault: an engine command that does not exist, one that is not executable, and a crash of
+the restarted engine's spawn."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from slinfer.agent.engines import EngineManager
+from slinfer.agent.gpu import Gpus
+from slinfer.agent.records import RecordStore
+from slinfer.config import AgentConfig, Config, ModelConfig
+from slinfer.v1 import engine_pb2 as pb
+
+
+def _job(job_id: str) -> pb.JobSpec:
+    return pb.JobSpec(job_id=job_id, model="m", uid=os.getuid(), gid=os.getgid(), user="", gpus=["0"])
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def _manager(tmp_path: Path, http: aiohttp.ClientSession, command: list[str]) -> EngineManager:
+    agent = AgentConfig(address="127.0.0.1", engine_command=command, run_dir=str(tmp_path / "run"),
+                        health_interval_s=0.05)
+    config = Config(agent=agent, models=[ModelConfig(name="m", source="/x", gpus=1)])
+    return EngineManager(config, RecordStore(tmp_path / "run" / "engines"), http, Gpus())
+
+
+async def test_a_missing_engine_binary_fails_the_job_with_the_reason(tmp_path: Path,
+                                                                     http: aiohttp.ClientSession) -> None:
+    missing = tmp_path / "no-such-python"
+    manager = _manager(tmp_path, http, [str(missing), "-m", "vllm"])
+    engine = await manager.start(_job("101"))
+    assert engine.state == pb.FAILED
+    assert "engine could not be started" in engine.reason and str(missing) in engine.reason
+    assert manager.engines() == [], "a failed spawn must leave no engine behind to supervise"
+
+
+async def test_an_engine_python_the_user_may_not_execute_fails_the_job(tmp_path: Path,
+                                                                       http: aiohttp.ClientSession) -> None:
+    # Mode 0644: not executable by anyone, root included (exec needs an x bit), as the bed's venv interpreter
+    # under /root was for an unprivileged job user.
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexit 0\n")
+    python.chmod(0o644)
+    manager = _manager(tmp_path, http, [str(python)])
+    engine = await manager.start(_job("102"))
+    assert engine.state == pb.FAILED
+    assert "Permission denied" in engine.reason, engine.reason
+    # The job can be stopped cleanly afterwards, as its epilog will.
+    result = await manager.stop("102")
+    assert result.clean
+
+
+async def test_a_restart_that_cannot_spawn_fails_the_engine(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # The first start works (an engine that exits at once); the restart finds the command gone.
+    script, started = tmp_path / "engine", tmp_path / "started"
+    # The shell holds the script open once it has written the marker, so removing the file then cannot
+    # change how this first run ends; only the restart finds it gone.
+    script.write_text(f"#!/bin/sh\ntouch {started}\nsleep 0.2\nexit 3\n")
+    script.chmod(0o755)
+    manager = _manager(tmp_path, http, [str(script)])
+    engine = await manager.start(_job("103"))
+    assert engine.state == pb.STARTING
+    for _ in range(200):
+        if started.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert started.exists(), "the first engine never ran"
+    script.unlink()
+    for _ in range(200):
+        states = {e.job_id: e for e in manager.engines()}
+        if states["103"].state == pb.FAILED:
+            break
+        await asyncio.sleep(0.05)
+    failed = {e.job_id: e for e in manager.engines()}["103"]
+    assert failed.state == pb.FAILED
+    assert "exited with code 3" in failed.reason and "restart failed" in failed.reason, failed.reason
+    await manager.close()
