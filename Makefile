@@ -28,6 +28,7 @@ RELEASE_SELECT ?= not burst and not restart and not streaming and not agent_kill
 
 slurm:
 	@test -n "$(SLURM_RELEASE)" || { echo "make slurm: set SLURM_RELEASE=24.11 or 26.05"; exit 2; }
+	$(MAKE) system-deps APT_PACKAGES=debootstrap
 	packaging/slurm-root.sh $(SLURM_RELEASE) $(SLURM_ROOT)
 	$(MAKE) -C spank SLURM_ROOT=$(SLURM_ROOT) PYTHON=$(abspath $(PY)) check
 

@@ -96,7 +96,18 @@ class SlurmBed:
             if state == "idle":
                 return state
             time.sleep(0.5)
+        # The caller asserts on the state; what Slurm holds on the node says why it is not idle.
+        print(f"node still {state!r} after {timeout:.0f}s:\n{self.node_story()}", file=sys.stderr)
         return state
+
+    def node_story(self) -> str:
+        """Slurm's own account of the node and of every job it still knows, for a failure's message."""
+        parts = []
+        for argv in (("scontrol", "show", "node"), ("squeue", "--all", "--states=all", "--format=%i %u %T %r %M %N"),
+                     ("scontrol", "show", "job", "--details")):
+            done = self.run(*argv, check=False)
+            parts.append(f"$ {' '.join(argv)}\n{done.stdout}{done.stderr}")
+        return "\n".join(parts)
 
     def node_reason(self) -> str:
         return Runner(env=self.env()).get(queries.node_reason(devcluster.NODE_NAME))
