@@ -39,6 +39,9 @@ COMMENT_MARK = "slinfer:autoscaler"
 DEFAULT_START_LATENCY_S = 300.0
 # Margin on the slowest recent start: queue waits vary more than engine load times.
 LEAD_FACTOR = 1.5
+# ... and at least this many seconds of it: a warm start's 4 s doubled in one busy moment on the bed (4.4 s, then
+# 8.8 s), which half of 4 s of margin cannot absorb; a second's queue wait alone is a quarter of it.
+MIN_START_MARGIN_S = 15.0
 # Requests still running when Slurm kills a job at its limit fail; drain at the latest this long before it.
 FINAL_DRAIN_S = 30.0
 # A job sbatch accepted but squeue does not list yet counts as pending for this long.
@@ -222,12 +225,15 @@ class Autoscaler:
 
     def lead_time(self, model: str) -> float:
         """How long before a job's time limit its replacement is submitted: the slowest recent start with its
-        margin, plus the final drain (an expiring replica is drained FINAL_DRAIN_S before its limit whether or
-        not the replacement is READY, so the replacement must be READY by then), plus two steps of lag."""
+        margin (LEAD_FACTOR of it, MIN_START_MARGIN_S at least), plus the final drain (an expiring replica is
+        drained FINAL_DRAIN_S before its limit whether or not the replacement is READY, so the replacement must be
+        READY by then), plus two steps of lag."""
         m = self._models[model]
         if not m.latencies:
             return DEFAULT_START_LATENCY_S
-        return max(m.latencies) * LEAD_FACTOR + FINAL_DRAIN_S + 2 * self._interval
+        slowest = max(m.latencies)
+        margin = max(slowest * (LEAD_FACTOR - 1), MIN_START_MARGIN_S)
+        return slowest + margin + FINAL_DRAIN_S + 2 * self._interval
 
     # ---- loop ---------------------------------------------------------------------------------------
     async def run(self, interval: float) -> None:

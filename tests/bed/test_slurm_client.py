@@ -93,7 +93,9 @@ async def test_batch_script_runs_job_command(cleanup: list[str], tmp_path: Path)
 async def test_running_and_pending_jobs_then_cancel(cleanup: list[str], slurm_bed: SlurmBed) -> None:
     slurm = client(job_command=["sleep", "60"])
     # A plain job takes all four GPUs (no --inference, so no engine); ours must wait for it.
-    blocker = slurm_bed.sbatch("--gres=gpu:4", "--time=2", "--job-name=blocker", script="sleep 120")
+    # Submitted as the controller's own user: its client lists only that user's jobs.
+    blocker = slurm_bed.sbatch("--gres=gpu:4", "--time=2", "--job-name=blocker", script="sleep 120",
+                               user="root")
     cleanup.append(blocker)
     running = await wait_state(slurm, blocker, {"RUNNING"})
     assert running.active and running.node == "slinfer-dev"

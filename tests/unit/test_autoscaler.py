@@ -13,7 +13,13 @@ from dataclasses import replace
 import pytest
 
 from slinfer.config import ModelConfig
-from slinfer.controller.autoscaler import COMMENT_MARK, DEFAULT_START_LATENCY_S, FINAL_DRAIN_S, Autoscaler
+from slinfer.controller.autoscaler import (
+    COMMENT_MARK,
+    DEFAULT_START_LATENCY_S,
+    FINAL_DRAIN_S,
+    MIN_START_MARGIN_S,
+    Autoscaler,
+)
 from slinfer.controller.registry import Registry
 from slinfer.controller.slurm import SlurmJob
 from slinfer.v1 import controller_pb2, engine_pb2
@@ -320,6 +326,34 @@ async def test_a_replacement_as_slow_as_the_learned_start_is_ready_before_the_fi
     left = bed.slurm.jobs_[a].end_time - bed.clock.now
     print(f"replacement submitted {left_at_submit:.0f}s before the limit, READY {left:.0f}s before it")
     assert left > FINAL_DRAIN_S
+    assert bed.scaler.decisions[("tiny", "drain_time_limit")] == 1
+
+
+async def test_a_warm_start_twice_as_slow_as_the_first_is_still_ready_before_the_final_drain() -> None:
+    # Seen on the bed with warm starts: the first job READY 4.4 s after submit gave a lead of 4.4 x 1.5 + 30 + 2 s;
+    # the replacement took 8.8 s and the old replica was drained "no replacement in time" a second before it was
+    # READY. The margin has a floor, so the replacement is READY before the old one's final drain.
+    bed = Bed(window_s=2.0, min_replicas=1)
+    bed.slurm.limit_s = 180.0
+    await bed.step()
+    (a,) = bed.slurm.active()
+    bed.clock.now += 4.4
+    bed.ready(a)
+    await bed.step(0)
+    assert bed.scaler.lead_time("tiny") == pytest.approx(4.4 + MIN_START_MARGIN_S + FINAL_DRAIN_S + 2 * 2.0)
+    while len(bed.slurm.submits) == 1:
+        await bed.step(1.0)
+    (b,) = [job for job in bed.slurm.active() if job != a]
+    bed.slurm.start(b)
+    # The replacement's engine is READY 11 s after its submit: the bed's 8.8 s with this bed's longer step (2 s,
+    # the bed's 1 s) added, two and a half times the first start.
+    for _ in range(11):
+        assert not bed.registry.get(a).draining, "drained before its replacement could be READY"  # type: ignore[union-attr]
+        await bed.step(1.0)
+    bed.ready(b)
+    await bed.step(0)
+    assert bed.registry.get(a).draining  # type: ignore[union-attr]
+    assert bed.slurm.jobs_[a].end_time - bed.clock.now > FINAL_DRAIN_S
     assert bed.scaler.decisions[("tiny", "drain_time_limit")] == 1
 
 
