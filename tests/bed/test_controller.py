@@ -130,9 +130,8 @@ class Load:
 def bed(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
     slurm_bed.cleanup_jobs()
     yield slurm_bed
-    # Leave the node as the other modules expect it: no controller job left.
-    slurm_bed.run("scancel", "--name", f"slinfer-{MODEL}", check=False)
-    _wait("the controller's jobs to end", lambda: not _controller_jobs(slurm_bed), 120)
+    # Leave the node as the other modules expect it: no controller job left, none coming.
+    slurm_bed.retire_models(MODEL)
 
 
 def _no_replica(bed: SlurmBed) -> None:

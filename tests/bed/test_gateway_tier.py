@@ -116,8 +116,7 @@ def tier(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
         yield slurm_bed
     finally:
         devcluster.stop_daemon(slurm_bed.bed, "gateway", grace=60)
-        slurm_bed.run("scancel", "--name", f"slinfer-{MODEL}", check=False)
-        _wait("the controller's jobs to end", lambda: not _controller_jobs(slurm_bed), 120)
+        slurm_bed.retire_models(MODEL)
 
 
 def test_scale_from_zero_through_a_separate_gateway(tier: SlurmBed) -> None:

@@ -38,9 +38,7 @@ def bed(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
     slurm_bed.cleanup_jobs()
     _wait("no controller job left by an earlier module", lambda: not _controller_jobs(slurm_bed), 180)
     yield slurm_bed
-    for model in (MODEL, REAL_MODEL):
-        slurm_bed.run("scancel", "--name", f"slinfer-{model}", check=False)
-    _wait("the controller's jobs to end", lambda: not _controller_jobs(slurm_bed), 180)
+    slurm_bed.retire_models(MODEL, REAL_MODEL)
 
 
 def _http(bed: SlurmBed, method: str, path: str, body: dict[str, Any] | None = None,

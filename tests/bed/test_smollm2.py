@@ -102,9 +102,7 @@ def served(slurm_bed: SlurmBed) -> Iterator[Served]:
         print(f"\nsmollm2: controller's job {job} READY and routable {waited:.0f}s after `slinfer scale {MODEL} 1`")
         yield Served(slurm_bed, job, env["OPENAI_BASE_URL"], env["OPENAI_API_KEY"])
     finally:
-        _slinfer(slurm_bed, "scale", MODEL, "0")
-        _wait("the controller's smollm2 job to end", lambda: not _controller_jobs(slurm_bed), 120)
-        _slinfer(slurm_bed, "scale", MODEL, "auto")
+        slurm_bed.retire_models(MODEL)
 
 
 def test_factual_question_is_answered_right_and_the_same_through_the_gateway_and_directly(served: Served) -> None:

@@ -3,6 +3,7 @@ engine processes independently of the agent's own bookkeeping (by the engine's p
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -149,6 +150,28 @@ class SlurmBed:
         """`slinfer ARGS` against the bed's controller (scale, drain, keys, ...)."""
         subprocess.run([f"{sys.prefix}/bin/slinfer", *args], env=self.env(), check=True, capture_output=True,
                        timeout=30)
+
+    def retire_models(self, *models: str, timeout: float = 180) -> None:
+        """No job of `models` left and none coming, then each back to following the load: a module's teardown.
+        A bare scancel is not enough: the controller replaces a cancelled replica while its load window still
+        remembers the module's last requests, and that job would hold the node through the next module's tests.
+        So each model is pinned to 0 until its jobs are gone and the controller's load for it reads 0."""
+        for model in models:
+            self.admin("scale", model, "0")
+            self.run("scancel", "--name", f"slinfer-{model}", check=False)
+        names = {f"slinfer-{model}" for model in models}
+        deadline = time.monotonic() + timeout
+        while True:
+            listed = self.run("squeue", "-h", "-o", "%j").stdout.split()
+            status = json.loads(self.run(sys.executable, "-m", "slinfer.cli.main", "status", "--json").stdout)
+            loads = {m["name"]: float(m.get("load", 0.0)) for m in status.get("models", []) if m["name"] in models}
+            if not names & set(listed) and not any(loads.values()):
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"after {timeout:.0f}s: jobs {sorted(names & set(listed))}, loads {loads}")
+            time.sleep(1.0)
+        for model in models:
+            self.admin("scale", model, "auto")
 
     def wait_no_jobs(self, timeout: float = 120) -> None:
         """Until Slurm lists no job of this bed at all (a test that needs an idle node starts from one)."""
