@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,7 @@ class SlurmRoot:
                     _run(["mount", "--make-rslave", str(target)])
         for src in self.binds():
             target = self.root / src.relative_to("/")
+            self._searchable_as_on_the_host(src)
             if str(target) in present:
                 continue
             if src.is_dir():
@@ -91,6 +93,19 @@ class SlurmRoot:
                 target.touch(exist_ok=True)
             _run(["mount", "--bind", str(src), str(target)])
         log.info("slurm root %s mounted (%s)", self.root, self.version)
+
+    def _searchable_as_on_the_host(self, src: Path) -> None:
+        """The root's folders on the way to a bind mount get the search bit for others where the host's have it:
+        a user who reaches the host's path (the engine's Python under a /root made 0701) reaches it in the root,
+        whose own /root debootstrap made 0700."""
+        for host_folder in src.parents:
+            if host_folder == Path("/"):
+                continue
+            root_folder = self.root / host_folder.relative_to("/")
+            root_folder.mkdir(parents=True, exist_ok=True)
+            mode = root_folder.stat().st_mode
+            if host_folder.stat().st_mode & stat.S_IXOTH and not mode & stat.S_IXOTH:
+                root_folder.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
     def in_use(self) -> list[int]:
         """Pids of processes whose root is this one."""
