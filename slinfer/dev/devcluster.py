@@ -550,8 +550,10 @@ def slurm_runner(bed: Bed) -> Runner:
 
 def run_as(bed: Bed, user: str, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """A Slurm command of one of the bed's users (from /, with the bed's environment); on a release root the
-    bed enters the root for them, as only root may chroot."""
+    bed enters the root for them, as only root may chroot. Their PATH is the one `dev-cluster env` gives a user:
+    a job inherits it, and its script runs `slinfer` from this venv."""
     env = {**os.environ, **bed.env()}
+    env["PATH"] = _user_path(bed, os.environ.get("PATH", "/usr/bin:/bin"))
     root = bed.slurm_root
     if root is not None:
         return subprocess.run(root.argv(argv, "/", user), env=env, capture_output=True, text=True, check=True,
@@ -645,6 +647,12 @@ def up(bed: Bed, controller: bool = True) -> None:
     bed.state.mkdir(parents=True, exist_ok=True)
     # `dev-cluster env|status|down` without --slurm find the bed's release here.
     (bed.state / SLURM_RECORD).write_text(bed.slurm + "\n")
+    for user in ensure_users():
+        print(f"dev-cluster: created the unprivileged user {user}", file=sys.stderr)
+    # Before the root's mounts: the root copies the host's search bits on the way to each of them.
+    for folder in make_usable_by_users(engine_python()):
+        print(f"dev-cluster: {folder} is now searchable by all users, so that their engines can run "
+              f"{engine_python()}", file=sys.stderr)
     if root is not None:
         root.mount()
         root.write_wrappers(bed.slurm_bin)
@@ -666,11 +674,6 @@ def up(bed: Bed, controller: bool = True) -> None:
     # Idempotent like the rest of `up`: a running bed keeps its network (and the daemons in its namespaces).
     if net is not None and net.left() != net.expected():
         net.create()
-    for user in ensure_users():
-        print(f"dev-cluster: created the unprivileged user {user}", file=sys.stderr)
-    for folder in make_usable_by_users(engine_python()):
-        print(f"dev-cluster: {folder} is now searchable by all users, so that their engines can run "
-              f"{engine_python()}", file=sys.stderr)
     m = bed.state / "munge"
     launch(bed, "munged", ["munged", "-F", "-f", f"--socket={bed.munge_socket}",
                             f"--key-file={_ensure_munge_key(bed)}", f"--pid-file={m}/munged.pid",
@@ -863,10 +866,15 @@ def status(bed: Bed) -> dict[str, object]:
 
 def env_lines(bed: Bed) -> str:
     lines = [f"export {key}={value}" for key, value in bed.env().items()]
-    first = f"{bed.slurm_bin}:" if bed.slurm else ""
     lines = [line for line in lines if not line.startswith("export PATH=")]
-    lines.append(f'export PATH="{first}{_bin_dir()}:$PATH"')
+    lines.append(f'export PATH="{_user_path(bed, "$PATH")}"')
     return "\n".join(lines)
+
+
+def _user_path(bed: Bed, rest: str) -> str:
+    """A bed user's PATH: the release's clients first, then this venv's `slinfer`, then `rest`."""
+    first = f"{bed.slurm_bin}:" if bed.slurm else ""
+    return f"{first}{_bin_dir()}:{rest}"
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
