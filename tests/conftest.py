@@ -16,6 +16,10 @@ from tests.fakes.slurmbed import SlurmBed
 
 TEST_STATE = Path(os.environ.get("SLINFER_TEST_STATE", "/tmp/slinfer-test"))
 TEST_PORT_BASE = int(os.environ.get("SLINFER_TEST_PORT_BASE", 26800))
+# The two-node bed beside the session's one-node bed: head ports base+100.., node subnet and job ids of its own.
+MULTI_STATE = Path(f"{TEST_STATE}-multi")
+MULTI_PORT_BASE = TEST_PORT_BASE + 100
+MULTI_NODES = 2
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +37,30 @@ def slurm_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmBed]:
     finally:
         left = devcluster.down(bed)
         assert not left, f"dev-cluster down left processes {left}"
+
+
+@pytest.fixture(scope="module")
+def multi() -> Iterator[SlurmBed]:
+    """A bed of two compute nodes, each a slurmd and an agent in namespaces of its own on a bridge, for one
+    module: it goes down with nothing left, its links restored first if a test took a node off the network."""
+    bed = devcluster.Bed(MULTI_STATE, MULTI_PORT_BASE, nodes=MULTI_NODES)
+    devcluster.down(bed)
+    shutil.rmtree(MULTI_STATE, ignore_errors=True)
+    devcluster.up(bed)
+    jobs_dir = MULTI_STATE / "job-output"
+    jobs_dir.mkdir()
+    jobs_dir.chmod(0o1777)
+    try:
+        yield SlurmBed(bed, jobs_dir)
+    finally:
+        net = bed.network
+        assert net is not None
+        if net.left():  # a test that took a node off the network and failed before it went down
+            for i in net.indexes:
+                net.set_link(i, True)
+        left = devcluster.down(bed)
+        assert not left, f"dev-cluster down left processes {left}"
+        assert not net.left(), f"dev-cluster down left {net.left()}"
 
 
 @pytest.fixture(autouse=True)

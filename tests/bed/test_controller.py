@@ -6,7 +6,6 @@ started by the controller's own `sbatch --inference=tiny --inference-pool` jobs.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import threading
@@ -21,7 +20,7 @@ import psutil
 import pytest
 
 from slinfer.dev import devcluster
-from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_no_engine
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_no_engine, wait_until
 
 pytestmark = pytest.mark.bed
 MODEL = "tiny"
@@ -34,24 +33,9 @@ def _client(bed: SlurmBed) -> openai.OpenAI:
                          max_retries=0)
 
 
-def _controller_jobs(bed: SlurmBed) -> dict[str, str]:
-    """Live jobs of the controller: id -> state."""
-    out = bed.run("squeue", "-h", "-o", "%i %j %T").stdout.split("\n")
-    return {p[0]: p[2] for p in (line.split() for line in out if line.strip()) if p[1].startswith("slinfer-")}
-
-
 def _replicas(bed: SlurmBed) -> list[dict[str, object]]:
     """READY replicas as the gateway's /v1/models reports them (ready count), plus each job's env file."""
-    return [{"job": job, **bed.env_file(job)} for job in _controller_jobs(bed) if bed.env_file(job)]
-
-
-def _ready_count(bed: SlurmBed) -> int:
-    env = bed.bed.env()
-    request = urllib.request.Request(f"{env['SLINFER_GATEWAY_URL']}/models",
-                                     headers={"Authorization": f"Bearer {env['SLINFER_API_KEY']}"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        models = json.load(response)["data"]
-    return int(next(m for m in models if m["id"] == MODEL)["ready_replicas"])
+    return [{"job": job, **bed.env_file(job)} for job in bed.controller_jobs() if bed.env_file(job)]
 
 
 def _engine_requests(base_url: str) -> float:
@@ -60,15 +44,6 @@ def _engine_requests(base_url: str) -> float:
         text = response.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("vllm:request_success_total"))
-
-
-def _wait(what: str, predicate: object, timeout: float, interval: float = 0.5) -> float:
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if predicate():  # type: ignore[operator]
-            return time.monotonic() - began
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @dataclass
@@ -137,29 +112,30 @@ def bed(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
 def _no_replica(bed: SlurmBed) -> None:
     """This test's precondition, whatever ran before: none of the controller's jobs left."""
     bed.run("scancel", "--name", f"slinfer-{MODEL}", check=False)
-    _wait("the controller's jobs to end", lambda: not _controller_jobs(bed) and _ready_count(bed) == 0, 120)
+    wait_until("the controller's jobs to end",
+               lambda: not bed.controller_jobs() and bed.ready_replicas(MODEL) == 0, 120)
 
 
 def _a_replica(bed: SlurmBed) -> None:
     """This test's precondition, whatever ran before: at least one READY replica (a request scales from zero)."""
-    if _ready_count(bed) == 0:
+    if bed.ready_replicas(MODEL) == 0:
         _client(bed).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
-    assert _ready_count(bed) >= 1
+    assert bed.ready_replicas(MODEL) >= 1
 
 
 def test_first_request_waits_for_the_controllers_job_and_succeeds(bed: SlurmBed) -> None:
     _no_replica(bed)
-    assert _controller_jobs(bed) == {}
-    assert _ready_count(bed) == 0
+    assert bed.controller_jobs() == {}
+    assert bed.ready_replicas(MODEL) == 0
     began = time.monotonic()
     reply = _client(bed).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8)
     waited = time.monotonic() - began
     print(f"\nscale from zero: first answer after {waited:.1f}s")
     assert reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.completion_tokens > 0
-    jobs = _controller_jobs(bed)
+    jobs = bed.controller_jobs()
     assert list(jobs.values()) == ["RUNNING"], jobs
-    assert _ready_count(bed) == 1
+    assert bed.ready_replicas(MODEL) == 1
 
 
 def test_streaming_through_the_gateway_returns_the_same_tokens_as_the_engine(bed: SlurmBed) -> None:
@@ -182,9 +158,9 @@ def test_streaming_through_the_gateway_returns_the_same_tokens_as_the_engine(bed
 def test_burst_scales_to_two_replicas_and_both_serve_then_an_engine_killed_under_load(bed: SlurmBed) -> None:
     load = Load(bed, concurrency=32).start()
     try:
-        waited = _wait("a second READY replica", lambda: _ready_count(bed) == 2, 300)
+        waited = wait_until("a second READY replica", lambda: bed.ready_replicas(MODEL) == 2, 300)
         print(f"\nburst: second replica READY after {waited:.1f}s of load")
-        assert len(_controller_jobs(bed)) == 2
+        assert len(bed.controller_jobs()) == 2
         replicas = _replicas(bed)
         before = {str(r["job"]): _engine_requests(str(r["SLINFER_JOB_ENGINE"])) for r in replicas}
         time.sleep(5)
@@ -213,33 +189,33 @@ def test_burst_scales_to_two_replicas_and_both_serve_then_an_engine_killed_under
 def test_controller_restart_under_load_submits_no_duplicates_and_routing_resumes(bed: SlurmBed) -> None:
     load = Load(bed, concurrency=32).start()
     try:
-        _wait("two READY replicas", lambda: _ready_count(bed) == 2, 300)
-        jobs_before = set(_controller_jobs(bed))
+        wait_until("two READY replicas", lambda: bed.ready_replicas(MODEL) == 2, 300)
+        jobs_before = set(bed.controller_jobs())
         time.sleep(3)
         devcluster.stop_daemon(bed.bed, "controller")
         time.sleep(1)
         devcluster.start_controller(bed.bed)
         restarted = time.monotonic()
-        _wait("both replicas routable again", lambda: _ready_count(bed) == 2, 60)
+        wait_until("both replicas routable again", lambda: bed.ready_replicas(MODEL) == 2, 60)
         for _ in range(20):
-            assert set(_controller_jobs(bed)) <= jobs_before, "a restarted controller must not submit duplicates"
+            assert set(bed.controller_jobs()) <= jobs_before, "a restarted controller must not submit duplicates"
             time.sleep(0.5)
         resumed = load.outcomes_between(restarted + 5, time.monotonic())
     finally:
         load.stop()
     print(f"\ncontroller restart: after it {dict(resumed)}; whole run {dict(load.outcomes)}")
     assert resumed["ok"] > 0 and set(resumed) == {"ok"}
-    assert set(_controller_jobs(bed)) == jobs_before
+    assert set(bed.controller_jobs()) == jobs_before
 
 
 def test_without_load_the_replicas_return_to_min_and_their_engines_are_gone(bed: SlurmBed) -> None:
     _a_replica(bed)
-    jobs = list(_controller_jobs(bed))
+    jobs = list(bed.controller_jobs())
     assert jobs
-    waited = _wait("the controller's jobs to be cancelled", lambda: not _controller_jobs(bed), 240)
+    waited = wait_until("the controller's jobs to be cancelled", lambda: not bed.controller_jobs(), 240)
     print(f"\nscale to zero: {waited:.1f}s after the load stopped")
     for job in jobs:
         wait_no_engine(job, None, 60)
         assert bed.state(job) == "CANCELLED"
-    assert _ready_count(bed) == 0
+    assert bed.ready_replicas(MODEL) == 0
     assert bed.wait_node_idle() == "idle"

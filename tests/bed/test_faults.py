@@ -222,10 +222,6 @@ def _pins(bed: SlurmBed) -> dict[str, int]:
     return {m["name"]: int(m.get("pinnedCount", 0)) for m in status["models"] if m.get("pinned")}
 
 
-def _controller_jobs(bed: SlurmBed, model: str) -> set[str]:
-    return set(bed.run("squeue", "-h", "-n", f"slinfer-{model}", "-o", "%i").stdout.split())
-
-
 def _daemons(bed: SlurmBed, program: str) -> list[psutil.Process]:
     """This bed's running `program` (slinfer-agent, slinfer-controller, or the hook-started `slinfer.agent.daemon`),
     found by its command line: what is running, whatever the pid files say."""
@@ -325,7 +321,7 @@ def test_controller_sigkill_under_load_submits_no_duplicates_and_routing_comes_b
     _admin(bed, "scale", TINY, "1")
     try:
         _wait_routable(bed, TINY, timeout=READY_TIMEOUT)
-        jobs = _controller_jobs(bed, TINY)
+        jobs = set(bed.controller_jobs(TINY))
         assert len(jobs) == 1, jobs
         # Four closed-loop users stay under one replica's target (8 outstanding): any second job would be a
         # duplicate, not a scale-up.
@@ -344,22 +340,22 @@ def test_controller_sigkill_under_load_submits_no_duplicates_and_routing_comes_b
                   "its restart")
             assert _pins(bed).get(TINY) == 1, f"the pin did not survive the SIGKILL: {_pins(bed)}"
             for _ in range(20):
-                assert _controller_jobs(bed, TINY) == jobs, "a restarted controller must not submit duplicates"
+                assert set(bed.controller_jobs(TINY)) == jobs, "a restarted controller must not submit duplicates"
                 time.sleep(0.5)
             after = load.between(restarted + 5, time.monotonic())
         print(f"while dead: {dict(during)}; from 5 s after the restart: {dict(after)}; "
               f"whole run: {dict(Counter(o for _, o in load.log))}")
         assert during and "ok" not in during, "requests must fail while the gateway is dead: was it killed?"
         assert after["ok"] > 20 and set(after) == {"ok"}
-        assert _controller_jobs(bed, TINY) == jobs
+        assert set(bed.controller_jobs(TINY)) == jobs
     finally:
         # Back to the module's pins (the SIGKILLed controller kept them on disk; this test changed TINY's).
         _admin(bed, "scale", TINY, "0")
         _admin(bed, "scale", SMOLLM2, "0")
     deadline = time.monotonic() + 120
-    while _controller_jobs(bed, TINY) and time.monotonic() < deadline:
+    while bed.controller_jobs(TINY) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _controller_jobs(bed, TINY)
+    assert not bed.controller_jobs(TINY)
 
 
 def test_a_crashing_engine_is_restarted_up_to_max_restarts_then_fails_with_its_reason(bed: SlurmBed) -> None:

@@ -7,56 +7,27 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import pytest
 
 from slinfer.config import load as load_config
 from slinfer.dev import devcluster
-from tests.bed.test_controller import MODEL, Load, _wait
-from tests.conftest import TEST_PORT_BASE, TEST_STATE
-from tests.fakes.slurmbed import SlurmBed, engine_pids
+from tests.bed.test_controller import MODEL, Load
+from tests.conftest import MULTI_STATE
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_until
 
 pytestmark = pytest.mark.bed
 
-# Its own bed beside the session's one-node bed: head ports base+100.., node subnet and job ids of its own.
-MULTI_STATE = Path(f"{TEST_STATE}-multi")
-MULTI_PORT_BASE = TEST_PORT_BASE + 100
-NODES = 2
 # How long the gateway may keep routing to a node whose agent fell silent: the registry drops its engines once
 # the last report is agent_timeout_s old; one more second covers the agent's report interval and our polling.
 ROUTING_SLACK_S = 1.0
 # A request stuck on the lost node gives up after this; requests on a live engine take well under a second.
 CLIENT_TIMEOUT_S = 20.0
-
-
-@pytest.fixture(scope="module")
-def multi() -> Iterator[SlurmBed]:
-    bed = devcluster.Bed(MULTI_STATE, MULTI_PORT_BASE, nodes=NODES)
-    devcluster.down(bed)
-    shutil.rmtree(MULTI_STATE, ignore_errors=True)
-    devcluster.up(bed)
-    jobs_dir = MULTI_STATE / "job-output"
-    jobs_dir.mkdir()
-    jobs_dir.chmod(0o1777)
-    try:
-        yield SlurmBed(bed, jobs_dir)
-    finally:
-        net = bed.network
-        assert net is not None
-        if net.left():  # a test that took a node off the network and failed before it went down
-            for i in net.indexes:
-                net.set_link(i, True)
-        left = devcluster.down(bed)
-        assert not left, f"dev-cluster down left processes {left}"
-        assert not net.left(), f"dev-cluster down left {net.left()}"
 
 
 def _gateway_metrics(bed: SlurmBed) -> str:
@@ -113,7 +84,7 @@ def _ready_after_submit(bed: SlurmBed, job_id: str) -> float:
         found[:] = list(re.finditer(rf"job {job_id} READY (\S+)s after submit", text))
         return bool(found)
 
-    _wait(f"the controller's READY line for job {job_id}", logged, 10, 0.2)
+    wait_until(f"the controller's READY line for job {job_id}", logged, 10, 0.2)
     return float(found[0].group(1))
 
 
@@ -141,7 +112,7 @@ def test_two_replicas_on_two_nodes_serve_through_the_head(multi: SlurmBed) -> No
     assert f"controller: {bed.head_address}:{bed.controller_port} answers" in doctor.stdout, doctor.stdout
     began = time.monotonic()
     multi.admin("scale", MODEL, "2")
-    _wait("two READY replicas", lambda: _replicas_in(multi, "READY") == 2, 300)
+    wait_until("two READY replicas", lambda: _replicas_in(multi, "READY") == 2, 300)
     jobs = _jobs(multi)
     assert len(jobs) == 2, jobs
     nodes = {node for _, node in jobs.values()}
@@ -178,7 +149,7 @@ def test_a_node_lost_to_the_network_is_routed_around_and_replaced(multi: SlurmBe
     assert net is not None
     timeout_s = load_config(str(bed.config)).controller.agent_timeout_s
     multi.admin("scale", MODEL, "2")  # as the test before does: this one must not depend on it having run
-    _wait("two READY replicas", lambda: _replicas_in(multi, "READY") == 2, 300)
+    wait_until("two READY replicas", lambda: _replicas_in(multi, "READY") == 2, 300)
     jobs = _jobs(multi)
     by_node = {node: job for job, (_, node) in jobs.items()}
     # The second node goes: for the first seconds Slurm still counts it up (SlurmdTimeout), and between two
@@ -192,14 +163,14 @@ def test_a_node_lost_to_the_network_is_routed_around_and_replaced(multi: SlurmBe
     time.sleep(4)
     t_loss = time.monotonic()
     net.set_link(bed.node_index(lost), False)
-    _wait("the gateway to see the node lost", lambda: _replicas_in(multi, "LOST") >= 1, timeout_s + 30, 0.1)
+    wait_until("the gateway to see the node lost", lambda: _replicas_in(multi, "LOST") >= 1, timeout_s + 30, 0.1)
     t_stop = time.monotonic()
     lost_received = _engine_counts(multi, lost, urls[lost]) - before[lost]
     # The lost node's engine dies with it: the bed keeps at most two engines (each about 3 GB) on this machine.
     for pid in engine_pids(by_node[lost], run_dir=bed.node_run_dir(lost)):
         psutil.Process(pid).kill()
 
-    _wait("replacement capacity READY", lambda: _replicas_in(multi, "READY") >= 2, 300)
+    wait_until("replacement capacity READY", lambda: _replicas_in(multi, "READY") >= 2, 300)
     t_ready = time.monotonic()
     replacement = {job: node for job, (state, node) in _jobs(multi).items()
                    if job not in jobs and state == "RUNNING"}

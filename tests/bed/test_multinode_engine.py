@@ -9,18 +9,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from slinfer.dev import devcluster
-from tests.bed.test_controller import MESSAGES, _client, _wait
-from tests.bed.test_multinode import MULTI_PORT_BASE, MULTI_STATE, NODES, _engine_env, _gateway_metrics
-from tests.fakes.slurmbed import SlurmBed, engine_pids
+from tests.bed.test_controller import MESSAGES, _client
+from tests.bed.test_multinode import _engine_env, _gateway_metrics
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_until
 
 pytestmark = pytest.mark.bed
 
@@ -30,22 +27,6 @@ LAYOUTS = ("tiny", "tiny-tp2", MODEL)
 # The agent watches the ranks' connections every health_interval_s (0.5 s on the bed); the dead rank's agent
 # also kills what is left of it. A few seconds of slack on this loaded two-core machine.
 FAIL_WITHIN_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def multi() -> Iterator[SlurmBed]:
-    bed = devcluster.Bed(MULTI_STATE, MULTI_PORT_BASE, nodes=NODES)
-    devcluster.down(bed)
-    shutil.rmtree(MULTI_STATE, ignore_errors=True)
-    devcluster.up(bed)
-    jobs_dir = MULTI_STATE / "job-output"
-    jobs_dir.mkdir()
-    jobs_dir.chmod(0o1777)
-    try:
-        yield SlurmBed(bed, jobs_dir)
-    finally:
-        left = devcluster.down(bed)
-        assert not left, f"dev-cluster down left processes {left}"
 
 
 def _jobs(bed: SlurmBed, model: str) -> dict[str, str]:
@@ -63,7 +44,7 @@ def _ready_line(bed: SlurmBed, job_id: str) -> float:
         found[:] = re.findall(rf"job {job_id} READY (\S+)s after submit", text)
         return bool(found)
 
-    _wait(f"the controller's READY line for job {job_id}", logged, 20, 0.2)
+    wait_until(f"the controller's READY line for job {job_id}", logged, 20, 0.2)
     return float(found[0])
 
 
@@ -104,7 +85,7 @@ def _cancel(bed: SlurmBed, model: str) -> None:
     window remembers the last request, unless pinned to 0 (the next request unpins it)."""
     bed.admin("scale", model, "0")
     bed.run("scancel", "--name", f"slinfer-{model}", check=False)
-    _wait(f"the controller's {model} jobs to end", lambda: not _jobs(bed, model), 120)
+    wait_until(f"the controller's {model} jobs to end", lambda: not _jobs(bed, model), 120)
 
 
 def _ask(bed: SlurmBed, model: str) -> None:
@@ -123,7 +104,7 @@ def test_ready_time_of_one_model_on_one_gpu_two_gpus_and_two_nodes(multi: SlurmB
         leaders = _leaders(multi, job)
         assert len(leaders) == (2 if model == MODEL else 1), leaders
         _cancel(multi, model)
-        _wait(f"job {job}'s engine processes to be gone",
+        wait_until(f"job {job}'s engine processes to be gone",
               lambda j=job, ls=leaders: not any(_all_pids(multi, j, ls).values()), 120)
     print("\nsbatch -> READY (controller's measure, one run): "
           + ", ".join(f"{m} {s:.1f}s" for m, s in ready.items()))
@@ -156,13 +137,14 @@ def test_one_engine_across_two_nodes_serves_from_rank_0_and_fails_whole_when_ran
     # cancels the job and the epilog removes it; its log keeps the line).
     failed = re.compile(rf"job {job}: engine FAILED: (.*)$", re.MULTILINE)
     head_log = bed.logs / f"agent-{head}.log"
-    _wait("rank 0's engine to fail", lambda: failed.search(head_log.read_text(errors="replace")), FAIL_WITHIN_S, 0.2)
+    wait_until("rank 0's engine to fail", lambda: failed.search(head_log.read_text(errors="replace")),
+               FAIL_WITHIN_S, 0.2)
     found = failed.search(head_log.read_text(errors="replace"))
     assert found is not None
     reason = found.group(1)
     assert f"rank 1 at {bed.node_address(other)} left the engine" in reason, reason
     print(f"rank 1 killed: rank 0 FAILED {time.monotonic() - began:.1f}s later: {reason}")
-    _wait("no READY replica of the failed engine", lambda: _replicas(multi, MODEL, "READY") == 0, 30)
+    wait_until("no READY replica of the failed engine", lambda: _replicas(multi, MODEL, "READY") == 0, 30)
     # The job ends whole by one of two paths, whichever comes first: its `slinfer hold` exits 1 on the engine's
     # FAILED (the rank's reason is in rank 0's agent log, above), or the controller, seeing the replica FAILED,
     # cancels it naming the rank.
@@ -173,16 +155,16 @@ def test_one_engine_across_two_nodes_serves_from_rank_0_and_fails_whole_when_ran
             return "the controller's scancel"
         return "its own hold (exit 1)" if multi.state(job) == "FAILED" else ""
 
-    _wait("the failed engine's job to end, by its hold or the controller", ended_by, 60)
+    wait_until("the failed engine's job to end, by its hold or the controller", ended_by, 60)
     print(f"job {job} ended by {ended_by()}")
 
     multi.run("scancel", job, check=False)
-    _wait(f"job {job}'s processes to be gone on both nodes",
+    wait_until(f"job {job}'s processes to be gone on both nodes",
           lambda: not any(_all_pids(multi, job, leaders).values()), 120)
     left = [p for ps in pids.values() for p in ps if psutil.pid_exists(p)
             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes of job {job} outlived scancel: {left}"
     # The failed engine's processes are gone before the job's epilogs ran; the epilogs then drop both records.
     records = [Path(bed.node_run_dir(node) / "engines" / f"{job}.json") for node in bed.node_names]
-    _wait(f"job {job}'s epilogs to drop its engine records", lambda: not any(r.exists() for r in records), 60)
+    wait_until(f"job {job}'s epilogs to drop its engine records", lambda: not any(r.exists() for r in records), 60)
     _cancel(multi, MODEL)  # the controller's replacement of the failed replica, if it made one

@@ -23,8 +23,8 @@ import openai
 import pytest
 
 from slinfer.dev import devcluster
-from tests.bed.test_controller import _client, _controller_jobs, _replicas, _wait
-from tests.fakes.slurmbed import SlurmBed
+from tests.bed.test_controller import _client, _replicas
+from tests.fakes.slurmbed import SlurmBed, wait_until
 
 pytestmark = pytest.mark.bed
 MODEL = "tiny"
@@ -36,7 +36,7 @@ TINY_MAX_MODEL_LEN = 512
 @pytest.fixture(scope="module")
 def bed(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
     slurm_bed.cleanup_jobs()
-    _wait("no controller job left by an earlier module", lambda: not _controller_jobs(slurm_bed), 180)
+    wait_until("no controller job left by an earlier module", lambda: not slurm_bed.controller_jobs(), 180)
     yield slurm_bed
     slurm_bed.retire_models(MODEL, REAL_MODEL)
 
@@ -240,7 +240,8 @@ def test_structured_output_on_smollm2_follows_the_json_schema(bed: SlurmBed) -> 
     # gateway holds a request (queue_timeout_s), and its first guided decoding compiles the grammar.
     bed.run("slinfer", "scale", REAL_MODEL, "1")
     try:
-        waited = _wait(f"{REAL_MODEL} ready", lambda: _status(bed, REAL_MODEL)["slinfer"]["state"] == "ready", 900, 2)
+        waited = wait_until(f"{REAL_MODEL} ready",
+                            lambda: _status(bed, REAL_MODEL)["slinfer"]["state"] == "ready", 900, 2)
         print(f"\n{REAL_MODEL} ready after {waited:.0f} s")
         reply = _structured(bed, schema)
     finally:

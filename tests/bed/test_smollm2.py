@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from slinfer.dev import devcluster
-from tests.fakes.slurmbed import SlurmBed
+from tests.fakes.slurmbed import SlurmBed, wait_until
 
 pytestmark = pytest.mark.bed
 MODEL = "smollm2"
@@ -47,29 +47,6 @@ def _slinfer(bed: SlurmBed, *args: str) -> str:
                           text=True, timeout=30).stdout
 
 
-def _controller_jobs(bed: SlurmBed) -> list[str]:
-    out = bed.run("squeue", "-h", "-n", f"slinfer-{MODEL}", "-o", "%i").stdout
-    return out.split()
-
-
-def _ready_replicas(bed: SlurmBed) -> int:
-    env = bed.bed.env()
-    request = urllib.request.Request(f"{env['SLINFER_GATEWAY_URL']}/models",
-                                     headers={"Authorization": f"Bearer {env['SLINFER_API_KEY']}"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        models = json.load(response)["data"]
-    return int(next(m for m in models if m["id"] == MODEL).get("ready_replicas", 0))
-
-
-def _wait(what: str, predicate: object, timeout: float) -> float:
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if predicate():  # type: ignore[operator]
-            return time.monotonic() - began
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _engine_tokens(base_url: str) -> tuple[float, float]:
     """(prompt, generated) tokens the engine counted itself, from its /metrics."""
     with urllib.request.urlopen(f"{base_url.removesuffix('/v1')}/metrics", timeout=5) as response:
@@ -96,8 +73,8 @@ def served(slurm_bed: SlurmBed) -> Iterator[Served]:
     slurm_bed.cleanup_jobs()
     _slinfer(slurm_bed, "scale", MODEL, "1")
     try:
-        waited = _wait("a READY smollm2 replica", lambda: _ready_replicas(slurm_bed) == 1, READY_TIMEOUT)
-        (job,) = _controller_jobs(slurm_bed)
+        waited = wait_until("a READY smollm2 replica", lambda: slurm_bed.ready_replicas(MODEL) == 1, READY_TIMEOUT)
+        (job,) = slurm_bed.controller_jobs(MODEL)
         env = slurm_bed.env_file(job)
         print(f"\nsmollm2: controller's job {job} READY and routable {waited:.0f}s after `slinfer scale {MODEL} 1`")
         yield Served(slurm_bed, job, env["OPENAI_BASE_URL"], env["OPENAI_API_KEY"])

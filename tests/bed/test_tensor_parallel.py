@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from tests.bed.test_controller import MESSAGES, _client, _wait
+from tests.bed.test_controller import MESSAGES, _client
 from tests.bed.test_multinode import _ready_after_submit
-from tests.fakes.slurmbed import SlurmBed, engine_pids
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_until
 
 pytestmark = pytest.mark.bed
 
@@ -61,7 +61,7 @@ def tp_bed(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
     # pinned to 0 it submits nothing more, and the later tests find the node idle.
     slurm_bed.admin("scale", MODEL, "0")
     slurm_bed.run("scancel", "--name", f"slinfer-{MODEL}", check=False)
-    _wait("the controller's jobs to end", lambda: not _jobs(slurm_bed), 120)
+    wait_until("the controller's jobs to end", lambda: not _jobs(slurm_bed), 120)
 
 
 def test_two_gpus_are_one_engine_that_answers_and_leaves_nothing_after_scancel(tp_bed: SlurmBed) -> None:
@@ -89,7 +89,7 @@ def test_two_gpus_are_one_engine_that_answers_and_leaves_nothing_after_scancel(t
     assert bed.env_file(job)["OPENAI_BASE_URL"].startswith("http"), bed.env_file(job)
 
     bed.run("scancel", job)
-    _wait(f"job {job}'s engine processes to be gone", lambda: not engine_pids(job) and not _session(main), 120)
+    wait_until(f"job {job}'s engine processes to be gone", lambda: not engine_pids(job) and not _session(main), 120)
     left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes of job {job}'s engine outlived scancel: {left}"
 

@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,6 +188,21 @@ class SlurmBed:
         for model in models:
             self.admin("scale", model, "auto")
 
+    def controller_jobs(self, model: str = "") -> dict[str, str]:
+        """Live jobs the controller submitted (named slinfer-MODEL), of one model when named: id -> state."""
+        out = self.run("squeue", "-h", "-o", "%i %j %T").stdout.split("\n")
+        wanted = (lambda name: name == f"slinfer-{model}") if model else (lambda name: name.startswith("slinfer-"))
+        return {p[0]: p[2] for p in (line.split() for line in out if line.strip()) if wanted(p[1])}
+
+    def ready_replicas(self, model: str) -> int:
+        """The model's READY replicas, as the gateway's /v1/models reports them."""
+        env = self.bed.env()
+        request = urllib.request.Request(f"{env['SLINFER_GATEWAY_URL']}/models",
+                                         headers={"Authorization": f"Bearer {env['SLINFER_API_KEY']}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            models = json.load(response)["data"]
+        return int(next(m for m in models if m["id"] == model).get("ready_replicas", 0))
+
     def wait_no_jobs(self, timeout: float = 120) -> None:
         """Until Slurm lists no job of this bed at all (a test that needs an idle node starts from one)."""
         deadline = time.monotonic() + timeout
@@ -213,6 +230,21 @@ def engine_pids(job_id: str, port: int | None = None, run_dir: Path | None = Non
         if port is not None and "--port" in cmd and str(port) in cmd:
             pids.append(proc.pid)
     return pids
+
+
+def wait_until(what: str, predicate: Callable[[], object], timeout: float, interval: float = 0.5,
+               tolerating: tuple[type[Exception], ...] = ()) -> float:
+    """Seconds until `predicate` holds (an exception in `tolerating` counts as not yet); fails past the timeout,
+    naming `what`."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        try:
+            if predicate():
+                return time.monotonic() - began
+        except tolerating:
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def wait_no_engine(job_id: str, port: int | None, timeout: float) -> float:
