@@ -270,19 +270,8 @@ class EngineManager:
         raise RuntimeError(f"no free port in {low}-{high} on {self.address}")
 
     def _argv(self, record: EngineRecord, model: ModelConfig) -> list[str]:
-        if record.rank > 0:
-            template = self.config.agent.engine_rank_command
-        else:
-            template = model.engine_command or self.config.agent.engine_command
-        values = {"{python}": self.config.agent.python, "{source}": model.source, "{model}": model.name,
-                  "{host}": record.host, "{port}": str(record.port), "{gpus}": str(len(record.gpus)),
-                  "{job_id}": record.job_id}
-        argv = []
-        for part in template:
-            for key, value in values.items():
-                part = part.replace(key, value)
-            argv.append(part)
-        argv += list(model.engine_args) + parallel_args(model) + rank_args(record)
+        argv = engine_command(self.config, model, record.host, record.port, len(record.gpus), record.job_id,
+                              record.rank) + rank_args(record)
         return argv if record.rank > 0 else argv + self._ssl_args(record)
 
     def _ssl_args(self, record: EngineRecord) -> list[str]:
@@ -612,6 +601,25 @@ class EngineManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def engine_command(config: Config, model: ModelConfig, host: str, port: int, gpus: int, job_id: str,
+                   rank: int = 0) -> list[str]:
+    """What an engine of `model` runs, but for its rank's launch flags and TLS: the config's template (the model's
+    own, else the agent's; the rank template for a rank > 0) with its placeholders filled, the model's
+    engine_args, its parallel layout. The benchmarks' bare vLLM baseline runs exactly this."""
+    if rank > 0:
+        template = config.agent.engine_rank_command
+    else:
+        template = model.engine_command or config.agent.engine_command
+    values = {"{python}": config.agent.python, "{source}": model.source, "{model}": model.name, "{host}": host,
+              "{port}": str(port), "{gpus}": str(gpus), "{job_id}": job_id}
+    argv = []
+    for part in template:
+        for key, value in values.items():
+            part = part.replace(key, value)
+        argv.append(part)
+    return argv + list(model.engine_args) + parallel_args(model)
 
 
 def parallel_args(model: ModelConfig) -> list[str]:

@@ -14,18 +14,15 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` is importable
 
-from slinfer import config as slinfer_config
+from bench.bare_engine import bare_start
 from slinfer.dev import devcluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,38 +55,6 @@ def sbatch_to_ready(bed: devcluster.Bed) -> float:
     raise RuntimeError(f"no READY within {READY_TIMEOUT_S:.0f} s: {out.read_text() if out.exists() else ''}")
 
 
-def bare_start(bed: devcluster.Bed) -> float:
-    """The agent's engine command for `tiny`, from the bed's config, run directly."""
-    cfg = slinfer_config.load(bed.config)
-    model = next(m for m in cfg.models if m.name == "tiny")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    values = {"{python}": cfg.agent.python, "{source}": model.source, "{model}": model.name,
-              "{host}": "127.0.0.1", "{port}": str(port), "{gpus}": "1", "{job_id}": "bare"}
-    argv = []
-    for part in model.engine_command or cfg.agent.engine_command:
-        for key, value in values.items():
-            part = part.replace(key, value)
-        argv.append(part)
-    env = {**os.environ, **cfg.agent.engine_env, **model.engine_env, "CUDA_VISIBLE_DEVICES": "0"}
-    began = time.monotonic()
-    proc = subprocess.Popen([*argv, *model.engine_args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        while time.monotonic() - began < READY_TIMEOUT_S:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        return time.monotonic() - began
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"bare vLLM exited with {proc.returncode}") from None
-            time.sleep(0.2)
-        raise RuntimeError(f"bare vLLM not ready within {READY_TIMEOUT_S:.0f} s")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 def main() -> int:
@@ -114,7 +79,7 @@ def main() -> int:
             devcluster.slurm_runner(bed).run(["scancel", "--full", "--user=root"])
         finally:
             devcluster.down(bed)
-        bare_s = bare_start(bed)
+        bare_s = bare_start(bed, "tiny", READY_TIMEOUT_S)[0]
         rows.append((release, build_s, up_s, ready_s, bare_s))
         print(f"Slurm {release}: plugin build {build_s:.1f} s, bed up {up_s:.1f} s, sbatch -> READY {ready_s:.1f} s, "
               f"bare vLLM start {bare_s:.1f} s", flush=True)

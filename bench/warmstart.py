@@ -12,23 +12,19 @@ Not responsible for: the gateway's scale from zero (bench/scaling.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` is importable
 
-from slinfer import config as slinfer_config
+from bench.bare_engine import bare_start
 from slinfer.agent.processes import ProcessIdentity
 from slinfer.dev import devcluster
 
@@ -98,48 +94,6 @@ def _wait_job_gone(bed: devcluster.Bed, job: str) -> None:
         time.sleep(0.5)
 
 
-def bare_start(bed: devcluster.Bed, model_name: str) -> tuple[float, float]:
-    """The agent's engine command, run directly: to /health, and to a first chat answer."""
-    cfg = slinfer_config.load(bed.config)
-    model = next(m for m in cfg.models if m.name == model_name)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    values = {"{python}": cfg.agent.python, "{source}": model.source, "{model}": model.name,
-              "{host}": "127.0.0.1", "{port}": str(port), "{gpus}": "1", "{job_id}": "bare"}
-    argv = []
-    for part in model.engine_command or cfg.agent.engine_command:
-        for key, value in values.items():
-            part = part.replace(key, value)
-        argv.append(part)
-    env = {**os.environ, **cfg.agent.engine_env, **model.engine_env, "CUDA_VISIBLE_DEVICES": "0"}
-    began = time.monotonic()
-    proc = subprocess.Popen([*argv, *model.engine_args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        ready = 0.0
-        while time.monotonic() - began < READY_TIMEOUT_S:
-            try:
-                if not ready:
-                    with urllib.request.urlopen(f"{base}/health", timeout=2) as reply:
-                        if reply.status == 200:
-                            ready = time.monotonic() - began
-                body = json.dumps({"model": model.name, "max_tokens": 4, "temperature": 0,
-                                   "messages": [{"role": "user", "content": "hello"}]}).encode()
-                request = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=60) as reply:
-                    if json.loads(reply.read())["usage"]["completion_tokens"] > 0:
-                        return ready, time.monotonic() - began
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"bare vLLM exited with {proc.returncode}") from None
-            time.sleep(0.2)
-        raise RuntimeError(f"bare vLLM not ready within {READY_TIMEOUT_S:.0f} s")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 def main() -> int:
@@ -160,7 +114,7 @@ def main() -> int:
             for model in models:
                 for path in ("bare", "cold", "warm"):
                     if path == "bare":
-                        figures = bare_start(bed, model)
+                        figures = bare_start(bed, model, READY_TIMEOUT_S)
                     else:
                         set_warm(bed, path == "warm")
                         figures = slinfer_start(bed, model)
