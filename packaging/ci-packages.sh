@@ -212,7 +212,9 @@ while [ "$(date +%s)" -lt $idle_deadline ]; do
   sleep 1
 done
 if [ "$node" != idle ]; then
-  scontrol show node; squeue --all --states=all --format='%i %u %T %r %M %N'; scontrol show job --details
+  scontrol show node || true
+  squeue --all --states=all --format='%i %u %T %r %M %N' || true
+  scontrol show job --details || true
   die "the node is $node 60 s after the job"
 fi
 echo "  job $job COMPLETED with a chat completion; node $node"
