@@ -26,6 +26,7 @@ from slinfer import tls
 from slinfer.agent.cgroups import JobCgroups
 from slinfer.agent.engines import EngineManager
 from slinfer.agent.gpu import Gpus
+from slinfer.agent.pagecache import PageCacheWarmer
 from slinfer.agent.records import RecordStore
 from slinfer.agent.reporter import Reporter
 from slinfer.agent.server import serve, single_agent_lock
@@ -48,13 +49,16 @@ async def run(config: config_mod.Config) -> None:
         cgroups = JobCgroups(node_name) if config.agent.contain else None
         # The template imports vLLM for about 15 s in the background; engines meanwhile start cold (logged).
         template = EngineTemplate(config, run_dir, run_dir / "logs") if config.agent.warm_start else None
+        pagecache = PageCacheWarmer()
         engines = EngineManager(config, RecordStore.of_run_dir(run_dir), http, gpus, checker, cgroups=cgroups,
-                                template=template)
+                                template=template, pagecache=pagecache)
         if template is not None:
             template.start()
         await engines.adopt_all()
         server = await serve(engines, Path(config.agent.socket))
         tasks: list[asyncio.Task[None]] = []
+        if any(m.readahead for m in config.models):
+            tasks.append(asyncio.create_task(_read_catalog_ahead(config, pagecache, node_name)))
         if config.agent.controller:
             reporter = Reporter(config.agent.controller, node_name, engines.address, engines.endpoints, gpus,
                                 config.agent.heartbeat_s, config.controller.token, config)
@@ -76,6 +80,13 @@ async def run(config: config_mod.Config) -> None:
         await engines.close()
         if template is not None:
             await template.close()
+
+
+async def _read_catalog_ahead(config: config_mod.Config, pagecache: PageCacheWarmer, node_name: str) -> None:
+    """The agent's start: the `readahead` models of this node's partitions into its page cache, behind the
+    socket and the reporter, which are already serving."""
+    partitions, _ = await SlurmView(node_name, config.agent.slurm_conf).node_facts()
+    await pagecache.read_catalog(config.models, partitions)
 
 
 async def _start_kubernetes(config: config_mod.Config, engines: EngineManager, gpus: Gpus,

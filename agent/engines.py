@@ -29,6 +29,7 @@ import psutil
 from slinfer.agent import jobfiles
 from slinfer.agent.cgroups import Hierarchy, JobCgroups
 from slinfer.agent.gpu import Gpus
+from slinfer.agent.pagecache import PageCacheWarmer, ReadAhead
 from slinfer.agent.processes import (
     ENGINE_MARKER,
     ProcessIdentity,
@@ -93,15 +94,20 @@ class _Running:
     cgroups: list[Hierarchy] = field(default_factory=list)
     oom_kills: int = 0
     containing: asyncio.Task[None] | None = None
+    # The read-ahead of the model's files that runs beside the engine's own start.
+    reading: asyncio.Task[ReadAhead | None] | None = None
 
 
 class EngineManager:
     def __init__(self, config: Config, store: RecordStore, http: aiohttp.ClientSession, gpus: Gpus,
                  checker: SlurmView | None = None, clock: Callable[[], float] = time.time,
-                 cgroups: JobCgroups | None = None, template: EngineTemplate | None = None) -> None:
+                 cgroups: JobCgroups | None = None, template: EngineTemplate | None = None,
+                 pagecache: PageCacheWarmer | None = None) -> None:
         self.config = config
         # The warm start's template; None means every engine starts cold.
         self.template = template
+        # Reads a `readahead` model's files while its engine starts; None reads nothing ahead.
+        self.pagecache = pagecache
         self.checker = checker
         self.cgroups = cgroups
         self.store = store
@@ -237,6 +243,10 @@ class EngineManager:
             running.task = asyncio.create_task(self._supervise(running, model))
             # Slurm creates the job's extern step only after this prolog returns: contain the engine once it is.
             running.containing = asyncio.create_task(self._contain(running))
+            if model.readahead and self.pagecache is not None:
+                # Beside the engine's own start (imports, fork, engine core), not before it: the prolog waits
+                # for none of it, and pages read while the engine starts are pages its weight load skips.
+                running.reading = asyncio.create_task(self.pagecache.read_ahead(model, f"job {job.job_id}"))
             log.info("job %s: started %s for %s (uid %d) on GPUs [%s] at %s, pid %d", job.job_id, job.model,
                      job.user, job.uid, ",".join(job.gpus), record.base_url, record.pid)
             return self._to_proto(running)
@@ -597,7 +607,7 @@ class EngineManager:
 
     async def close(self) -> None:
         """Stops supervising without touching the engines: a restarted agent re-adopts them."""
-        tasks = [t for r in self._engines.values() for t in (r.task, r.containing) if t is not None]
+        tasks = [t for r in self._engines.values() for t in (r.task, r.containing, r.reading) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -21,8 +21,10 @@ from slinfer.agent.engines import engine_command
 from slinfer.dev import devcluster
 
 
-def bare_start(bed: devcluster.Bed, model_name: str, timeout_s: float) -> tuple[float, float]:
-    """Seconds from the bare engine's start to its /health answering, and to its first chat answer."""
+def bare_start(bed: devcluster.Bed, model_name: str, timeout_s: float,
+               log_path: str = os.devnull) -> tuple[float, float]:
+    """Seconds from the bare engine's start to its /health answering, and to its first chat answer; the
+    engine's output goes to `log_path`."""
     cfg = slinfer_config.load(bed.config)
     model = next(m for m in cfg.models if m.name == model_name)
     with socket.socket() as probe:
@@ -31,8 +33,8 @@ def bare_start(bed: devcluster.Bed, model_name: str, timeout_s: float) -> tuple[
     argv = engine_command(cfg, model, "127.0.0.1", port, 1, "bare")
     env = {**os.environ, **cfg.agent.engine_env, **model.engine_env, "CUDA_VISIBLE_DEVICES": "0"}
     began = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         ready = 0.0

@@ -188,6 +188,9 @@ class ModelConfig:
     # Replaces [agent].engine_command for this model (for example a container runtime).
     engine_command: list[str] = field(default_factory=list)
     engine_env: dict[str, str] = field(default_factory=dict)
+    # Agents read the model's files into their page cache at start and at each of its jobs' starts, so that
+    # loading the weights reads memory, not a cold disk or network filesystem (agent/pagecache.py).
+    readahead: bool = False
     min_replicas: int = 0
     max_replicas: int = 1
     # Outstanding requests per replica the autoscaler aims at.

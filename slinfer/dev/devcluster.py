@@ -420,6 +420,8 @@ name = "smollm2"
 source = "{smollm2_model_path()}"
 gpus = 1
 engine_args = ["--max-model-len", "2048", "--dtype", "float32", "--enforce-eager"]
+# Its 270 MB of weights are read into the page cache at the agent's start and at each job's (agent/pagecache.py).
+readahead = true
 min_replicas = 0
 max_replicas = 2
 target_outstanding = 32.0
