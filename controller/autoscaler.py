@@ -302,8 +302,10 @@ class Autoscaler:
         lead = self.lead_time(cfg.name)
 
         demand = self._demand(cfg.name)
+        # Only the service's own engines: a user's private engine of the same model is that job's, and its
+        # requests (or a report its dead agent left behind) must not make the service take a GPU.
         engines = sum(r.running + r.waiting for r in self._registry.replicas(cfg.name)
-                      if r.state == engine_pb2.READY)
+                      if r.state == engine_pb2.READY and r.pool)
         sample = max(float(demand.in_flight + demand.queued), engines)
         m.average.add(sample)
         load = m.average.value()

@@ -49,9 +49,9 @@ class Bed:
         await self.scaler.step()
 
     def engine(self, job_id: str, state: int = engine_pb2.READY, node: str = "n1", running: float = 0,
-               waiting: float = 0, reason: str = "") -> None:
+               waiting: float = 0, reason: str = "", pool: bool = True) -> None:
         self.engines.setdefault(node, {})[job_id] = engine_pb2.Engine(
-            job_id=job_id, model="tiny", state=state, base_url=f"http://{node}:2000{job_id[-1]}", pool=True,
+            job_id=job_id, model="tiny", state=state, base_url=f"http://{node}:2000{job_id[-1]}", pool=pool,
             started_at=self.clock.now, ready_at=self.clock.now if state == engine_pb2.READY else 0,
             load=engine_pb2.EngineLoad(running=running, waiting=waiting), reason=reason)
 
@@ -132,6 +132,27 @@ async def test_engine_load_counts_where_larger_than_gateway() -> None:
     await bed.step()
     await bed.step()
     assert len(bed.slurm.submits) == 3 - 1  # ceil(9/4) = 3, one exists
+
+
+async def test_a_users_private_engine_of_the_model_never_scales_the_service(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A user's own `sbatch --inference=tiny` job (not --inference-pool), busy with its user's requests: its
+    # load is that job's, not the service's. Seen on the bed: a private engine's last report before its agent
+    # was killed said running=1, and the service submitted a pool job onto the node whose agent was gone.
+    bed = Bed(target_outstanding=4.0, max_replicas=3, window_s=2.0)
+    bed.engine("700", running=5, waiting=4, pool=False)
+    with caplog.at_level(logging.INFO, "slinfer.controller.autoscaler"):
+        for _ in range(5):
+            await bed.step()
+    assert bed.slurm.submits == [], caplog.text
+    # The same load on a pooled engine does scale: the filter is the pool flag, not the load.
+    job = await bed.slurm.submit(bed.model, "slinfer-tiny", f"{COMMENT_MARK} model=tiny")
+    bed.slurm.submits.clear()
+    bed.ready(job)
+    bed.engine(job, running=5, waiting=4)
+    await bed.step()
+    await bed.step()
+    assert len(bed.slurm.submits) == 3 - 1
 
 
 async def test_desired_clamped_to_max_and_min() -> None:
