@@ -47,6 +47,12 @@ def model_files(source: str) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
+def sized_files(source: str) -> tuple[list[Path], int]:
+    """The model's files and their bytes in all: listing and stat calls, slow on a network filesystem."""
+    paths = model_files(source)
+    return paths, sum(p.stat().st_size for p in paths)
+
+
 def available_memory() -> int:
     """MemAvailable of /proc/meminfo in bytes: what the kernel could give without swapping."""
     with open("/proc/meminfo", encoding="ascii") as meminfo:
@@ -95,8 +101,7 @@ class PageCacheWarmer:
         raised: read-ahead only ever saves time."""
         async with self._lock:
             try:
-                paths = await asyncio.to_thread(model_files, model.source)
-                size = sum(p.stat().st_size for p in paths)
+                paths, size = await asyncio.to_thread(sized_files, model.source)
                 reason = self._skip_reason(model, paths, size)
                 if reason:
                     log.info("model %s: no read-ahead (%s): %s", model.name, why, reason)

@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 
 from bench.bare_engine import bare_start
 from slinfer import config as slinfer_config
-from slinfer.agent.pagecache import PageCacheWarmer, model_files
+from slinfer.agent.pagecache import PageCacheWarmer, sized_files
 from slinfer.dev import devcluster
 
 # A smollm2 engine starts in about a minute here, several when other work shares the machine.
@@ -68,8 +68,7 @@ def main() -> int:
     model = slinfer_config.load(bed.config).model(args.model)
     if model is None:
         raise SystemExit(f"{args.model} is not in the bed's catalog")
-    paths = model_files(model.source)
-    size = sum(p.stat().st_size for p in paths)
+    paths, size = sized_files(model.source)
     print(f"{model.name}: {len(paths)} files, {size / 1e6:.1f} MB under {model.source}", flush=True)
     rows: dict[str, list[tuple[float, float, float]]] = {}
     warmer = PageCacheWarmer()

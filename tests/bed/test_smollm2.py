@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from slinfer.agent.pagecache import model_files
+from slinfer.agent.pagecache import sized_files
 from slinfer.dev import devcluster
 from tests.fakes.slurmbed import SlurmBed, wait_until
 
@@ -170,8 +170,8 @@ def test_the_node_is_serving_smollm2_from_the_models_built_folder(served: Served
 def test_the_agent_read_smollm2_into_the_page_cache_at_its_start_and_for_the_job(served: Served) -> None:
     """The catalog's `readahead = true`: the node's agent read every file of the model at its start and again
     beside the job's engine start, and logged what it read."""
-    files = model_files(str(devcluster.smollm2_model_path()))
-    megabytes = sum(p.stat().st_size for p in files) / 1e6
+    files, size = sized_files(str(devcluster.smollm2_model_path()))
+    megabytes = size / 1e6
     log = served.bed.bed.logs / "agent.log"
     for why in ("agent start", f"job {served.job}"):
         line = f"model {MODEL}: read ahead ({why}): {len(files)} files, {megabytes:.1f} MB in "
