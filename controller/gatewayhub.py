@@ -105,10 +105,11 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
     # ---- the table ---------------------------------------------------------------------------------------
     def table(self) -> gateway_pb2.RouteTable:
         alive = {a.node for a in self._registry.agents() if self._registry.agent_alive(a.node)}
+        # Only the shared pool: a private engine's key stays with its job and the controller (issue 27).
         replicas = [gateway_pb2.RoutedReplica(job_id=r.job_id, model=r.model, node=r.node, base_url=r.base_url,
                                               api_key=r.api_key, state=r.state, pool=r.pool, draining=r.draining,
                                               agent_alive=r.node in alive)
-                    for r in self._registry.replicas()]
+                    for r in self._registry.replicas() if r.pool]
         share = max(1, len(self._watchers))
         keys = []
         for digest, info in self._keys.entries():

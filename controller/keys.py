@@ -96,6 +96,8 @@ class KeyStore:
             del entry["burst"]
         try:
             self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # mkdir's mode binds only a folder it makes: one that exists (the state dir) is forced too.
+            self._path.parent.chmod(0o700)
             write_atomic(self._path, json.dumps(data, indent=1).encode())
         except OSError as exc:
             raise KeyStoreError(f"{self._path}: cannot write key file: {exc}") from exc

@@ -308,3 +308,21 @@ def test_the_program_refuses_bad_arguments_and_config_with_exit_2(tmp_path: Path
     assert "--workers must be 1 or more" in capsys.readouterr().err
     assert main(["--config", str(good), "--listen", "nowhere"]) == 2
     assert "is not HOST:PORT" in capsys.readouterr().err
+
+
+def test_a_private_engines_key_goes_to_no_gateway(tmp_path: Path) -> None:
+    """Issue 27, point 3: only pool replicas are in the feed; a private engine (its key included) is not."""
+    registry = Registry(agent_timeout_s=5.0)
+    keys = KeyStore(tmp_path / "keys.json")
+    ledger = UsageLedger(tmp_path / "usage", 60.0)
+    hub = GatewayHub(registry, keys, Limiter(KeyLimits(), ledger.tokens_today), ledger, TOKEN, lambda m: False,
+                     ["m"], warmup_s=0.0)
+    registry.report(controller_pb2.AgentReport(node="n1", address="127.0.0.1", agent_id="a", engines=[
+        engine_pb2.Engine(job_id="7", model="m", state=engine_pb2.READY, base_url="http://pool",
+                          api_key="pool-key", pool=True),
+        engine_pb2.Engine(job_id="8", model="m", state=engine_pb2.READY, base_url="http://private",
+                          api_key="private-key", pool=False)]))
+    assert {r.job_id for r in registry.replicas()} == {"7", "8"}  # the controller knows both
+    table = hub.table()
+    assert [(r.job_id, r.api_key) for r in table.replicas] == [("7", "pool-key")]
+    assert b"private-key" not in table.SerializeToString()

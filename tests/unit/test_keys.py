@@ -75,3 +75,13 @@ def test_names_are_checked(tmp_path: Path):
         store.create("")
     with pytest.raises(ValueError):
         store.create("bad\nname")
+
+
+def test_an_existing_folder_is_forced_to_0700(tmp_path: Path):
+    folder = tmp_path / "state"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755  # the fault: a folder others can read
+    store = KeyStore(folder / "keys.json")
+    store.create("alice")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
