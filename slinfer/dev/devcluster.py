@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import socket
 import stat
 import subprocess
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from slinfer.dev import hostchanges
 from slinfer.dev.netns import BedNetwork
 from slinfer.slurm import queries
 from slinfer.slurm.release import SlurmRoot
@@ -195,6 +195,13 @@ class Bed:
             env["PATH"] = f"{self.slurm_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"
         return env
 
+    @property
+    def slurmctld_state(self) -> Path:
+        """slurmctld's StateSaveLocation, one per release: a state another release saved stops slurmctld at
+        start ("Can not recover assoc_usage state, incompatible version"), so a bed that changes release keeps
+        each release's state apart rather than failing."""
+        return self.state / "slurmctld" / (self.release() or "unknown")
+
     def release(self) -> str:
         """The release of the Slurm this bed runs ("24.11")."""
         root = self.slurm_root
@@ -307,7 +314,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={bed.munge_socket}
-StateSaveLocation={s}/slurmctld
+StateSaveLocation={bed.slurmctld_state}
 SlurmdSpoolDir={spool}
 SlurmctldPidFile={bed.pidfile('slurmctld-self')}
 SlurmdPidFile={bed.pidfile('slurmd' + per_node + '-self')}
@@ -469,6 +476,7 @@ def write_configs(bed: Bed) -> None:
     for sub in ("munge", "slurmctld", "slurmd", "pids", "logs", "run", "controller"):
         (s / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(s, 0o755)
+    bed.slurmctld_state.mkdir(parents=True, exist_ok=True)
     token = bed_token(bed)
     ca, server, client = bed_certificates(bed, host)
     _write(bed.conf, _slurm_conf(bed, host))
@@ -530,7 +538,10 @@ def launch(bed: Bed, name: str, argv: list[str], env: dict[str, str] | None = No
     return proc.pid
 
 
-def stop_daemon(bed: Bed, name: str, grace: float = 10.0) -> None:
+def stop_daemon(bed: Bed, name: str, grace: float = 10.0) -> int:
+    """Stops a daemon of this bed; returns the pid it stopped, or 0 when none ran. A pid file whose process is
+    gone (it died, or its pid was reused) is said on stderr and removed, never taken for a stop: a caller that
+    must know a daemon really died and came back checks the pid returned."""
     pid = daemon_pid(bed, name)
     if pid:
         try:
@@ -542,7 +553,11 @@ def stop_daemon(bed: Bed, name: str, grace: float = 10.0) -> None:
             proc.wait(5)
         except psutil.NoSuchProcess:
             pass
+    elif bed.pidfile(name).exists():
+        print(f"dev-cluster: {name}'s pid file {bed.pidfile(name)} names no running {name} (it had died "
+              f"already); nothing stopped", file=sys.stderr)
     bed.pidfile(name).unlink(missing_ok=True)
+    return pid
 
 
 def slurm_runner(bed: Bed) -> Runner:
@@ -614,7 +629,8 @@ def _ensure_munge_key(bed: Bed) -> Path:
 
 
 def ensure_users() -> list[str]:
-    """Creates the bed's unprivileged users where they are missing; returns those it created."""
+    """Creates the bed's unprivileged users where they are missing, recorded first (hostchanges.py) so that the
+    last bed's `down` removes them; returns those it created."""
     import pwd
 
     created = []
@@ -622,6 +638,7 @@ def ensure_users() -> list[str]:
         try:
             pwd.getpwnam(user)
         except KeyError:
+            hostchanges.record_user(user)
             subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", user], check=True,
                            capture_output=True)
             created.append(user)
@@ -630,16 +647,33 @@ def ensure_users() -> list[str]:
 
 def make_usable_by_users(path: Path) -> list[Path]:
     """Lets every user reach and run `path` (the engine's Python, as a site's shared one is): each folder on the
-    way, link targets included, gets the search bit for others where it lacks it (a pyenv under /root, 0700).
-    Only search, never read: folder listings stay private. Returns the folders it changed."""
-    changed = []
-    for target in {path.absolute(), path.resolve()}:
-        for folder in reversed(target.parents):
-            mode = folder.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                folder.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
-                changed.append(folder)
-    return changed
+    way, link targets included, gets the search bit for others where it lacks it (a pyenv under /root, 0700),
+    its mode recorded first so that the last bed's `down` restores it (hostchanges.py). Only search, never read:
+    folder listings stay private. Returns the folders it changed."""
+    folders = [folder for target in {path.absolute(), path.resolve()} for folder in reversed(target.parents)]
+    return hostchanges.make_searchable(dict.fromkeys(folders))
+
+
+def other_beds_running(bed: Bed) -> list[str]:
+    """The Slurm configs of other beds whose slurmctld runs on this machine (they share the users and the
+    folders made searchable, so the host's changes stay while any runs)."""
+    others = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if proc.info["name"] != "slurmctld" or "-f" not in argv[:-1]:
+            continue
+        conf = argv[argv.index("-f") + 1]
+        if conf != str(bed.conf):
+            others.append(conf)
+    return others
+
+
+def restore_host(bed: Bed) -> list[str]:
+    """Undoes what `up` changed on the host (users, search bits), unless another bed still runs; says what."""
+    others = other_beds_running(bed)
+    if others:
+        return [f"host changes kept: other beds run ({', '.join(sorted(others))})"]
+    return hostchanges.undo()
 
 
 def up(bed: Bed, controller: bool = True) -> None:
@@ -810,6 +844,9 @@ def down(bed: Bed) -> list[int]:
     _sweep_stale_cgroups(bed)
     survivors = [p.pid for p in _bed_processes(bed)]
     _remove_network(bed)
+    if not survivors:
+        for line in restore_host(bed):
+            print(f"dev-cluster: {line}", file=sys.stderr)
     return survivors
 
 
@@ -927,6 +964,3 @@ def _recorded(path: Path, action: str, default: int) -> int:
     """A number `up` recorded in the state folder, for the commands on a running bed; `up` takes the default."""
     return int(path.read_text()) if action != "up" and path.exists() else default
 
-
-def remove_state(bed: Bed) -> None:
-    shutil.rmtree(bed.state, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""What `slinfer dev-cluster up` changes on the host outside its state folder, recorded so that `down` undoes it.
+
+Responsible for: one machine-wide record (RECORD, root-only) of the users the bed created and the original mode
+of every folder it made searchable (the o+x bit on /root and the pyenv folders on the way to the engine's
+Python); adding to it at `up` (the first original mode seen is kept: a second `up` must not record the mode the
+first one set), and undoing it at `down` once no other bed of this machine still runs: beds share the users and
+the folders, so the last bed down restores them. A mode someone else changed since is left alone, said so.
+Not responsible for: making the changes (devcluster.py does, and reports them here), the bed's own folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Outside any bed's state folder (tests remove theirs): the host's changes outlive one bed, not the machine's
+# users. An environment variable points the unit tests at a file of their own.
+RECORD = Path(os.environ.get("SLINFER_DEV_HOST_RECORD", "/var/lib/slinfer-dev/host-changes.json"))
+
+
+@dataclass
+class HostChanges:
+    """The record: users created, and each changed folder's mode before the bed's first change and after it."""
+
+    users: list[str] = field(default_factory=list)
+    # path -> [mode before, mode the bed set]
+    modes: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> HostChanges:
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(users=list(data.get("users", [])), modes={k: list(v) for k, v in data.get("modes", {}).items()})
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"users": self.users, "modes": self.modes}, out, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+    @property
+    def empty(self) -> bool:
+        return not self.users and not self.modes
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[HostChanges]:
+    """The record, read and written under an exclusive lock (beds go up and down in parallel)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        changes = HostChanges.load(path)
+        yield changes
+        if changes.empty:
+            path.unlink(missing_ok=True)
+        else:
+            changes.save(path)
+
+
+def record_user(user: str, path: Path | None = None) -> None:
+    """Notes a user the bed created (before it is created: a crash in between leaves a name to remove)."""
+    with _locked(path or RECORD) as changes:
+        if user not in changes.users:
+            changes.users.append(user)
+
+
+def make_searchable(folders: Iterable[Path], path: Path | None = None) -> list[Path]:
+    """Gives each folder the search bit for others where it lacks it, recording its mode first; returns those it
+    changed. Only search, never read: listings stay private."""
+    changed = []
+    with _locked(path or RECORD) as changes:
+        for folder in folders:
+            mode = stat.S_IMODE(folder.stat().st_mode)
+            if mode & stat.S_IXOTH:
+                continue
+            new = mode | stat.S_IXOTH
+            before = changes.modes.get(str(folder), [mode, new])[0]
+            changes.modes[str(folder)] = [before, new]
+            folder.chmod(new)
+            changed.append(folder)
+    return changed
+
+
+def undo(path: Path | None = None) -> list[str]:
+    """Restores every recorded mode and removes every recorded user; returns what it did and what it left,
+    one line each. The caller makes sure no other bed still needs them."""
+    said = []
+    with _locked(path or RECORD) as changes:
+        for folder, (before, after) in sorted(changes.modes.items(), key=lambda kv: -len(kv[0])):
+            try:
+                now = stat.S_IMODE(Path(folder).stat().st_mode)
+            except FileNotFoundError:
+                said.append(f"{folder} is gone; nothing to restore")
+                continue
+            if now != after:
+                said.append(f"{folder} is {now:o}, not the {after:o} the bed set: someone changed it since, left so")
+            else:
+                os.chmod(folder, before)
+                said.append(f"{folder} restored to {before:o}")
+        changes.modes.clear()
+        kept = []
+        for user in changes.users:
+            done = subprocess.run(["userdel", "--remove", user], capture_output=True, text=True, check=False)
+            # 6: no such user (removed already); 12: the home folder was already gone.
+            if done.returncode in (0, 6, 12):
+                said.append(f"removed the user {user}")
+            else:
+                kept.append(user)
+                said.append(f"could not remove the user {user}: {done.stderr.strip()} (kept in the record)")
+        changes.users = kept
+    return said

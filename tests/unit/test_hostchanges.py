@@ -1,0 +1,90 @@
+"""The bed's changes to the host are recorded and undone (hostchanges.py), and `stop_daemon` tells a stop from a
+stale pid file (devcluster.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from slinfer.dev import devcluster, hostchanges
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_search_bits_are_recorded_once_and_restored(tmp_path: Path) -> None:
+    record = tmp_path / "record.json"
+    closed, open_ = tmp_path / "closed", tmp_path / "open"
+    closed.mkdir(mode=0o700)
+    open_.mkdir(mode=0o755)
+    closed.chmod(0o700)
+    changed = hostchanges.make_searchable([closed, open_], record)
+    assert changed == [closed]
+    assert _mode(closed) == 0o701
+    # A second `up` sees 0701 already: the record keeps the mode from before the first.
+    assert hostchanges.make_searchable([closed], record) == []
+    assert json.loads(record.read_text())["modes"] == {str(closed): [0o700, 0o701]}
+    said = hostchanges.undo(record)
+    assert _mode(closed) == 0o700 and _mode(open_) == 0o755
+    assert said == [f"{closed} restored to 700"]
+    assert not record.exists()
+
+
+def test_a_mode_changed_since_is_left_alone(tmp_path: Path) -> None:
+    record = tmp_path / "record.json"
+    folder = tmp_path / "f"
+    folder.mkdir()
+    folder.chmod(0o750)
+    hostchanges.make_searchable([folder], record)
+    assert _mode(folder) == 0o751
+    folder.chmod(0o755)  # an administrator opened it meanwhile
+    said = hostchanges.undo(record)
+    assert _mode(folder) == 0o755
+    assert "someone changed it since" in said[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates and removes a user (CI and make test run as root)")
+def test_recorded_users_are_removed(tmp_path: Path) -> None:
+    record = tmp_path / "record.json"
+    user = "slinfer-hc-test"
+    subprocess.run(["userdel", "--remove", user], capture_output=True, check=False)
+    hostchanges.record_user(user, record)
+    subprocess.run(["useradd", "--create-home", "--user-group", user], check=True, capture_output=True)
+    home = Path(pwd.getpwnam(user).pw_dir)
+    assert home.is_dir()  # positive control: the user and its home exist before the undo
+    said = hostchanges.undo(record)
+    assert said == [f"removed the user {user}"]
+    with pytest.raises(KeyError):
+        pwd.getpwnam(user)
+    assert not home.exists()
+    assert not record.exists()
+
+
+def test_stop_daemon_reports_a_stale_pid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bed = devcluster.Bed(tmp_path, 29900, slurm="")
+    (tmp_path / "pids").mkdir()
+    done = subprocess.Popen(["true"])
+    done.wait()
+    bed.pidfile("slurmd").write_text(json.dumps([done.pid, time.time()]))
+    assert devcluster.stop_daemon(bed, "slurmd") == 0
+    assert "names no running slurmd" in capsys.readouterr().err
+    assert not bed.pidfile("slurmd").exists()
+
+
+def test_stop_daemon_returns_the_pid_it_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bed = devcluster.Bed(tmp_path, 29900, slurm="")
+    (tmp_path / "pids").mkdir()
+    proc = subprocess.Popen(["sleep", "60"])
+    bed.pidfile("slurmd").write_text(json.dumps([proc.pid, psutil.Process(proc.pid).create_time()]))
+    assert devcluster.stop_daemon(bed, "slurmd") == proc.pid
+    assert proc.wait(5) is not None
+    assert capsys.readouterr().err == ""
