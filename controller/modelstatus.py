@@ -5,7 +5,8 @@ gateway's `/v1/models`: the OpenAI fields, `max_model_len` as the model's engine
 `/v1/models` carries it; asked once per engine, remembered per model), and the extension object `slinfer`:
 
 - `ready`: `replicas` routable engines;
-- `starting`: a job runs (or an engine reports STARTING) but no engine is READY; `starting_s` since it started;
+- `starting`: a job of the service runs (or a pooled engine reports STARTING) but no engine is READY;
+  `starting_s` since it started (a user's private engine of the model is not the service's);
 - `queued`: the model's Slurm job is PENDING; `reason` as squeue says it, `queued_s` since it was submitted;
 - `offline`: nothing runs or waits (a model with `min_replicas = 0` and no load).
 
@@ -79,7 +80,9 @@ class ModelBoard:
         routable = self._registry.routable(model)
         if routable:
             return {"state": "ready", "replicas": len(routable)}
-        replicas = {r.job_id: r for r in self._registry.replicas(model)}
+        # The shared service's engines only: a user's private job of the same model (its own `sbatch
+        # --inference`, pool=False) is not a replica of the service, starting or not.
+        replicas = {r.job_id: r for r in self._registry.replicas(model) if r.pool}
         # Since when each starting job (or engine) started: the job's start, else the engine's.
         starts = [r.started_at for r in replicas.values() if r.state == engine_pb2.STARTING and r.started_at]
         starting_jobs = [j for j in jobs if j.state in ("RUNNING", "CONFIGURING")

@@ -32,8 +32,8 @@ def _report(registry: Registry, *engines: engine_pb2.Engine) -> None:
 
 
 def _engine(job_id: str, state: int, base_url: str = "http://127.0.0.1:9", started_at: float = 0.0,
-            model: str = "m") -> engine_pb2.Engine:
-    return engine_pb2.Engine(job_id=job_id, model=model, state=state, base_url=base_url, pool=True,
+            model: str = "m", pool: bool = True) -> engine_pb2.Engine:
+    return engine_pb2.Engine(job_id=job_id, model=model, state=state, base_url=base_url, pool=pool,
                              started_at=started_at)
 
 
@@ -71,6 +71,19 @@ async def test_a_failed_engine_of_a_running_job_is_not_starting() -> None:
     board, registry = _board(jobs)
     _report(registry, _engine("7", engine_pb2.FAILED))
     assert board.state("m", jobs) == {"state": "offline"}
+
+
+async def test_a_users_private_engine_does_not_make_the_shared_model_starting_or_ready() -> None:
+    board, registry = _board([])
+    # Alice's own `sbatch --inference=m` job (pool=False) starts, then serves her: the service has no replica.
+    _report(registry, _engine("9", engine_pb2.STARTING, started_at=NOW - 20, pool=False))
+    assert board.state("m", []) == {"state": "offline"}
+    _report(registry, _engine("9", engine_pb2.READY, pool=False))
+    assert board.state("m", []) == {"state": "offline"}
+    # Positive control: the service's own engine starting beside it makes the model starting, since its start.
+    _report(registry, _engine("9", engine_pb2.READY, pool=False),
+            _engine("7", engine_pb2.STARTING, started_at=NOW - 4))
+    assert board.state("m", []) == {"state": "starting", "starting_s": 4.0}
 
 
 async def test_max_model_len_is_asked_of_the_engine_once_and_kept_while_offline(standins) -> None:
