@@ -4,11 +4,14 @@ then end to end through the real gateway, the stand-in engine, the Admin API and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,8 @@ from slinfer.controller.usage import Meter, UsageLedger
 from slinfer.v1 import admin_pb2_grpc, controller_pb2_grpc
 
 T0 = 20000 * DAY_S + 3600.0  # 1:00 UTC on some day
+# A tmpfs this small fills up in a few writes; it only ever holds a ledger's few lines.
+TMPFS_BYTES = 256 * 1024
 
 
 class Clock:
@@ -149,21 +154,74 @@ def test_memory_is_bounded_by_keys_and_models_not_requests(tmp_path: Path) -> No
     assert sum(r.requests for r in ledger.query()) == 20000
 
 
-def test_a_write_error_keeps_the_sums_until_the_disk_is_back(tmp_path: Path) -> None:
-    folder = tmp_path / "usage"
-    ledger = UsageLedger(folder, clock=Clock())
-    folder.parent.chmod(0o500)  # the state folder cannot take the ledger's folder
+@contextlib.contextmanager
+def _read_only(folder: Path) -> Iterator[None]:
+    """`folder` takes no new file or folder while inside. Root writes through permission bits (as `make test` and
+    CI run), so as root it is a read-only tmpfs mounted over it; as anyone else its write bit is taken away."""
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        try:
+            yield
+        finally:
+            folder.chmod(0o700)
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"ro,size={TMPFS_BYTES},mode=0700", "slinfer-test", str(folder)],
+                   check=True)
     try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_write_error_keeps_the_sums_until_the_disk_is_back(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    folder = state / "usage"
+    ledger = UsageLedger(folder, clock=Clock())
+    with _read_only(state):  # the state folder cannot take the ledger's folder
         ledger.record("k1", "alice", "physics", "m", 200, used(1, 2))
         ledger.flush()
-        if os.geteuid() != 0:  # root writes anyway; then there is nothing to test here
-            assert ledger.write_errors == 1 and len(ledger._pending) == 1
-            ledger.record("k1", "alice", "physics", "m", 200, used(1, 2))
-    finally:
-        folder.parent.chmod(0o700)
+        assert not folder.exists()
+        assert ledger.write_errors == 1 and len(ledger._pending) == 1
+        ledger.record("k1", "alice", "physics", "m", 200, used(1, 2))
+        ledger.flush()
+        assert ledger.write_errors == 2 and len(ledger._pending) == 1
     ledger.flush()
-    assert [(r.requests, r.prompt_tokens) for r in ledger.query()] in ([(2, 2)], [(1, 1)])
+    assert ledger.write_errors == 2
+    assert [(r.requests, r.prompt_tokens, r.completion_tokens) for r in ledger.query()] == [(2, 2, 4)]
     assert not ledger._pending
+
+
+def test_a_full_disk_keeps_the_sums_until_there_is_room_again(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can mount the small tmpfs that fills up (make test and CI run as root)")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES},mode=0700", "slinfer-test", str(state)],
+                   check=True)
+    try:
+        folder = state / "usage"
+        ledger = UsageLedger(folder, clock=Clock())
+        filler = state / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError) as full:
+                while True:
+                    os.write(fd, b"x" * 4096)
+        finally:
+            os.close(fd)
+        assert full.value.errno == errno.ENOSPC
+        ledger.record("k1", "alice", "physics", "m", 200, used(1, 2))
+        ledger.flush()
+        assert ledger.write_errors == 1 and len(ledger._pending) == 1
+        assert all(p.stat().st_size == 0 for p in folder.glob("*.jsonl")), "a sum was written to a full disk"
+        ledger.record("k1", "alice", "physics", "m", 200, used(1, 2))
+        filler.unlink()
+        ledger.flush()
+        assert ledger.write_errors == 1 and not ledger._pending
+        assert [(r.requests, r.prompt_tokens, r.completion_tokens) for r in ledger.query()] == [(2, 2, 4)]
+    finally:
+        subprocess.run(["umount", str(state)], check=True)
 
 
 def test_a_write_error_from_a_file_in_the_way(tmp_path: Path) -> None:
