@@ -16,6 +16,8 @@
 #   6. slinfer doctor on that bed: every line OK
 #   7. one sbatch --inference=tiny job that gets a chat completion from its engine
 #   8. stop the bed, apt-get purge, and check that nothing of the packages is left
+# A package that was not built fails the run; so does a missing release root where SLINFER_REQUIRE_ARTEFACTS=1 (CI),
+# which also turns the package tests' skips for missing artefacts into failures (tests/packaging/artefacts.py).
 # State in /tmp/slinfer-pkgtest, ports from 36800 (other beds use other folders and ports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,6 +85,9 @@ step "make deb"
 packaging/build-deb.sh
 version=$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)
 debs=("dist/slinfer_${version}_amd64.deb" "dist/slinfer-spank_${version}_amd64.deb")
+for deb in "${debs[@]}"; do
+  [ -f "$deb" ] || die "make deb built no $deb"
+done
 
 step "the packages' contents (tests/packaging/test_packages.py)"
 SLINFER_DEB_DIR=$REPO/dist "$REPO/.venv/bin/pytest" -q -p no:cacheprovider tests/packaging/test_packages.py
@@ -101,6 +106,11 @@ releases=()
 for stamp in /opt/slurm/*/.complete; do
   [ -e "$stamp" ] && releases+=("$(basename "$(dirname "$stamp")")")
 done
+# In CI (SLINFER_REQUIRE_ARTEFACTS=1, set by .ci/run) the release roots were built by make test-release: none
+# found means a step before this one failed, and the per-release checks below would pass by checking nothing.
+if [ ${#releases[@]} = 0 ] && [ "${SLINFER_REQUIRE_ARTEFACTS:-}" = 1 ]; then
+  die "no Slurm release root under /opt/slurm (make slurm SLURM_RELEASE=...), and SLINFER_REQUIRE_ARTEFACTS=1"
+fi
 rm -f dist/*.rpm
 packaging/build-rpm.sh
 for release in "${releases[@]}"; do
@@ -112,6 +122,8 @@ SLINFER_RPM_DIR=$REPO/dist "$REPO/.venv/bin/pytest" -q -p no:cacheprovider tests
 step "each release's slinfer-spank .deb in its root (${releases[*]:-none})"
 for release in "${releases[@]}"; do
   packaging/build-spank-deb.sh "$release"
+  ls dist/slinfer-spank_*+slurm"$release"_amd64.deb >/dev/null 2>&1 \
+    || die "make deb-spank SLURM_RELEASE=$release built no dist/slinfer-spank_*+slurm${release}_amd64.deb"
 done
 SLINFER_DEB_DIR=$REPO/dist "$REPO/.venv/bin/pytest" -q -p no:cacheprovider tests/packaging/test_release_debs.py
 

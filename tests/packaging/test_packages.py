@@ -1,5 +1,6 @@
 """The built .debs (`make deb`, into dist/ or $SLINFER_DEB_DIR): what an administrator relies on is in them.
-packaging/ci-packages.sh runs these right after the build; without built packages they skip, saying so."""
+packaging/ci-packages.sh runs these right after the build; without built packages they skip, saying so, or fail
+where SLINFER_REQUIRE_ARTEFACTS=1 (CI: tests/packaging/artefacts.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from slinfer import config as config_mod
+from tests.packaging.artefacts import missing
 
 REPO = Path(__file__).resolve().parents[2]
 DEB_DIR = Path(os.environ.get("SLINFER_DEB_DIR", REPO / "dist"))
@@ -24,7 +26,7 @@ def _deb(name: str) -> Path:
     # The system's release only: `make deb-spank` puts other releases' slinfer-spank (+slurmR) beside it.
     found = sorted(p for p in DEB_DIR.glob(f"{name}_*_amd64.deb") if "+slurm" not in p.name)
     if not found:
-        pytest.skip(f"no {name} .deb in {DEB_DIR}: run make deb")
+        missing(f"no {name} .deb in {DEB_DIR}: run make deb")
     return found[-1]
 
 

@@ -4,7 +4,8 @@ with dpkg into that release's root (/opt/slurm/RELEASE, `make slurm`) and its pl
 The root itself is never changed: the install goes into an overlay on top of it (other beds use the root). The
 `slinfer` package the .deb depends on is built for Debian 12's python3.11, which these roots do not carry, so dpkg
 is told to ignore that one dependency, and only that one: the pin on the release's Slurm is checked as it is.
-Run by packaging/ci-packages.sh; as root (mount, chroot); without a root or a .deb they skip, saying so.
+Run by packaging/ci-packages.sh; as root (mount, chroot); without a root or a .deb they skip, saying so, or fail
+where SLINFER_REQUIRE_ARTEFACTS=1 (CI: tests/packaging/artefacts.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.packaging.artefacts import missing
 
 REPO = Path(__file__).resolve().parents[2]
 DEB_DIR = Path(os.environ.get("SLINFER_DEB_DIR", REPO / "dist"))
@@ -37,13 +40,13 @@ def _releases() -> list[str]:
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     """(release, the .deb, the merged overlay of that release's root)."""
     if request.param == "none":
-        pytest.skip(f"no Slurm release root under {ROOTS}: make slurm SLURM_RELEASE=24.11")
+        missing(f"no Slurm release root under {ROOTS}: make slurm SLURM_RELEASE=24.11")
     if os.geteuid() != 0:
-        pytest.skip("needs root (overlay mount, chroot)")
+        missing("needs root (overlay mount, chroot)")
     release = str(request.param)
     debs = sorted(DEB_DIR.glob(f"slinfer-spank_*+slurm{release}_amd64.deb"))
     if not debs:
-        pytest.skip(f"no slinfer-spank .deb for {release} in {DEB_DIR}: make deb-spank SLURM_RELEASE={release}")
+        missing(f"no slinfer-spank .deb for {release} in {DEB_DIR}: make deb-spank SLURM_RELEASE={release}")
     for name in ("upper", "work", "merged"):
         (tmp_path / name).mkdir()
     merged = tmp_path / "merged"
@@ -85,7 +88,7 @@ def test_the_release_deb_installs_into_its_root_and_its_plugin_loads_there(root:
 
     # The same check refuses a plugin of another release: the pass above is the release's own plugin loading.
     if not OTHER_PLUGIN.is_file():
-        pytest.skip(f"{OTHER_PLUGIN} is not built (make spank): the negative check needs it")
+        missing(f"{OTHER_PLUGIN} is not built (make spank): the negative check needs it")
     (merged / PLUGIN.lstrip("/")).write_bytes(OTHER_PLUGIN.read_bytes())
     refused = _in(merged, "sbatch", "--help", check=False)
     assert refused.returncode != 0

@@ -1,6 +1,7 @@
 """The built RPMs (`make rpm [SLURM_RELEASE=...]`, into dist/ or $SLINFER_RPM_DIR), one pair per Slurm release:
 what an EL administrator relies on is in them, and each plugin is the one for its release. packaging/ci-packages.sh
-runs these right after building the RPMs for 22.05 and each release root; without built RPMs they skip, saying so.
+runs these right after building the RPMs for 22.05 and each release root; without built RPMs they skip, saying so,
+or fail where SLINFER_REQUIRE_ARTEFACTS=1 (CI: tests/packaging/artefacts.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from slinfer.cli import doctor
+from tests.packaging.artefacts import missing
 
 REPO = Path(__file__).resolve().parents[2]
 RPM_DIR = Path(os.environ.get("SLINFER_RPM_DIR", REPO / "dist"))
@@ -31,9 +33,9 @@ def _releases() -> list[str]:
 @pytest.fixture(params=_releases())
 def release(request: pytest.FixtureRequest) -> str:
     if request.param == "none":
-        pytest.skip(f"no slinfer-spank RPM in {RPM_DIR}: run make rpm")
+        missing(f"no slinfer-spank RPM in {RPM_DIR}: run make rpm")
     if not shutil.which("rpm"):
-        pytest.skip("rpm is not installed (apt-get install rpm)")
+        missing("rpm is not installed (apt-get install rpm)")
     return str(request.param)
 
 
