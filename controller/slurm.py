@@ -12,7 +12,7 @@ known job by id.
 Not responsible for: deciding what to submit or cancel (the autoscaler), recognising which of its user's jobs
 are the autoscaler's (the caller matches name and comment), or running and parsing Slurm's clients
 (slinfer.slurm). Submission goes through `sbatch` because only it passes SPANK options such as `--inference` to
-the prolog (DESIGN.md).
+the prolog (docs/architecture/design.md).
 """
 
 from __future__ import annotations

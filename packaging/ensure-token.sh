@@ -22,7 +22,7 @@ fi
 # 32 random bytes as hex: no character needs escaping in TOML or in a shell.
 token=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 [ ${#token} -eq 64 ] || { echo "ensure-token: could not read /dev/urandom" >&2; exit 1; }
-line="token = \"$token\"  # generated at install; the same on every node (README: rotating the token)"
+line="token = \"$token\"  # generated at install; the same on every node (docs/admin/security.md: rotating the token)"
 if grep -Eq '^[[:space:]]*token[[:space:]]*=[[:space:]]*""' "$CONFIG"; then
     sed -i -E "s|^[[:space:]]*token[[:space:]]*=[[:space:]]*\"\".*$|$line|" "$CONFIG"
 elif grep -Eq '^[[:space:]]*\[controller\][[:space:]]*(#.*)?$' "$CONFIG"; then

@@ -396,7 +396,7 @@ class Doctor:
         c, a = self.config.controller, self.config.agent
         if not tls.client_uses_tls(self.config):
             return [Result("tls", False, "the gRPC port is plaintext: agents' reports carry every engine's API key "
-                           "in the clear", "set [controller].tls_cert, tls_key and tls_ca (README: TLS)")]
+                           "in the clear", "set [controller].tls_cert, tls_key and tls_ca (docs/admin/security.md)")]
         host = c.address.rpartition(":")[0].strip("[]")
         now = datetime.datetime.now(datetime.UTC)
         ca = None
@@ -540,11 +540,11 @@ def _dates(check: str, what: str, cert: x509.Certificate, now: datetime.datetime
         return Result(check, False, f"{what} is not valid before {start:%Y-%m-%d %H:%M} UTC",
                       "check this node's clock, or issue a certificate valid now")
     if now > end:
-        return Result(check, False, f"{what} expired on {end:%Y-%m-%d}", "renew it (README: rotating certificates)")
+        return Result(check, False, f"{what} expired on {end:%Y-%m-%d}", "renew it (docs/admin/security.md)")
     days = (end - now).days
     if days < EXPIRY_WARNING_DAYS:
         return Result(check, False, f"{what} expires in {days} day(s), on {end:%Y-%m-%d}",
-                      "renew it now (README: rotating certificates)")
+                      "renew it now (docs/admin/security.md)")
     return Result(check, True, f"{what} valid until {end:%Y-%m-%d}")
 
 

