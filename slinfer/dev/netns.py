@@ -158,10 +158,6 @@ class BedNetwork:
         return sorted(names)
 
 
-def _link_exists(name: str) -> bool:
-    return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
-
-
 def _ip(*args: str, missing_ok: bool = False) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True)
     if done.returncode != 0 and not (missing_ok and "Cannot find device" in done.stderr):
