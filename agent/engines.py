@@ -322,7 +322,8 @@ class EngineManager:
         env.update(self._rank_env(record))
         env.update(self.config.agent.engine_env)
         env.update(model.engine_env)
-        cwd = record.work_dir if record.work_dir and os.path.isdir(record.work_dir) else env["HOME"]
+        # Entered as the job's user (never probed or entered by root): its folder, else its home.
+        cwd = record.work_dir or env["HOME"]
         log_path = self.logs_dir / f"{record.job_id}.log"
         argv = self._argv(record, model)
         popen: EngineProcess
@@ -331,7 +332,7 @@ class EngineManager:
             popen, identity, record.start_path = warm, warm.identity, "warm"
         else:
             popen, identity = spawn_as_user(argv, uid=record.uid, gid=record.gid, user=record.user, env=env,
-                                            cwd=cwd, log_path=log_path)
+                                            cwd=cwd, fallback_cwd=env["HOME"], log_path=log_path)
             record.start_path = "cold"
         record.argv = argv
         record.pid, record.create_time, record.session_id = identity.pid, identity.create_time, identity.pid

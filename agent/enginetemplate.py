@@ -8,6 +8,11 @@ folder and argv and then runs the requested module as `__main__` (what `python -
 its children and answering what became of each. Not responsible for: deciding which job gets a warm engine,
 containment, health or stopping engines (the agent does, as for a cold start).
 
+No job's secret ever enters this process: a `spawn` request carries no environment. The job's environment (its
+engine's API key among it) comes as a file descriptor beside the request (SCM_RIGHTS), which the template
+closes unread after the fork; only the child reads it, after it has become the job's user. So no later child,
+whose memory its own user can read, inherits an earlier job's key from the template's heap.
+
 This file runs with the site's engine Python, which may be another venv than the agent's: it imports nothing of
 slinfer and only the standard library before --preload. The agent's side of the protocol is `warmstart.py`.
 """
@@ -15,6 +20,8 @@ slinfer and only the standard library before --preload. The agent's side of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import runpy
@@ -31,6 +38,8 @@ USER_SPECIFIC = frozenset({"TORCHINDUCTOR_CACHE_DIR"})
 MAX_LINE = 1 << 20
 # How often the loop wakes to reap children when no request comes: a dead engine's status is known within this.
 REAP_INTERVAL_S = 0.2
+# Descriptors a request may carry (a spawn carries one: its environment); more are closed and refused.
+MAX_FDS = 4
 # Exit statuses kept for the agent to ask about; older ones are dropped so that a long-lived template stays small.
 KEEP_EXITS = 1024
 
@@ -78,8 +87,6 @@ def _force_fork_in_vllm() -> None:
 
 
 def _set_title(title: str) -> None:
-    import ctypes
-
     try:
         publish_in_proc([title])
     except OSError:
@@ -133,8 +140,6 @@ def publish_in_proc(argv: list[str], env: dict[str, str] | None = None) -> None:
     """Makes /proc/self/cmdline and /proc/self/environ show the engine's argv and environment instead of the
     template's: the agent finds and kills an engine's processes by the marker in its environ, and people read
     `ps`. Raises OSError where the kernel refuses (no CONFIG_CHECKPOINT_RESTORE)."""
-    import ctypes
-
     class MmMap(ctypes.Structure):
         _fields_ = [(name, ctypes.c_uint64) for name in (
             "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack", "arg_start",
@@ -172,22 +177,37 @@ PR_SET_DUMPABLE = 4
 
 
 def _set_dumpable() -> None:
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_DUMPABLE): {os.strerror(errno)}")
 
 
-def _child(request: dict[str, Any], closing: list[socket.socket], import_env: dict[str, str]) -> None:
+def _read_env(env_fd: int) -> dict[str, str]:
+    """The job's environment from the descriptor the agent sent (a JSON object), read to its end and closed."""
+    chunks = []
+    with os.fdopen(env_fd, "rb") as source:
+        source.seek(0)
+        while chunk := source.read(65536):
+            chunks.append(chunk)
+    env = json.loads(b"".join(chunks))
+    if not isinstance(env, dict):
+        raise ValueError("the environment descriptor holds no JSON object")
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def _child(request: dict[str, Any], env_fd: int, closing: list[socket.socket], import_env: dict[str, str]) -> None:
     """Becomes the job's engine; never returns."""
     code = 1
     try:
         for sock in closing:
             sock.close()
         os.setsid()
-        log_fd = os.open(request["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # The job's user and root only: the log holds what the engine prints, which is the job's business.
+        log_fd = os.open(request["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        if os.geteuid() == 0:
+            os.fchown(log_fd, int(request["uid"]), int(request["gid"]))
+            os.fchmod(log_fd, 0o600)
         null_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
@@ -195,15 +215,8 @@ def _child(request: dict[str, Any], closing: list[socket.socket], import_env: di
         os.close(null_fd)
         os.close(log_fd)
         uid, gid = int(request["uid"]), int(request["gid"])
-        # The job's environment, and what the preloaded imports set (a cold start's imports would set it too,
-        # e.g. torch's PYTORCH_NVML_BASED_CUDA_CHECK) where the job's does not say otherwise.
-        env = {**import_env, **{str(k): str(v) for k, v in request["env"].items()}}
         module = str(request["module"])
         args = [str(a) for a in request["args"]]
-        try:
-            publish_in_proc([sys.executable, "-m", module, *args], env)
-        except OSError as exc:
-            print(f"slinfer engine template: /proc shows the template's argv and environment: {exc}", file=sys.stderr)
         if os.geteuid() == 0:
             os.setgroups([int(g) for g in request.get("groups", [])])
             os.setgid(gid)
@@ -211,13 +224,25 @@ def _child(request: dict[str, Any], closing: list[socket.socket], import_env: di
         if os.getuid() != uid or os.geteuid() != uid or os.getgid() != gid or os.getegid() != gid:
             raise PermissionError(f"could not become uid {uid} gid {gid} (now {os.getuid()}/{os.geteuid()} "
                                   f"{os.getgid()}/{os.getegid()})")
+        # The job's environment, read only now, as the job's user: the key never was in the template. Then what
+        # the preloaded imports set (a cold start's imports would set it too, e.g. torch's
+        # PYTORCH_NVML_BASED_CUDA_CHECK) where the job's does not say otherwise.
+        env = {**import_env, **_read_env(env_fd)}
+        try:
+            publish_in_proc([sys.executable, "-m", module, *args], env)
+        except OSError as exc:
+            print(f"slinfer engine template: /proc shows the template's argv and environment: {exc}", file=sys.stderr)
         # A uid change makes the process undumpable: /proc/PID/* then stays root's, and the job's user could not
-        # read or debug their own engine. An exec (the cold start) sets it back; the fork does it here. The
-        # template holds no secret: the agent starts it with the engines' shared environment only.
+        # read or debug their own engine. An exec (the cold start) sets it back; the fork does it here. Its
+        # memory holds its own job's secrets only: the template never held any (see the module's docstring).
         _set_dumpable()
         os.environ.clear()
         os.environ.update(env)
-        os.chdir(request["cwd"])
+        # As the job's user: root would reach a folder the user may not, for them. Its home where it cannot.
+        try:
+            os.chdir(request["cwd"])
+        except OSError:
+            os.chdir(env.get("HOME", "/"))
         sys.argv = [module, *args]
         sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
         sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
@@ -258,7 +283,7 @@ class Template:
                 while len(self.exits) > KEEP_EXITS:
                     del self.exits[next(iter(self.exits))]
 
-    def answer(self, request: dict[str, Any], conn: socket.socket) -> dict[str, Any]:
+    def answer(self, request: dict[str, Any], conn: socket.socket, fds: list[int]) -> dict[str, Any]:
         op = request.get("op")
         if op == "ping":
             threads, tasks = thread_count()
@@ -275,33 +300,45 @@ class Template:
             if threads != 1 or tasks != 1:
                 return {"ok": False, "error": f"template runs {threads} Python threads and {tasks} tasks: "
                                               "refusing to fork"}
-            missing = [k for k in ("args", "env", "uid", "gid", "cwd", "log_path", "module") if k not in request]
+            missing = [k for k in ("args", "uid", "gid", "cwd", "log_path", "module") if k not in request]
+            if len(fds) != 1:
+                missing.append("its environment (one descriptor beside the request)")
+            if "env" in request:
+                return {"ok": False, "error": "spawn request carries an environment: it must come as a descriptor"}
             if missing:
                 return {"ok": False, "error": f"spawn request lacks {', '.join(missing)}"}
             pid = os.fork()
             if pid == 0:
-                _child(request, [self.listener, conn], self.import_env)
+                _child(request, fds[0], [self.listener, conn], self.import_env)
             self.children.add(pid)
             return {"ok": True, "pid": pid}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     def serve_one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5.0)
-            data = b""
-            while not data.endswith(b"\n") and len(data) < MAX_LINE:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            try:
-                request = json.loads(data)
-                if not isinstance(request, dict):
-                    raise ValueError("not an object")
-                reply = self.answer(request, conn)
-            except (ValueError, TypeError, KeyError) as exc:
-                reply = {"ok": False, "error": f"bad request: {exc}"}
-            conn.sendall(json.dumps(reply).encode() + b"\n")
+        fds: list[int] = []
+        try:
+            with conn:
+                conn.settimeout(5.0)
+                data = b""
+                while not data.endswith(b"\n") and len(data) < MAX_LINE:
+                    chunk, received, _, _ = socket.recv_fds(conn, 65536, MAX_FDS)
+                    fds.extend(received)
+                    if not chunk:
+                        break
+                    data += chunk
+                try:
+                    request = json.loads(data)
+                    if not isinstance(request, dict):
+                        raise ValueError("not an object")
+                    reply = self.answer(request, conn, fds)
+                except (ValueError, TypeError, KeyError) as exc:
+                    reply = {"ok": False, "error": f"bad request: {exc}"}
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+        finally:
+            # Closed unread: a descriptor left open here would reach every later child.
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def run(self) -> None:
         while True:

@@ -9,6 +9,7 @@ nothing of engine states, health or Slurm.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
@@ -56,26 +57,84 @@ class ProcessIdentity:
             return False
 
 
+# Enters the job's folder (else the fallback) and execs the engine, already as the job's user: Popen changes
+# folder before it drops privileges, and root must not enter a folder on the user's behalf. The script is a
+# constant; the folders and argv reach it as arguments, never as shell text.
+CHDIR_THEN_EXEC = 'cd -- "$1" 2>/dev/null || cd -- "$2" || exit 125; shift 2; exec "$@"'
+
+
+def open_log(log_path: Path, uid: int, gid: int) -> int:
+    """The engine's log, appended to: readable by the job's user and root only (it holds what the engine
+    prints); never a link planted in its place."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.geteuid() == 0:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def spawn_as_user(argv: Sequence[str], *, uid: int, gid: int, user: str, env: Mapping[str, str], cwd: str,
-                  log_path: Path) -> tuple[subprocess.Popen[bytes], ProcessIdentity]:
-    """Starts argv as uid:gid in a new session, output appended to log_path (opened by root, kept by us)."""
+                  fallback_cwd: str, log_path: Path) -> tuple[subprocess.Popen[bytes], ProcessIdentity]:
+    """Starts argv as uid:gid in a new session, in cwd (fallback_cwd where the user cannot enter it), output
+    appended to log_path."""
     groups: list[int] = []
     if os.geteuid() == 0:
         try:
             groups = os.getgrouplist(user, gid) if user else [gid]
         except OSError:
             groups = [gid]
-    with open(log_path, "ab", buffering=0) as log_file:
+    log_fd = open_log(log_path, uid, gid)
+    try:
         proc = subprocess.Popen(
-            list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file,
-            stderr=subprocess.STDOUT, close_fds=True, start_new_session=True,
+            ["/bin/sh", "-c", CHDIR_THEN_EXEC, "slinfer-engine", cwd, fallback_cwd, *argv], env=dict(env), cwd="/",
+            stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT, close_fds=True,
+            start_new_session=True,
             **({"user": uid, "group": gid, "extra_groups": groups} if os.geteuid() == 0 else {}),
         )
+    finally:
+        os.close(log_fd)
+    try:
+        _wait_for_exec(proc, argv[0], (cwd, fallback_cwd))
+    except OSError:
+        proc.wait()
+        raise
     try:
         created = psutil.Process(proc.pid).create_time()
     except psutil.NoSuchProcess:
         created = 0.0
     return proc, ProcessIdentity(proc.pid, created)
+
+
+# How long the wrapper may take to enter the folder and exec: milliseconds on an idle node.
+EXEC_WAIT_S = 10.0
+
+
+def _wait_for_exec(proc: subprocess.Popen[bytes], program: str, folders: tuple[str, str]) -> None:
+    """Returns once the wrapper has exec'd the engine (its /proc cmdline is no longer the wrapper's); raises the
+    OSError that a direct exec would have raised when the wrapper could not enter a folder or exec the program."""
+    wrapper = b"\0".join(part.encode() for part in ["/bin/sh", "-c", CHDIR_THEN_EXEC]) + b"\0"
+    deadline = time.monotonic() + EXEC_WAIT_S
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code == 125:
+            raise OSError(errno.EACCES, f"cannot enter the job's folder {folders[0]!r} nor {folders[1]!r}")
+        if code == 126:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+        if code == 127:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+        if code is not None:
+            return
+        try:
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
+                if not cmdline.read().startswith(wrapper):
+                    return
+        except OSError:
+            return
+        time.sleep(0.002)
 
 
 def user_home(user: str, uid: int) -> str:

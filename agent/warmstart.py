@@ -83,20 +83,37 @@ def stock_args(argv: Sequence[str], python: str) -> list[str] | None:
     return list(argv[3:])
 
 
-def spawn_request(args: Sequence[str], *, uid: int, gid: int, groups: Sequence[int], env: Mapping[str, str],
-                  cwd: str, log_path: Path) -> dict[str, Any]:
-    """The template's `spawn` request for one engine."""
+def spawn_request(args: Sequence[str], *, uid: int, gid: int, groups: Sequence[int], cwd: str,
+                  log_path: Path) -> dict[str, Any]:
+    """The template's `spawn` request for one engine. It carries no environment: that goes beside it as a
+    descriptor (`env_descriptor`), so that no job's key ever enters the template."""
     return {"op": "spawn", "module": STOCK_MODULE, "args": list(args), "uid": uid, "gid": gid,
-            "groups": list(groups), "env": dict(env), "cwd": cwd, "log_path": str(log_path)}
+            "groups": list(groups), "cwd": cwd, "log_path": str(log_path)}
 
 
-def call(socket_path: Path, request: Mapping[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
-    """One request to the template, its answer; TemplateError when there is no usable answer."""
+def env_descriptor(env: Mapping[str, str]) -> int:
+    """An anonymous in-memory file (memfd, close-on-exec) holding env as JSON, for `call(..., fds=[fd])`: the
+    template passes it to the child unread, and the child reads it once it is the job's user."""
+    fd = os.memfd_create("slinfer-engine-env", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, json.dumps(dict(env)).encode())
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def call(socket_path: Path, request: Mapping[str, Any], timeout: float = REQUEST_TIMEOUT_S,
+         fds: Sequence[int] = ()) -> dict[str, Any]:
+    """One request to the template (with `fds` passed beside it), its answer; TemplateError when there is no
+    usable answer."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(timeout)
             conn.connect(str(socket_path))
-            conn.sendall(json.dumps(dict(request)).encode() + b"\n")
+            line = json.dumps(dict(request)).encode() + b"\n"
+            sent = socket.send_fds(conn, [line], list(fds)) if fds else 0
+            conn.sendall(line[sent:])
             data = b""
             while not data.endswith(b"\n"):
                 chunk = conn.recv(65536)
@@ -272,7 +289,14 @@ class EngineTemplate:
         """Forks one engine from the template; TemplateError when it cannot."""
         if not self.status.ready:
             raise TemplateError(f"not ready ({self.status.state})")
-        reply = call(self.socket_path, spawn_request(args, uid=uid, gid=gid, groups=groups, env=env, cwd=cwd,
-                                                     log_path=log_path))
+        try:
+            env_fd = env_descriptor(env)
+        except OSError as exc:
+            raise TemplateError(f"cannot hand the engine its environment: {exc}") from exc
+        try:
+            reply = call(self.socket_path, spawn_request(args, uid=uid, gid=gid, groups=groups, cwd=cwd,
+                                                         log_path=log_path), fds=[env_fd])
+        finally:
+            os.close(env_fd)
         pid = int(reply["pid"])
         return WarmProcess(pid, ProcessIdentity.of(pid), self.socket_path)

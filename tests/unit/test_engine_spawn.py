@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from unittest import mock
 
 import aiohttp
 import pytest
@@ -88,3 +91,41 @@ async def test_a_restart_that_cannot_spawn_fails_the_engine(tmp_path: Path, http
     assert failed.state == pb.FAILED
     assert "exited with code 3" in failed.reason and "restart failed" in failed.reason, failed.reason
     await manager.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the engine runs as another uid")
+async def test_the_engine_enters_the_jobs_folder_as_the_user_and_its_log_is_the_users_alone(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Issue 27: Popen changed folder as root before it dropped privileges, so a job whose working directory
+    was another user's private folder had its engine start inside it. Now the folder is entered as the job's
+    user: a folder that user may not enter is not entered (its home instead); one it may enter is (control)."""
+    scratch = Path(tempfile.mkdtemp(prefix="slinfer-spawn-"))
+    try:
+        scratch.chmod(0o755)
+        private, open_dir, home = scratch / "private", scratch / "open", scratch / "home"
+        for folder, mode in ((private, 0o700), (open_dir, 0o755), (home, 0o755)):
+            folder.mkdir()
+            folder.chmod(mode)
+        os.chown(home, 65534, 65534)
+        script = scratch / "engine"
+        script.write_text("#!/bin/sh\npwd > \"$HOME/pwd.$SLURM_JOB_ID\"\nexec sleep 30\n")
+        script.chmod(0o755)
+        manager = _manager(tmp_path, http, [str(script)])
+        for job_id, work_dir, expected in (("104", private, home), ("105", open_dir, open_dir)):
+            job = pb.JobSpec(job_id=job_id, model="m", uid=65534, gid=65534, user="", gpus=["0"],
+                             work_dir=str(work_dir))
+            with mock.patch("slinfer.agent.engines.user_home", return_value=str(home)):
+                engine = await manager.start(job)
+            assert engine.state == pb.STARTING, engine.reason
+            marker = home / f"pwd.{job_id}"
+            for _ in range(200):
+                if marker.exists() and marker.read_text():
+                    break
+                await asyncio.sleep(0.02)
+            assert marker.read_text().strip() == str(expected)
+            log = Path(manager.logs_dir) / f"{job_id}.log"
+            assert log.stat().st_uid == 65534 and log.stat().st_mode & 0o777 == 0o600
+            assert (await manager.stop(job_id)).clean
+        await manager.close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -4,6 +4,7 @@ the warm and the cold path (a table of cases)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,6 +40,16 @@ with open(out, "w") as f:
                "proc_cmdline": open("/proc/self/cmdline", "rb").read().decode()}, f)
 sys.exit(code)
 """
+# A stand-in engine that stays up (its memory is scanned), after writing its pid and open descriptors.
+SLEEPER = """
+import json, os, sys, time
+fds = sorted(os.listdir("/proc/self/fd"))
+with open(sys.argv[1], "w") as f:
+    json.dump({"pid": os.getpid(), "fds": fds}, f)
+time.sleep(120)
+"""
+# Preloaded by the template: a string built at run time, so it lives in the template's heap as a key would.
+CANARY_MODULE = "CANARY = '-'.join(['slinfer', 'canary', str(6 * 7)])\n"
 THREAD_STARTER = "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n"
 
 
@@ -62,6 +73,8 @@ def folder() -> Iterator[Path]:
     path.chmod(0o777)
     (path / "fakeengine.py").write_text(FAKE_ENGINE)
     (path / "threadstarter.py").write_text(THREAD_STARTER)
+    (path / "sleeper.py").write_text(SLEEPER)
+    (path / "canary.py").write_text(CANARY_MODULE)
     yield path
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
@@ -74,11 +87,16 @@ def template(folder: Path) -> Iterator[Path]:
     proc.wait()
 
 
-def _spawn(sock: Path, folder: Path, code: int, uid: int, gid: int, env: dict[str, str]) -> int:
+def _spawn(sock: Path, folder: Path, code: int, uid: int, gid: int, env: dict[str, str],
+           module: str = "fakeengine") -> int:
     request = warmstart.spawn_request([str(folder / "out.json"), str(code)], uid=uid, gid=gid, groups=[gid],
-                                      env=env, cwd=str(folder), log_path=folder / "engine.log")
-    request["module"] = "fakeengine"
-    return int(call(sock, request)["pid"])
+                                      cwd=str(folder), log_path=folder / "engine.log")
+    request["module"] = module
+    env_fd = warmstart.env_descriptor(env)
+    try:
+        return int(call(sock, request, fds=[env_fd])["pid"])
+    finally:
+        os.close(env_fd)
 
 
 def _wait_exit(sock: Path, pid: int) -> dict[str, object]:
@@ -116,6 +134,85 @@ def test_a_spawned_child_gets_exactly_the_requests_session_env_folder_argv_and_l
     assert "fake engine on stdout" in (folder / "engine.log").read_text()
 
 
+def memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether any readable mapping of pid's memory holds needle (as root, or as pid's own dumpable user)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except (OSError, OverflowError, ValueError):  # [vvar] and the like cannot be read
+                continue
+    return False
+
+
+def _wait_file(path: Path) -> dict[str, object]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not written")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: children of other uids")
+def test_no_job_key_ever_enters_the_template_and_a_later_child_holds_only_its_own(folder: Path) -> None:
+    """Issue 27's leak: the template forks without exec, so whatever its heap held, every later child (whose
+    memory its user reads) inherits. Keys now come beside the request as a descriptor that only the child reads:
+    the template's memory holds none, a later child holds its own key and not the earlier one's."""
+    proc, sock = _start_template(folder, "json", "canary")
+    children: list[int] = []
+    try:
+        keys = [f"key-{n}-{os.urandom(12).hex()}" for n in range(2)]
+        for n, (key, uid) in enumerate(zip(keys, (65534, 65533), strict=True)):
+            request = warmstart.spawn_request([str(folder / f"out{n}.json"), "0"], uid=uid, gid=uid, groups=[uid],
+                                              cwd=str(folder), log_path=folder / f"engine{n}.log")
+            request["module"] = "sleeper"
+            env_fd = warmstart.env_descriptor({"PATH": "/bin", "VLLM_API_KEY": key})
+            try:
+                children.append(int(call(sock, request, fds=[env_fd])["pid"]))
+            finally:
+                os.close(env_fd)
+            _wait_file(folder / f"out{n}.json")
+        # Positive controls: the scan reads the template's heap (the canary its import built), and each child
+        # holds its own key.
+        assert memory_holds(proc.pid, b"slinfer-canary-42"), "the scan cannot see the template's heap"
+        for child, key in zip(children, keys, strict=True):
+            assert memory_holds(child, key.encode()), f"child {child} does not hold its own key"
+        for key in keys:
+            assert not memory_holds(proc.pid, key.encode()), "a job's key is in the template's memory"
+        assert not memory_holds(children[1], keys[0].encode()), "the later child holds the earlier job's key"
+        # The descriptor was closed: the child keeps stdin, stdout, stderr (and the one listdir opened).
+        later = _wait_file(folder / "out1.json")
+        assert later["fds"] == ["0", "1", "2", "3"], later
+        log = folder / "engine1.log"
+        assert log.stat().st_uid == 65533 and log.stat().st_mode & 0o777 == 0o600, "the log is the job user's alone"
+    finally:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, 9)
+        proc.kill()
+        proc.wait()
+
+
+def test_a_spawn_that_carries_its_environment_inline_is_refused(template: Path, folder: Path) -> None:
+    request = warmstart.spawn_request([str(folder / "out.json"), "0"], uid=os.getuid(), gid=os.getgid(),
+                                      groups=[], cwd=str(folder), log_path=folder / "engine.log")
+    request["env"] = {"VLLM_API_KEY": "inline"}
+    env_fd = warmstart.env_descriptor({})
+    try:
+        with pytest.raises(TemplateError, match="carries an environment"):
+            call(template, request, fds=[env_fd])
+    finally:
+        os.close(env_fd)
+    assert not (folder / "out.json").exists()
+
+
 def test_what_the_preloaded_imports_set_reaches_the_child_unless_the_job_says_otherwise(folder: Path) -> None:
     (folder / "setsenv.py").write_text("import os\nos.environ.update(FROM_IMPORT='1', BOTH='import', "
                                         "TORCHINDUCTOR_CACHE_DIR='/tmp/torchinductor_root')\n")
@@ -135,7 +232,7 @@ def test_an_unknown_pid_and_bad_requests_are_answered_not_fatal(template: Path) 
                                                              "known": False}
     with pytest.raises(TemplateError, match="unknown op 'nope'"):
         call(template, {"op": "nope"})
-    with pytest.raises(TemplateError, match="lacks args, env"):
+    with pytest.raises(TemplateError, match="lacks args, gid, cwd, log_path, module, its environment"):
         call(template, {"op": "spawn", "uid": 0})
     assert call(template, {"op": "ping"})["ok"], "the template still serves"
 
