@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -134,18 +133,12 @@ class BedProbe:
             await asyncio.sleep(0.5)
         raise RuntimeError(f"timed out after {within_s:.0f}s waiting for {self.model}'s jobs to end")
 
-    def restart_controller(self, config_text: str, balancer: str = "") -> None:
-        """Stops the bed's controller, writes its config, and starts it again (with `balancer`, through
-        bench/policy_controller.py). Its jobs keep running; the new controller adopts them."""
+    def restart_controller(self, config_text: str) -> None:
+        """Stops the bed's controller, writes its config, and starts it again (a routing policy is the config's
+        `[[models]].balancer`). Its jobs keep running; the new controller adopts them."""
         devcluster.stop_daemon(self.bed, "controller")
         self.bed.config.write_text(config_text)
-        if balancer:
-            devcluster.launch(self.bed, "controller", [sys.executable, str(REPO / "bench" / "policy_controller.py"),
-                                                       "--balancer", balancer, "--config", str(self.bed.config)])
-            devcluster._wait_for("the controller's gateway", lambda: devcluster._port_open(self.bed.gateway_port),
-                                 30)
-        else:
-            devcluster.start_controller(self.bed)
+        devcluster.start_controller(self.bed)
 
     def controller_log(self, since: float = 0.0) -> list[LogLine]:
         path = self.bed.logs / "controller.out"
