@@ -96,7 +96,7 @@ async def _start_kubernetes(config: config_mod.Config, engines: EngineManager, g
     from slinfer.kube.publisher import NodeIdentity, NodePublisher, PublishedEngine
 
     try:
-        api = ClientKubeAPI.from_config(config.kubernetes)
+        api = ClientKubeAPI.from_config(config.kubernetes, field_manager="slinfer-agent")
     except KubeError as exc:
         log.error("Kubernetes disabled: %s", exc)
         return None

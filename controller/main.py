@@ -29,7 +29,7 @@ import grpc
 
 from slinfer import tls
 from slinfer.backoff import AGENT_RECONNECT
-from slinfer.config import DEFAULT_PATH, Config, ConfigError, load, require_token
+from slinfer.config import DEFAULT_PATH, Config, ConfigError, load, pool_users, require_token
 from slinfer.controller import metrics
 from slinfer.controller.admin import AdminService
 from slinfer.controller.autoscaler import Autoscaler
@@ -78,7 +78,7 @@ async def serve(config: Config, stop: asyncio.Event,
     except ConfigError as exc:
         raise StartupError(f"config error: {exc}") from exc
     _warn_insecure(config)
-    registry = Registry(agent_timeout_s=c.agent_timeout_s)
+    registry = Registry(agent_timeout_s=c.agent_timeout_s, pool_users=pool_users(config))
     try:
         keys = KeyStore(Path(c.state_dir) / "keys.json", config.gateway.api_keys)
     except KeyStoreError as exc:
@@ -191,7 +191,7 @@ def _warn_insecure(config: Config) -> None:
 def _kube_sync(config: Config, registry: Registry, slurm: SlurmClient) -> KubeSync:
     k = config.kubernetes
     try:
-        api = ClientKubeAPI.from_config(k)
+        api = ClientKubeAPI.from_config(k, field_manager="slinfer-controller")
     except KubeError as exc:
         raise StartupError(f"kubernetes: cannot load credentials: {exc}") from exc
     election = (LeaderElection(api, k.namespace, LeaderElection.default_identity(),

@@ -71,6 +71,9 @@ class ControllerConfig:
     heartbeat_s: float = 1.0
     # Path of `sbatch`, `squeue`, `scancel`; empty means from PATH.
     slurm_bin_dir: str = ""
+    # The user the controller runs as, and so submits its jobs as (the packages' unit runs it as `slinfer`):
+    # its jobs' engines, and those of [agent].pool_users, are the only ones the shared pool takes.
+    user: str = "slinfer"
     # A label in the name of every job the controller submits, so that a restarted controller finds them.
     job_name_prefix: str = "slinfer"
     # The batch script of a controller job execs this: it holds the job while its engine serves.
@@ -140,6 +143,10 @@ class AgentConfig:
     controller: str = ""
     heartbeat_s: float = 1.0
     log_file: str = ""
+    # Users besides [controller].user whose jobs may publish their engine to the shared pool
+    # (`--inference-pool`): the pool's engine reads every tenant's prompts, so it is empty unless the
+    # administrator trusts someone else's engines with them.
+    pool_users: list[str] = field(default_factory=list)
     # Start an engine only for a job that Slurm confirms runs on this node for that uid.
     verify_jobs: bool = True
     # Move each engine into its job's extern-step cgroups (Slurm with PrologFlags=Contain), so the job's limits,
@@ -344,6 +351,9 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     lo_hi = config.agent.port_range
     if len(lo_hi) != 2 or not 1024 <= lo_hi[0] <= lo_hi[1] <= 65535:
         raise ConfigError("agent.port_range", "must be [LOW, HIGH] within 1024..65535")
+    if not config.controller.user:
+        raise ConfigError("controller.user", "must name the user the controller runs as (its jobs publish to "
+                                             "the shared pool)")
     if not config.controller.job_command:
         raise ConfigError("controller.job_command", "must not be empty")
     if not config.agent.engine_command:
@@ -359,7 +369,24 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         raise ConfigError("kubernetes.request_timeout_s", "must be above 0")
     if kube.gc_grace_s < 0:
         raise ConfigError("kubernetes.gc_grace_s", "must be 0 or more")
+    _check_gateway_address(kube.gateway_address)
     return config
+
+
+def _check_gateway_address(address: str) -> None:
+    """The API server refuses an EndpointSlice address in these ranges (422): say so at start, not every round."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return
+    where = ("loopback" if ip.is_loopback else "link-local" if ip.is_link_local else
+             "unspecified" if ip.is_unspecified else "")
+    if where:
+        raise ConfigError("kubernetes.gateway_address",
+                          f"{address} is in the {where} range, which Kubernetes refuses as an endpoint; "
+                          "give an address the cluster's nodes reach the gateway at")
 
 
 def _check_pairs(config: Config) -> None:
@@ -375,6 +402,11 @@ def _check_pairs(config: Config) -> None:
     if config.controller.tls_client_auth and not (config.controller.tls_cert and config.controller.tls_ca):
         raise ConfigError("controller.tls_client_auth",
                           "needs controller.tls_cert, controller.tls_key and controller.tls_ca")
+
+
+def pool_users(config: Config) -> frozenset[str]:
+    """The users whose jobs' engines may join the shared pool: the controller's own and the allowlist."""
+    return frozenset([config.controller.user, *config.agent.pool_users])
 
 
 def require_token(config: Config) -> None:

@@ -121,12 +121,15 @@ class KubeAPI(Protocol):
 class ClientKubeAPI:
     """KubeAPI over the official client's ApiClient; each call runs in a worker thread."""
 
-    def __init__(self, api_client: Any, request_timeout_s: float = 10.0) -> None:
+    def __init__(self, api_client: Any, request_timeout_s: float = 10.0, field_manager: str = "") -> None:
         self._client = api_client
         self._timeout = request_timeout_s
+        # Named on every write, so managedFields tell the agent's writes from the controller's (without it the
+        # server records the client's User-Agent, `OpenAPI-Generator`, for both).
+        self._writer = {"fieldManager": field_manager} if field_manager else {}
 
     @classmethod
-    def from_config(cls, config: KubernetesConfig) -> ClientKubeAPI:
+    def from_config(cls, config: KubernetesConfig, field_manager: str = "") -> ClientKubeAPI:
         """Loads `config.kubeconfig`, or the in-cluster service account when it is empty.
 
         Raises Rejected naming the problem when credentials cannot be loaded (the caller decides whether that
@@ -147,7 +150,7 @@ class ClientKubeAPI:
             raise Rejected(f"cannot load Kubernetes credentials from {where}: {exc}") from exc
         # No hidden retries inside a call (urllib3 would try 4 times, each up to the timeout): callers back off.
         configuration.retries = False
-        return cls(client.ApiClient(configuration), config.request_timeout_s)
+        return cls(client.ApiClient(configuration), config.request_timeout_s, field_manager)
 
     def close(self) -> None:
         self._client.close()
@@ -162,12 +165,12 @@ class ClientKubeAPI:
         return [item for item in items if isinstance(item, dict)]
 
     async def create(self, kind: str, body: dict[str, Any], namespace: str = "") -> dict[str, Any]:
-        return await self._call("POST", resource_path(kind, namespace), body=body)
+        return await self._call("POST", resource_path(kind, namespace), query=self._writer, body=body)
 
     async def patch(self, kind: str, name: str, patch: dict[str, Any], namespace: str = "",
                     subresource: str = "") -> dict[str, Any]:
-        return await self._call("PATCH", resource_path(kind, namespace, name, subresource), body=patch,
-                                content_type=MERGE_PATCH)
+        return await self._call("PATCH", resource_path(kind, namespace, name, subresource), query=self._writer,
+                                body=patch, content_type=MERGE_PATCH)
 
     async def delete(self, kind: str, name: str, namespace: str = "", grace_period_s: int | None = None) -> None:
         body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions"}

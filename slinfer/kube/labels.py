@@ -30,6 +30,13 @@ MODEL_NAME_ANNOTATION = "slinfer.io/model-name"
 JOB_ID_ANNOTATION = "slinfer.io/job-id"
 USER_ANNOTATION = "slinfer.io/user"
 TAINT_KEY = "slinfer.io/slurm"
+# How Kubernetes marks who manages an EndpointSlice: its own EndpointSlice controller copies a Service's labels
+# (our managed-by among them) onto the slices it makes, so this label, not ours, says a slice is slinfer's.
+SLICE_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
+SLICE_MANAGER = "controller.slinfer.io"
+# The field managers of slinfer's writes, so that managedFields tell the agent's from the controller's.
+AGENT_FIELD_MANAGER = "slinfer-agent"
+CONTROLLER_FIELD_MANAGER = "slinfer-controller"
 
 COMPONENT_NODE = "node"
 COMPONENT_ENGINE = "engine"

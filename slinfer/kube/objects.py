@@ -295,7 +295,7 @@ def gateway(gw: GatewayEndpoint, namespace: str) -> list[tuple[str, dict[str, An
         "metadata": {"name": GATEWAY_SERVICE, "namespace": namespace,
                      "labels": {**labels, "kubernetes.io/service-name": GATEWAY_SERVICE,
                                 # Not the EndpointSlice controller's name, so it leaves this slice alone.
-                                "endpointslice.kubernetes.io/managed-by": "controller.slinfer.io"}},
+                                kl.SLICE_MANAGED_BY: kl.SLICE_MANAGER}},
         "addressType": "IPv4" if ip.version == 4 else "IPv6",
         "endpoints": [{"addresses": [str(ip)], "conditions": {"ready": True}}],
         "ports": [port],

@@ -283,9 +283,17 @@ class NodePublisher:
                                                                   kl.NODE: self.node_name}))
         self._pods = {}
         for pod in pods:
+            name = pod["metadata"]["name"]
+            why = _untrusted(pod, self._node_uid)
+            if why:
+                # A Terminating Pod never finishes (no kubelet), and one an earlier Node owned is the cluster
+                # garbage collector's to mark: replace it now rather than let it hang until the job ends.
+                log.info("kubernetes: replacing Pod %s: %s", name, why)
+                await self._delete_pod(name)
+                continue
             seen = _published(pod)
             if seen is not None:
-                self._pods[pod["metadata"]["name"]] = seen
+                self._pods[name] = seen
         self._synced = True
         self._resync_at = now + self._resync_interval
 
@@ -319,7 +327,7 @@ class NodePublisher:
         except Conflict:
             # Left from before an agent restart, or created by a call whose answer was lost: look at it.
             pod = await self._api.get("Pod", name, self._ns)
-            seen = _published(pod)
+            seen = None if _untrusted(pod, self._node_uid) else _published(pod)
             if seen is None or seen.key != _PodKey(engine.job_id, engine.model, engine.port, engine.pool):
                 await self._delete_pod(name)
                 await self._api.create("Pod", self.pod_object(engine), self._ns)
@@ -365,6 +373,18 @@ class NodePublisher:
         if lateness > self._renew_interval:
             log.warning("kubernetes: Lease renewed %.1f s late", lateness)
         self._renewed_at = now
+
+
+def _untrusted(pod: dict[str, Any], node_uid: str) -> str:
+    """Why a listed Pod of this Node cannot stand for an engine ("" when it can): it is being deleted, or its
+    owner is an earlier Node of the same name (deleted and made again), whose garbage collection will mark it."""
+    meta = pod.get("metadata", {})
+    if meta.get("deletionTimestamp"):
+        return f"it is Terminating (deletionTimestamp {meta['deletionTimestamp']})"
+    owners = [o for o in meta.get("ownerReferences") or [] if o.get("kind") == "Node"]
+    if node_uid and owners and not any(o.get("uid") == node_uid for o in owners):
+        return f"its owner is an earlier Node (uid {owners[0].get('uid')}, now {node_uid})"
+    return ""
 
 
 def _published(pod: dict[str, Any]) -> _Published | None:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from slinfer.kube import labels as kl
 from slinfer.kube import objects
-from slinfer.kube.api import NODE_LEASE_NAMESPACE, Conflict, KubeAPI, KubeError, NotFound, parse_time
+from slinfer.kube.api import NODE_LEASE_NAMESPACE, Conflict, KubeAPI, KubeError, NotFound, Unavailable, parse_time
 from slinfer.kube.leader import LeaderElection
 from slinfer.kube.objects import GatewayEndpoint
 
@@ -60,6 +60,14 @@ class SyncStatus:
     last_error: str
     nodes_deleted: int
     pods_deleted: int
+    # Whether the last round got answers from the API server (a refusal is an answer; a timeout is not).
+    reachable: bool = True
+    # When a round last ended with every step done (0: never).
+    last_success: float = 0.0
+    # The leader Lease's holder as last read ("" without leader election or before the first read).
+    holder: str = ""
+    # Write requests (create, patch, delete) this controller has sent.
+    writes: int = 0
 
 
 class KubeSync:
@@ -88,6 +96,11 @@ class KubeSync:
         self._idle_since: dict[str, float] = {}
         self._failures = 0
         self._last_error = ""
+        # The errors of the round under way: each step records its own and the others go on.
+        self._errors: list[str] = []
+        self._reachable = True
+        self._last_success = 0.0
+        self.writes = 0
         self.nodes_deleted = 0
         self.pods_deleted = 0
 
@@ -107,24 +120,44 @@ class KubeSync:
                 await asyncio.shield(self._election.release())
 
     async def step(self) -> None:
-        """One round: election, then (as leader) Services and garbage collection. Never raises a KubeError."""
+        """One round: election, then (as leader) each Service, then garbage collection. Never raises a KubeError.
+
+        Every step stands alone: a refused object (a 422, a 403) is logged and counted, and the rest of the
+        round still runs, so one bad Service never stops dead Nodes from being collected.
+        """
         now = self._clock()
-        try:
-            if self._election is not None:
-                await self._election.step()
-            if self.is_leader:
-                await self.sync_services()
-                await self.collect(now)
-        except KubeError as exc:
+        self._errors = []
+        self._reachable = True
+        if self._election is not None:
+            await self._guard("leader election", self._election.step())
+        if self.is_leader:
+            await self.sync_services()
+            await self._guard("garbage collection", self.collect(now))
+        if self._errors:
             self._failures += 1
-            self._last_error = str(exc)
-            log.warning("kubernetes sync failed (%d in a row): %s", self._failures, exc)
+            self._last_error = "; ".join(self._errors)
+            log.warning("kubernetes sync: %d step(s) failed (%d round(s) in a row): %s", len(self._errors),
+                        self._failures, self._last_error)
         else:
             self._failures = 0
             self._last_error = ""
+            self._last_success = now
+
+    async def _guard(self, what: str, work: Awaitable[Any]) -> bool:
+        """Runs one step; a KubeError is recorded for the round's status and the round goes on."""
+        try:
+            await work
+        except KubeError as exc:
+            self._errors.append(f"{what}: {exc}")
+            if isinstance(exc, Unavailable):
+                self._reachable = False
+            log.warning("kubernetes: %s failed: %s", what, exc)
+            return False
+        return True
 
     def status(self) -> SyncStatus:
         leader = self.is_leader
+        holder = self._election.holder if self._election is not None else ""
         if self._failures:
             text = f"Kubernetes API failing ({self._failures} rounds): {self._last_error}"
         elif self._election is not None and not leader:
@@ -134,7 +167,8 @@ class KubeSync:
                     f"deleted {self.nodes_deleted} dead Node(s), {self.pods_deleted} ended Pod(s)")
         return SyncStatus(healthy=not self._failures, leader=leader, text=text, failures=self._failures,
                           last_error=self._last_error, nodes_deleted=self.nodes_deleted,
-                          pods_deleted=self.pods_deleted)
+                          pods_deleted=self.pods_deleted, reachable=self._reachable,
+                          last_success=self._last_success, holder=holder, writes=self.writes)
 
     # Services.
 
@@ -145,36 +179,67 @@ class KubeSync:
         return objects.gateway(self._gateway, self._ns) if self._gateway is not None else []
 
     async def sync_services(self) -> None:
+        """Creates, corrects and deletes slinfer's own Services and EndpointSlices, each on its own.
+
+        Only objects marked as slinfer's are touched: Services labelled managed-by slinfer, and EndpointSlices
+        whose `endpointslice.kubernetes.io/managed-by` is slinfer's (Kubernetes' EndpointSlice controller
+        copies a Service's labels, ours included, onto the slices it makes; those are the cluster's). An object
+        that matches what slinfer wants in every field slinfer sets is not written, whatever the server added.
+        """
         wanted: dict[tuple[str, str], dict[str, Any]] = {
             ("Service", kl.model_service_name(m)): self.model_service(m) for m in self._models}
         for kind, obj in self.gateway_objects():
             wanted[(kind, obj["metadata"]["name"])] = obj
-        mine = kl.selector({kl.MANAGED_BY: kl.MANAGER})
+        selectors = {"Service": kl.selector({kl.MANAGED_BY: kl.MANAGER}),
+                     "EndpointSlice": kl.selector({kl.MANAGED_BY: kl.MANAGER, kl.SLICE_MANAGED_BY: kl.SLICE_MANAGER})}
         current: dict[tuple[str, str], dict[str, Any]] = {}
-        for kind in ("Service", "EndpointSlice"):
-            for obj in await self._api.list(kind, self._ns, mine):
-                component = (obj["metadata"].get("labels") or {}).get(kl.COMPONENT)
-                if component in (kl.COMPONENT_MODEL_SERVICE, kl.COMPONENT_GATEWAY):
+        listed: set[str] = set()
+        for kind, mine in selectors.items():
+            try:
+                found = await self._api.list(kind, self._ns, mine)
+            except KubeError as exc:
+                await self._guard(f"list {kind}s", _raise(exc))
+                continue
+            listed.add(kind)
+            for obj in found:
+                labels = obj["metadata"].get("labels") or {}
+                if kind == "EndpointSlice" and labels.get(kl.SLICE_MANAGED_BY) != kl.SLICE_MANAGER:
+                    continue
+                if labels.get(kl.COMPONENT) in (kl.COMPONENT_MODEL_SERVICE, kl.COMPONENT_GATEWAY):
                     current[(kind, obj["metadata"]["name"])] = obj
         for (kind, name), obj in wanted.items():
+            if kind not in listed:
+                continue
             have = current.get((kind, name))
             if have is None:
-                try:
-                    await self._api.create(kind, obj, self._ns)
-                    log.info("kubernetes: created %s %s/%s", kind, self._ns, name)
-                except Conflict:
-                    log.info("kubernetes: %s %s/%s appeared meanwhile; next round checks it", kind, self._ns, name)
+                await self._guard(f"create {kind} {self._ns}/{name}", self._create(kind, name, obj))
                 continue
             patch = _patch_to(have, obj)
             if patch:
-                await self._api.patch(kind, name, patch, self._ns)
-                log.info("kubernetes: updated %s %s/%s (%s)", kind, self._ns, name, ", ".join(sorted(patch)))
-        for (kind, name) in current.keys() - wanted.keys():
-            try:
-                await self._api.delete(kind, name, self._ns)
-                log.info("kubernetes: deleted %s %s/%s (no longer in the catalog)", kind, self._ns, name)
-            except NotFound:
-                pass
+                await self._guard(f"update {kind} {self._ns}/{name}", self._update(kind, name, patch))
+        for (kind, name) in sorted(current.keys() - wanted.keys()):
+            await self._guard(f"delete {kind} {self._ns}/{name}", self._retire(kind, name))
+
+    async def _create(self, kind: str, name: str, obj: dict[str, Any]) -> None:
+        self.writes += 1
+        try:
+            await self._api.create(kind, obj, self._ns)
+            log.info("kubernetes: created %s %s/%s", kind, self._ns, name)
+        except Conflict:
+            log.info("kubernetes: %s %s/%s appeared meanwhile; next round checks it", kind, self._ns, name)
+
+    async def _update(self, kind: str, name: str, patch: dict[str, Any]) -> None:
+        self.writes += 1
+        await self._api.patch(kind, name, patch, self._ns)
+        log.info("kubernetes: updated %s %s/%s (%s)", kind, self._ns, name, ", ".join(sorted(patch)))
+
+    async def _retire(self, kind: str, name: str) -> None:
+        self.writes += 1
+        try:
+            await self._api.delete(kind, name, self._ns)
+            log.info("kubernetes: deleted %s %s/%s (no longer in the catalog)", kind, self._ns, name)
+        except NotFound:
+            pass
 
     # Garbage collection.
 
@@ -202,8 +267,8 @@ class KubeSync:
             job = str((pod["metadata"].get("annotations") or {}).get(kl.JOB_ID_ANNOTATION, ""))
             if active is not None and job and job not in active and self._registry.get(job) is None \
                     and age >= self._grace:
-                await self._delete("Pod", name, self._ns, 0)
-                self.pods_deleted += 1
+                if await self._delete("Pod", name, self._ns, 0):
+                    self.pods_deleted += 1
                 log.info("kubernetes: deleted Pod %s: Slurm job %s has ended and no agent reports its engine "
                          "(Pod seen for %.0f s, grace %.0f s)", name, job, age, self._grace)
                 continue
@@ -215,8 +280,8 @@ class KubeSync:
             for name in pods_by_node.pop(node_name):
                 age = now - self._first_seen[("Pod", name)]
                 if age >= self._grace:
-                    await self._delete("Pod", name, self._ns, 0)
-                    self.pods_deleted += 1
+                    if await self._delete("Pod", name, self._ns, 0):
+                        self.pods_deleted += 1
                     log.info("kubernetes: deleted Pod %s: its Node %s does not exist (Pod seen for %.0f s, "
                              "grace %.0f s)", name, node_name, age, self._grace)
 
@@ -273,20 +338,32 @@ class KubeSync:
     async def _delete_node(self, name: str, pods: list[str], reason: str) -> None:
         log.info("kubernetes: deleting Node %s and its %d Pod(s): %s", name, len(pods), reason)
         for pod in pods:
-            await self._delete("Pod", pod, self._ns, 0)
-            self.pods_deleted += 1
+            if await self._delete("Pod", pod, self._ns, 0):
+                self.pods_deleted += 1
         # The cluster's garbage collector would remove the Lease with its owner; this does not wait for it.
         await self._delete("Lease", name, NODE_LEASE_NAMESPACE)
-        await self._delete("Node", name, "")
+        if not await self._delete("Node", name, ""):
+            return
         self.nodes_deleted += 1
         self._lease_seen.pop(name, None)
         self._idle_since.pop(name, None)
 
-    async def _delete(self, kind: str, name: str, namespace: str, grace: int | None = None) -> None:
+    async def _delete(self, kind: str, name: str, namespace: str, grace: int | None = None) -> bool:
+        """Deletes one object; a refusal is recorded for the round and the collection goes on."""
+        self.writes += 1
         try:
             await self._api.delete(kind, name, namespace, grace_period_s=grace)
         except NotFound:
             pass
+        except KubeError as exc:
+            where = f"{namespace}/{name}" if namespace else name
+            await self._guard(f"delete {kind} {where}", _raise(exc))
+            return False
+        return True
+
+
+async def _raise(exc: KubeError) -> None:
+    raise exc
 
 
 def _age_text(renew: str, now: float) -> str:
@@ -296,8 +373,23 @@ def _age_text(renew: str, now: float) -> str:
         return ""
 
 
+def contains(have: Any, want: Any) -> bool:
+    """Whether `have` (as the server stores it) holds every field `want` sets, with the same value.
+
+    The server fills in defaults (a port's `targetPort` and `protocol`, a ClusterIP, ...): those are not a
+    difference. Lists must have the same length, element by element.
+    """
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(contains(have.get(k), v) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(have) == len(want) and all(
+            contains(h, w) for h, w in zip(have, want, strict=True))
+    return bool(have == want)
+
+
 def _patch_to(have: dict[str, Any], want: dict[str, Any]) -> dict[str, Any]:
-    """A merge patch that makes the fields `want` sets equal in `have` (keys `want` lacks are nulled in maps)."""
+    """A merge patch that makes the fields `want` sets equal in `have` (keys `want` lacks are nulled in
+    selectors); empty when the stored object already holds them, defaults the server added included."""
     patch: dict[str, Any] = {}
     for top in ("spec", "addressType", "endpoints", "ports"):
         if top not in want:
@@ -309,11 +401,11 @@ def _patch_to(have: dict[str, Any], want: dict[str, Any]) -> dict[str, Any]:
                 if key == "selector" and isinstance(old, dict):
                     if old != value:
                         spec_patch[key] = {**{k: None for k in old if k not in value}, **value}
-                elif old != value:
+                elif not contains(old, value):
                     spec_patch[key] = value
             if spec_patch:
                 patch["spec"] = spec_patch
-        elif have.get(top) != want[top]:
+        elif not contains(have.get(top), want[top]):
             patch[top] = want[top]
     labels = want["metadata"].get("labels") or {}
     have_labels = have["metadata"].get("labels") or {}

@@ -21,9 +21,23 @@ def test_defaults_follow_the_issue() -> None:
     ({"request_timeout_s": 0}, "kubernetes.request_timeout_s"),
     ({"gc_grace_s": -1}, "kubernetes.gc_grace_s"),
     ({"gateway_address": 10}, "kubernetes.gateway_address"),
+    ({"gateway_address": "127.0.0.1"}, "kubernetes.gateway_address"),
+    ({"gateway_address": "::1"}, "kubernetes.gateway_address"),
+    ({"gateway_address": "169.254.1.1"}, "kubernetes.gateway_address"),
+    ({"gateway_address": "0.0.0.0"}, "kubernetes.gateway_address"),
     ({"namespce": "x"}, "kubernetes.namespce"),
 ])
 def test_bad_values_name_their_key(section: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse({"kubernetes": section})
     assert err.value.key == key
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "fd00::1", "head.example.org", ""])
+def test_a_routable_gateway_address_or_a_name_is_accepted(address: str) -> None:
+    assert parse({"kubernetes": {"gateway_address": address}}).kubernetes.gateway_address == address
+
+
+def test_a_loopback_gateway_address_says_why() -> None:
+    with pytest.raises(ConfigError, match="loopback"):
+        parse({"kubernetes": {"gateway_address": "127.0.0.1"}})
