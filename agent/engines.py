@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import secrets
 import socket
 import subprocess
@@ -42,7 +43,7 @@ from slinfer.agent.processes import (
 from slinfer.agent.records import EngineRecord, RecordStore
 from slinfer.agent.slurmview import SlurmView
 from slinfer.agent.warmstart import EngineTemplate, TemplateError, WarmProcess, stock_args, warm_refusal
-from slinfer.config import MODEL_NAME, Config, ModelConfig
+from slinfer.config import MODEL_NAME, Config, ModelConfig, pool_users
 from slinfer.v1 import engine_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,11 @@ class EngineManager:
                     f"(submit with --nodes={model.nodes} --gres=gpu:{model.gpus})")
         if nodes is not None and self.node_name not in nodes:
             return f"job {job.job_id}'s node list {job.node_list!r} does not name this node ({self.node_name})"
+        if job.pool and not may_publish(self.config, job.uid, job.user):
+            return (f"--inference-pool is refused for user {job.user or job.uid}: only the slinfer service "
+                    f"(controller.user) and agent.pool_users may publish an engine to the shared pool, whose "
+                    f"engines read every tenant's prompts; submit without --inference-pool for an engine of "
+                    f"your own")
         return ""
 
     async def _job_nodes(self, job: pb.JobSpec) -> list[str] | None:
@@ -612,6 +618,16 @@ class EngineManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def may_publish(config: Config, uid: int, user: str) -> bool:
+    """Whether a job of uid (Slurm's user name `user`) may put its engine into the shared pool: its user, as
+    this node's passwd names the uid, is the controller's or on the allowlist (config.pool_users)."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = user
+    return name in pool_users(config)
 
 
 def engine_command(config: Config, model: ModelConfig, host: str, port: int, gpus: int, job_id: str,

@@ -75,8 +75,11 @@ class Registry:
     """
 
     def __init__(self, agent_timeout_s: float = 6.0, clock: Callable[[], float] = time.time,
-                 forget_after_s: float | None = None) -> None:
+                 forget_after_s: float | None = None, pool_users: frozenset[str] | None = None) -> None:
         self._timeout = agent_timeout_s
+        # Whose engines the shared pool takes (config.pool_users), whatever an agent reports; None takes any
+        # (the gateway tier's mirror, which gets only the controller's pool, and tests of other things).
+        self._pool_users = pool_users
         # Keep a silent agent's record (shown by `slinfer status`) for a while before forgetting it.
         self._forget_after = forget_after_s if forget_after_s is not None else max(60.0, 10 * agent_timeout_s)
         self._clock = clock
@@ -219,19 +222,32 @@ class Registry:
                 del self._agents[node]
 
     # ---- internals ---------------------------------------------------------------------------------
+    def _pool(self, node: str, engine: engine_pb2.Engine) -> bool:
+        """The engine's pool flag, refused for a user the pool does not take (defence in depth: the agent
+        refuses such a job first, but the gateway must never route other tenants' prompts to it)."""
+        if not engine.pool or self._pool_users is None or engine.user in self._pool_users:
+            return engine.pool
+        old = self._replicas.get(engine.job_id)
+        if old is None or old.pool or old.model != engine.model:
+            log.warning("replica %s (%s on %s) of user %r claims the shared pool; only %s may publish to it: "
+                        "not routed", engine.job_id, engine.model, node, engine.user,
+                        ", ".join(sorted(self._pool_users)))
+        return False
+
     def _apply_engine(self, node: str, engine: engine_pb2.Engine, now: float) -> bool:
         """Updates or adds one replica; True when it may just have become routable."""
+        pool = self._pool(node, engine)
         replica = self._replicas.get(engine.job_id)
         if replica is None or replica.model != engine.model:
             if replica is not None:
                 self._remove(engine.job_id)
             replica = Replica(job_id=engine.job_id, model=engine.model, node=node, base_url=engine.base_url,
-                              api_key=engine.api_key, state=engine.state, pool=engine.pool,
+                              api_key=engine.api_key, state=engine.state, pool=pool,
                               started_at=engine.started_at, ready_at=engine.ready_at)
             self._replicas[engine.job_id] = replica
             self._by_model.setdefault(engine.model, []).append(replica)
             log.info("replica %s (%s on %s) appeared, state %s, pool=%s",
-                     engine.job_id, engine.model, node, replica.state_name, engine.pool)
+                     engine.job_id, engine.model, node, replica.state_name, pool)
             was_routable = False
         else:
             was_routable = (replica.state == READY and replica.pool
@@ -244,7 +260,7 @@ class Registry:
         replica.base_url = engine.base_url
         replica.api_key = engine.api_key
         replica.state = engine.state
-        replica.pool = engine.pool
+        replica.pool = pool
         replica.started_at = engine.started_at
         replica.ready_at = engine.ready_at
         replica.reason = engine.reason

@@ -372,6 +372,8 @@ tls_key = "{server.key}"
 tls_ca = "{ca}"
 tls_client_auth = true
 state_dir = "{s}/controller"
+# The bed's controller runs as root: its jobs are the ones the shared pool takes.
+user = "root"
 job_name_prefix = "slinfer"
 job_command = ["{_bin_dir() / 'slinfer'}", "hold"]
 autoscale_interval_s = 1.0

@@ -19,7 +19,7 @@ import pytest
 from slinfer.agent.engines import EngineManager
 from slinfer.agent.gpu import Gpus
 from slinfer.agent.records import RecordStore
-from slinfer.config import AgentConfig, Config, ModelConfig
+from slinfer.config import AgentConfig, Config, ControllerConfig, ModelConfig
 from slinfer.v1 import engine_pb2 as pb
 
 
@@ -129,3 +129,38 @@ async def test_the_engine_enters_the_jobs_folder_as_the_user_and_its_log_is_the_
         await manager.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+async def test_only_the_service_user_and_the_allowlist_may_publish_to_the_pool(tmp_path: Path,
+                                                                              http: aiohttp.ClientSession) -> None:
+    """Issue 27: `--inference-pool` from anyone else fails that job with the rule in its reason (never the
+    prolog); the controller's user (here root) and agent.pool_users start as usual (the positive control)."""
+    # Where another uid may run it (pytest's tmp_path is root's alone).
+    script = Path(tempfile.mkdtemp(prefix="slinfer-pool-")) / "engine"
+    script.parent.chmod(0o755)
+    script.write_text("#!/bin/sh\nexec sleep 30\n")
+    script.chmod(0o755)
+    agent = AgentConfig(address="127.0.0.1", engine_command=[str(script)], run_dir=str(tmp_path / "run"),
+                        health_interval_s=0.05, pool_users=["daemon"])
+    config = Config(controller=ControllerConfig(user="root"), agent=agent,
+                    models=[ModelConfig(name="m", source="/x", gpus=1)])
+    manager = EngineManager(config, RecordStore(tmp_path / "run" / "engines"), http, Gpus())
+    cases = (("201", 65534, "nobody", pb.FAILED), ("202", 0, "root", pb.STARTING), ("203", 1, "daemon", pb.STARTING))
+    try:
+        for job_id, uid, user, state in cases:
+            if uid and os.geteuid() != 0:
+                continue
+            engine = await manager.start(pb.JobSpec(job_id=job_id, model="m", uid=uid, gid=uid, user=user,
+                                                    gpus=["0"], pool=True))
+            assert engine.state == state, (user, engine.reason)
+            if state == pb.FAILED:
+                assert "--inference-pool is refused for user nobody" in engine.reason
+                assert "controller.user" in engine.reason and "agent.pool_users" in engine.reason
+        private = await manager.start(pb.JobSpec(job_id="204", model="m", uid=os.getuid(), gid=os.getgid(),
+                                                 user="", gpus=["0"], pool=False))
+        assert private.state == pb.STARTING, "a private engine needs no permission"
+    finally:
+        for job_id in ("202", "203", "204"):
+            await manager.stop(job_id)
+        await manager.close()
+        shutil.rmtree(script.parent, ignore_errors=True)

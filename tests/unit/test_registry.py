@@ -149,3 +149,22 @@ def test_engine_changing_model_is_reindexed():
     registry.report(report("n", engine_pb2.Engine(job_id="1", model="a", state=engine_pb2.READY, pool=True)))
     registry.report(report("n", engine_pb2.Engine(job_id="1", model="b", state=engine_pb2.READY, pool=True)))
     assert registry.routable("a") == [] and [r.job_id for r in registry.routable("b")] == ["1"]
+
+
+def test_the_pool_takes_only_the_service_users_engines_whatever_an_agent_reports():
+    """Issue 27: an ordinary user's `--inference-pool` engine was served other tenants' requests. The agent
+    refuses such a job; the registry also never routes a pool replica whose user the pool does not take."""
+    clock = Clock()
+    registry = Registry(agent_timeout_s=6.0, clock=clock, pool_users=frozenset({"slinfer", "trusted"}))
+    engines = [engine_pb2.Engine(job_id=job, model="m", state=engine_pb2.READY, base_url=f"http://a:{job}",
+                                 api_key="k", pool=True, user=user)
+               for job, user in (("1", "slinfer"), ("2", "mallory"), ("3", "trusted"), ("4", ""))]
+    registry.report(controller_pb2.AgentReport(node="n1", engines=engines))
+    assert sorted(r.job_id for r in registry.routable("m")) == ["1", "3"]
+    assert registry.get("2").pool is False and registry.get("4").pool is False
+    # The same engine reported again stays out; a registry without the rule (the tier's mirror) takes it.
+    registry.report(controller_pb2.AgentReport(node="n1", engines=engines))
+    assert sorted(r.job_id for r in registry.routable("m")) == ["1", "3"]
+    open_registry = Registry(agent_timeout_s=6.0, clock=clock)
+    open_registry.report(controller_pb2.AgentReport(node="n1", engines=engines))
+    assert sorted(r.job_id for r in open_registry.routable("m")) == ["1", "2", "3", "4"]
