@@ -7,9 +7,10 @@ PIP := $(VENV)/bin/pip
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 TINY := $(VENV)/share/slinfer/models/tiny
 SMOLLM2 := $(VENV)/share/slinfer/models/smollm2
-# iproute2: `ip netns`, veths and a bridge for the bed of several nodes (`dev-cluster up --nodes N`).
+# iproute2: `ip netns`, veths and a bridge for the bed of several nodes (`dev-cluster up --nodes N`); slurmdbd and
+# mariadb-server: the bed's accounting (slinfer/dev/accounting.py).
 APT_PACKAGES := slurm-wlm slurmd slurmctld slurm-client munge libslurm-dev build-essential python3-venv python3-dev \
-	iproute2
+	iproute2 slurmdbd mariadb-server
 
 .PHONY: install system-deps venv spank model demo test lint check-spank bench clean demo-down deb rpm check-packages \
 	slurm deb-spank test-release docs docs-check

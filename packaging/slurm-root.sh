@@ -13,9 +13,10 @@ case "$release" in
 esac
 root=${2:-/opt/slurm/$release}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-# Daemons, clients, headers and compiler; libffi8 for the venv's interpreter; ca-certificates because job steps
+# Daemons (slurmdbd too: one database per release, the bed's MariaDB is the host's), clients, headers and
+# compiler; libffi8 for the venv's interpreter; ca-certificates because job steps
 # inherit SSL_CERT_FILE=/etc/ssl/certs/... from the host.
-packages="slurmd slurmctld slurm-client munge libslurm-dev gcc libc6-dev make libffi8 ca-certificates iproute2 procps util-linux"
+packages="slurmd slurmctld slurmdbd slurm-client munge libslurm-dev gcc libc6-dev make libffi8 ca-certificates iproute2 procps util-linux"
 if [ -f "$root/.complete" ] && [ "$(cat "$root/.packages" 2>/dev/null)" = "$packages" ]; then
   echo "slurm root $root is complete ($(cat "$root/.complete"))"; exit 0
 fi

@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ROOTS_DIR = Path("/opt/slurm")
 # Slurm's programs the bed or its users run; each gets a wrapper that runs the root's own.
 COMMANDS = ("sbatch", "salloc", "srun", "squeue", "scancel", "scontrol", "sinfo", "sdiag", "sacct", "sprio",
-            "sstat", "slurmctld", "slurmd")
+            "sstat", "sacctmgr", "sreport", "slurmctld", "slurmd", "slurmdbd")
 # Runs inside the root: the caller's folder where the root has it (bind-mounted), else /, then the command.
 # A fixed script; the folder and the command's arguments reach it as positional parameters, never as code.
 _ENTER = 'cd "$1" 2>/dev/null || cd /; shift; exec "$@"'

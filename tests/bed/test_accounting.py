@@ -1,0 +1,110 @@
+"""The bed under a site's accounting (issue 29.1): slurmdbd enforces associations and QOS at submit, a refused
+job is Slurm's message to the user and never a drained node, and sacct accounts for inference jobs (their
+account, QOS and the CPU time their engines used)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slinfer.dev import devcluster
+from tests.fakes.slurmbed import SlurmBed, wait_until
+
+pytestmark = pytest.mark.bed
+READY_TIMEOUT = 300
+ASK = (
+    "import os; from openai import OpenAI; c = OpenAI(); "
+    "r = c.chat.completions.create(model=os.environ['SLINFER_MODEL'], max_tokens=8, temperature=0, "
+    "messages=[{'role': 'user', 'content': 'hello'}]); print('ANSWER', r.usage.completion_tokens)"
+)
+
+
+def _submit(bed: SlurmBed, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """sbatch as `user`, its exit status and message kept (a refusal is the point here)."""
+    argv = ["sbatch", "--parsable", "-o", f"{bed.jobs_dir}/job-%j.out", *args, "--wrap", "sleep 1"]
+    if bed.bed.slurm_root is not None:
+        try:
+            return devcluster.run_as(bed.bed, user, argv)
+        except subprocess.CalledProcessError as exc:
+            return subprocess.CompletedProcess(argv, exc.returncode, exc.stdout, exc.stderr)
+    return bed.run("runuser", "-u", user, "--", *argv, check=False)
+
+
+def _sacct(bed: SlurmBed, *args: str) -> list[list[str]]:
+    out = bed.run("sacct", "-a", "-n", "-P", *args).stdout
+    return [line.split("|") for line in out.splitlines() if line.strip()]
+
+
+def _seconds(total_cpu: str) -> float:
+    """sacct's TotalCPU ([D-]HH:MM:SS[.mmm] or MM:SS.mmm) in seconds."""
+    days, _, rest = total_cpu.rpartition("-")
+    parts = [float(p) for p in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def test_a_user_without_an_association_is_refused_at_submit(slurm_bed: SlurmBed) -> None:
+    # Positive controls first: the same request from users who hold the association is accepted.
+    allowed = _submit(slurm_bed, "slinfer-alice", "--inference=tiny", "--gres=gpu:1", "--account=physics")
+    assert allowed.returncode == 0, allowed.stderr
+    bob_chem = _submit(slurm_bed, "slinfer-bob", "--account=chem", "--qos=high")
+    assert bob_chem.returncode == 0, bob_chem.stderr
+    # Bob is in chem only: physics is refused by Slurm at submit, with its own message.
+    refused = _submit(slurm_bed, "slinfer-bob", "--inference=tiny", "--gres=gpu:1", "--account=physics")
+    assert refused.returncode == 1
+    assert "Invalid account or account/partition combination specified" in refused.stderr
+    assert refused.stdout.strip() == ""
+    # And scavenger is not among his QOS.
+    bad_qos = _submit(slurm_bed, "slinfer-bob", "--qos=scavenger")
+    assert bad_qos.returncode == 1
+    assert "Invalid qos specification" in bad_qos.stderr
+    bob_jobs = slurm_bed.run("squeue", "-h", "-u", "slinfer-bob", "-o", "%i %a %q").stdout.split("\n")
+    assert [line.split()[0] for line in bob_jobs if line.strip()] in ([bob_chem.stdout.strip()], [])
+    for job in (allowed.stdout.strip(), bob_chem.stdout.strip()):
+        slurm_bed.run("scancel", job, check=False)
+        slurm_bed.wait_state(job, {"COMPLETED", "CANCELLED", "FAILED"}, 120)
+    state = slurm_bed.node_state()
+    assert "drain" not in state and "down" not in state, slurm_bed.node_reason()
+
+
+def test_sacct_lists_a_private_inference_job_with_account_qos_and_cpu_time(slurm_bed: SlurmBed) -> None:
+    python = sys.executable
+    job = slurm_bed.sbatch("--inference=tiny", "--gres=gpu:1", "--account=chem", "--qos=high", script=(
+        f"slinfer wait-ready --timeout {READY_TIMEOUT} && {python} -c \"{ASK}\""))
+    slurm_bed.wait_output(job, r"ANSWER [1-9]", READY_TIMEOUT + 60)
+    assert slurm_bed.wait_state(job, {"COMPLETED", "FAILED"}, 120) == "COMPLETED", slurm_bed.output(job)
+    fields = "--format=JobID,User,Account,QOS,State,TotalCPU,AllocTRES%60"
+    # slurmdbd learns a job's end (and its steps' usage) from slurmctld shortly after.
+    wait_until("sacct to list the job's end", lambda: any(
+        r[0] == job and r[4] == "COMPLETED" for r in _sacct(slurm_bed, "-j", job, fields)), 60)
+    rows = {r[0]: r for r in _sacct(slurm_bed, "-j", job, fields)}
+    top = rows[job]
+    assert top[1:5] == ["slinfer-alice", "chem", "high", "COMPLETED"], top
+    assert "gres/gpu=1" in top[6], top
+    # The engine lives in the job's extern step: its start-up (tens of CPU seconds) is the job's CPU time.
+    cpu = _seconds(top[5])
+    print(f"\nsacct {job}: {rows}")
+    assert cpu > 5.0, rows
+
+
+def test_sacct_lists_the_services_jobs_under_the_catalogs_account_and_qos(slurm_bed: SlurmBed) -> None:
+    slurm_bed.admin("scale", "tiny", "1")
+    try:
+        wait_until("a READY replica of tiny", lambda: slurm_bed.ready_replicas("tiny") >= 1, READY_TIMEOUT)
+        jobs = slurm_bed.controller_jobs("tiny")
+        assert jobs
+    finally:
+        slurm_bed.retire_models("tiny")
+    for job in jobs:
+        wait_until(f"sacct to list {job}'s end", lambda job=job: any(
+            r[0] == job and r[3] not in ("RUNNING", "PENDING")
+            for r in _sacct(slurm_bed, "-j", job, "--format=JobID,Account,QOS,State")), 60)
+        row = next(r for r in _sacct(slurm_bed, "-j", job, "--format=JobID,User,Account,QOS,Partition,JobName")
+                   if r[0] == job)
+        assert row == [job, "root", "slinfer", "normal", "debug", "slinfer-tiny"], row
+    began = time.monotonic()
+    assert slurm_bed.wait_node_idle() == "idle", time.monotonic() - began
