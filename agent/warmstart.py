@@ -2,7 +2,8 @@
 
 Responsible for: deciding, per engine, whether the warm path applies (the switch, the stock engine command, a
 ready template) and saying why not; running the engine template (`enginetemplate.py` with the engine Python, as
-root, in the background, restarted when it dies); the agent's side of the template's protocol (one JSON line per
+root, in the background, restarted when it dies; only where the engine Python is root's alone,
+`enginetrust.py`); the agent's side of the template's protocol (one JSON line per
 request over its root-only unix socket); and a process handle for a warm engine with the small interface that
 the engine manager uses of `subprocess.Popen` (`pid`, `poll()`, `returncode`). Not responsible for: engine
 states, containment, health or stopping (the engine manager does those as for a cold start; a warm engine is
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slinfer.agent import enginetrust
 from slinfer.agent.processes import ProcessIdentity
 from slinfer.config import DEFAULT_ENGINE_COMMAND, Config, ModelConfig
 
@@ -232,6 +234,17 @@ class EngineTemplate:
 
     async def _run(self) -> None:
         self._kill_previous()
+        began = time.monotonic()
+        verdict = await asyncio.to_thread(enginetrust.check, self.config.agent.python, self.env(),
+                                          [str(TEMPLATE_SCRIPT.parent)])
+        if not verdict.trusted:
+            # Root would import vLLM from there: whoever can write to it would own the node.
+            self.status = TemplateStatus(False, f"refused: {verdict.problem}")
+            log.error("engine template not started: root would run %s, which is not root's alone: %s; every "
+                      "engine starts cold (as its job's user)", self.config.agent.python, verdict.problem)
+            return
+        log.info("engine template: %s and its import path are root's alone (%d paths checked in %.1fs)",
+                 self.config.agent.python, verdict.checked, time.monotonic() - began)
         while True:
             try:
                 await self._start_once()

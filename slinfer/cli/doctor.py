@@ -35,12 +35,13 @@ from cryptography.exceptions import InvalidSignature
 
 from slinfer import config as config_mod
 from slinfer import tls
+from slinfer.agent import enginetrust
 
 PLUGIN_FILE = "spank_slinfer.so"
 # Debian's; RPM sites set PluginDir in slurm.conf (e.g. /usr/lib64/slurm).
 DEFAULT_PLUGIN_DIR = "/usr/lib/x86_64-linux-gnu/slurm-wlm"
 CHECKS = ("config", "plugin", "plugin-version", "hook", "agent", "tls", "controller", "engine-hop", "engines",
-          "munge", "gateway")
+          "engine-python", "munge", "gateway")
 # Where a rolling restart of slinfer-gateway's workers keeps a closing listener's queued connections.
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 # Importing vLLM pulls in torch: tens of seconds on a busy node.
@@ -200,14 +201,15 @@ class Doctor:
         return {"config": self.check_config, "plugin": self.check_plugin,
                 "plugin-version": self.check_plugin_version, "hook": self.check_hook, "agent": self.check_agent,
                 "tls": self.check_tls, "controller": self.check_controller, "engine-hop": self.check_engine_hop,
-                "engines": self.check_engines, "containment": self.check_containment, "munge": self.check_munge,
+                "engines": self.check_engines, "containment": self.check_containment,
+                "engine-python": self.check_engine_python, "munge": self.check_munge,
                 "gateway": self.check_gateway}
 
     def run(self, skip: set[str] | None = None) -> Iterator[Result]:
         for name, check in self.checks().items():
             if name in (skip or set()):
                 continue
-            if name in ("agent", "tls", "controller", "engine-hop", "engines", "containment",
+            if name in ("agent", "tls", "controller", "engine-hop", "engines", "containment", "engine-python",
                         "gateway") and self.config is None:
                 continue  # the config line already failed, and says why
             if name == "gateway" and not self.gateway_host:
@@ -501,6 +503,25 @@ class Doctor:
                            f"set {', '.join(missing)}", note=True)]
         return [Result("containment", True, "engines join their job's extern-step cgroups (proctrack/cgroup, "
                                             "PrologFlags=Contain)")]
+
+    def check_engine_python(self) -> list[Result]:
+        """The warm start runs [agent].python as root: only where it and its import path are root's alone."""
+        assert self.config is not None
+        agent = self.config.agent
+        if not agent.warm_start:
+            return [Result("engine-python", True, "agent.warm_start is off: engines start cold, as their job's "
+                                                  "user", note=True)]
+        from slinfer.agent.warmstart import TEMPLATE_SCRIPT
+
+        env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), **agent.engine_env}
+        verdict = enginetrust.check(agent.python, env, [str(TEMPLATE_SCRIPT.parent)])
+        if not verdict.trusted:
+            return [Result("engine-python", False, f"the warm template would run {agent.python} as root, but "
+                           f"{verdict.problem}: whoever can write there could own this node, so engines start "
+                           "cold", "make the engine Python's files root's and not group- or world-writable "
+                           "(chown -R root, chmod -R go-w), or set agent.warm_start = false")]
+        return [Result("engine-python", True, f"{agent.python} and its import path are root's alone "
+                                              f"({verdict.checked} paths): the warm template may run it")]
 
     def check_munge(self) -> list[Result]:
         sock = munge_socket(self.settings)

@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,30 @@ def test_gateway_host_line_checks_the_feed_token_and_migrate_req(tmp_path: Path,
         asyncio.run_coroutine_threadsafe(server_box[0].stop(0), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the probe runs the interpreter as nobody")
+def test_engine_python_names_what_another_user_could_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27: the warm template runs [agent].python as root. A stand-in interpreter (prints its import path)
+    in a root-owned folder is trusted; made world-writable, doctor fails naming it; warm start off is a NOTE."""
+    top = Path(tempfile.mkdtemp(prefix="slinfer-doctor-py-"))
+    try:
+        top.chmod(0o755)
+        python = top / "python"
+        python.write_text(f"#!/bin/sh\necho '[\"{python}\"]'\n")
+        python.chmod(0o755)
+        conf = _site(tmp_path, "")
+        config = _config(tmp_path, f'[agent]\npython = "{python}"\n')
+        skip = {"plugin", "plugin-version", "hook", "agent", "controller", "engines", "munge", "tls", "engine-hop",
+                "containment"}
+        line = _by_check(list(_doctor(tmp_path, conf, config, monkeypatch).run(skip)))["engine-python"]
+        assert line.ok and not line.note and "root's alone" in line.detail, line.line()
+        python.chmod(0o757)
+        line = _by_check(list(_doctor(tmp_path, conf, config, monkeypatch).run(skip)))["engine-python"]
+        assert not line.ok and f"{python} is writable by its group or by everyone (mode 757)" in line.detail
+        assert "agent.warm_start = false" in line.fix
+        config = _config(tmp_path, f'[agent]\npython = "{python}"\nwarm_start = false\n')
+        line = _by_check(list(_doctor(tmp_path, conf, config, monkeypatch).run(skip)))["engine-python"]
+        assert line.ok and line.note, line.line()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
