@@ -6,9 +6,11 @@ and device limits bind the engine, Slurm accounts for it, and Slurm's own cleanu
 is gone. Not responsible for: creating or limiting cgroups (Slurm does), starting or stopping engines.
 
 Where the extern step's cgroups are is release- and layout-specific (v1 `slurm/uid_U/job_J/step_extern` or
-`slurm_NODE/...`, v2 under `slurmstepd.scope`, with or without systemd), so they are not guessed: the extern
-step's own task (the `sleep` that `slurmstepd: [J.extern]` keeps) is in exactly the cgroups we want, and
-`/proc/PID/cgroup` names them, one line per hierarchy.
+`slurm_NODE/...`, v2 under `slurmstepd.scope`, with or without systemd), so they are not guessed where Slurm
+shows them: the extern step's own task (the `sleep` that `slurmstepd: [J.extern]` keeps, up to 24.11) is in
+exactly the cgroups we want, and `/proc/PID/cgroup` names them, one line per hierarchy. 26.05's extern step has
+no task; there the step's own folder is found in each mounted hierarchy (`.../job_J/step_extern`), the node's
+own where several slurmd share a host.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 EXTERN_STEP_WAIT_S = 30.0
 # How often to look for it meanwhile: a fifth of a second of an engine outside its job's limits at most.
 EXTERN_STEP_POLL_S = 0.2
+# Folders between a hierarchy's root and `job_J` (v1 `slurm/uid_U`, v2 `system.slice/slurmstepd.scope`, and
+# one more for a nested systemd slice).
+STEP_SEARCH_DEPTH = 3
+# Where cgroup/v2 Slurm keeps an extern step's own processes, below the step's folder.
+V2_EXTERN_LEAF = "user/task_special"
 
 
 @dataclass(frozen=True)
@@ -121,11 +128,34 @@ class JobCgroups:
 
     def of_job(self, job_id: str) -> list[Hierarchy]:
         """The extern step's cgroups, each named by the job; empty when the job has none on this node (yet)."""
-        task = self.extern_task(job_id)
-        if not task:
-            return []
         mounted = mounts((self.proc / "self" / "mounts").read_text())
-        return [h for h in hierarchies(self._read(task), mounted) if is_job_cgroup(h, job_id)]
+        task = self.extern_task(job_id)
+        if task:
+            return [h for h in hierarchies(self._read(task), mounted) if is_job_cgroup(h, job_id)]
+        return self.step_folders(job_id, mounted)
+
+    def step_folders(self, job_id: str, mounted: dict[str, Path]) -> list[Hierarchy]:
+        """The extern step's cgroups found by their folders (an extern step without a task, 26.05): in each
+        mounted hierarchy, the one `.../job_J/step_extern` of this node. v2 keeps processes in leaves only:
+        there the leaf Slurm gives the extern step's own processes (`user/task_special`), and a step folder
+        with other cgroups below it is left alone."""
+        found = []
+        for mountpoint in dict.fromkeys(mounted.values()):
+            candidates = [c for depth in range(1, STEP_SEARCH_DEPTH + 1)
+                          for c in mountpoint.glob("/".join(["*"] * depth + [f"job_{job_id}", "step_extern"]))]
+            if len(candidates) > 1:
+                # Several slurmd on one host (the multi-node bed): v1 paths carry the node's name.
+                candidates = [c for c in candidates if f"slurm_{self.node_name}" in c.parts]
+            if len(candidates) != 1 or not (candidates[0] / "cgroup.procs").exists():
+                continue
+            folder = candidates[0]
+            if mountpoint == mounted.get(""):
+                if (folder / V2_EXTERN_LEAF / "cgroup.procs").exists():
+                    folder = folder / V2_EXTERN_LEAF
+                elif any(child.is_dir() for child in folder.iterdir()):
+                    continue
+            found.append(Hierarchy(mountpoint, "/" + str(folder.relative_to(mountpoint))))
+        return found
 
     async def wait_for_job(self, job_id: str, wait_s: float = EXTERN_STEP_WAIT_S) -> list[Hierarchy]:
         """of_job, polled until the extern step exists or wait_s passed; cancellable (no thread sleeps)."""

@@ -67,3 +67,39 @@ def test_a_job_without_an_extern_step_has_no_cgroups_to_join() -> None:
     # No `slurmstepd: [999999999.extern]` runs here, so there is nothing to contain the engine in.
     assert JobCgroups("node1").of_job("999999999") == []
     assert asyncio.run(JobCgroups("node1").wait_for_job("999999999", wait_s=0.3)) == []
+
+
+def _tree(root: Path, *folders: str) -> None:
+    """Cgroup folders as cgroupfs shows them: each level has its cgroup.procs."""
+    for folder in folders:
+        path = root
+        for part in Path(folder).parts:
+            path = path / part
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "cgroup.procs").write_text("")
+
+
+def test_an_extern_step_without_a_task_is_found_by_its_folders(tmp_path: Path) -> None:
+    """Slurm 26.05: `slurmstepd: [J.extern]` keeps no task, so /proc names no cgroup (issue 27 found engines
+    outside their jobs). The step's own folder is found in each hierarchy, this node's where two slurmd share the
+    host; v2 takes the extern step's leaf; a hierarchy without the job is skipped."""
+    cg = tmp_path / "cg"
+    (tmp_path / "proc" / "self").mkdir(parents=True)
+    (tmp_path / "proc" / "self" / "mounts").write_text(
+        f"cgroup {cg}/memory cgroup rw,memory 0 0\ncgroup {cg}/cpu,cpuacct cgroup rw,cpu,cpuacct 0 0\n"
+        f"cgroup {cg}/freezer cgroup rw,freezer 0 0\ncgroup2 {cg}/unified cgroup2 rw 0 0\n")
+    _tree(cg / "memory", "slurm_node1/uid_1001/job_42/step_extern", "slurm_node2/uid_1001/job_42/step_extern",
+          "slurm_node1/uid_1001/job_43/step_extern")
+    _tree(cg / "cpu,cpuacct", "slurm_node1/uid_1001/job_42/step_extern")
+    _tree(cg / "unified", "system.slice/slurmstepd.scope/job_42/step_extern/user/task_special")
+    (cg / "freezer" / "slurm_node1").mkdir(parents=True)
+    found = JobCgroups("node1", proc=tmp_path / "proc").of_job("42")
+    assert sorted((h.mountpoint.name, h.path) for h in found) == [
+        ("cpu,cpuacct", "/slurm_node1/uid_1001/job_42/step_extern"),
+        ("memory", "/slurm_node1/uid_1001/job_42/step_extern"),
+        ("unified", "/system.slice/slurmstepd.scope/job_42/step_extern/user/task_special")]
+    assert all(is_job_cgroup(h, "42") for h in found)
+    # The other node's view, and a job that is not there at all.
+    assert {h.path for h in JobCgroups("node2", proc=tmp_path / "proc").of_job("42")} >= {
+        "/slurm_node2/uid_1001/job_42/step_extern"}
+    assert JobCgroups("node1", proc=tmp_path / "proc").of_job("44") == []
