@@ -28,10 +28,11 @@ from slinfer import tls
 from slinfer.config import DEFAULT_PATH, Config, ConfigError, load, require_token
 from slinfer.controller import metrics
 from slinfer.controller.balancer import Balancer
+from slinfer.controller.eventloop import loop_factory
 from slinfer.controller.gateway import Gateway
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.limits import KeyLimits, Limiter
-from slinfer.controller.main import SHUTDOWN_GRACE_S, _loop_factory, split_listen
+from slinfer.controller.main import SHUTDOWN_GRACE_S, split_listen
 from slinfer.controller.modelstatus import ModelBoard
 from slinfer.controller.proxy import Proxy
 from slinfer.controller.queue import WaitQueue
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             await supervise(args.config, listen, args.workers, stop, roll, args.metrics_port)
 
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(run())
     except (OSError, RuntimeError) as exc:
         print(f"slinfer-gateway: {exc}", file=sys.stderr)

@@ -1,10 +1,12 @@
 """The controller's side of the gateway tier: the feed that `slinfer-gateway` processes watch, and their reports.
 
-Responsible for: serving `GatewayFeed.Watch` (a full RouteTable of replicas, client keys with their resolved
-limits, models held at zero and today's token totals, sent on every registry change and at least every
-`TABLE_INTERVAL_S`), and `GatewayFeed.Report` (each gateway's in-flight and queued counts per model, its
-requests in flight per engine, and its usage sums, which go into the controller's one UsageLedger). It answers
-the autoscaler's questions about load elsewhere: `demand(model)` and `outstanding(job_id, since)`.
+Responsible for: serving `GatewayFeed.Watch`: the full state (pool replicas, client keys with their resolved
+limits, models held at zero and today's token totals) on connect or after a gap, then versioned deltas
+(feedlog.py) published on every registry or key change and at least every `TABLE_INTERVAL_S` when something
+changed, and a heartbeat every `HEARTBEAT_S` when nothing did; and `GatewayFeed.Report` (each gateway's
+in-flight and queued counts per model, its requests in flight per engine, and its usage sums, which go into
+the controller's one UsageLedger). It answers the autoscaler's questions about load elsewhere:
+`demand(model)` and `outstanding(job_id, since)`.
 Not responsible for: routing or limiting requests (the gateways do, from the table), scaling (the autoscaler),
 or persisting usage (the ledger).
 
@@ -16,6 +18,7 @@ replace its routes with an empty registry's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -24,8 +27,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from slinfer.controller.feedlog import FeedLog, ReplicaRow
 from slinfer.controller.gateway import Demand
-from slinfer.controller.keys import KeyStore
+from slinfer.controller.keys import KeyInfo, KeyStore
 from slinfer.controller.limits import Limiter
 from slinfer.controller.registry import Registry
 from slinfer.controller.usage import UsageLedger, UsageRow
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 # Quotas across gateways are enforced from totals at most this old (plus one report interval): the
 # bound in docs/admin/gateway-tier.md.
 TABLE_INTERVAL_S = 0.5
+# A watcher that got nothing for this long gets an empty message: its stream is alive, nothing changed.
+HEARTBEAT_S = 2.0
 # A gateway whose last report is older than this is gone: its load no longer counts.
 REPORT_STALE_S = 3.0
 # A drained engine's requests elsewhere are known only from reports made after the gateways saw the drain:
@@ -66,15 +72,25 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         self._clock = clock
         self._ready_at = clock() + warmup_s
         self._gateways: dict[str, _Gateway] = {}
-        self._watchers: set[str] = set()
+        self._watchers: list[str] = []  # one entry per watch stream (a name may watch twice while it reconnects)
         # One event per watch stream: a stream that is busy sending when a change comes still sees it.
         self._wakeups: set[asyncio.Event] = set()
+        self.feed = FeedLog()
+        # Keys that changed since the last publication (every key before the first).
+        self._dirty_keys: set[bytes] = set()
+        self._all_keys = True
+        self._change = asyncio.Event()
+        self._publisher: asyncio.Task[None] | None = None
         registry.subscribe(lambda _model: self.changed())
+        keys.subscribe(self._key_changed)
 
     def changed(self) -> None:
-        """Something the table shows changed (a replica READY, a drain); every watcher gets a new table now."""
-        for event in self._wakeups:
-            event.set()
+        """Something the feed shows changed (a replica READY, a drain, a key): it is published now."""
+        self._change.set()
+
+    def _key_changed(self, digest: bytes) -> None:
+        self._dirty_keys.add(digest)
+        self.changed()
 
     # ---- what the autoscaler reads -----------------------------------------------------------------------
     def _live(self) -> list[_Gateway]:
@@ -95,36 +111,58 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         total = sum(g.replicas.get(job_id, 0) for g in self._live())
         seen_after = self._clock() - (time.time() - draining_since) + DRAIN_SEEN_S
         # Every gateway watching, and every one that reported lately, must have reported since.
-        names = self._watchers | {n for n, g in self._gateways.items() if g.received >= self._clock() - REPORT_STALE_S}
+        lately = self._clock() - REPORT_STALE_S
+        names = set(self._watchers) | {n for n, g in self._gateways.items() if g.received >= lately}
         if any(n not in self._gateways or self._gateways[n].received < seen_after for n in names):
             return max(total, 1)
         return total
 
     def connected(self) -> int:
-        return len(self._watchers)
+        return len(set(self._watchers))
 
-    # ---- the table ---------------------------------------------------------------------------------------
-    def table(self) -> gateway_pb2.RouteTable:
+    # ---- the feed ----------------------------------------------------------------------------------------
+    def _key_message(self, digest: bytes, info: KeyInfo) -> gateway_pb2.ClientKey:
+        limits = self._limiter.limits_for(info)
+        return gateway_pb2.ClientKey(sha256=digest, key_id=info.key_id, name=info.name, account=info.account,
+                                     source=info.source, requests_per_minute=limits.requests_per_minute,
+                                     burst=limits.burst, tokens_per_day=limits.tokens_per_day)
+
+    def publish(self) -> gateway_pb2.RouteTable | None:
+        """Publishes what changed since the last publication as one delta, and wakes every watcher for it."""
         alive = {a.node for a in self._registry.agents() if self._registry.agent_alive(a.node)}
         # Only the shared pool: a private engine's key stays with its job and the controller (issue 27).
-        replicas = [gateway_pb2.RoutedReplica(job_id=r.job_id, model=r.model, node=r.node, base_url=r.base_url,
-                                              api_key=r.api_key, state=r.state, pool=r.pool, draining=r.draining,
-                                              agent_alive=r.node in alive)
-                    for r in self._registry.replicas() if r.pool]
-        share = max(1, len(self._watchers))
-        keys = []
-        for digest, info in self._keys.entries():
-            limits = self._limiter.limits_for(info)
-            # Each gateway enforces its share of the rate: together they hold the key's rate.
-            rpm = -(-limits.requests_per_minute // share) if limits.requests_per_minute else 0
-            burst = -(-limits.burst // share) if limits.burst else 0
-            keys.append(gateway_pb2.ClientKey(sha256=digest, key_id=info.key_id, name=info.name,
-                                              account=info.account, source=info.source, requests_per_minute=rpm,
-                                              burst=burst, tokens_per_day=limits.tokens_per_day))
+        replicas: list[ReplicaRow] = [(r.job_id, r.model, r.node, r.base_url, r.api_key, r.state, r.pool,
+                                       r.draining, r.node in alive)
+                                      for r in self._registry.replicas() if r.pool]
+        keys: dict[bytes, gateway_pb2.ClientKey | None] = {}
+        if self._all_keys:
+            self._all_keys = False
+            self._dirty_keys.clear()
+            keys = {digest: self._key_message(digest, info) for digest, info in self._keys.entries()}
+        else:
+            dirty, self._dirty_keys = self._dirty_keys, set()
+            for digest in dirty:
+                info = self._keys.lookup(digest)
+                keys[digest] = None if info is None else self._key_message(digest, info)
         day, totals = self._ledger.totals_today()
-        return gateway_pb2.RouteTable(replicas=replicas, keys=keys,
-                                      scaled_to_zero=[m for m in self._models if self._scaled_to_zero(m)],
-                                      day=day, tokens_today=totals, sent_at=time.time(), gateways=share)
+        delta = self.feed.publish(replicas, keys, [m for m in self._models if self._scaled_to_zero(m)], day,
+                                  totals, max(1, len(self._watchers)))
+        if delta is not None:
+            for event in self._wakeups:
+                event.set()
+        return delta
+
+    def table(self) -> gateway_pb2.RouteTable:
+        """The whole state as a gateway that connects now gets it."""
+        self.publish()
+        return self.feed.snapshot()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._change.wait(), TABLE_INTERVAL_S)
+            self._change.clear()
+            self.publish()
 
     def _authorized(self, token: str) -> bool:
         return not self._token or hmac.compare_digest(token.encode(), self._token)
@@ -139,22 +177,48 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         if wait > 0:
             log.info("gateway %s watching; first table in %.1f s (agents re-reporting after a start)", name, wait)
             await asyncio.sleep(wait)
-        self._watchers.add(name)
-        log.info("gateway %s watching (%d gateways)", name, len(self._watchers))
-        self.changed()  # the others' rate share changed
+        self._watchers.append(name)
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.create_task(self._publish_loop(), name="gateway-feed-publish")
         wakeup = asyncio.Event()
         self._wakeups.add(wakeup)
         try:
+            self.publish()  # the rate share changed; this stream starts from the state as it is now
+            resume = self.feed.since(request.epoch, request.version)
+            log.info("gateway %s watching (%d gateways), %s", name, len(self._watchers),
+                     "full state" if resume is None else f"resuming at version {request.version}")
+            if resume is None:
+                first = self.feed.snapshot()
+                sent = first.version
+                yield first
+            else:
+                sent = request.version
+                for message in resume:
+                    sent = message.version
+                    yield message
             while True:
-                wakeup.clear()
-                yield self.table()
-                try:
-                    await asyncio.wait_for(wakeup.wait(), TABLE_INTERVAL_S)
-                except TimeoutError:
-                    pass
+                if not wakeup.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wakeup.wait(), HEARTBEAT_S)
+                woke = wakeup.is_set()
+                wakeup.clear()  # a publication from here on wakes this stream again
+                deltas = self.feed.since(self.feed.epoch, sent)
+                if deltas is None:  # this stream fell behind what the log keeps
+                    message = self.feed.snapshot()
+                    sent = message.version
+                    yield message
+                elif deltas:
+                    for message in deltas:
+                        sent = message.version
+                        yield message
+                elif not woke:
+                    yield self.feed.heartbeat()
         finally:
-            self._watchers.discard(name)
+            self._watchers.remove(name)
             self._wakeups.discard(wakeup)
+            if not self._watchers and self._publisher is not None:
+                self._publisher.cancel()
+                self._publisher = None
             self.changed()
             log.info("gateway %s stopped watching (%d gateways)", name, len(self._watchers))
 
@@ -177,5 +241,7 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         for name, seen in list(self._gateways.items()):
             if seen.received < self._clock() - 60 * REPORT_STALE_S:
                 del self._gateways[name]
+        # Only this report's keys: the rest reach the gateway as the feed's deltas.
         day, totals = self._ledger.totals_today()
-        return gateway_pb2.GatewayAck(day=day, tokens_today=totals)
+        return gateway_pb2.GatewayAck(day=day, tokens_today={u.key_id: totals[u.key_id] for u in request.usage
+                                                             if u.key_id in totals})

@@ -9,11 +9,11 @@ about HTTP.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import secrets
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,8 +60,9 @@ class KeyStore:
 
     def __init__(self, path: str | Path, config_keys: list[str] | None = None) -> None:
         self._path = Path(path)
-        self._stored: list[tuple[bytes, KeyInfo]] = []
-        self._config: list[tuple[bytes, KeyInfo]] = []
+        self._stored: dict[bytes, KeyInfo] = {}
+        self._config: dict[bytes, KeyInfo] = {}
+        self._listeners: list[Callable[[bytes], None]] = []
         for i, key in enumerate(config_keys or []):
             if key.startswith("sha256:"):
                 try:
@@ -72,7 +73,7 @@ class KeyStore:
                     raise KeyStoreError(f"gateway.api_keys[{i}]: a sha256 digest has 64 hex digits")
             else:
                 digest = _digest(key)
-            self._config.append((digest, KeyInfo(key_id=f"config-{i}", name="config", source="config")))
+            self._config[digest] = KeyInfo(key_id=f"config-{i}", name="config", source="config")
         self._load()
 
     def _load(self) -> None:
@@ -80,17 +81,17 @@ class KeyStore:
             return
         try:
             data = json.loads(self._path.read_text())
-            self._stored = [(bytes.fromhex(k["sha256"]),
-                             KeyInfo(key_id=k["key_id"], name=k["name"], account=k.get("account", ""),
-                                     created_at=float(k.get("created_at", 0.0)),
-                                     requests_per_minute=_limit(k.get("requests_per_minute")),
-                                     tokens_per_day=_limit(k.get("tokens_per_day"))))
-                            for k in data["keys"]]
+            self._stored = {bytes.fromhex(k["sha256"]):
+                            KeyInfo(key_id=k["key_id"], name=k["name"], account=k.get("account", ""),
+                                    created_at=float(k.get("created_at", 0.0)),
+                                    requests_per_minute=_limit(k.get("requests_per_minute")),
+                                    tokens_per_day=_limit(k.get("tokens_per_day")))
+                            for k in data["keys"]}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeyStoreError(f"{self._path}: unreadable key file: {exc}") from exc
 
     def _save(self) -> None:
-        data = {"keys": [{**asdict(info), "sha256": digest.hex()} for digest, info in self._stored]}
+        data = {"keys": [{**asdict(info), "sha256": digest.hex()} for digest, info in self._stored.items()]}
         for entry in data["keys"]:
             del entry["source"]
             del entry["burst"]
@@ -114,14 +115,15 @@ class KeyStore:
                 raise ValueError(f"{label} must be 0 (no limit) or more")
         key_id = secrets.token_hex(6)
         secret = f"{SECRET_PREFIX}{secrets.token_urlsafe(32)}"
-        entry = (_digest(secret), KeyInfo(key_id=key_id, name=name, account=account, created_at=time.time(),
-                                          requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day))
-        self._stored.append(entry)
+        digest = _digest(secret)
+        self._stored[digest] = KeyInfo(key_id=key_id, name=name, account=account, created_at=time.time(),
+                                       requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day)
         try:
             self._save()
         except KeyStoreError:
-            self._stored.remove(entry)
+            del self._stored[digest]
             raise
+        self._changed(digest)
         log.info("created client key %s (name %r, account %r)", key_id, name, account)
         return key_id, secret
 
@@ -130,42 +132,59 @@ class KeyStore:
         """A store that only verifies: the gateway tier's copy of the controller's keys (hashes only)."""
         store = cls.__new__(cls)
         store._path = Path("/nonexistent")
-        store._config = []
-        store._stored = list(entries)
+        store._config = {}
+        store._stored = dict(entries)
+        store._listeners = []
         return store
 
     def replace(self, entries: list[tuple[bytes, KeyInfo]]) -> None:
         """The gateway tier's update from the controller; nothing is written."""
-        self._stored = list(entries)
+        self._stored = dict(entries)
+
+    def apply(self, upserts: Iterable[tuple[bytes, KeyInfo]], removed: Iterable[bytes]) -> None:
+        """The gateway tier's delta from the controller: keys added or changed, keys revoked; nothing written."""
+        for digest, info in upserts:
+            self._stored[digest] = info
+        for digest in removed:
+            self._stored.pop(digest, None)
+
+    def subscribe(self, listener: Callable[[bytes], None]) -> None:
+        """`listener(digest)` is called after a key was created or revoked (the feed sends only changes)."""
+        self._listeners.append(listener)
+
+    def _changed(self, digest: bytes) -> None:
+        for listener in self._listeners:
+            listener(digest)
+
+    def lookup(self, digest: bytes) -> KeyInfo | None:
+        """The key with this sha256 digest, or None (revoked or never made)."""
+        return self._config.get(digest) or self._stored.get(digest)
 
     def entries(self) -> list[tuple[bytes, KeyInfo]]:
         """Every key as (sha256 digest, info), for the controller's feed to the gateways."""
-        return list(self._stored) + list(self._config)
+        return list(self._stored.items()) + list(self._config.items())
 
     def list(self) -> list[KeyInfo]:
-        return [info for _, info in self._stored] + [info for _, info in self._config]
+        return list(self._stored.values()) + list(self._config.values())
 
     def revoke(self, key_id: str) -> bool:
-        before = list(self._stored)
-        self._stored = [(d, i) for d, i in self._stored if i.key_id != key_id]
-        if len(self._stored) == len(before):
+        found = [d for d, i in self._stored.items() if i.key_id == key_id]
+        if not found:
             return False
+        before = dict(self._stored)
+        for digest in found:
+            del self._stored[digest]
         try:
             self._save()
         except KeyStoreError:
             self._stored = before
             raise
+        for digest in found:
+            self._changed(digest)
         log.info("revoked client key %s", key_id)
         return True
 
     def verify(self, presented: str) -> KeyInfo | None:
-        """The key's info, or None. Compares against every key without an early exit."""
-        digest = _digest(presented)
-        found: KeyInfo | None = None
-        for known, info in self._stored:
-            if hmac.compare_digest(known, digest):
-                found = info
-        for known, info in self._config:
-            if hmac.compare_digest(known, digest):
-                found = info
-        return found
+        """The key's info, or None: one lookup by the presented key's SHA-256, whatever the number of keys. A
+        lookup's timing tells nothing useful: finding a key through it would need a preimage of the hash."""
+        return self.lookup(_digest(presented))

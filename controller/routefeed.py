@@ -1,7 +1,9 @@
 """A gateway tier process's link to the controller: the route table it watches and the reports it sends.
 
-Responsible for: one `GatewayFeed.Watch` stream (reconnected with backoff) whose every table replaces this
-gateway's copy of the routes (Registry.mirror), client keys (KeyStore.replace) and quota totals (UsageRelay);
+Responsible for: one `GatewayFeed.Watch` stream (reconnected with backoff, resuming from the version held)
+whose full state and deltas (feedlog.FeedMirror) update this gateway's copy of the routes (Registry.mirror, on
+a change of the pool only), client keys (KeyStore.apply, with this gateway's share of each key's rate) and quota
+totals (UsageRelay); a delta that does not follow the version held makes it watch again for the full state;
 a `GatewayFeed.Report` every `REPORT_INTERVAL_S` with this gateway's in-flight and queued counts per model,
 its requests per engine and its usage sums (kept for the next report when one fails); and what `/healthz`
 says about the controller. While the controller is away the last table keeps serving.
@@ -21,6 +23,7 @@ import grpc
 from slinfer import tls
 from slinfer.backoff import GATEWAY_RECONNECT, Backoff
 from slinfer.config import Config
+from slinfer.controller.feedlog import FeedMirror
 from slinfer.controller.gateway import Demand
 from slinfer.controller.keys import KeyInfo, KeyStore
 from slinfer.controller.registry import Registry, Replica
@@ -50,6 +53,8 @@ class RouteFeed:
         self._demand = demand
         self._outstanding = outstanding
         self._scaled_to_zero: frozenset[str] = frozenset()
+        self.mirror = FeedMirror()
+        self.gaps = 0  # deltas that did not follow the version held (each cost a full state)
         self.first_table = asyncio.Event()
         self.connected = False
         self.tables = 0
@@ -71,26 +76,51 @@ class RouteFeed:
                 "table_age_s": round(time.time() - self._table_at, 1) if self.tables else None,
                 "last_error": self._last_error}
 
-    # ---- applying a table --------------------------------------------------------------------------------
-    def apply(self, table: gateway_pb2.RouteTable) -> None:
-        replicas = [Replica(job_id=r.job_id, model=r.model, node=r.node, base_url=r.base_url, api_key=r.api_key,
-                            state=r.state, pool=r.pool, draining=r.draining) for r in table.replicas]
-        alive = {r.node for r in table.replicas if r.agent_alive}
-        known = {r.job_id for r in self._registry.replicas()}
-        self._registry.mirror(replicas, alive)
-        for r in table.replicas:
-            if r.job_id not in known:
-                log.info("gateway %s: replica %s (%s on %s) in the table, state %s%s", self.name, r.job_id,
-                         r.model, r.node, engine_pb2.EngineState.Name(r.state), ", draining" if r.draining else "")
-        self._keys.replace([(k.sha256, KeyInfo(key_id=k.key_id, name=k.name, account=k.account, source=k.source,
-                                               requests_per_minute=k.requests_per_minute,
-                                               tokens_per_day=k.tokens_per_day, burst=k.burst))
-                            for k in table.keys])
-        self._relay.apply_totals(table.day, dict(table.tokens_today))
-        self._scaled_to_zero = frozenset(table.scaled_to_zero)
+    # ---- applying the feed ------------------------------------------------------------------------------
+    @staticmethod
+    def _share(value: int, gateways: int) -> int:
+        """This gateway's share of a key's rate or burst: together the gateways hold the key's."""
+        return -(-value // gateways) if value else 0
+
+    def _key_info(self, k: gateway_pb2.ClientKey) -> KeyInfo:
+        share = max(1, self.mirror.gateways)
+        return KeyInfo(key_id=k.key_id, name=k.name, account=k.account, source=k.source,
+                       requests_per_minute=self._share(k.requests_per_minute, share),
+                       tokens_per_day=k.tokens_per_day, burst=self._share(k.burst, share))
+
+    def apply(self, table: gateway_pb2.RouteTable) -> bool:
+        """Applies one message of the feed; False (nothing changed) for a delta that does not follow the
+        version held: the caller watches again for the full state."""
+        applied = self.mirror.apply(table)
+        if applied is None:
+            self.gaps += 1
+            log.warning("gateway %s: feed delta %s -> %s does not follow version %d; asking for the full state",
+                        self.name, table.base_version, table.version, self.mirror.version)
+            return False
+        if applied.replicas:
+            rows = self.mirror.replicas.values()
+            replicas = [Replica(job_id=r.job_id, model=r.model, node=r.node, base_url=r.base_url,
+                                api_key=r.api_key, state=r.state, pool=r.pool, draining=r.draining) for r in rows]
+            known = {r.job_id for r in self._registry.replicas()}
+            self._registry.mirror(replicas, {r.node for r in rows if r.agent_alive})
+            for r in rows:
+                if r.job_id not in known:
+                    log.info("gateway %s: replica %s (%s on %s) in the table, state %s%s", self.name, r.job_id,
+                             r.model, r.node, engine_pb2.EngineState.Name(r.state),
+                             ", draining" if r.draining else "")
+        if applied.full or applied.gateways:
+            self._keys.replace([(digest, self._key_info(k)) for digest, k in self.mirror.keys.items()])
+        elif applied.keys or applied.removed_keys:
+            self._keys.apply([(digest, self._key_info(self.mirror.keys[digest])) for digest in applied.keys],
+                             applied.removed_keys)
+        if self.mirror.day:
+            self._relay.apply_totals(self.mirror.day, applied.totals)
+        if applied.zero:
+            self._scaled_to_zero = self.mirror.zero
         self._table_at = time.time()
         self.tables += 1
         self.first_table.set()
+        return True
 
     # ---- the two loops -----------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -104,19 +134,29 @@ class RouteFeed:
 
     async def _watch_loop(self, stub: gateway_pb2_grpc.GatewayFeedStub) -> None:
         backoff = Backoff.of(GATEWAY_RECONNECT)
-        request = gateway_pb2.WatchRequest(gateway=self.name, token=self._config.controller.token)
         while True:
+            # Resume from the version held: the controller sends what changed since, or the full state.
+            request = gateway_pb2.WatchRequest(gateway=self.name, token=self._config.controller.token,
+                                               epoch=self.mirror.epoch, version=self.mirror.version)
+            gap = False
             try:
-                async for table in stub.Watch(request):
+                call = stub.Watch(request)
+                async for table in call:
                     if not self.connected:
-                        log.info("gateway %s: watching controller %s (%d replicas, %d keys)", self.name,
-                                 self._address, len(table.replicas), len(table.keys))
+                        log.info("gateway %s: watching controller %s (%s, version %d)", self.name,
+                                 self._address, "full state" if table.full else "resumed", table.version)
                     self.connected = True
                     backoff.succeeded()
-                    self.apply(table)
-                error = "stream ended"
+                    if not self.apply(table):
+                        gap = True
+                        call.cancel()
+                        break
+                error = "a delta missed" if gap else "stream ended"
             except grpc.aio.AioRpcError as exc:
                 error = f"{exc.code().name}: {exc.details()}"
+            if gap:
+                self.mirror = FeedMirror()  # the next watch asks for the full state, at once
+                continue
             if self.connected:
                 self._lost_at = time.time()
                 log.warning("gateway %s: controller %s lost (%s); serving %d known replicas meanwhile",

@@ -1,0 +1,200 @@
+"""The gateway feed's versioned state: the controller's published copy with its recent deltas, and a gateway's copy.
+
+Responsible for: turning what the controller holds now (pool replicas, client keys that changed, models held at
+zero, today's token totals, the number of gateways) into one versioned delta per change, as a Kubernetes watch
+does with resourceVersion; keeping the last `LOG_KEEP` deltas so a gateway that reconnects soon resumes from the
+version it holds; the full state for a gateway that connects afresh or fell behind; and, on the gateway's side,
+applying the full state and deltas in order, refusing a delta that does not follow the version it holds (the
+gateway then asks for the full state).
+Not responsible for: the gRPC stream or its authentication (gatewayhub.py, routefeed.py), reading the registry,
+key store or ledger (the hub passes what they hold), or acting on the state (routefeed.py does).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from slinfer.v1 import gateway_pb2
+
+# Deltas kept for gateways that resume: a few minutes of steady change at a site, a few hundred KB at most.
+LOG_KEEP = 1024
+
+# A replica's row as the feed compares it: (job_id, model, node, base_url, api_key, state, pool, draining,
+# agent_alive).
+ReplicaRow = tuple[str, str, str, str, str, int, bool, bool, bool]
+
+
+def replica_row(r: gateway_pb2.RoutedReplica) -> ReplicaRow:
+    return (r.job_id, r.model, r.node, r.base_url, r.api_key, r.state, r.pool, r.draining, r.agent_alive)
+
+
+def _replica_msg(row: ReplicaRow) -> gateway_pb2.RoutedReplica:
+    job_id, model, node, base_url, api_key, state, pool, draining, alive = row
+    return gateway_pb2.RoutedReplica(job_id=job_id, model=model, node=node, base_url=base_url, api_key=api_key,
+                                     state=state, pool=pool, draining=draining, agent_alive=alive)
+
+
+class FeedLog:
+    """The controller's side: what it last published, at which version, and the deltas that led there."""
+
+    def __init__(self, epoch: str | None = None, keep: int = LOG_KEEP,
+                 wall: Callable[[], float] = time.time) -> None:
+        # A new controller run starts a new epoch: versions of an earlier run mean nothing to it.
+        self.epoch = epoch or secrets.token_hex(8)
+        self.version = 0
+        self._wall = wall
+        self._replicas: dict[str, ReplicaRow] = {}
+        self._keys: dict[bytes, gateway_pb2.ClientKey] = {}
+        self._zero: tuple[str, ...] = ()
+        self._day = ""
+        self._totals: dict[str, int] = {}
+        self._gateways = 0
+        self._log: deque[gateway_pb2.RouteTable] = deque(maxlen=keep)
+
+    def publish(self, replicas: Iterable[ReplicaRow], keys: Mapping[bytes, gateway_pb2.ClientKey | None],
+                zero: Iterable[str], day: str, totals: Mapping[str, int],
+                gateways: int) -> gateway_pb2.RouteTable | None:
+        """Compares what the controller holds now with what was published; the delta (a new version), or None
+        when nothing changed. `replicas` and `totals` are complete; `keys` holds only keys that may have
+        changed (None: gone). Totals only grow within a day: a new day starts them from nothing."""
+        delta = gateway_pb2.RouteTable(epoch=self.epoch, base_version=self.version, day=day, gateways=gateways)
+        changed = False
+        now_replicas = {row[0]: row for row in replicas}
+        for job_id, row in now_replicas.items():
+            if self._replicas.get(job_id) != row:
+                delta.replicas.append(_replica_msg(row))
+        removed = [job_id for job_id in self._replicas if job_id not in now_replicas]
+        delta.removed_replicas.extend(removed)
+        if delta.replicas or removed:
+            self._replicas = now_replicas
+            changed = True
+        for digest, key in keys.items():
+            if key is None:
+                if self._keys.pop(digest, None) is not None:
+                    delta.removed_keys.append(digest)
+            elif self._keys.get(digest) != key:
+                self._keys[digest] = key
+                delta.keys.append(key)
+        changed = changed or bool(delta.keys) or bool(delta.removed_keys)
+        zero_now = tuple(sorted(zero))
+        if zero_now != self._zero:
+            self._zero = zero_now
+            delta.scaled_to_zero.extend(zero_now)
+            delta.scaled_to_zero_set = changed = True
+        if day != self._day:
+            self._day, self._totals = day, {}
+            changed = True
+        for key_id, tokens in totals.items():
+            if self._totals.get(key_id) != tokens:
+                self._totals[key_id] = tokens
+                delta.tokens_today[key_id] = tokens
+        if gateways != self._gateways:
+            self._gateways = gateways
+            changed = True
+        if not changed and not delta.tokens_today:
+            return None
+        self.version += 1
+        delta.version = self.version
+        delta.sent_at = self._wall()
+        self._log.append(delta)
+        return delta
+
+    def snapshot(self) -> gateway_pb2.RouteTable:
+        """The whole published state at the current version."""
+        return gateway_pb2.RouteTable(
+            full=True, epoch=self.epoch, version=self.version, base_version=0,
+            replicas=[_replica_msg(row) for row in self._replicas.values()], keys=list(self._keys.values()),
+            scaled_to_zero=list(self._zero), scaled_to_zero_set=True, day=self._day,
+            tokens_today=self._totals, gateways=self._gateways, sent_at=self._wall())
+
+    def heartbeat(self) -> gateway_pb2.RouteTable:
+        """An empty delta at the current version: the stream is alive, nothing changed."""
+        return gateway_pb2.RouteTable(epoch=self.epoch, version=self.version, base_version=self.version,
+                                      day=self._day, gateways=self._gateways, sent_at=self._wall())
+
+    def since(self, epoch: str, version: int) -> list[gateway_pb2.RouteTable] | None:
+        """The deltas that take a gateway holding (epoch, version) to now, or None: it needs the full state."""
+        if epoch != self.epoch or version <= 0 or version > self.version:
+            return None
+        if version == self.version:
+            return []
+        if not self._log or self._log[0].base_version > version:
+            return None  # fell behind what the log keeps
+        return [m for m in self._log if m.version > version]
+
+
+@dataclass
+class Applied:
+    """What one message changed in a gateway's copy (what the gateway must act on)."""
+
+    full: bool = False
+    replicas: bool = False
+    keys: list[bytes] = field(default_factory=list)  # added or changed
+    removed_keys: list[bytes] = field(default_factory=list)
+    gateways: bool = False
+    zero: bool = False
+    totals: dict[str, int] = field(default_factory=dict)  # totals that grew (every total with full or a new day)
+
+
+class FeedMirror:
+    """A gateway's copy of the published state, kept by applying the feed's messages in order."""
+
+    def __init__(self) -> None:
+        self.epoch = ""
+        self.version = 0
+        self.replicas: dict[str, gateway_pb2.RoutedReplica] = {}
+        self.keys: dict[bytes, gateway_pb2.ClientKey] = {}
+        self.zero: frozenset[str] = frozenset()
+        self.day = ""
+        self.totals: dict[str, int] = {}
+        self.gateways = 0
+
+    def apply(self, msg: gateway_pb2.RouteTable) -> Applied | None:
+        """Applies the full state or the delta that follows the held version; None for a delta that does not
+        (a gap, or another epoch): the caller must ask for the full state, and nothing was changed."""
+        if msg.full:
+            self.epoch, self.version = msg.epoch, msg.version
+            self.replicas = {r.job_id: r for r in msg.replicas}
+            self.keys = {k.sha256: k for k in msg.keys}
+            self.zero = frozenset(msg.scaled_to_zero)
+            self.day, self.totals = msg.day, dict(msg.tokens_today)
+            self.gateways = msg.gateways
+            return Applied(full=True, replicas=True, keys=list(self.keys), gateways=True, zero=True,
+                           totals=dict(self.totals))
+        if not self.epoch or msg.epoch != self.epoch or msg.base_version != self.version:
+            return None
+        applied = Applied()
+        for r in msg.replicas:
+            self.replicas[r.job_id] = r
+        for job_id in msg.removed_replicas:
+            self.replicas.pop(job_id, None)
+        applied.replicas = bool(msg.replicas) or bool(msg.removed_replicas)
+        for k in msg.keys:
+            self.keys[k.sha256] = k
+            applied.keys.append(k.sha256)
+        for digest in msg.removed_keys:
+            if self.keys.pop(digest, None) is not None:
+                applied.removed_keys.append(digest)
+        if msg.scaled_to_zero_set:
+            self.zero = frozenset(msg.scaled_to_zero)
+            applied.zero = True
+        if msg.day and msg.day != self.day:
+            self.day, self.totals = msg.day, {}
+        for key_id, tokens in msg.tokens_today.items():
+            self.totals[key_id] = tokens
+            applied.totals[key_id] = tokens
+        if msg.gateways != self.gateways:
+            self.gateways = msg.gateways
+            applied.gateways = True
+        self.version = msg.version
+        return applied
+
+    def state(self) -> tuple[object, ...]:
+        """Everything held, in a form two copies can be compared by (the tests' fresh-table check)."""
+        return (sorted(replica_row(r) for r in self.replicas.values()),
+                sorted(k.SerializeToString(deterministic=True) for k in self.keys.values()),
+                sorted(self.zero), self.day, dict(sorted(self.totals.items())), self.gateways)
