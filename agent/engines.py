@@ -43,7 +43,7 @@ from slinfer.agent.processes import (
 from slinfer.agent.records import EngineRecord, RecordStore
 from slinfer.agent.slurmview import SlurmView
 from slinfer.agent.warmstart import EngineTemplate, TemplateError, WarmProcess, stock_args, warm_refusal
-from slinfer.config import MODEL_NAME, Config, ModelConfig, pool_users
+from slinfer.config import Config, ModelConfig, model_name_problem, pool_users
 from slinfer.v1 import engine_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,8 @@ class EngineManager:
     def _refusal(self, job: pb.JobSpec, nodes: list[str] | None = None) -> str:
         """The job's own mistake, if any, in words the user will read in the job's output. `nodes` is the job's
         node list, where the hook sent one."""
-        if not MODEL_NAME.match(job.model):
-            return f"invalid model name {job.model[:40]!r}"
+        if problem := model_name_problem(job.model):
+            return f"invalid model name {job.model[:40]!r}: {problem}"
         model = self.config.model(job.model)
         if model is None:
             known = ", ".join(m.name for m in self.config.models) or "none"

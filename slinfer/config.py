@@ -15,8 +15,36 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 DEFAULT_PATH = Path("/etc/slinfer/slinfer.toml")
 
-# The characters a model name may use: the SPANK plugin enforces the same rule at submit time.
+# A model name's characters and length (what generators of names use); `model_name_problem` is the whole rule.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Bytes a model name may have: the SPANK plugin's SLINFER_MODEL_MAX (spank/options.h).
+MODEL_NAME_MAX = 128
+
+
+def _shown_byte(byte: int) -> str:
+    """A byte as the plugin's messages show it: printable ASCII as is, quote and backslash escaped, else \\xNN."""
+    if byte in (0x22, 0x5C):
+        return "\\" + chr(byte)
+    return chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}"
+
+
+def model_name_problem(name: str) -> str:
+    """"" for a valid model name, else its problem in the SPANK plugin's words (spank/options.c checks the same
+    rule at submit time, in the same order; tests/unit/test_model_names.py runs one table of cases through both).
+    """
+    raw = name.encode("utf-8", "surrogateescape")
+    if not raw:
+        return "the model name is empty"
+    if len(raw) > MODEL_NAME_MAX:
+        return f"it is {len(raw)} bytes long, at most {MODEL_NAME_MAX} are allowed"
+    for byte in raw:
+        if not (chr(byte).isascii() and (chr(byte).isalnum() or chr(byte) in "._-")):
+            return f"character '{_shown_byte(byte)}' is not allowed (use letters, digits, '.', '_', '-')"
+    if not chr(raw[0]).isalnum():
+        return "it must start with a letter or a digit"
+    if b".." in raw:
+        return 'it must not contain ".."'
+    return ""
 
 DEFAULT_ENGINE_COMMAND = [
     "{python}", "-m", "vllm.entrypoints.openai.api_server",
@@ -284,9 +312,9 @@ def _build(cls: type[T], key: str, table: Any) -> T:
 
 
 def _check_model(key: str, model: ModelConfig) -> None:
-    if not MODEL_NAME.match(model.name):
-        raise ConfigError(f"{key}.name", "must be 1-128 characters of letters, digits, '.', '_' or '-', "
-                                          "starting with a letter or digit")
+    if problem := model_name_problem(model.name):
+        raise ConfigError(f"{key}.name", f"{model.name[:40]!r} is not a model name that sbatch --inference "
+                                          f"accepts: {problem}")
     if model.gpus < 0:
         raise ConfigError(f"{key}.gpus", "must be 0 or more")
     if model.nodes < 1:

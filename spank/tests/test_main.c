@@ -573,8 +573,38 @@ static void cleanup(void)
 	rmdir(tmpdir);
 }
 
-int main(void)
+/*
+ * `test_slinfer --check-models`: the model-name rule as a filter, for tests/unit/test_model_names.py, which
+ * runs one table of cases through this and through slinfer/config.py. Reads NUL-terminated values on stdin,
+ * prints "ok" or "bad<TAB>message" per value.
+ */
+static int check_models(void)
 {
+	static char value[4096];
+	size_t len = 0;
+	int c;
+
+	while ((c = getchar()) != EOF) {
+		if (c != '\0') {
+			if (len + 1 >= sizeof(value))
+				return 2;
+			value[len++] = (char)c;
+			continue;
+		}
+		value[len] = '\0';
+		len = 0;
+		if (slinfer_model_check(value, err, sizeof(err)) == 0)
+			printf("ok\n");
+		else
+			printf("bad\t%s\n", err);
+	}
+	return fflush(stdout) == 0 ? 0 : 2;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc == 2 && strcmp(argv[1], "--check-models") == 0)
+		return check_models();
 	if (mkdtemp(tmpdir) == NULL) {
 		perror("mkdtemp");
 		return 2;
