@@ -1,27 +1,33 @@
 """Client API keys of the gateway: created, listed and revoked by the admin, verified on every request.
 
-Only SHA-256 hashes are kept, in one JSON file (mode 0600) under `[controller].state_dir`, rewritten
-atomically on every change; the secret is shown once, at creation. Keys from `[gateway].api_keys` (in
-the clear or as "sha256:HEX") are accepted too but never written to the file. This module does not know
-about HTTP.
+Only SHA-256 hashes are kept, in one SQLite database (mode 0600, its folder 0700) beside the path given
+(`keys.json` -> `keys.db`) under `[controller].state_dir`: creating or revoking a key is one row's
+transaction, and checking one is one lookup by digest, at 100 keys as at 100,000. A `keys.json` of an earlier
+version is read into the database on start, in one transaction, and renamed `keys.json.migrated`. The secret is
+shown once, at creation. Keys from `[gateway].api_keys` (in the clear or as "sha256:HEX") are accepted too but
+never written. This module does not know about HTTP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import json
 import logging
+import os
 import secrets
+import sqlite3
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-
-from slinfer.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 
 SECRET_PREFIX = "sk-slinfer-"
+# What a presented key is compared with when no key has its digest (never equal to a SHA-256 of anything known).
+_NO_KEY = bytes(32)
 
 
 class KeyStoreError(RuntimeError):
@@ -60,8 +66,11 @@ class KeyStore:
 
     def __init__(self, path: str | Path, config_keys: list[str] | None = None) -> None:
         self._path = Path(path)
+        self._db_path = self._path.with_suffix(".db") if self._path.suffix == ".json" else self._path
+        self._db: sqlite3.Connection | None = None
         self._stored: dict[bytes, KeyInfo] = {}
         self._config: dict[bytes, KeyInfo] = {}
+        self._by_id: dict[str, bytes] = {}  # key id -> digest, for a revoke without a scan
         self._listeners: list[Callable[[bytes], None]] = []
         for i, key in enumerate(config_keys or []):
             if key.startswith("sha256:"):
@@ -76,32 +85,95 @@ class KeyStore:
             self._config[digest] = KeyInfo(key_id=f"config-{i}", name="config", source="config")
         self._load()
 
-    def _load(self) -> None:
-        if not self._path.exists():
-            return
-        try:
-            data = json.loads(self._path.read_text())
-            self._stored = {bytes.fromhex(k["sha256"]):
-                            KeyInfo(key_id=k["key_id"], name=k["name"], account=k.get("account", ""),
-                                    created_at=float(k.get("created_at", 0.0)),
-                                    requests_per_minute=_limit(k.get("requests_per_minute")),
-                                    tokens_per_day=_limit(k.get("tokens_per_day")))
-                            for k in data["keys"]}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise KeyStoreError(f"{self._path}: unreadable key file: {exc}") from exc
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._db_path
 
-    def _save(self) -> None:
-        data = {"keys": [{**asdict(info), "sha256": digest.hex()} for digest, info in self._stored.items()]}
-        for entry in data["keys"]:
-            del entry["source"]
-            del entry["burst"]
+    def _connect(self) -> sqlite3.Connection:
+        """The database, made (0600, in a 0700 folder) on the first write; raises KeyStoreError."""
+        if self._db is not None:
+            return self._db
         try:
-            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # mkdir's mode binds only a folder it makes: one that exists (the state dir) is forced too.
-            self._path.parent.chmod(0o700)
-            write_atomic(self._path, json.dumps(data, indent=1).encode())
-        except OSError as exc:
-            raise KeyStoreError(f"{self._path}: cannot write key file: {exc}") from exc
+            self._db_path.parent.chmod(0o700)
+            os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._db_path.chmod(0o600)
+            db = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("CREATE TABLE IF NOT EXISTS keys (sha256 TEXT PRIMARY KEY, key_id TEXT NOT NULL UNIQUE, "
+                       "name TEXT NOT NULL, account TEXT NOT NULL, created_at REAL NOT NULL, "
+                       "requests_per_minute INTEGER, tokens_per_day INTEGER)")
+        except (OSError, sqlite3.Error) as exc:
+            raise KeyStoreError(f"{self._db_path}: cannot open the key database: {exc}") from exc
+        self._db = db
+        return db
+
+    def _load(self) -> None:
+        legacy = self._path if self._path != self._db_path and self._path.exists() else None
+        if legacy is None and not self._db_path.exists():
+            return
+        db = self._connect()
+        try:
+            for row in db.execute("SELECT sha256, key_id, name, account, created_at, requests_per_minute, "
+                                  "tokens_per_day FROM keys"):
+                self._stored[bytes.fromhex(row[0])] = KeyInfo(
+                    key_id=row[1], name=row[2], account=row[3], created_at=row[4],
+                    requests_per_minute=_limit(row[5]), tokens_per_day=_limit(row[6]))
+        except (sqlite3.Error, ValueError) as exc:
+            raise KeyStoreError(f"{self._db_path}: unreadable key database: {exc}") from exc
+        if legacy is not None:
+            self._migrate(legacy, db)
+        self._by_id = {info.key_id: digest for digest, info in self._stored.items()}
+
+    def _migrate(self, legacy: Path, db: sqlite3.Connection) -> None:
+        """Reads a key file of an earlier version into the database, in one transaction, then renames it."""
+        try:
+            data = json.loads(legacy.read_text())
+            found = {bytes.fromhex(k["sha256"]):
+                     KeyInfo(key_id=k["key_id"], name=k["name"], account=k.get("account", ""),
+                             created_at=float(k.get("created_at", 0.0)),
+                             requests_per_minute=_limit(k.get("requests_per_minute")),
+                             tokens_per_day=_limit(k.get("tokens_per_day")))
+                     for k in data["keys"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeyStoreError(f"{legacy}: unreadable key file: {exc}") from exc
+        try:
+            with self._transaction(db):
+                db.executemany("INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               [self._row(d, i) for d, i in found.items()])
+            legacy.rename(legacy.with_name(legacy.name + ".migrated"))
+        except (OSError, sqlite3.Error) as exc:
+            raise KeyStoreError(f"{legacy}: cannot move the key file into {self._db_path}: {exc}") from exc
+        for digest, info in found.items():
+            self._stored.setdefault(digest, info)
+        log.info("moved %d client keys from %s into %s", len(found), legacy, self._db_path)
+
+    @staticmethod
+    def _row(digest: bytes, info: KeyInfo) -> tuple[object, ...]:
+        return (digest.hex(), info.key_id, info.name, info.account, info.created_at, info.requests_per_minute,
+                info.tokens_per_day)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _write(self, sql: str, args: tuple[object, ...]) -> int:
+        """One statement in its own transaction; the rows it changed. Raises KeyStoreError."""
+        db = self._connect()
+        try:
+            with self._transaction(db):
+                return db.execute(sql, args).rowcount
+        except sqlite3.Error as exc:
+            raise KeyStoreError(f"{self._db_path}: cannot write the key database: {exc}") from exc
 
     def create(self, name: str, account: str = "", requests_per_minute: int | None = None,
                tokens_per_day: int | None = None) -> tuple[str, str]:
@@ -116,13 +188,11 @@ class KeyStore:
         key_id = secrets.token_hex(6)
         secret = f"{SECRET_PREFIX}{secrets.token_urlsafe(32)}"
         digest = _digest(secret)
-        self._stored[digest] = KeyInfo(key_id=key_id, name=name, account=account, created_at=time.time(),
-                                       requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day)
-        try:
-            self._save()
-        except KeyStoreError:
-            del self._stored[digest]
-            raise
+        info = KeyInfo(key_id=key_id, name=name, account=account, created_at=time.time(),
+                       requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day)
+        self._write("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)", self._row(digest, info))
+        self._stored[digest] = info
+        self._by_id[key_id] = digest
         self._changed(digest)
         log.info("created client key %s (name %r, account %r)", key_id, name, account)
         return key_id, secret
@@ -131,9 +201,11 @@ class KeyStore:
     def mirror(cls, entries: list[tuple[bytes, KeyInfo]]) -> KeyStore:
         """A store that only verifies: the gateway tier's copy of the controller's keys (hashes only)."""
         store = cls.__new__(cls)
-        store._path = Path("/nonexistent")
+        store._path = store._db_path = Path("/nonexistent")
+        store._db = None
         store._config = {}
         store._stored = dict(entries)
+        store._by_id = {}
         store._listeners = []
         return store
 
@@ -168,23 +240,21 @@ class KeyStore:
         return list(self._stored.values()) + list(self._config.values())
 
     def revoke(self, key_id: str) -> bool:
-        found = [d for d, i in self._stored.items() if i.key_id == key_id]
-        if not found:
+        digest = self._by_id.get(key_id)
+        if digest is None or digest not in self._stored:
             return False
-        before = dict(self._stored)
-        for digest in found:
-            del self._stored[digest]
-        try:
-            self._save()
-        except KeyStoreError:
-            self._stored = before
-            raise
-        for digest in found:
-            self._changed(digest)
+        self._write("DELETE FROM keys WHERE key_id = ?", (key_id,))
+        del self._stored[digest]
+        del self._by_id[key_id]
+        self._changed(digest)
         log.info("revoked client key %s", key_id)
         return True
 
     def verify(self, presented: str) -> KeyInfo | None:
-        """The key's info, or None: one lookup by the presented key's SHA-256, whatever the number of keys. A
-        lookup's timing tells nothing useful: finding a key through it would need a preimage of the hash."""
-        return self.lookup(_digest(presented))
+        """The key's info, or None: one lookup by the presented key's SHA-256, whatever the number of keys,
+        and one constant-time comparison, found or not. The lookup's timing tells nothing useful: finding a
+        key through it would need a preimage of the hash."""
+        digest = _digest(presented)
+        info = self.lookup(digest)
+        known = digest if info is not None else _NO_KEY
+        return info if hmac.compare_digest(known, digest) else None

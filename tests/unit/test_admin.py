@@ -145,7 +145,7 @@ async def test_keys_lifecycle(controller: Controller, capsys: pytest.CaptureFixt
     key_id = out.split("key id: ")[1].split()[0]
     secret = out.split("secret: ")[1].split()[0]
     assert controller.keys.verify(secret) is not None
-    assert secret not in controller.keys_path.read_text()
+    assert secret.encode() not in controller.keys.path.read_bytes()
     assert await slinfer(controller, "keys", "list") == 0
     listing = capsys.readouterr().out
     assert key_id in listing and "alice" in listing and "physics" in listing and "config" in listing

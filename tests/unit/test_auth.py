@@ -145,13 +145,13 @@ async def test_every_admin_call_without_the_token_is_refused_and_changes_nothing
 
 
 # ---- client keys -------------------------------------------------------------------------------------------------
-def test_keys_are_stored_hashed_and_compared_against_every_key(tmp_path: Path, monkeypatch) -> None:
+def test_keys_are_stored_hashed_and_compared_in_constant_time(tmp_path: Path, monkeypatch) -> None:
     store = KeyStore(tmp_path / "keys.json", ["config-secret"])
     secrets = [store.create(f"user{i}")[1] for i in range(5)]
-    text = (tmp_path / "keys.json").read_text()
+    text = store.path.read_bytes()  # the key database (issue 35.5)
     for secret in secrets:
-        assert secret not in text and hashlib.sha256(secret.encode()).hexdigest() in text
-    assert "config-secret" not in text  # config keys are never written
+        assert secret.encode() not in text and hashlib.sha256(secret.encode()).hexdigest().encode() in text
+    assert b"config-secret" not in text  # config keys are never written
 
     calls: list[int] = []
     real = hmac.compare_digest
@@ -161,9 +161,17 @@ def test_keys_are_stored_hashed_and_compared_against_every_key(tmp_path: Path, m
         return real(a, b)
 
     monkeypatch.setattr(keys_module.hmac, "compare_digest", counting)
-    # The first stored key, the last one, and no key at all: the same number of constant-time comparisons.
-    for presented in (secrets[0], secrets[-1], "sk-slinfer-guess"):
+    # The first stored key, the last one, a config key and no key at all: the same number of constant-time
+    # comparisons, whatever the number of keys (a lookup by digest, then one comparison; issue 35.5).
+    counts = []
+    for presented in (secrets[0], secrets[-1], "config-secret", "sk-slinfer-guess"):
         calls.clear()
         store.verify(presented)
-        assert len(calls) == 6
+        counts.append(len(calls))
+    more = [store.create(f"more{i}")[1] for i in range(20)]
+    for presented in (more[-1], "sk-slinfer-guess"):
+        calls.clear()
+        store.verify(presented)
+        counts.append(len(calls))
+    assert counts == [1] * 6
     assert store.verify(secrets[0]) is not None and store.verify("sk-slinfer-guess") is None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -21,10 +23,12 @@ def test_create_verify_revoke_and_persist(tmp_path: Path):
     assert store.verify(secret + "x") is None
     assert store.verify("") is None
 
-    text = path.read_text()
-    assert secret not in text
-    assert hashlib.sha256(secret.encode()).hexdigest() in text
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    db = path.with_suffix(".db")
+    assert store.path == db and not path.exists()
+    text = db.read_bytes()
+    assert secret.encode() not in text
+    assert hashlib.sha256(secret.encode()).hexdigest().encode() in text
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
     again = KeyStore(path)  # a restarted controller
@@ -34,7 +38,7 @@ def test_create_verify_revoke_and_persist(tmp_path: Path):
     assert not again.revoke(key_id)
     assert again.verify(secret) is None
     assert KeyStore(path).verify(secret) is None
-    assert json.loads(path.read_text()) == {"keys": []}
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM keys").fetchone() == (0,)
 
 
 def test_config_keys_clear_and_hashed(tmp_path: Path):
@@ -44,6 +48,7 @@ def test_config_keys_clear_and_hashed(tmp_path: Path):
     assert store.verify("hashed-one").key_id == "config-1"
     assert store.verify(f"sha256:{digest}") is None
     assert not (tmp_path / "keys.json").exists()  # config keys are never written
+    assert not (tmp_path / "keys.db").exists()
     assert not store.revoke("config-0")
     assert store.verify("clear-one") is not None
 
@@ -85,3 +90,50 @@ def test_an_existing_folder_is_forced_to_0700(tmp_path: Path):
     store = KeyStore(folder / "keys.json")
     store.create("alice")
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_a_key_file_of_an_earlier_version_moves_into_the_database(tmp_path: Path):
+    path = tmp_path / "keys.json"
+    secret = "sk-slinfer-old"
+    path.write_text(json.dumps({"keys": [{"key_id": "abc", "name": "old", "account": "chem", "created_at": 5.0,
+                                          "requests_per_minute": 7, "tokens_per_day": None,
+                                          "sha256": hashlib.sha256(secret.encode()).hexdigest()}]}))
+    store = KeyStore(path)
+    info = store.verify(secret)
+    assert info is not None and (info.key_id, info.account, info.requests_per_minute) == ("abc", "chem", 7)
+    assert not path.exists() and (tmp_path / "keys.json.migrated").exists()
+    again = KeyStore(path)  # the next start reads the database alone
+    assert again.verify(secret) == info
+    assert again.revoke("abc") and KeyStore(path).verify(secret) is None
+
+
+def test_create_revoke_and_verify_cost_the_same_at_100_and_at_10000_keys(tmp_path: Path):
+    store = KeyStore(tmp_path / "keys.json")
+
+    def costs() -> tuple[float, float, float]:
+        started = time.perf_counter()
+        made = [store.create(f"probe{i}") for i in range(20)]
+        created = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(20):
+            for _, secret in made:
+                assert store.verify(secret) is not None
+        verified = time.perf_counter() - started
+        started = time.perf_counter()
+        for key_id, _ in made:
+            assert store.revoke(key_id)
+        return created, verified, time.perf_counter() - started
+
+    for i in range(100):
+        store.create(f"u{i}")
+    small = costs()
+    # 10,000 more keys, written as a site would have them (one transaction; the API's cost is what is measured).
+    rows = [(f"{i:064x}", f"bulk{i}", "bulk", "", 0.0, None, None) for i in range(10_000)]
+    with sqlite3.connect(store.path) as db:
+        db.executemany("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    store = KeyStore(tmp_path / "keys.json")
+    assert len(store.list()) == 10_100
+    large = costs()
+    # A whole-file rewrite per key would cost 100 times more at 10,100 keys; allow 3x for a busy machine.
+    for label, a, b in zip(("create", "verify", "revoke"), small, large, strict=True):
+        assert b < 3 * a + 0.05, f"{label}: {a * 1e3:.1f} ms for 20 at 100 keys, {b * 1e3:.1f} ms at 10,100"
