@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from slinfer.controller.registry import Registry
+    from slinfer.kube.sync import SyncStatus
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -102,6 +103,40 @@ class GaugeCollector(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         yield GaugeMetricFamily(self._name, self._documentation, value=self._read())
+
+
+class KubeCollector(Collector):
+    """The controller's Kubernetes side at scrape time (KubeSync.status()): reachable, last success, failed
+    rounds, whether this controller leads, and its writes; every series carries the controller's identity (its
+    leader election identity, else `identity`)."""
+
+    def __init__(self, status: Callable[[], SyncStatus | None] | None = None, identity: str = "") -> None:
+        # Attached after construction where the sync is built after the gateway that serves /metrics.
+        self.status = status
+        self._identity = identity
+
+    def collect(self) -> Iterable[Metric]:
+        st = self.status() if self.status is not None else None
+        if st is None:
+            return
+        series = (
+            ("slinfer_kubernetes_api_reachable", "1 when the last round got answers from the API server",
+             float(st.reachable)),
+            ("slinfer_kubernetes_last_success_timestamp_seconds",
+             "When a round last ended with every step done (0: never)", st.last_success),
+            ("slinfer_kubernetes_failed_rounds", "Rounds in a row with at least one failed step",
+             float(st.failures)),
+            ("slinfer_kubernetes_leader", "1 when this controller leads (always 1 without leader election)",
+             float(st.leader)),
+            ("slinfer_kubernetes_writes", "Create, patch and delete requests sent by this controller's sync",
+             float(st.writes)),
+            ("slinfer_kubernetes_nodes_deleted", "Dead slinfer Nodes this controller deleted",
+             float(st.nodes_deleted)),
+        )
+        for name, documentation, value in series:
+            family = GaugeMetricFamily(name, documentation, labels=["identity"])
+            family.add_metric([st.identity or self._identity], value)
+            yield family
 
 
 class _Instance:

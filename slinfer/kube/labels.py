@@ -25,6 +25,8 @@ MODEL = "slinfer.io/model"
 JOB_ID = "slinfer.io/job-id"
 NODE = "slinfer.io/node"
 POOL = "slinfer.io/pool"
+# A standby controller's Lease carries role=standby (the leader Lease carries no role).
+ROLE = "slinfer.io/role"
 # Annotations keep the exact values where a label had to be shortened or cleaned.
 MODEL_NAME_ANNOTATION = "slinfer.io/model-name"
 JOB_ID_ANNOTATION = "slinfer.io/job-id"
@@ -81,7 +83,10 @@ def is_dns_label(text: str) -> bool:
 
 
 def node_name(host: str) -> str:
-    """The Kubernetes Node of a Slurm host: `slinfer-<host>`."""
+    """The Kubernetes Node of a Slurm host: `slinfer-<host>`, or the host's own name when it already starts with
+    `slinfer-` and is a valid name (the bed's `slinfer-dev` is not doubled to `slinfer-slinfer-dev`)."""
+    if host.startswith("slinfer-") and is_dns_label(host):
+        return host
     return dns_label("slinfer", host)
 
 

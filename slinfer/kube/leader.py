@@ -15,13 +15,19 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from slinfer.kube import labels as kl
 from slinfer.kube import objects
-from slinfer.kube.api import Conflict, KubeAPI, KubeError, NotFound, micro_time
+from slinfer.kube.api import Conflict, KubeAPI, KubeError, NotFound, micro_time, parse_time
 
 log = logging.getLogger(__name__)
 
 # The Lease the controllers compete for; one per namespace.
 LEADER_LEASE = "slinfer-controller"
+# A standby's own Lease says it is there (`slinfer status` lists the standbys from them); the prefix of its name.
+STANDBY_PREFIX = "slinfer-standby"
+# A standby Lease not renewed for this many of its durations belongs to a controller that died: the leader
+# deletes it (a clean stop deletes its own at once).
+STANDBY_EXPIRY_DURATIONS = 3
 
 
 class LeaderElection:
@@ -34,7 +40,8 @@ class LeaderElection:
     """
 
     def __init__(self, api: KubeAPI, namespace: str, identity: str, clock: Callable[[], float] = time.time,
-                 lease_duration_s: int = 40, renew_deadline_s: float | None = None, name: str = LEADER_LEASE) -> None:
+                 lease_duration_s: int = 40, renew_deadline_s: float | None = None, name: str = LEADER_LEASE,
+                 announce: bool = False) -> None:
         self._api = api
         self._ns = namespace
         self.identity = identity
@@ -47,6 +54,13 @@ class LeaderElection:
         self._observed: tuple[str, str, str] | None = None
         self._observed_at = 0.0
         self.holder = ""
+        # With `announce`, a standby keeps a Lease of its own (renewed each step) so that it can be listed.
+        self._announce = announce
+        self._announced = False
+
+    @property
+    def standby_lease(self) -> str:
+        return kl.dns_label(STANDBY_PREFIX, self.identity)
 
     @property
     def is_leader(self) -> bool:
@@ -70,10 +84,54 @@ class LeaderElection:
                 self._set_leader(False, now, f"could not renew for {now - self._renewed_at:.0f} s "
                                              f"(deadline {self._deadline:.0f} s)")
             raise
+        if self._announce:
+            await self._presence(now)
         return self._leader
 
+    async def _presence(self, now: float) -> None:
+        """A standby renews its own Lease; the leader drops its own and deletes those of dead standbys."""
+        if not self._leader:
+            try:
+                await self._api.patch("Lease", self.standby_lease, {"spec": {"renewTime": micro_time(now)}},
+                                      self._ns)
+            except NotFound:
+                await self._api.create("Lease", objects.standby_lease(
+                    self.standby_lease, self._ns, self.identity, self._duration, now), self._ns)
+            self._announced = True
+            return
+        if self._announced:
+            await self._drop_presence()
+        for lease in await self._api.list("Lease", self._ns, kl.selector(
+                {kl.MANAGED_BY: kl.MANAGER, kl.COMPONENT: kl.COMPONENT_LEADER, kl.ROLE: "standby"})):
+            spec = lease.get("spec") or {}
+            try:
+                silent = now - parse_time(str(spec.get("renewTime", "")))
+            except ValueError:
+                continue
+            if silent > STANDBY_EXPIRY_DURATIONS * int(spec.get("leaseDurationSeconds") or self._duration):
+                name = lease["metadata"]["name"]
+                log.info("leader election: deleting the Lease of standby %s (not renewed for %.0f s)",
+                         spec.get("holderIdentity"), silent)
+                try:
+                    await self._api.delete("Lease", name, self._ns)
+                except NotFound:
+                    pass
+
+    async def _drop_presence(self) -> None:
+        try:
+            await self._api.delete("Lease", self.standby_lease, self._ns)
+        except NotFound:
+            pass
+        self._announced = False
+
     async def release(self) -> None:
-        """Gives the Lease up (on shutdown) so that another controller takes over without waiting."""
+        """Gives the Lease up (on shutdown) so that another controller takes over without waiting; a standby
+        deletes its own Lease."""
+        if self._announced:
+            try:
+                await self._drop_presence()
+            except KubeError as exc:
+                log.warning("leader election: could not delete the standby Lease: %s", exc)
         if not self._leader:
             return
         self._leader = False

@@ -10,6 +10,7 @@ deciding which objects should exist.
 from __future__ import annotations
 
 import ipaddress
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,16 @@ def _read(path: str) -> str:
         return ""
 
 
+def _mem_total_kib() -> int:
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            try:
+                return int(line.split()[1])
+            except (IndexError, ValueError):
+                return 0
+    return 0
+
+
 def _os_image() -> str:
     for line in _read("/etc/os-release").splitlines():
         if line.startswith("PRETTY_NAME="):
@@ -59,6 +70,9 @@ class NodeIdentity:
     architecture: str = "amd64"
     machine_id: str = ""
     boot_id: str = ""
+    # The host's CPUs and memory, for the Node's capacity (0: not known, not shown).
+    cpus: int = 0
+    memory_kib: int = 0
 
     @property
     def node_name(self) -> str:
@@ -71,7 +85,8 @@ class NodeIdentity:
         return cls(slurm_node=slurm_node, address=address, partition=partition, gpu_model=gpu_model,
                    gpu_count=gpu_count, kernel_version=platform.release(), os_image=_os_image(),
                    architecture=_ARCH.get(platform.machine(), platform.machine()),
-                   machine_id=_read("/etc/machine-id"), boot_id=_read("/proc/sys/kernel/random/boot_id"))
+                   machine_id=_read("/etc/machine-id"), boot_id=_read("/proc/sys/kernel/random/boot_id"),
+                   cpus=os.cpu_count() or 0, memory_kib=_mem_total_kib())
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,11 @@ def node(ident: NodeIdentity) -> dict[str, Any]:
 def node_status(ident: NodeIdentity, now: float, registered_at: float) -> dict[str, Any]:
     gpus = str(ident.gpu_count)
     resources = {kl.GPU_RESOURCE: gpus, "pods": str(max(1, ident.gpu_count))}
+    # Without cpu and memory, `kubectl describe node` divides by zero (-9223372036854775808%).
+    if ident.cpus:
+        resources["cpu"] = str(ident.cpus)
+    if ident.memory_kib:
+        resources["memory"] = f"{ident.memory_kib}Ki"
     return {"status": {
         "conditions": [{
             "type": "Ready", "status": "True", "reason": "SlinferAgentReady",
@@ -310,6 +330,17 @@ def leader_lease(name: str, namespace: str, identity: str, duration_s: int, now:
                      "labels": {kl.MANAGED_BY: kl.MANAGER, kl.COMPONENT: kl.COMPONENT_LEADER}},
         "spec": {"holderIdentity": identity, "leaseDurationSeconds": duration_s,
                  "acquireTime": micro_time(now), "renewTime": micro_time(now), "leaseTransitions": 0},
+    }
+
+
+def standby_lease(name: str, namespace: str, identity: str, duration_s: int, now: float) -> dict[str, Any]:
+    """A standby controller's own Lease: it says the standby is there (the leader Lease says who leads)."""
+    return {
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {kl.MANAGED_BY: kl.MANAGER, kl.COMPONENT: kl.COMPONENT_LEADER,
+                                kl.ROLE: "standby"}},
+        "spec": {"holderIdentity": identity, "leaseDurationSeconds": duration_s, "renewTime": micro_time(now)},
     }
 
 

@@ -68,6 +68,8 @@ class SyncStatus:
     holder: str = ""
     # Write requests (create, patch, delete) this controller has sent.
     writes: int = 0
+    # This controller's identity in leader election ("" without it).
+    identity: str = ""
 
 
 class KubeSync:
@@ -168,7 +170,8 @@ class KubeSync:
         return SyncStatus(healthy=not self._failures, leader=leader, text=text, failures=self._failures,
                           last_error=self._last_error, nodes_deleted=self.nodes_deleted,
                           pods_deleted=self.pods_deleted, reachable=self._reachable,
-                          last_success=self._last_success, holder=holder, writes=self.writes)
+                          last_success=self._last_success, holder=holder, writes=self.writes,
+                          identity=self._election.identity if self._election is not None else "")
 
     # Services.
 

@@ -145,3 +145,21 @@ def test_manifests_exist() -> None:
     assert {"namespace.yaml", "agent-rbac.yaml", "controller-rbac.yaml"} <= names
     for path in (ROOT / "packaging" / "kubernetes").glob("*.yaml"):
         yaml.safe_load_all(path.read_text())
+
+
+def test_node_names_do_not_double_the_prefix() -> None:
+    assert kl.node_name("gpu01") == "slinfer-gpu01"
+    assert kl.node_name("slinfer-dev") == "slinfer-dev"
+    assert kl.node_name("slinfer-Dev").startswith("slinfer-slinfer-dev-")  # not a valid name: cleaned and hashed
+
+
+def test_node_capacity_has_cpu_and_memory_from_the_host() -> None:
+    from slinfer.kube.objects import NodeIdentity, node_status
+
+    ident = NodeIdentity.detect("gpu01", "10.0.0.7", gpu_count=2)
+    assert ident.cpus >= 1 and ident.memory_kib > 0
+    capacity = node_status(ident, 1_700_000_000.0, 1_700_000_000.0)["status"]["capacity"]
+    assert capacity["cpu"] == str(ident.cpus) and capacity["memory"] == f"{ident.memory_kib}Ki"
+    assert capacity["nvidia.com/gpu"] == "2"
+    bare = node_status(NodeIdentity("gpu01", "10.0.0.7"), 0.0, 0.0)["status"]["capacity"]
+    assert "cpu" not in bare and "memory" not in bare

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from slinfer.kube.api import KINDS, NODE_LEASE_NAMESPACE
+from slinfer.kube.health import probe
 from slinfer.kube.leader import LeaderElection
 from slinfer.kube.objects import GatewayEndpoint
 from slinfer.kube.publisher import NodeIdentity, NodePublisher, PublishedEngine
@@ -111,6 +112,17 @@ async def controller_calls() -> list[Call]:
     clock.now += 100
     await ks.step()  # the Pod's job has ended and the Lease expired: delete Pod, Lease, Node
     assert api.names("Node") == []
+    # A standby announces itself, renews, and dies; the leader deletes its Lease; the other stops cleanly.
+    standby = LeaderElection(api, NS, "b", clock, announce=True)
+    await standby.step()
+    clock.now += 10
+    await standby.step()
+    leader = LeaderElection(api, NS, "a", clock, announce=True)
+    await leader.step()
+    clock.now += 200
+    await leader.step()
+    await leader.release()
+    await probe(api, NS, clock.now)  # slinfer status / doctor on a head node (the controller's credentials)
     return api.calls[mark:]
 
 
