@@ -21,6 +21,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -91,6 +92,8 @@ async def serve(config: Config, stop: asyncio.Event,
     # /v1/models reads the autoscaler's jobs (pending reason, start time); the autoscaler reads the gateway's
     # demand, so the board asks for the jobs through a late-bound lambda.
     board = ModelBoard(config.models, registry, jobs=lambda: autoscaler.jobs())
+    # Kubernetes' series stay empty until the sync below is attached to them (and without [kubernetes]).
+    kube_metrics = metrics.KubeCollector(identity=socket.gethostname())
     gateway = Gateway(config.gateway, config.models, registry, keys,
                       Proxy(config.gateway.connect_timeout_s, config.gateway.read_timeout_s,
                             config.gateway.client_timeout_s,
@@ -99,9 +102,11 @@ async def serve(config: Config, stop: asyncio.Event,
                       limiter, ledger, board, scaled_to_zero=lambda model: autoscaler.scaled_to_zero(model),
                       state_collectors=[metrics.GaugeCollector(
                           "slinfer_gateways_connected", "slinfer-gateway processes watching this controller",
-                          lambda: float(hub.connected()))])
+                          lambda: float(hub.connected())), kube_metrics])
     slurm = SlurmClient(c.slurm_bin_dir, job_command=c.job_command, job_output=c.job_output)
     kube_sync = _kube_sync(config, registry, slurm) if config.kubernetes.enabled else None
+    if kube_sync is not None:
+        kube_metrics.status = kube_sync.status
     # The gateway tier's feed; a restarted controller sends its first table once every live agent reported.
     hub = GatewayHub(registry, keys, limiter, ledger, c.token, lambda model: autoscaler.scaled_to_zero(model),
                      [m.name for m in config.models], warmup_s=AGENT_RECONNECT.max_s + 2 * c.heartbeat_s)
@@ -195,7 +200,7 @@ def _kube_sync(config: Config, registry: Registry, slurm: SlurmClient) -> KubeSy
     except KubeError as exc:
         raise StartupError(f"kubernetes: cannot load credentials: {exc}") from exc
     election = (LeaderElection(api, k.namespace, LeaderElection.default_identity(),
-                               lease_duration_s=k.lease_duration_s) if k.leader_election else None)
+                               lease_duration_s=k.lease_duration_s, announce=True) if k.leader_election else None)
     gateway_port = int(config.gateway.listen.rpartition(":")[2])
     gateway = GatewayEndpoint(k.gateway_address, gateway_port) if k.gateway_address else None
     return KubeSync(api, [m.name for m in config.models], registry, slurm, namespace=k.namespace,
