@@ -2,7 +2,10 @@
 #ifndef SLINFER_ALLOCATOR_H
 #define SLINFER_ALLOCATOR_H
 
-/* After all options are parsed: 0 when they go together, -1 (after printing why) otherwise. */
-int slinfer_allocator_check(void);
+#include "args.h"
+
+/* After all options are parsed: 0 when they go together and the submitting user may give them
+ * (args' pool_users=), -1 (after printing why) otherwise. */
+int slinfer_allocator_check(const struct slinfer_args *args);
 
 #endif

@@ -1,5 +1,5 @@
 /*
- * Plugstack arguments: hook=, config=, rundir=, timeout=.
+ * Plugstack arguments: hook=, config=, rundir=, timeout=, pool_users=.
  *
  * Responsible for: turning the plugstack.conf words into checked settings, refusing unknown
  * keys, repeated keys and malformed values. Not responsible for: whether the hook exists or the
@@ -12,9 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { KEY_HOOK, KEY_CONFIG, KEY_RUNDIR, KEY_TIMEOUT, KEY_COUNT };
+enum { KEY_HOOK, KEY_CONFIG, KEY_RUNDIR, KEY_TIMEOUT, KEY_POOL_USERS, KEY_COUNT };
 
-static const char *const key_names[KEY_COUNT] = { "hook", "config", "rundir", "timeout" };
+static const char *const key_names[KEY_COUNT] = { "hook", "config", "rundir", "timeout", "pool_users" };
 
 /* An absolute path without control bytes that fits into PATH_MAX. */
 static int parse_path(const char *key, const char *value, char *out, char *err, size_t errlen)
@@ -61,6 +61,56 @@ bad:
 	return -1;
 }
 
+static bool is_name_byte(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+	       c == '_' || c == '-';
+}
+
+/* User names separated by single commas: no empty name, nothing but a name's bytes. */
+static int parse_pool_users(const char *value, char *out, char *err, size_t errlen)
+{
+	size_t len = strlen(value);
+
+	if (len >= SLINFER_POOL_USERS_MAX) {
+		snprintf(err, errlen, "slinfer: plugstack argument pool_users: longer than %d bytes",
+			 SLINFER_POOL_USERS_MAX - 1);
+		return -1;
+	}
+	for (size_t i = 0; i < len; i++) {
+		bool comma = value[i] == ',';
+
+		if ((!comma && !is_name_byte(value[i])) ||
+		    (comma && (i == 0 || i + 1 == len || value[i + 1] == ','))) {
+			snprintf(err, errlen,
+				 "slinfer: plugstack argument pool_users=%s: must be user names separated by "
+				 "single commas",
+				 value);
+			return -1;
+		}
+	}
+	memcpy(out, value, len + 1);
+	return 0;
+}
+
+bool slinfer_args_pool_user(const struct slinfer_args *args, const char *user)
+{
+	const char *p = args->pool_users;
+	size_t n = strlen(user);
+
+	if (p[0] == '\0')
+		return true;
+	while (*p != '\0') {
+		const char *end = strchr(p, ',');
+		size_t len = end != NULL ? (size_t)(end - p) : strlen(p);
+
+		if (len == n && strncmp(p, user, n) == 0)
+			return true;
+		p += len + (end != NULL ? 1 : 0);
+	}
+	return false;
+}
+
 int slinfer_args_parse(int ac, char **av, struct slinfer_args *args, char *err, size_t errlen)
 {
 	bool seen[KEY_COUNT] = { false };
@@ -78,7 +128,7 @@ int slinfer_args_parse(int ac, char **av, struct slinfer_args *args, char *err, 
 
 		if (eq == NULL) {
 			snprintf(err, errlen,
-				 "slinfer: plugstack argument \"%s\": expected key=value (keys: hook, config, rundir, timeout)",
+				 "slinfer: plugstack argument \"%s\": expected key=value (keys: hook, config, rundir, timeout, pool_users)",
 				 arg);
 			return -1;
 		}
@@ -89,7 +139,7 @@ int slinfer_args_parse(int ac, char **av, struct slinfer_args *args, char *err, 
 		}
 		if (key < 0) {
 			snprintf(err, errlen,
-				 "slinfer: unknown plugstack argument \"%.*s\" (keys: hook, config, rundir, timeout)",
+				 "slinfer: unknown plugstack argument \"%.*s\" (keys: hook, config, rundir, timeout, pool_users)",
 				 (int)keylen, arg);
 			return -1;
 		}
@@ -115,6 +165,10 @@ int slinfer_args_parse(int ac, char **av, struct slinfer_args *args, char *err, 
 			break;
 		case KEY_RUNDIR:
 			if (parse_path("rundir", value, args->rundir, err, errlen) != 0)
+				return -1;
+			break;
+		case KEY_POOL_USERS:
+			if (parse_pool_users(value, args->pool_users, err, errlen) != 0)
 				return -1;
 			break;
 		default:

@@ -55,7 +55,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	(void)av;
 	if (ctx != S_CTX_ALLOCATOR && ctx != S_CTX_LOCAL)
 		return 0;
-	return slinfer_allocator_check();
+	return slinfer_allocator_check(&args);
 }
 
 int slurm_spank_job_prolog(spank_t sp, int ac, char **av)

@@ -41,7 +41,7 @@ PLUGIN_FILE = "spank_slinfer.so"
 # Debian's; RPM sites set PluginDir in slurm.conf (e.g. /usr/lib64/slurm).
 DEFAULT_PLUGIN_DIR = "/usr/lib/x86_64-linux-gnu/slurm-wlm"
 CHECKS = ("config", "plugin", "plugin-version", "hook", "agent", "tls", "controller", "engine-hop", "engines",
-          "engine-python", "munge", "gateway")
+          "engine-python", "pool", "munge", "gateway")
 # Where a rolling restart of slinfer-gateway's workers keeps a closing listener's queued connections.
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 # Importing vLLM pulls in torch: tens of seconds on a busy node.
@@ -202,7 +202,7 @@ class Doctor:
                 "plugin-version": self.check_plugin_version, "hook": self.check_hook, "agent": self.check_agent,
                 "tls": self.check_tls, "controller": self.check_controller, "engine-hop": self.check_engine_hop,
                 "engines": self.check_engines, "containment": self.check_containment,
-                "engine-python": self.check_engine_python, "munge": self.check_munge,
+                "engine-python": self.check_engine_python, "pool": self.check_pool, "munge": self.check_munge,
                 "gateway": self.check_gateway}
 
     def run(self, skip: set[str] | None = None) -> Iterator[Result]:
@@ -210,7 +210,7 @@ class Doctor:
             if name in (skip or set()):
                 continue
             if name in ("agent", "tls", "controller", "engine-hop", "engines", "containment", "engine-python",
-                        "gateway") and self.config is None:
+                        "pool", "gateway") and self.config is None:
                 continue  # the config line already failed, and says why
             if name == "gateway" and not self.gateway_host:
                 continue
@@ -503,6 +503,24 @@ class Doctor:
                            f"set {', '.join(missing)}", note=True)]
         return [Result("containment", True, "engines join their job's extern-step cgroups (proctrack/cgroup, "
                                             "PrologFlags=Contain)")]
+
+    def check_pool(self) -> list[Result]:
+        """sbatch refuses --inference-pool at submit from the users the plugstack line's pool_users= names; the
+        agent refuses it at the prolog from those the config names. The two lists must be one."""
+        assert self.config is not None
+        wanted = ",".join(sorted(config_mod.pool_users(self.config)))
+        entry = self._entry()
+        given = entry.args.get("pool_users") if entry is not None else None
+        if given is None:
+            return [Result("pool", True, "sbatch does not refuse another user's --inference-pool at submit (the "
+                           "agent refuses it at the prolog, failing the job)",
+                           f"add pool_users={wanted} to the spank_slinfer.so plugstack line", note=True)]
+        if sorted(given.split(",")) != wanted.split(","):
+            return [Result("pool", False, f"the plugstack line's pool_users={given} is not the config's "
+                           f"controller.user and agent.pool_users ({wanted}): sbatch and the agent would disagree "
+                           "on who may publish to the shared pool", f"set pool_users={wanted} on the line")]
+        return [Result("pool", True, f"only {wanted} may publish an engine to the shared pool (sbatch and the "
+                                     "agent agree)")]
 
     def check_engine_python(self) -> list[Result]:
         """The warm start runs [agent].python as root: only where it and its import path are root's alone."""

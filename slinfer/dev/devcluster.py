@@ -58,6 +58,9 @@ NODES_RECORD = "node-count"
 PORT_BASE_RECORD = "port-base"
 # Unprivileged users who submit the bed's jobs, as a site's users do: two, so that one can try the other's engine.
 BED_USERS = ("slinfer-alice", "slinfer-bob")
+# The bed's controller runs as root, so root's jobs are the service's: the only ones the shared pool takes
+# ([controller].user, and the plugstack's pool_users=).
+BED_SERVICE_USER = "root"
 # A bed takes the ports port_base..+99, so the next bed's FirstJobId (port_base * 10) is at least this far on.
 JOB_ID_SPAN = 1000
 # Fake GPUs are character devices of the memory driver at minors it does not use: each needs its own number,
@@ -410,7 +413,7 @@ tls_ca = "{ca}"
 tls_client_auth = true
 state_dir = "{s}/controller"
 # The bed's controller runs as root: its jobs are the ones the shared pool takes.
-user = "root"
+user = "{BED_SERVICE_USER}"
 job_name_prefix = "slinfer"
 job_command = ["{_bin_dir() / 'slinfer'}", "hold"]
 autoscale_interval_s = 1.0
@@ -534,7 +537,8 @@ def write_configs(bed: Bed) -> None:
         # A node reads the shared paths (bed.config, plugstack.conf); several nodes see their own files there,
         # bound over them in the node's mount namespace (netns.BedNetwork.enter), as each host has its /etc.
         _write(bed.node_dir(node) / "plugstack.conf",
-               f"required {plugin_path(bed)} hook={hook} config={bed.config} rundir={bed.node_run_dir(node)}\n")
+               f"required {plugin_path(bed)} hook={hook} config={bed.config} rundir={bed.node_run_dir(node)} "
+               f"pool_users={BED_SERVICE_USER}\n")
         # The config holds the token: root-only, as the packages install theirs (root:slinfer 0640).
         _write(bed.node_config(node), _slinfer_toml(bed, node, token, ca, server, client), mode=0o600)
     release = bed.release()

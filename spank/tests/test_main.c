@@ -206,11 +206,11 @@ static void test_args(void)
 	CHECK(a.timeout == 120);
 
 	expect_args_bad("hooks=/x", "slinfer: unknown plugstack argument \"hooks\" (keys: hook, "
-				    "config, rundir, timeout)");
+				    "config, rundir, timeout, pool_users)");
 	expect_args_bad("=/x", "slinfer: unknown plugstack argument \"\" (keys: hook, config, rundir, "
-			       "timeout)");
+			       "timeout, pool_users)");
 	expect_args_bad("verbose", "slinfer: plugstack argument \"verbose\": expected key=value (keys: "
-				   "hook, config, rundir, timeout)");
+				   "hook, config, rundir, timeout, pool_users)");
 	expect_args_bad("config=etc/slinfer.toml", "slinfer: plugstack argument "
 						   "config=etc/slinfer.toml: must be an absolute path");
 	expect_args_bad("rundir=run", "slinfer: plugstack argument rundir=run: must be an absolute "
@@ -234,6 +234,30 @@ static void test_args(void)
 							   "a whole number of seconds from 1 to 86400");
 	CHECK(parse(&a, 2, dup) == -1);
 	CHECK_STR(err, "slinfer: plugstack argument timeout is given twice");
+
+	/* pool_users=: names separated by single commas; membership is by whole name. */
+	CHECK(parse(&a, 0, NULL) == 0);
+	CHECK(a.pool_users[0] == '\0' && slinfer_args_pool_user(&a, "anyone"));
+	{
+		char *pool[] = { "pool_users=slinfer,svc.2" };
+
+		CHECK(parse(&a, 1, pool) == 0);
+		CHECK_STR(a.pool_users, "slinfer,svc.2");
+		CHECK(slinfer_args_pool_user(&a, "slinfer"));
+		CHECK(slinfer_args_pool_user(&a, "svc.2"));
+		CHECK(!slinfer_args_pool_user(&a, "slinfe"));
+		CHECK(!slinfer_args_pool_user(&a, "slinfer,svc.2"));
+		CHECK(!slinfer_args_pool_user(&a, "svc"));
+		CHECK(!slinfer_args_pool_user(&a, "alice"));
+	}
+	expect_args_bad("pool_users=a,,b", "slinfer: plugstack argument pool_users=a,,b: must be user "
+					   "names separated by single commas");
+	expect_args_bad("pool_users=a,", "slinfer: plugstack argument pool_users=a,: must be user names "
+					 "separated by single commas");
+	expect_args_bad("pool_users=,a", "slinfer: plugstack argument pool_users=,a: must be user names "
+					 "separated by single commas");
+	expect_args_bad("pool_users=a b", "slinfer: plugstack argument pool_users=a b: must be user "
+					  "names separated by single commas");
 
 	memset(long_path + 6, 'p', PATH_MAX);
 	long_path[PATH_MAX + 6] = '\0';

@@ -403,3 +403,21 @@ def test_engine_python_names_what_another_user_could_change(tmp_path: Path, monk
         assert line.ok and line.note, line.line()
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("line_args", "ok", "note", "said"), [
+    ("", True, True, "add pool_users=root,trusted"),
+    (" pool_users=trusted,root", True, False, "only root,trusted may publish"),
+    (" pool_users=root", False, False, "pool_users=root is not the config's"),
+])
+def test_pool_users_of_the_plugstack_and_the_config_are_one_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line_args: str, ok: bool, note: bool, said: str) -> None:
+    """Issue 27: sbatch refuses --inference-pool at submit from whom the plugstack's pool_users= does not name,
+    the agent at the prolog from whom the config does not: doctor fails where the two lists differ."""
+    conf = _site(tmp_path, f"required {tmp_path}/spank_slinfer.so hook=/x{line_args}\n")
+    config = _config(tmp_path, '[controller]\nuser = "root"\n[agent]\npool_users = ["trusted"]\n')
+    skip = {"plugin", "plugin-version", "hook", "agent", "controller", "engines", "munge", "tls", "engine-hop",
+            "containment", "engine-python"}
+    line = _by_check(list(_doctor(tmp_path, conf, config, monkeypatch).run(skip)))["pool"]
+    assert (line.ok, line.note) == (ok, note), line.line()
+    assert said in line.line(), line.line()

@@ -117,7 +117,7 @@ def test_units_and_plugstack_snippet(tree: Path) -> None:
     lines = [line for line in (tree / "etc/slurm/plugstack.conf.d/slinfer.conf").read_text().splitlines()
              if line and not line.startswith("#")]
     assert lines == [f"required {PLUGIN_DIR}/spank_slinfer.so hook=/usr/libexec/slinfer/slinfer-hook "
-                     "config=/etc/slinfer/slinfer.toml rundir=/run/slinfer timeout=60"]
+                     "config=/etc/slinfer/slinfer.toml rundir=/run/slinfer timeout=60 pool_users=slinfer"]
     assert (tree / PLUGIN_DIR.lstrip("/") / "spank_slinfer.so").is_file()
 
 

@@ -90,7 +90,7 @@ def test_spank_ships_the_plugin_built_for_that_release(release: str, tmp_path: P
     lines = [line for line in (tree / SNIPPET.lstrip("/")).read_text().splitlines()
              if line and not line.startswith("#")]
     assert lines == [f"required {PLUGIN} hook=/usr/libexec/slinfer/slinfer-hook "
-                     "config=/etc/slinfer/slinfer.toml rundir=/run/slinfer timeout=60"]
+                     "config=/etc/slinfer/slinfer.toml rundir=/run/slinfer timeout=60 pool_users=slinfer"]
     assert f"built against Slurm {release}" in (tree / SNIPPET.lstrip("/")).read_text()
 
 
