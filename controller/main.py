@@ -104,6 +104,10 @@ async def serve(config: Config, stop: asyncio.Event,
                           "slinfer_gateways_connected", "slinfer-gateway processes watching this controller",
                           lambda: float(hub.connected())), kube_metrics])
     slurm = SlurmClient(c.slurm_bin_dir, job_command=c.job_command, job_output=c.job_output)
+    # The site's order first: a model whose account, partition or QOS this user may not use fails here, named.
+    problems = await slurm.site_order_problems(config.models)
+    if problems:
+        raise StartupError("the catalog asks Slurm for what this user may not use:\n  " + "\n  ".join(problems))
     kube_sync = _kube_sync(config, registry, slurm) if config.kubernetes.enabled else None
     if kube_sync is not None:
         kube_metrics.status = kube_sync.status

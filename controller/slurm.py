@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from slinfer.config import ModelConfig
-from slinfer.slurm import queries
+from slinfer.slurm import accounts, queries
 from slinfer.slurm.jobs import Job as SlurmJob
 from slinfer.slurm.runner import Runner, SlurmError
 
@@ -133,6 +133,36 @@ class SlurmClient:
             return found
         found = await self.jobs_by_id(sorted(self._known, key=_id_order))
         self._known = {j.job_id for j in found if j.holds_node}
+        return found
+
+    async def site_order_problems(self, models: Sequence[ModelConfig]) -> list[str]:
+        """What stops this user from submitting each model's jobs under its account, partition and QOS, checked
+        against slurmdbd's associations and the partitions' allow/deny lists (slinfer.slurm.accounts); each
+        problem names the model, the config key and what is missing. Models that name none of them are not
+        checked; a Slurm without accounting (sacctmgr fails) is logged and not checked."""
+        wanted = [accounts.Wanted(i, m.name, m.account, m.partition,
+                                  [(key, getattr(m, key)) for key in ("qos", "burst_qos") if getattr(m, key, "")])
+                  for i, m in enumerate(models) if m.account or m.partition or m.qos or getattr(m, "burst_qos", "")]
+        if not wanted:
+            return []
+        try:
+            rows = await self.runner.aget(accounts.associations(self.user))
+            default = (await self.runner.aget(accounts.default_account(self.user))
+                       if any(not w.account for w in wanted) else "")
+        except SlurmError as exc:
+            log.warning("the catalog's accounts, partitions and QOS are not checked: sacctmgr failed (%s)", exc)
+            return []
+        partitions: dict[str, dict[str, str] | None] = {}
+        for name in {w.partition for w in wanted if w.partition}:
+            try:
+                partitions[name] = await self.runner.aget(accounts.partition(name))
+            except SlurmError:
+                partitions[name] = None
+        found = [p for w in wanted for p in accounts.problems(self.user, w, rows, default, partitions)]
+        if not found:
+            log.info("the controller's user %s may submit every model's jobs where the catalog says (%s)", self.user,
+                     "; ".join(f"{w.model}: {w.account or default}/{w.partition or '-'}/"
+                               f"{','.join(q for _, q in w.qos) or '-'}" for w in wanted))
         return found
 
     async def cancel(self, job_id: str) -> None:

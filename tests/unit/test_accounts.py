@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from slinfer.dev import accounting, devcluster
+from slinfer.slurm import accounts
 
 
 def _done(code: int, out: str = "", err: str = "") -> subprocess.CompletedProcess[str]:
@@ -84,3 +85,70 @@ def test_the_beds_slurm_conf_enforces_accounting(tmp_path: Path, monkeypatch: py
     assert f"AccountingStoragePass={bed.munge_socket}\n" in conf
     # slurmctld's state is kept per release (another release's state stops slurmctld at start).
     assert f"StateSaveLocation={tmp_path}/slurmctld/22.05\n" in conf
+
+
+def _wanted(account: str = "chem", partition: str = "debug", qos: str = "high") -> accounts.Wanted:
+    return accounts.Wanted(0, "tiny", account, partition, [("qos", qos)] if qos else [])
+
+
+ROWS = [accounts.Association("chem", "", frozenset({"normal", "high"})),
+        accounts.Association("physics", "gpu", frozenset({"normal"}))]
+OPEN = {"debug": {"AllowAccounts": "ALL", "DenyAccounts": "(null)", "AllowQos": "ALL", "DenyQos": "(null)"},
+        "gpu": {"AllowAccounts": "ALL", "AllowQos": "ALL"}}
+
+
+def test_a_usable_account_partition_and_qos_is_no_problem() -> None:
+    assert accounts.problems("svc", _wanted(), ROWS, "", OPEN) == []
+    # A partition-specific association counts on its own partition.
+    assert accounts.problems("svc", _wanted("physics", "gpu", "normal"), ROWS, "", OPEN) == []
+
+
+def test_a_missing_association_names_the_model_the_key_and_the_account() -> None:
+    found = accounts.problems("svc", _wanted("physics", "debug", "normal"), ROWS, "", OPEN)
+    assert found == ["models[0].account: model 'tiny' runs under account 'physics', but the controller's user "
+                     "'svc' has no association with it on partition 'debug' (sacctmgr show assoc user=svc)"]
+
+
+def test_a_qos_outside_the_association_is_named_by_its_key() -> None:
+    found = accounts.problems("svc", _wanted(qos="scavenger"), ROWS, "", OPEN)
+    assert len(found) == 1 and found[0].startswith("models[0].qos: model 'tiny' asks for QOS 'scavenger'")
+    burst = accounts.Wanted(3, "tiny", "chem", "debug", [("qos", "normal"), ("burst_qos", "scavenger")])
+    assert [p.split(":")[0] for p in accounts.problems("svc", burst, ROWS, "", OPEN)] == ["models[3].burst_qos"]
+
+
+def test_the_default_account_stands_in_for_an_unnamed_one() -> None:
+    assert accounts.problems("svc", _wanted(account=""), ROWS, "chem", OPEN) == []
+    assert accounts.problems("svc", _wanted(account=""), ROWS, "physics", OPEN)[0].startswith("models[0].account")
+
+
+def test_a_partition_missing_or_closed_to_the_account_or_qos() -> None:
+    missing = accounts.problems("svc", _wanted(partition="nope"), ROWS, "", {"nope": None})
+    assert missing[0].startswith("models[0].partition: model 'tiny' names partition 'nope', which Slurm does not")
+    closed = {"debug": {"AllowAccounts": "physics", "AllowQos": "normal,scavenger", "DenyQos": "(null)"}}
+    keys = [p.split(":")[0] for p in accounts.problems("svc", _wanted(), ROWS, "", closed)]
+    assert keys == ["models[0].account", "models[0].qos"]
+
+
+def test_the_client_asks_sacctmgr_and_scontrol(tmp_path: Path) -> None:
+    import asyncio
+
+    from slinfer.config import ModelConfig
+    from slinfer.controller.slurm import SlurmClient
+
+    log = tmp_path / "calls"
+    for name, out in (("sacctmgr", "chem||high,normal\n"),
+                      ("scontrol", "PartitionName=debug AllowAccounts=ALL AllowQos=ALL\n")):
+        script = tmp_path / name
+        script.write_text(f"#!/bin/sh\necho \"{name} $*\" >> {log}\nprintf '{out}'\n")
+        script.chmod(0o755)
+    client = SlurmClient(str(tmp_path), user="svc")
+    good = ModelConfig(name="tiny", source="/m", account="chem", partition="debug", qos="high")
+    bad = ModelConfig(name="big", source="/m", account="chem", partition="debug", qos="scavenger")
+    assert asyncio.run(client.site_order_problems([good])) == []
+    found = asyncio.run(client.site_order_problems([good, bad]))
+    assert len(found) == 1 and found[0].startswith("models[1].qos: model 'big'")
+    assert "sacctmgr --noheader --parsable2 show assoc user=svc format=account,partition,qos" in log.read_text()
+    # Models that name no account, partition or QOS ask Slurm nothing.
+    log.unlink()
+    assert asyncio.run(client.site_order_problems([ModelConfig(name="x", source="/m")])) == []
+    assert not log.exists()
