@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,20 @@ def test_sacct_lists_the_services_jobs_under_the_catalogs_account_and_qos(slurm_
         assert row == [job, "root", "slinfer", "normal", "debug", "slinfer-tiny"], row
     began = time.monotonic()
     assert slurm_bed.wait_node_idle() == "idle", time.monotonic() - began
+
+
+def test_the_controller_refuses_to_start_under_an_account_its_user_may_not_use(slurm_bed: SlurmBed,
+                                                                                tmp_path: Path) -> None:
+    # Positive control: the bed's controller started with the catalog as it is, and said it checked it.
+    started = (slurm_bed.bed.logs / "controller.out").read_text()
+    assert "may submit every model's jobs where the catalog says" in started
+    config = tmp_path / "slinfer.toml"
+    text = slurm_bed.bed.config.read_text()
+    # The controller's user (root) is in account slinfer only; physics is alice's.
+    assert text.count('account = "slinfer"') >= 1
+    config.write_text(text.replace('account = "slinfer"', 'account = "physics"', 1))
+    config.chmod(0o600)
+    done = slurm_bed.run(f"{sys.prefix}/bin/slinfer-controller", "--config", str(config), check=False, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert ("models[0].account: model 'tiny' runs under account 'physics', but the controller's user 'root' has "
+            "no association with it on partition 'debug'") in done.stderr
