@@ -58,6 +58,10 @@ class Paths:
         return self.folder / "mariadb.err"
 
     @property
+    def tmp(self) -> Path:
+        return self.folder / "tmp"
+
+    @property
     def pid(self) -> Path:
         return self.folder / "mariadbd.pid"
 
@@ -83,10 +87,14 @@ def install_db(paths: Paths) -> bool:
     if (paths.data / "mysql").is_dir():
         return False
     paths.folder.mkdir(parents=True, exist_ok=True)
-    shutil.chown(paths.folder, "mysql", "mysql")
-    paths.folder.chmod(0o750)
-    done = subprocess.run(["mariadb-install-db", "--user=mysql", f"--datadir={paths.data}",
-                           "--auth-root-authentication-method=socket", "--skip-test-db"],
+    paths.tmp.mkdir(exist_ok=True)
+    for folder in (paths.folder, paths.tmp):
+        shutil.chown(folder, "mysql", "mysql")
+        folder.chmod(0o750)
+    # No /etc/mysql/my.cnf, and temporary tables in the bed's own folder: two beds' installs at once in the
+    # shared /tmp failed ("Could not remove temporary table '/tmp/#sql-temptable-...'").
+    done = subprocess.run(["mariadb-install-db", "--no-defaults", "--user=mysql", f"--datadir={paths.data}",
+                           f"--tmpdir={paths.tmp}", "--auth-root-authentication-method=socket", "--skip-test-db"],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"mariadb-install-db failed: {done.stderr.strip() or done.stdout.strip()}")
@@ -96,6 +104,7 @@ def install_db(paths: Paths) -> bool:
 def mariadbd_argv(paths: Paths, port: int) -> list[str]:
     """The server, in the foreground, with no configuration file but these flags."""
     return ["mariadbd", "--no-defaults", "--user=mysql", f"--datadir={paths.data}", f"--socket={paths.socket}",
+            f"--tmpdir={paths.tmp}",
             f"--port={port}", "--bind-address=127.0.0.1", f"--pid-file={paths.pid}", f"--log-error={paths.log}",
             # A bed's database is small: 32 MB of buffer pool (Debian's default is 128) keeps two beds light.
             "--innodb-buffer-pool-size=32M",
