@@ -64,6 +64,18 @@ class UsageSink(Protocol):
     def record(self, key_id: str, key_name: str, account: str, model: str, status: int, meter: Meter) -> None: ...
 
 
+# A request waiting for engines that reported themselves full looks again this often (an agent's report).
+FULL_RECHECK_S = 1.0
+# An engine that reports requests waiting with its KV cache at least this full takes no more from the gateway
+# (without [gateway].max_outstanding_per_engine): vLLM would only queue them, and another engine may be free.
+KV_FULL = 0.98
+
+
+def engine_full(replica: Replica) -> bool:
+    """The engine said (in its agent's last report) that it is at its capacity."""
+    return replica.waiting > 0 and replica.kv_cache_usage >= KV_FULL
+
+
 @dataclass(frozen=True)
 class Demand:
     in_flight: int
@@ -322,38 +334,49 @@ class Gateway:
         failures = 0
         queued_at = 0.0
         policy = self._catalog[model].balancer if model in self._catalog else None
+        limit = config.max_outstanding_per_engine
         while True:
-            candidates = self._registry.routable(model)
+            routable = self._registry.routable(model)
+            # Without a count set by the administrator, an engine takes requests until it says it is full.
+            candidates = routable if limit else [r for r in routable if not engine_full(r)]
             replica = None
             if self._cooling:
                 now = time.perf_counter()
                 for job_id in [j for j, until in self._cooling.items() if until <= now]:
                     del self._cooling[job_id]
-                replica = self._balancer.pick(candidates, prefix, tried | self._cooling.keys(),
-                                              config.max_outstanding_per_engine, policy)
+                replica = self._balancer.pick(candidates, prefix, tried | self._cooling.keys(), limit, policy)
             if replica is None:
-                replica = self._balancer.pick(candidates, prefix, tried, config.max_outstanding_per_engine, policy)
+                replica = self._balancer.pick(candidates, prefix, tried, limit, policy)
             if replica is None:
                 # Held at 0 with no replica known (not even one starting): waiting would only delay the 503.
-                if (not candidates and self._scaled_to_zero is not None and self._scaled_to_zero(model)
+                if (not routable and self._scaled_to_zero is not None and self._scaled_to_zero(model)
                         and not self._registry.replicas(model)):
                     return self._refuse(model, False, "scaled to 0 replicas by an administrator", coming=False)
-                saturated = any(r.job_id not in tried for r in candidates)
+                saturated = any(r.job_id not in tried for r in routable)
                 # Every routable engine already failed this request: wait for the Registry to change (the agent
                 # reports the engine down, or a replacement READY), but only for the cool-down; then the same
                 # engines may be tried again, within the retry budget.
-                failed_all = bool(candidates) and not saturated
+                failed_all = bool(routable) and not saturated
                 now = time.perf_counter()
                 if not queued_at:
                     queued_at = now
-                until = min(deadline, now + ENGINE_COOLDOWN_S) if failed_all else deadline
+                    # Engines full: refused at once only when the wait, at the rate requests finish, would
+                    # pass queue_timeout_s; a client's patience bounds admission, not a count.
+                    if saturated and now + self._queue.expected_wait_s(model) > deadline:
+                        return self._refuse(model, True, "the wait would pass queue_timeout_s")
+                # Full by their own reports: a finish may not change the next report at once, so look again.
+                reported_full = saturated and len(candidates) < len(routable)
+                if failed_all:
+                    until = min(deadline, now + ENGINE_COOLDOWN_S)
+                else:
+                    until = min(deadline, now + FULL_RECHECK_S) if reported_full else deadline
                 try:
                     woke = until > now and await self._queue.wait(model, until - now)
                 except QueueFull:
                     return self._refuse(model, saturated, "queue full")
                 if failed_all:
                     tried = frozenset()
-                elif not woke:
+                elif not woke and not reported_full:
                     return self._refuse(model, saturated, "waited too long")
                 if time.perf_counter() >= deadline:
                     return self._refuse(model, saturated, "waited too long")
@@ -390,6 +413,7 @@ class Gateway:
                 return error_response(504, str(exc), "upstream_error", "engine_timeout")
             finally:
                 self._in_flight.finish(model, replica)
+                self._queue.finished(model)
                 if self._queue.depth(model):
                     self._queue.wake_one(model)
 
@@ -407,8 +431,10 @@ class Gateway:
     def _refuse(self, model: str, saturated: bool, why: str, coming: bool = True) -> web.Response:
         depth = self._queue.depth(model)
         if saturated:
-            log.info("%s request refused with 429: %s (every engine at %d outstanding, %d queued)", model, why,
-                     self._config.max_outstanding_per_engine, depth)
+            log.info("%s request refused with 429: %s (every engine full: %s; %d queued, %s finishing per s)",
+                     model, why, f"{self._config.max_outstanding_per_engine} outstanding"
+                     if self._config.max_outstanding_per_engine else "as they report", depth,
+                     f"{self._queue.rate(model) or 0:.1f}")
             return error_response(429, f"All replicas of '{model}' are busy ({why}); retry shortly.",
                                   "rate_limit_error", "saturated", RETRY_AFTER_SATURATED_S)
         log.info("%s request refused with 503: %s (no routable replica, %d queued, %d known)", model, why,

@@ -118,11 +118,13 @@ class GatewayConfig:
     # Client keys given in the config, in the clear or as "sha256:HEX".
     api_keys: list[str] = field(default_factory=list)
     max_body_bytes: int = 4 * 1024 * 1024
-    # Requests per model that may wait for a replica before new ones get 503.
-    queue_size: int = 256
+    # Requests per model that may wait for a replica; 0: no count, the wait alone is bounded (queue_timeout_s).
+    queue_size: int = 0
+    # A request waits at most this long for an engine; one whose wait would pass it gets 429 at once.
     queue_timeout_s: float = 120.0
-    # Outstanding requests per READY engine past which new ones get 429.
-    max_outstanding_per_engine: int = 512
+    # Outstanding requests per READY engine past which new ones wait; 0: as many as the engine takes (it stops
+    # taking more while it reports requests waiting with its KV cache full).
+    max_outstanding_per_engine: int = 0
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
     retries: int = 2
