@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
@@ -150,6 +151,9 @@ class ClientKubeAPI:
             raise Rejected(f"cannot load Kubernetes credentials from {where}: {exc}") from exc
         # No hidden retries inside a call (urllib3 would try 4 times, each up to the timeout): callers back off.
         configuration.retries = False
+        token_file = _token_file(config.kubeconfig) if config.kubeconfig else ""
+        if token_file:
+            configuration.refresh_api_key_hook = TokenFile(token_file)
         return cls(client.ApiClient(configuration), config.request_timeout_s, field_manager)
 
     def close(self) -> None:
@@ -213,6 +217,41 @@ class ClientKubeAPI:
                 raise Unavailable(f"{where}: answer is not JSON: {text[:200]!r}", status) from exc
             return answer if isinstance(answer, dict) else {}
         raise _error(where, status, text)
+
+
+def _token_file(kubeconfig: str) -> str:
+    """The `tokenFile` of the kubeconfig's current user ("" when it has none), as an absolute path."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(kubeconfig).read_text()) or {}
+        context = next(c["context"] for c in doc.get("contexts") or []
+                       if c.get("name") == doc.get("current-context"))
+        user = next(u["user"] for u in doc.get("users") or [] if u.get("name") == context.get("user"))
+    except (OSError, yaml.YAMLError, StopIteration, KeyError, TypeError, AttributeError):
+        return ""
+    path = str((user or {}).get("tokenFile") or "")
+    return str(Path(kubeconfig).parent / path) if path else ""
+
+
+class TokenFile:
+    """Reads a kubeconfig user's `tokenFile` again whenever the file changes (the official client reads it once):
+    a short-lived TokenRequest token (`kubectl create token`) can then be replaced in place without a restart."""
+
+    def __init__(self, path: str) -> None:
+        self._path = Path(path)
+        self._seen: tuple[float, int] | None = None
+
+    def __call__(self, configuration: Any) -> None:
+        try:
+            st = self._path.stat()
+            if (st.st_mtime, st.st_size) == self._seen:
+                return
+            token = self._path.read_text().strip()
+        except OSError:
+            return  # keep the last token; the server's 401 says the rest
+        self._seen = (st.st_mtime, st.st_size)
+        configuration.api_key["BearerToken"] = f"Bearer {token}"
 
 
 def _error(where: str, status: int, text: str) -> KubeError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class NodePublisher:
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  renew_interval_s: float = 10.0, lease_duration_s: int = 40,
-                 status_interval_s: float = 60.0, resync_interval_s: float = 60.0,
+                 status_interval_s: float = math.inf, resync_interval_s: float = 60.0,
                  backoff_initial_s: float = 1.0, backoff_max_s: float = 30.0) -> None:
         self._api = api
         self._id = identity
@@ -259,11 +260,17 @@ class NodePublisher:
                 node = await self._api.patch("Node", self.node_name, {
                     "metadata": {"labels": wanted["metadata"]["labels"]}, "spec": {"taints": [*kept, ours]}})
                 log.info("kubernetes: restored the labels and taint of Node %s", self.node_name)
+        fresh = not self._registered or self._node_uid != str(node.get("metadata", {}).get("uid", ""))
         self._registered = True
         self._registered_at = self._registered_at or now
         self._node_uid = str(node.get("metadata", {}).get("uid", ""))
-        await self._api.patch("Node", self.node_name, self.node_status(now), subresource="status")
-        self._status_at = now
+        wanted_status = self.node_status(now)
+        # The Lease is the heartbeat (the node lifecycle controller reads it): the status is written when the Node
+        # is new, when it differs from what this host reports (the resync finds a Ready the cluster set to
+        # Unknown), and every status_interval_s if one is given; a steady node writes only its Lease.
+        if fresh or now >= self._status_at + self._status_interval or not _status_current(node, wanted_status):
+            await self._api.patch("Node", self.node_name, wanted_status, subresource="status")
+            self._status_at = now
         try:
             lease = await self._api.get("Lease", self.node_name, NODE_LEASE_NAMESPACE)
         except NotFound:
@@ -373,6 +380,18 @@ class NodePublisher:
         if lateness > self._renew_interval:
             log.warning("kubernetes: Lease renewed %.1f s late", lateness)
         self._renewed_at = now
+
+
+def _status_current(node: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether the stored Node status says what this host would report (heartbeat times aside)."""
+    have = node.get("status") or {}
+    want = wanted["status"]
+    for key in ("capacity", "allocatable", "addresses", "nodeInfo"):
+        if any((have.get(key) or {}).get(k) != v for k, v in want[key].items()) if isinstance(want[key], dict) \
+                else have.get(key) != want[key]:
+            return False
+    ready = [c for c in have.get("conditions") or [] if c.get("type") == "Ready"]
+    return bool(ready) and ready[0].get("status") == "True" and ready[0].get("reason") == "SlinferAgentReady"
 
 
 def _untrusted(pod: dict[str, Any], node_uid: str) -> str:

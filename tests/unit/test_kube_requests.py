@@ -214,3 +214,46 @@ async def test_a_hanging_server_costs_one_timeout_not_several(tmp_path: Path) ->
         assert time.monotonic() - start < 1.5  # urllib3's own retries would make it 2 s
     finally:
         listener.close()
+
+
+async def test_writes_name_their_field_manager_and_a_replaced_token_file_is_read_again(tmp_path: Path) -> None:
+    import json
+    import os
+
+    from aiohttp import web
+
+    from tests.fakes.kuberecorder import kubeconfig
+
+    seen: list[tuple[str, dict[str, str], str]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append((request.method, dict(request.query), request.headers.get("Authorization", "")))
+        return web.json_response({"metadata": {"name": "x"}})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        doc = kubeconfig(f"http://127.0.0.1:{port}")
+        doc["users"][0]["user"] = {"tokenFile": "token"}  # relative to the kubeconfig, as kubectl reads it
+        (tmp_path / "kubeconfig").write_text(json.dumps(doc))
+        token = tmp_path / "token"
+        token.write_text("first-token\n")
+        api = ClientKubeAPI.from_config(KubernetesConfig(enabled=True, kubeconfig=str(tmp_path / "kubeconfig")),
+                                        field_manager="slinfer-agent")
+        await api.get("Node", "x")
+        await api.create("Node", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "x"}})
+        await api.patch("Node", "x", {"metadata": {"labels": {"a": "b"}}})
+        token.write_text("second-token-after-rotation\n")
+        os.utime(token, (time.time() + 5, time.time() + 5))
+        await api.delete("Node", "x")
+    finally:
+        await runner.cleanup()
+    assert [(m, q) for m, q, _ in seen] == [
+        ("GET", {}), ("POST", {"fieldManager": "slinfer-agent"}), ("PATCH", {"fieldManager": "slinfer-agent"}),
+        ("DELETE", {})]
+    assert [a for _, _, a in seen] == ["Bearer first-token"] * 3 + ["Bearer second-token-after-rotation"]

@@ -182,3 +182,34 @@ async def test_the_agent_and_the_controller_write_under_their_own_field_managers
     assert set(api.managers("Pod", kl.pod_name(pub.node_name, "7"), NS)) == {kl.AGENT_FIELD_MANAGER}
     assert set(api.managers("Lease", pub.node_name, NODE_LEASE_NAMESPACE)) == {kl.AGENT_FIELD_MANAGER}
     assert api.managers("Service", kl.model_service_name("tiny"), NS) == [kl.CONTROLLER_FIELD_MANAGER]
+
+
+async def test_a_steady_node_and_controller_write_only_their_lease_renewals() -> None:
+    from slinfer.kube.leader import LeaderElection
+
+    clock, api = Clock(), FakeKubeAPI()
+    api.clock = clock
+    pub = publisher(api, clock)
+    await pub.reconcile([engine()])
+    class Serving:
+        def get(self, job_id: str) -> object | None:
+            return object() if job_id == "7" else None  # the agent reports the job's engine
+
+    ks = KubeSync(api.view(kl.CONTROLLER_FIELD_MANAGER), ["tiny"], Serving(), NoJobs(), clock, namespace=NS,
+                  gateway=GatewayEndpoint("10.0.0.1", 8000), leader_election=LeaderElection(api, NS, "c", clock))
+    await ks.step()
+    mark = len(api.calls)
+    for _ in range(60):  # ten minutes, the agent's resyncs included
+        clock.now += 10
+        await pub.step()
+        await ks.step()
+    renewals = [f"{c.kind} {c.namespace}/{c.name}" for c in api.calls[mark:] if c.verb in WRITES]
+    assert set(renewals) == {f"Lease {NODE_LEASE_NAMESPACE}/{pub.node_name}", "Lease slinfer/slinfer-controller"}
+    assert len(renewals) == 120  # one each per 10 s
+    # The cluster marks the Node Unknown (as the node lifecycle controller does): the next resync puts it back.
+    await api.patch("Node", pub.node_name, {"status": {"conditions": [
+        {"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}}, subresource="status")
+    clock.now += 60
+    await pub.step()
+    ready = api.stored("Node", pub.node_name)["status"]["conditions"][0]  # type: ignore[index]
+    assert ready["status"] == "True"
