@@ -1,7 +1,7 @@
 """The admin gRPC service (`proto/slinfer/v1/admin.proto`) behind `slinfer status|scale|drain|keys|usage`.
 
 Responsible for: authenticating each call with `[controller].token` (empty only with `insecure = true`),
-translating requests into calls on the Autoscaler, the Registry, the KeyStore and the UsageLedger, and their
+translating requests into calls on the Autoscaler, the Pins, the Registry, the KeyStore and the UsageLedger, and their
 failures into gRPC status codes with a readable message. Not responsible for: any decision (the autoscaler
 decides, this only forwards the admin's wish), formatting for people (the CLI does), or TLS (the server's
 credentials, controller/main.py).
@@ -19,7 +19,7 @@ import grpc
 
 from slinfer.controller.autoscaler import Autoscaler, ModelStatus
 from slinfer.controller.keys import KeyStore, KeyStoreError
-from slinfer.controller.pins import PinStore, PinStoreError
+from slinfer.controller.pins import Pins, PinStoreError
 from slinfer.controller.registry import Registry
 from slinfer.controller.slurm import JOB_ID
 from slinfer.controller.usage import UsageLedger
@@ -45,9 +45,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     def __init__(self, autoscaler: Autoscaler, registry: Registry, keys: KeyStore, token: str = "",
                  clock: Callable[[], float] = time.time, usage: UsageLedger | None = None,
-                 pins: PinStore | None = None) -> None:
+                 pins: Pins | None = None) -> None:
         self._autoscaler = autoscaler
-        self._pins = pins
+        # The live pins (controller/pins.py): `slinfer scale` sets them there; the autoscaler reads the same.
+        self._pins = pins if pins is not None or autoscaler is None else autoscaler.pins
         self._usage = usage
         self._registry = registry
         self._keys = keys
@@ -92,18 +93,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     context: grpc.aio.ServicerContext) -> admin_pb2.ScaleResponse:
         await self._authorize(context)
         count = None if request.auto else request.replicas
+        if self._pins is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server holds no pins")
         try:
-            self._autoscaler.pin(request.model, count)
+            self._pins.set(request.model, count)
         except KeyError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except PinStoreError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"applied, but lost at the next restart: {exc}")
         log.info("admin %s: scale %s %s", context.peer(), request.model, "auto" if count is None else count)
-        if self._pins is not None:
-            try:
-                self._pins.save(request.model, count)
-            except PinStoreError as exc:
-                await context.abort(grpc.StatusCode.INTERNAL, f"applied, but lost at the next restart: {exc}")
         (st,) = [s for s in self._autoscaler.status() if s.name == request.model]
         return admin_pb2.ScaleResponse(model=model_status(st))
 

@@ -25,7 +25,9 @@ from typing import Protocol
 from slinfer.backoff import AGENT_RECONNECT, Backoff, BackoffPolicy
 from slinfer.config import ModelConfig
 from slinfer.controller import metrics
+from slinfer.controller.jobtable import JobTable
 from slinfer.controller.movingaverage import MovingAverage
+from slinfer.controller.pins import Pins
 from slinfer.controller.registry import Registry, Replica
 from slinfer.controller.scaling_policy import Action, Jobs, Load, Timers, decide
 from slinfer.controller.slurm import SlurmError, SlurmJob
@@ -100,7 +102,8 @@ class _Model:
     config: ModelConfig
     average: MovingAverage
     status: ModelStatus
-    pinned: int | None = None
+    # The pin as of the last step: a change restarts the scale-up and scale-down delays.
+    last_pin: int | None = None
     up_since: float | None = None
     down_since: float | None = None
     # Submitted by this process and not yet listed by squeue: job id -> submit time.
@@ -148,8 +151,13 @@ class Autoscaler:
     def __init__(self, models: Sequence[ModelConfig], registry: Registry, demand: Callable[[str], Demand],
                  slurm: Slurm, clock: Callable[[], float] = time.time, job_name_prefix: str = "slinfer",
                  settle_s: float = SETTLE_S, is_leader: Callable[[], bool] = lambda: True,
-                 outstanding_elsewhere: Callable[[str, float], int] | None = None) -> None:
+                 outstanding_elsewhere: Callable[[str, float], int] | None = None, pins: Pins | None = None,
+                 job_table: JobTable | None = None) -> None:
         self._registry = registry
+        # The administrator's pins, read at each step (controller/pins.py owns them; the autoscaler never writes).
+        self.pins = pins if pins is not None else Pins(models)
+        # This autoscaler's jobs as of its last squeue; it is their one writer.
+        self.job_table = job_table if job_table is not None else JobTable()
         # Requests other gateways (the gateway tier) have in flight on a job's engine, given its drain's start.
         self._elsewhere = outstanding_elsewhere
         # With leader election only the leading controller submits and cancels; a standby watches.
@@ -167,7 +175,6 @@ class Autoscaler:
             status = ModelStatus(name=m.name, min_replicas=m.min_replicas, max_replicas=m.max_replicas,
                                  target=m.target_outstanding, window_s=m.window_s)
             self._models[m.name] = _Model(config=m, average=MovingAverage(m.window_s, clock), status=status)
-        self._jobs: dict[str, tuple[str, SlurmJob]] = {}
         self.squeue_ok = False
         # Decisions acted on, by (model, action); mirrored in metrics.SCALING_DECISIONS.
         self.decisions: dict[tuple[str, str], int] = {}
@@ -186,27 +193,9 @@ class Autoscaler:
                 return name
         return None
 
-    def pin(self, model: str, count: int | None) -> None:
-        """Holds `model` at `count` replicas regardless of load (None returns it to the load)."""
-        m = self._models.get(model)
-        if m is None:
-            raise KeyError(f"{model!r} is not a catalog model")
-        if count is not None and not 0 <= count <= m.config.max_replicas:
-            raise ValueError(f"{model}: {count} is outside 0..max_replicas ({m.config.max_replicas}); "
-                             "raise max_replicas in the config to go higher")
-        log.info("model=%s pinned %s -> %s", model, m.pinned, "auto" if count is None else count)
-        m.pinned = count
-        m.status.pinned = count
-        m.up_since = m.down_since = None
-
-    def scaled_to_zero(self, model: str) -> bool:
-        """True while an administrator pins `model` at 0 replicas: the autoscaler starts none for it."""
-        m = self._models.get(model)
-        return m is not None and m.pinned == 0
-
     def drain(self, job_id: str) -> str:
         """Drains one of the autoscaler's jobs (it is cancelled once idle); returns its model."""
-        found = self._jobs.get(job_id)
+        found = self.job_table.get(job_id)
         if found is None or not found[1].active:
             raise KeyError(f"job {job_id} is not an active job of this controller")
         model, _ = found
@@ -217,11 +206,13 @@ class Autoscaler:
         return model
 
     def status(self) -> list[ModelStatus]:
+        for name, m in self._models.items():
+            m.status.pinned = self.pins.get(name)  # a pin made since the last step shows at once
         return [m.status for m in self._models.values()]
 
     def jobs(self) -> list[tuple[str, SlurmJob]]:
         """The autoscaler's jobs as of the last squeue: (model, job)."""
-        return list(self._jobs.values())
+        return self.job_table.jobs()
 
     def lead_time(self, model: str) -> float:
         """How long before a job's time limit its replacement is submitted: the slowest recent start with its
@@ -267,12 +258,13 @@ class Autoscaler:
         self.squeue_ok = True
         now = self._clock()
         by_model: dict[str, list[SlurmJob]] = {name: [] for name in self._models}
-        self._jobs = {}
+        mine: dict[str, tuple[str, SlurmJob]] = {}
         for job in jobs:
             owner = self.owner(job)
             if owner is not None:
                 by_model[owner].append(job)
-                self._jobs[job.job_id] = (owner, job)
+                mine[job.job_id] = (owner, job)
+        self.job_table.replace(mine)
         metrics.SLURM_JOBS.clear()
         for model, model_jobs in by_model.items():
             states: dict[str, int] = {}
@@ -286,6 +278,11 @@ class Autoscaler:
     # ---- one model ----------------------------------------------------------------------------------
     async def _step_model(self, m: _Model, jobs: list[SlurmJob], now: float) -> None:
         cfg = m.config
+        pinned = self.pins.get(cfg.name)
+        if pinned != m.last_pin:
+            # The delays count from the pin's change, as they would from a change of load.
+            m.last_pin = pinned
+            m.up_since = m.down_since = None
         listed = {j.job_id for j in jobs}
         active = [j for j in jobs if j.active]
         active_ids = {j.job_id for j in active}
@@ -311,12 +308,12 @@ class Autoscaler:
         load = m.average.value()
 
         d = decide(cfg, Load(load, sample, demand.queued), Jobs(groups.capacity, groups.total),
-                   Timers(m.up_since, m.down_since, m.backoff.retry_at), now, pinned=m.pinned, settled=settled)
+                   Timers(m.up_since, m.down_since, m.backoff.retry_at), now, pinned=pinned, settled=settled)
         desired = d.desired
         m.up_since, m.down_since = d.timers.up_since, d.timers.down_since
 
         st = m.status
-        st.pinned, st.desired, st.load = m.pinned, desired, load
+        st.pinned, st.desired, st.load = pinned, desired, load
         st.in_flight, st.queued = demand.in_flight, demand.queued
         st.ready, st.starting = len(groups.ready), len(groups.starting)
         st.pending = len(groups.pending) + len(groups.unlisted)
@@ -329,7 +326,7 @@ class Autoscaler:
                     f"expiring={len(groups.expiring)}) load={load:.1f} "
                     f"(in_flight={demand.in_flight} queued={demand.queued} engines={engines:.0f}) "
                     f"target={cfg.target_outstanding:g} window={cfg.window_s:g}s"
-                    + (f" pinned={m.pinned}" if m.pinned is not None else ""))
+                    + (f" pinned={pinned}" if pinned is not None else ""))
 
         for job in groups.failed if settled else ():
             rep = self._registry.get(job.job_id)

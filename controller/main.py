@@ -37,10 +37,11 @@ from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.gateway import Demand, Gateway
 from slinfer.controller.gatewayhub import GatewayHub
+from slinfer.controller.jobtable import JobTable
 from slinfer.controller.keys import KeyStore, KeyStoreError
 from slinfer.controller.limits import KeyLimits, Limiter
 from slinfer.controller.modelstatus import ModelBoard
-from slinfer.controller.pins import PinStore, PinStoreError
+from slinfer.controller.pins import Pins, PinStore, PinStoreError
 from slinfer.controller.proxy import Proxy
 from slinfer.controller.queue import WaitQueue
 from slinfer.controller.registry import Registry, RegistryService
@@ -79,6 +80,13 @@ async def serve(config: Config, stop: asyncio.Event,
     except ConfigError as exc:
         raise StartupError(f"config error: {exc}") from exc
     _warn_insecure(config)
+    # Built in one direction: each object is made after everything it reads, so no lambda names one not built yet.
+    # The pins first: the one owner of live pins (with `slinfer scale`'s saved ones taken again); the autoscaler,
+    # the gateway, the hub and the model board read them.
+    try:
+        pins = Pins(config.models, PinStore(Path(c.state_dir) / "pins.json"))
+    except PinStoreError as exc:
+        raise StartupError(str(exc)) from exc
     registry = Registry(agent_timeout_s=c.agent_timeout_s, pool_users=pool_users(config))
     try:
         keys = KeyStore(Path(c.state_dir) / "keys.json", config.gateway.api_keys)
@@ -89,9 +97,12 @@ async def serve(config: Config, stop: asyncio.Event,
     limiter = Limiter(KeyLimits(g.key_requests_per_minute, g.key_burst, g.key_tokens_per_day),
                       ledger.tokens_today)
     queue = WaitQueue(config.gateway.queue_size)
-    # /v1/models reads the autoscaler's jobs (pending reason, start time); the autoscaler reads the gateway's
-    # demand, so the board asks for the jobs through a late-bound lambda.
-    board = ModelBoard(config.models, registry, jobs=lambda: autoscaler.jobs())
+    # The gateway tier's feed; a restarted controller sends its first table once every live agent reported.
+    hub = GatewayHub(registry, keys, limiter, ledger, c.token, pins.scaled_to_zero,
+                     [m.name for m in config.models], warmup_s=AGENT_RECONNECT.max_s + 2 * c.heartbeat_s)
+    # The autoscaler's jobs, written by its steps; /v1/models reads them (a pending reason, a start time).
+    job_table = JobTable()
+    board = ModelBoard(config.models, registry, jobs=job_table.jobs)
     # Kubernetes' series stay empty until the sync below is attached to them (and without [kubernetes]).
     kube_metrics = metrics.KubeCollector(identity=socket.gethostname())
     gateway = Gateway(config.gateway, config.models, registry, keys,
@@ -99,7 +110,7 @@ async def serve(config: Config, stop: asyncio.Event,
                             config.gateway.client_timeout_s,
                             tls.engine_client_context(config) if config.gateway.engine_ca else None),
                       Balancer(), queue,
-                      limiter, ledger, board, scaled_to_zero=lambda model: autoscaler.scaled_to_zero(model),
+                      limiter, ledger, board, scaled_to_zero=pins.scaled_to_zero,
                       state_collectors=[metrics.GaugeCollector(
                           "slinfer_gateways_connected", "slinfer-gateway processes watching this controller",
                           lambda: float(hub.connected())), kube_metrics])
@@ -111,23 +122,15 @@ async def serve(config: Config, stop: asyncio.Event,
     kube_sync = _kube_sync(config, registry, slurm) if config.kubernetes.enabled else None
     if kube_sync is not None:
         kube_metrics.status = kube_sync.status
-    # The gateway tier's feed; a restarted controller sends its first table once every live agent reported.
-    hub = GatewayHub(registry, keys, limiter, ledger, c.token, lambda model: autoscaler.scaled_to_zero(model),
-                     [m.name for m in config.models], warmup_s=AGENT_RECONNECT.max_s + 2 * c.heartbeat_s)
 
     def demand(model: str) -> Demand:
         here, there = gateway.demand(model), hub.demand(model)
         return Demand(in_flight=here.in_flight + there.in_flight, queued=here.queued + there.queued)
 
+    # Last, the autoscaler: it reads the load of both gateways, the pins, and writes the job table.
     autoscaler = Autoscaler(config.models, registry, demand, slurm, job_name_prefix=c.job_name_prefix,
                             is_leader=lambda: kube_sync is None or kube_sync.is_leader,
-                            outstanding_elsewhere=hub.outstanding)
-    # `slinfer scale` pins survive a restart: the autoscaler's first step already holds them.
-    try:
-        pins = PinStore(Path(c.state_dir) / "pins.json")
-        pins.restore(autoscaler)
-    except PinStoreError as exc:
-        raise StartupError(str(exc)) from exc
+                            outstanding_elsewhere=hub.outstanding, pins=pins, job_table=job_table)
 
     server = grpc.aio.server()
     controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, c.token, c.heartbeat_s), server)

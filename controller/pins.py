@@ -1,21 +1,23 @@
-"""The administrator's `slinfer scale MODEL N` pins, kept across controller restarts.
+"""The administrator's `slinfer scale MODEL N` pins: the one owner of live pins, kept across controller restarts.
 
-Responsible for: one JSON file (mode 0600) under `[controller].state_dir`, rewritten atomically
-(slinfer/atomicfile.py) on every pin or unpin, as the key store keeps its keys; reading it at start and handing
-each pin to the autoscaler again; dropping, with a log line that names it, a saved pin the catalog no longer
-allows (a model removed, or a count above its new max_replicas). Not responsible for: what a pin means (the
-autoscaler holds the model at it), checking a new pin (the autoscaler does, before it is saved), or the admin
-API (controller/admin.py calls `save` after the autoscaler took the pin).
+Responsible for: `Pins`, the live pins (built first at start, before everything that reads them): checking a new
+pin against the catalog (a known model, 0..max_replicas), holding it, and saving it; the autoscaler, the gateway,
+the gateway hub and the model board read it. `PinStore`: one JSON file (mode 0600) under `[controller].state_dir`,
+rewritten atomically (slinfer/atomicfile.py) on every pin or unpin, as the key store keeps its keys; at start
+`Pins` takes its saved pins again and drops, with a log line that names it, one the catalog no longer allows (a
+model removed, or a count above its new max_replicas).
+Not responsible for: what a pin means (the autoscaler holds the model at it; the gateway answers at once for a
+model pinned at 0 with no replica), or the admin API (controller/admin.py calls `Pins.set`).
 """
-
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 from slinfer.atomicfile import write_atomic
+from slinfer.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +27,6 @@ FORMAT_VERSION = 1
 
 class PinStoreError(RuntimeError):
     """The pin file cannot be read or written; the message names the file."""
-
-
-class Pinnable(Protocol):
-    def pin(self, model: str, count: int | None) -> None: ...
 
 
 class PinStore:
@@ -62,6 +60,10 @@ class PinStore:
         except OSError as exc:
             raise PinStoreError(f"{self._path}: cannot write pin file: {exc}") from exc
 
+    @property
+    def path(self) -> Path:
+        return self._path
+
     def pins(self) -> dict[str, int]:
         return dict(self._pins)
 
@@ -77,18 +79,57 @@ class PinStore:
         self._write(pins)
         self._pins = pins
 
-    def restore(self, autoscaler: Pinnable) -> None:
-        """Hands every saved pin to the autoscaler; those it refuses are dropped from the file."""
-        dropped = []
-        for model, count in sorted(self._pins.items()):
+
+class Pins:
+    """The live pins by model name: the one place a pin is held. Reading is cheap (a dict lookup)."""
+
+    def __init__(self, models: Sequence[ModelConfig], store: PinStore | None = None) -> None:
+        self._max = {m.name: m.max_replicas for m in models}
+        self._pins: dict[str, int] = {}
+        self._store = store
+        if store is not None:
+            self._restore(store)
+
+    def check(self, model: str, count: int | None) -> None:
+        """Raises KeyError for a model not in the catalog, ValueError for a count outside 0..max_replicas."""
+        if model not in self._max:
+            raise KeyError(f"{model!r} is not a catalog model")
+        if count is not None and not 0 <= count <= self._max[model]:
+            raise ValueError(f"{model}: {count} is outside 0..max_replicas ({self._max[model]}); "
+                             "raise max_replicas in the config to go higher")
+
+    def set(self, model: str, count: int | None) -> None:
+        """Holds `model` at `count` replicas regardless of load (None returns it to the load), then saves it.
+        A PinStoreError after the check means the pin holds now but is lost at the next restart."""
+        self.check(model, count)
+        log.info("model=%s pinned %s -> %s", model, self._pins.get(model), "auto" if count is None else count)
+        if count is None:
+            self._pins.pop(model, None)
+        else:
+            self._pins[model] = count
+        if self._store is not None:
+            self._store.save(model, count)
+
+    def get(self, model: str) -> int | None:
+        """The count `model` is pinned at, or None while it follows the load."""
+        return self._pins.get(model)
+
+    def scaled_to_zero(self, model: str) -> bool:
+        """True while an administrator pins `model` at 0 replicas: the autoscaler starts none for it."""
+        return self._pins.get(model) == 0
+
+    def all(self) -> dict[str, int]:
+        return dict(self._pins)
+
+    def _restore(self, store: PinStore) -> None:
+        """Takes the saved pins; those the catalog no longer allows are dropped from the file."""
+        for model, count in sorted(store.pins().items()):
             try:
-                autoscaler.pin(model, count)
+                self.check(model, count)
             except (KeyError, ValueError) as exc:
                 log.warning("saved pin model=%s count=%d dropped: %s", model, count,
                             exc.args[0] if exc.args else exc)
-                dropped.append(model)
+                store.save(model, None)
                 continue
-            log.info("restored pin model=%s count=%d from %s", model, count, self._path)
-        if dropped:
-            self._write({m: c for m, c in self._pins.items() if m not in dropped})
-            self._pins = {m: c for m, c in self._pins.items() if m not in dropped}
+            self._pins[model] = count
+            log.info("restored pin model=%s count=%d from %s", model, count, store.path)

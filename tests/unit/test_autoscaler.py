@@ -456,7 +456,7 @@ async def test_expiring_replica_drained_before_limit_without_replacement() -> No
 
 async def test_pin_overrides_load_and_delays() -> None:
     bed = Bed(window_s=2.0, scale_up_delay_s=300.0, scale_down_delay_s=300.0)
-    bed.scaler.pin("tiny", 2)
+    bed.scaler.pins.set("tiny", 2)
     await bed.step()
     assert len(bed.slurm.submits) == 2
     a, b = bed.slurm.active()
@@ -466,15 +466,15 @@ async def test_pin_overrides_load_and_delays() -> None:
     await bed.step()
     await bed.step()
     assert len(bed.slurm.submits) == 2
-    bed.scaler.pin("tiny", 1)
+    bed.scaler.pins.set("tiny", 1)
     await bed.step()
     assert sum(r.draining for r in bed.registry.replicas("tiny")) == 1
-    bed.scaler.pin("tiny", None)
+    bed.scaler.pins.set("tiny", None)
     assert bed.scaler.status()[0].pinned is None
     with pytest.raises(ValueError, match="max_replicas"):
-        bed.scaler.pin("tiny", 4)
+        bed.scaler.pins.set("tiny", 4)
     with pytest.raises(KeyError):
-        bed.scaler.pin("nope", 1)
+        bed.scaler.pins.set("nope", 1)
 
 
 async def test_admin_drain_replaces_and_cancels_when_idle() -> None:

@@ -1,5 +1,6 @@
-"""`slinfer scale` pins across a controller restart: the PinStore's file, and the real admin gRPC server, CLI and
-Autoscaler (Slurm is the in-memory SlurmDouble) before and after a "restart" (new objects on the same folder)."""
+"""`slinfer scale` pins: the live Pins (the one owner: the autoscaler reads them, never holds its own), the
+PinStore's file, and across a controller restart the real admin gRPC server, CLI and Autoscaler (Slurm is the
+in-memory SlurmDouble) before and after a "restart" (new objects on the same folder)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from slinfer.config import ModelConfig
 from slinfer.controller.admin import AdminService
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.keys import KeyStore
-from slinfer.controller.pins import PinStore, PinStoreError
+from slinfer.controller.pins import Pins, PinStore, PinStoreError
 from slinfer.controller.registry import Registry
 from slinfer.v1 import admin_pb2_grpc
 from tests.fakes.slurm_double import Clock, Demand, SlurmDouble
@@ -25,12 +26,15 @@ from tests.fakes.slurm_double import Clock, Demand, SlurmDouble
 TOKEN = "admin-secret"
 
 
+def _models(max_replicas: int = 3, names: tuple[str, ...] = ("tiny",)) -> list[ModelConfig]:
+    return [ModelConfig(name=n, source="/m", min_replicas=1, max_replicas=max_replicas, window_s=2.0,
+                        scale_down_delay_s=0.0) for n in names]
+
+
 def _autoscaler(clock: Clock, slurm: SlurmDouble, max_replicas: int = 3, names: tuple[str, ...] = ("tiny",),
-                ) -> Autoscaler:
-    models = [ModelConfig(name=n, source="/m", min_replicas=1, max_replicas=max_replicas, window_s=2.0,
-                          scale_down_delay_s=0.0) for n in names]
-    return Autoscaler(models, Registry(agent_timeout_s=6.0, clock=clock), lambda m: Demand(in_flight=0), slurm,
-                      clock=clock, settle_s=0.0)
+                pins: Pins | None = None) -> Autoscaler:
+    return Autoscaler(_models(max_replicas, names), Registry(agent_timeout_s=6.0, clock=clock),
+                      lambda m: Demand(in_flight=0), slurm, clock=clock, settle_s=0.0, pins=pins)
 
 
 def test_save_writes_the_file_atomically_private_and_unpin_removes_the_entry(tmp_path: Path) -> None:
@@ -48,18 +52,19 @@ def test_save_writes_the_file_atomically_private_and_unpin_removes_the_entry(tmp
     assert [p.name for p in path.parent.iterdir()] == ["pins.json"]  # no temporary file left
 
 
-def test_restore_hands_pins_to_the_autoscaler_and_drops_what_the_catalog_no_longer_allows(
+def test_restore_takes_the_saved_pins_and_drops_what_the_catalog_no_longer_allows(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "pins.json"
     path.write_text(json.dumps({"version": 1, "pins": {"tiny": 2, "gone": 1, "small": 3}}))
     clock = Clock()
     # "small" now allows at most 2 replicas; "gone" left the catalog.
-    scaler = _autoscaler(clock, SlurmDouble(clock), max_replicas=2, names=("tiny", "small"))
-    pins = PinStore(path)
+    store = PinStore(path)
     with caplog.at_level(logging.INFO, logger="slinfer.controller.pins"):
-        pins.restore(scaler)
+        pins = Pins(_models(2, ("tiny", "small")), store)
+    scaler = _autoscaler(clock, SlurmDouble(clock), max_replicas=2, names=("tiny", "small"), pins=pins)
     assert {s.name: s.pinned for s in scaler.status()} == {"tiny": 2, "small": None}
-    assert pins.pins() == {"tiny": 2}
+    assert pins.all() == {"tiny": 2}
+    assert store.pins() == {"tiny": 2}
     assert json.loads(path.read_text())["pins"] == {"tiny": 2}
     assert "saved pin model=gone count=1 dropped: 'gone' is not a catalog model" in caplog.text
     assert "saved pin model=small count=3 dropped" in caplog.text and "max_replicas" in caplog.text
@@ -96,12 +101,11 @@ async def test_a_pin_made_with_the_cli_holds_after_a_restart(tmp_path: Path,
     state = tmp_path / "state"
 
     async def controller() -> tuple[grpc.aio.Server, Autoscaler, SlurmDouble, Path]:
-        # What controller/main.py does at start: the store restores into the new autoscaler, then serves.
+        # What controller/main.py does at start: the pins first (from the store), the autoscaler reads them.
         clock = Clock()
         slurm = SlurmDouble(clock)
-        scaler = _autoscaler(clock, slurm)
-        pins = PinStore(state / "pins.json")
-        pins.restore(scaler)
+        pins = Pins(_models(), PinStore(state / "pins.json"))
+        scaler = _autoscaler(clock, slurm, pins=pins)
         server = grpc.aio.server()
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminService(scaler, Registry(agent_timeout_s=6.0, clock=clock), KeyStore(state / "keys.json"),
@@ -133,3 +137,33 @@ async def test_a_pin_made_with_the_cli_holds_after_a_restart(tmp_path: Path,
         assert len(slurm.submits) == 1
     finally:
         await server.stop(None)
+
+
+def test_pins_check_the_catalog_and_the_autoscaler_reads_the_one_copy(tmp_path: Path) -> None:
+    clock = Clock()
+    slurm = SlurmDouble(clock)
+    store = PinStore(tmp_path / "pins.json")
+    pins = Pins(_models(), store)
+    scaler = _autoscaler(clock, slurm, pins=pins)
+    assert scaler.pins is pins  # one owner: the autoscaler holds a reference, not a copy
+    with pytest.raises(KeyError, match="'nope' is not a catalog model"):
+        pins.set("nope", 1)
+    with pytest.raises(ValueError, match=r"outside 0\.\.max_replicas \(3\)"):
+        pins.set("tiny", 4)
+    assert pins.all() == {} and store.pins() == {}  # a refused pin is neither held nor saved
+    pins.set("tiny", 0)
+    assert pins.scaled_to_zero("tiny") and not pins.scaled_to_zero("other")
+    assert store.pins() == {"tiny": 0}
+    assert scaler.status()[0].pinned == 0  # shown before the next step
+    pins.set("tiny", None)
+    assert not pins.scaled_to_zero("tiny") and store.pins() == {}
+    assert not hasattr(scaler, "pin")  # nobody pins through the autoscaler
+
+
+def test_a_pin_that_cannot_be_saved_still_holds_and_says_so(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    pins = Pins(_models(), PinStore(blocker / "pins.json"))
+    with pytest.raises(PinStoreError, match="cannot write pin file"):
+        pins.set("tiny", 2)
+    assert pins.get("tiny") == 2  # the admin API answers "applied, but lost at the next restart"
