@@ -122,6 +122,9 @@ def _status(args: argparse.Namespace) -> int:
         sys.stdout.write(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True) + "\n")
         return 0
     sys.stdout.write(render_status(reply))
+    from slinfer.kube.health import status_section  # the API server as this host's [kubernetes] reaches it
+
+    sys.stdout.write(status_section(_target(args)[1]))
     return 0
 
 

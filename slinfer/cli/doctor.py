@@ -203,14 +203,14 @@ class Doctor:
                 "tls": self.check_tls, "controller": self.check_controller, "engine-hop": self.check_engine_hop,
                 "engines": self.check_engines, "containment": self.check_containment,
                 "engine-python": self.check_engine_python, "pool": self.check_pool, "munge": self.check_munge,
-                "gateway": self.check_gateway}
+                "gateway": self.check_gateway, "kubernetes": self.check_kubernetes}
 
     def run(self, skip: set[str] | None = None) -> Iterator[Result]:
         for name, check in self.checks().items():
             if name in (skip or set()):
                 continue
             if name in ("agent", "tls", "controller", "engine-hop", "engines", "containment", "engine-python",
-                        "pool", "gateway") and self.config is None:
+                        "pool", "gateway", "kubernetes") and self.config is None:
                 continue  # the config line already failed, and says why
             if name == "gateway" and not self.gateway_host:
                 continue
@@ -357,6 +357,13 @@ class Doctor:
                            "HOST:PORT, and give every node the same [controller].tls_ca (a TLS port refuses a "
                            "plaintext client, and a client refuses a certificate its CA did not sign)")]
         return [Result("controller", True, f"{address} answers gRPC {secured} (Admin.Status)")]
+
+    def check_kubernetes(self) -> list[Result]:
+        """The API server as this host's [kubernetes] reaches it: the leader, the standbys, the node Leases."""
+        from slinfer.kube.health import doctor_check
+
+        assert self.config is not None
+        return [Result("kubernetes", ok, detail, fix) for ok, detail, fix in doctor_check(self.config)]
 
     def check_gateway(self) -> list[Result]:
         """A gateway host: the controller's feed takes this config's token; a rolling restart resets nothing."""

@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from slinfer.config import Config
 from slinfer.kube import labels as kl
-from slinfer.kube.api import NODE_LEASE_NAMESPACE, ClientKubeAPI, KubeAPI, KubeError, NotFound, parse_time
+from slinfer.kube.api import (
+    NODE_LEASE_NAMESPACE,
+    ClientKubeAPI,
+    KubeAPI,
+    KubeError,
+    NotFound,
+    Rejected,
+    parse_time,
+)
 from slinfer.kube.leader import LEADER_LEASE
 
 # A probe gives up after this long in all: status and doctor must answer while the API server hangs.
@@ -59,20 +68,34 @@ def _lease(obj: dict[str, Any], now: float) -> LeaseView:
 
 
 async def probe(api: KubeAPI, namespace: str, now: float | None = None) -> KubeHealth:
-    """Reads the leader Lease, the standbys' Leases and the node Leases; an error makes `reachable` say why."""
+    """Reads the leader Lease, the standbys' Leases and the node Leases, each on its own.
+
+    No answer at all makes `reachable` false with the reason; a read these credentials may not make (an agent's
+    kubeconfig on a compute node cannot read the controllers' Leases) is left out and named in `error`.
+    """
     now = time.time() if now is None else now
-    try:
+    refused: list[str] = []
+
+    async def read(what: str, call: Awaitable[Any], default: Any) -> Any:
         try:
-            leader: LeaseView | None = _lease(await api.get("Lease", LEADER_LEASE, namespace), now)
+            return await call
         except NotFound:
-            leader = None
-        standbys = [_lease(o, now) for o in await api.list("Lease", namespace, kl.selector(
-            {kl.MANAGED_BY: kl.MANAGER, kl.COMPONENT: kl.COMPONENT_LEADER, kl.ROLE: "standby"}))]
-        nodes = [_lease(o, now) for o in await api.list("Lease", NODE_LEASE_NAMESPACE, kl.selector(
-            {kl.MANAGED_BY: kl.MANAGER, kl.COMPONENT: kl.COMPONENT_NODE}))]
+            return default
+        except Rejected as exc:
+            refused.append(f"{what}: {exc}")
+            return default
+
+    try:
+        leader_obj = await read("the leader Lease", api.get("Lease", LEADER_LEASE, namespace), None)
+        standby_objs = await read("standby Leases", api.list("Lease", namespace, kl.selector(
+            {kl.MANAGED_BY: kl.MANAGER, kl.COMPONENT: kl.COMPONENT_LEADER, kl.ROLE: "standby"})), [])
+        node_objs = await read("node Leases", api.list("Lease", NODE_LEASE_NAMESPACE, kl.selector(
+            {kl.MANAGED_BY: kl.MANAGER, kl.COMPONENT: kl.COMPONENT_NODE})), [])
     except KubeError as exc:
         return KubeHealth(reachable=False, error=str(exc))
-    return KubeHealth(reachable=True, leader=leader, standbys=standbys, nodes=nodes)
+    return KubeHealth(reachable=True, error="; ".join(refused),
+                      leader=_lease(leader_obj, now) if leader_obj is not None else None,
+                      standbys=[_lease(o, now) for o in standby_objs], nodes=[_lease(o, now) for o in node_objs])
 
 
 def probe_config(config: Config) -> KubeHealth | None:
@@ -113,6 +136,8 @@ def status_lines(health: KubeHealth | None, server: str = "") -> list[str]:
         lines.append(f"  leader: {health.leader.holder or 'nobody (the Lease is free)'}, {_age(health.leader)}")
     lines.append("  standbys: " + (", ".join(f"{s.holder} ({_age(s)})" for s in health.standbys) or "none"))
     lines.append("  nodes: " + (", ".join(f"{n.name} ({_age(n)})" for n in health.nodes) or "none published"))
+    if health.error:
+        lines.append(f"  not readable with these credentials: {health.error}")
     return lines
 
 
@@ -124,6 +149,8 @@ def doctor_results(health: KubeHealth | None) -> list[tuple[bool, str, str]]:
         return [(False, f"the API server does not answer as configured: {health.error}",
                  "check [kubernetes].kubeconfig, the token's validity and the API server")]
     out = [(True, "API reachable; " + "; ".join(line.strip() for line in status_lines(health)[2:]), "")]
+    if health.error:
+        out[0] = (True, out[0][1] + " (the head node's credentials read the rest)", "")
     if health.leader is not None and health.leader.holder and health.leader.expired:
         out.append((False, f"the leader {health.leader.holder} has not renewed the Lease for "
                            f"{health.leader.age_s or 0:.0f} s", "check the controllers (slinfer-controller) and "
@@ -133,3 +160,14 @@ def doctor_results(health: KubeHealth | None) -> list[tuple[bool, str, str]]:
         out.append((False, f"node Leases not renewed: {', '.join(stale)} (the controller deletes such Nodes)",
                     "check the agents on those nodes"))
     return out
+
+
+def doctor_check(config: Config) -> list[tuple[bool, str, str]]:
+    """`slinfer doctor`'s kubernetes lines for this host's config (none when Kubernetes is off)."""
+    return doctor_results(probe_config(config))
+
+
+def status_section(config: Config) -> str:
+    """`slinfer status`'s Kubernetes section for this host's config ("" when Kubernetes is off)."""
+    lines = status_lines(probe_config(config), config.kubernetes.kubeconfig or "in-cluster")
+    return "\n".join(lines) + "\n" if lines else ""

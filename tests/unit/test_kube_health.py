@@ -129,3 +129,33 @@ async def test_metrics_follow_an_api_outage_and_say_who_leads() -> None:
     await ks.step()
     assert sample("slinfer_kubernetes_api_reachable") == 1 and sample("slinfer_kubernetes_failed_rounds") == 0
     assert kl.model_service_name("tiny") in api.names("Service", NS)
+
+
+async def test_an_agents_credentials_read_what_they_may_and_say_what_they_may_not() -> None:
+    from slinfer.kube.api import Rejected
+
+    clock = Clock()
+    api = FakeKubeAPI(clock=clock)
+    await LeaderElection(api, NS, "head1-77", clock).step()
+    api.fail_next("get", "Lease", Rejected('leases "slinfer-controller" is forbidden', 403, "Forbidden"))
+    api.fail_next("list", "Lease", Rejected("leases is forbidden", 403, "Forbidden"))
+    health = await probe(api, NS, clock.now)
+    assert health.reachable and health.leader is None and "forbidden" in health.error
+    text = "\n".join(status_lines(health))
+    assert "API reachable" in text and "not readable with these credentials" in text
+    assert doctor_results(health)[0][0] is True
+
+
+def test_status_and_doctor_sections_from_a_config(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from slinfer.config import parse
+    from slinfer.kube.health import doctor_check, status_section
+    from tests.fakes.kuberecorder import write_kubeconfig
+
+    assert status_section(parse({})) == "" and doctor_check(parse({})) == []
+    dead = write_kubeconfig(Path(str(tmp_path)) / "kubeconfig", "http://127.0.0.1:9")  # refused
+    config = parse({"kubernetes": {"enabled": True, "kubeconfig": str(dead), "request_timeout_s": 2}})
+    assert "API UNREACHABLE" in status_section(config) and "Connection refused" in status_section(config)
+    ((ok, detail, fix),) = doctor_check(config)
+    assert not ok and "does not answer" in detail and "kubeconfig" in fix
