@@ -907,6 +907,8 @@ def down(bed: Bed) -> list[int]:
     if root is not None and not root.unmount():
         log.info("slurm root %s stays mounted: processes %s still run in it", root.root, root.in_use())
     _kill_engines_left(bed)
+    from slinfer.kube.cleanup import remove_published  # the Nodes, Leases and Pods its agents published
+    remove_published(bed.config, bed.node_names)
     left = _bed_processes(bed)
     for proc in left:
         try:
