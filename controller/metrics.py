@@ -117,25 +117,24 @@ class KubeCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         st = self.status() if self.status is not None else None
-        if st is None:
-            return
         series = (
             ("slinfer_kubernetes_api_reachable", "1 when the last round got answers from the API server",
-             float(st.reachable)),
+             float(st.reachable) if st else 0.0),
             ("slinfer_kubernetes_last_success_timestamp_seconds",
-             "When a round last ended with every step done (0: never)", st.last_success),
+             "When a round last ended with every step done (0: never)", st.last_success if st else 0.0),
             ("slinfer_kubernetes_failed_rounds", "Rounds in a row with at least one failed step",
-             float(st.failures)),
+             float(st.failures) if st else 0.0),
             ("slinfer_kubernetes_leader", "1 when this controller leads (always 1 without leader election)",
-             float(st.leader)),
+             float(st.leader) if st else 0.0),
             ("slinfer_kubernetes_writes", "Create, patch and delete requests sent by this controller's sync",
-             float(st.writes)),
+             float(st.writes) if st else 0.0),
             ("slinfer_kubernetes_nodes_deleted", "Dead slinfer Nodes this controller deleted",
-             float(st.nodes_deleted)),
+             float(st.nodes_deleted) if st else 0.0),
         )
         for name, documentation, value in series:
             family = GaugeMetricFamily(name, documentation, labels=["identity"])
-            family.add_metric([st.identity or self._identity], value)
+            if st is not None:  # without [kubernetes] the families are declared, with no sample
+                family.add_metric([st.identity or self._identity], value)
             yield family
 
 

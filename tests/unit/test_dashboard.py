@@ -21,7 +21,8 @@ from slinfer.controller.gateway_main import serve_worker
 DASHBOARD = Path(__file__).resolve().parents[2] / "packaging" / "grafana" / "slinfer-dashboard.json"
 PANELS = {"Requests by model and code", "Errors by model and code", "Request latency percentiles",
           "Time to first token percentiles", "Queue depth", "Replicas by state", "Slurm jobs by state",
-          "Scaling decisions", "Gateways connected", "Controller reachable (per gateway)"}
+          "Scaling decisions", "Gateways connected", "Controller reachable (per gateway)",
+          "Kubernetes (per controller)"}
 _METRIC = re.compile(r"\bslinfer_[a-z_]+\b")
 
 

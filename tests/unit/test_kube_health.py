@@ -159,3 +159,11 @@ def test_status_and_doctor_sections_from_a_config(tmp_path: object) -> None:
     assert "API UNREACHABLE" in status_section(config) and "Connection refused" in status_section(config)
     ((ok, detail, fix),) = doctor_check(config)
     assert not ok and "does not answer" in detail and "kubeconfig" in fix
+
+
+def test_without_kubernetes_the_series_are_declared_without_samples() -> None:
+    registry = CollectorRegistry()
+    registry.register(metrics.KubeCollector(identity="head1"))
+    text = generate_latest(registry).decode()
+    assert "# TYPE slinfer_kubernetes_api_reachable gauge" in text
+    assert registry.get_sample_value("slinfer_kubernetes_api_reachable", {"identity": "head1"}) is None
