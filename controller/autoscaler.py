@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -25,11 +24,22 @@ from typing import Protocol
 from slinfer.backoff import AGENT_RECONNECT, Backoff, BackoffPolicy
 from slinfer.config import ModelConfig
 from slinfer.controller import metrics
-from slinfer.controller.jobtable import JobTable
+from slinfer.controller.jobtable import JobTable, Refusal
 from slinfer.controller.movingaverage import MovingAverage
 from slinfer.controller.pins import Pins
 from slinfer.controller.registry import Registry, Replica
-from slinfer.controller.scaling_policy import Action, Jobs, Load, Timers, decide
+from slinfer.controller.scaling_policy import (
+    Action,
+    EngineView,
+    Groups,
+    Jobs,
+    Load,
+    Timers,
+    classify,
+    decide,
+    expiring_drains,
+    shrink_victims,
+)
 from slinfer.controller.slurm import SlurmError, SlurmJob
 from slinfer.v1 import engine_pb2
 
@@ -121,28 +131,6 @@ class _Model:
     lost: set[str] = field(default_factory=set)
     backoff: Backoff = field(default_factory=lambda: Backoff.of(SUBMIT_BACKOFF))
     last_outcome: str = ""
-
-
-@dataclass
-class _Groups:
-    """A model's active jobs by what they mean for capacity."""
-
-    pending: list[SlurmJob] = field(default_factory=list)
-    unlisted: list[str] = field(default_factory=list)
-    starting: list[SlurmJob] = field(default_factory=list)
-    ready: list[SlurmJob] = field(default_factory=list)
-    expiring: list[SlurmJob] = field(default_factory=list)
-    draining: list[SlurmJob] = field(default_factory=list)
-    failed: list[SlurmJob] = field(default_factory=list)
-    lost: list[SlurmJob] = field(default_factory=list)
-
-    @property
-    def capacity(self) -> int:
-        return len(self.pending) + len(self.unlisted) + len(self.starting) + len(self.ready)
-
-    @property
-    def total(self) -> int:
-        return self.capacity + len(self.expiring) + len(self.draining) + len(self.lost)
 
 
 class Autoscaler:
@@ -296,7 +284,7 @@ class Autoscaler:
         settled = now - self._started >= self._settle_s
 
         groups = self._classify(m, active, now)
-        lead = self.lead_time(cfg.name)
+        lead = self.lead_time(cfg.name)  # with any start _classify saw just now
 
         demand = self._demand(cfg.name)
         # Only the service's own engines: a user's private engine of the same model is that job's, and its
@@ -340,20 +328,12 @@ class Autoscaler:
         elif d.action is Action.SHRINK:
             await self._shrink(m, groups, d.count, numbers())
 
-        # A replica near its time limit leaves once enough READY replicas outlive it (its replacements: they may
-        # be near their own limit already, when the lead is longer than a job's life after READY), or at the
-        # latest just before its limit. At least one: a moment's desired=0 (the average of in-flight samples can
-        # read 0 under light steady traffic) is for scale-down and its delay to act on, not a replacement.
-        serving = groups.ready + groups.expiring
-        for job in sorted(groups.expiring, key=lambda j: j.end_time) if settled else ():
-            left = job.end_time - now
-            outliving = sum(1 for j in serving if (j.end_time or math.inf) > job.end_time)
-            if outliving >= max(desired, 1) or left <= FINAL_DRAIN_S:
-                why = "replacement ready" if outliving >= max(desired, 1) else "no replacement in time"
-                log.info("%s -> drain %s: time limit in %.0fs (lead %.0fs), %s", numbers(), job.job_id, left,
-                         lead, why)
-                self._start_drain(m, job.job_id, "time limit")
-                self._count(cfg.name, "drain_time_limit")
+        # Replicas near their time limit leave once READY replicas outlive them (scaling_policy.expiring_drains).
+        for job, why in expiring_drains(groups.expiring, groups.ready, desired, now, FINAL_DRAIN_S) if settled else ():
+            log.info("%s -> drain %s: time limit in %.0fs (lead %.0fs), %s", numbers(), job.job_id,
+                     job.end_time - now, lead, why)
+            self._start_drain(m, job.job_id, "time limit")
+            self._count(cfg.name, "drain_time_limit")
 
         await self._finish_drains(m, now, settled, numbers)
 
@@ -379,54 +359,26 @@ class Autoscaler:
         m.seen_ready &= active_ids
         m.lost &= active_ids
 
-    def _classify(self, m: _Model, active: list[SlurmJob], now: float) -> _Groups:
-        g = _Groups()
-        listed = {j.job_id for j in active}
-        g.unlisted = [job_id for job_id in m.submitted if job_id not in listed]
+    def _classify(self, m: _Model, active: list[SlurmJob], now: float) -> Groups:
+        """Learns the start latency of each newly serving replica, then groups the jobs (scaling_policy.classify)
+        with the lead time that includes them, and takes over the drains and lost jobs the plan names."""
+        engines: dict[str, EngineView | None] = {}
         for job in active:
-            if job.job_id in m.cancelled:
-                continue
             rep = self._registry.get(job.job_id)
-            if job.job_id in m.draining:
-                g.draining.append(job)
-                continue
-            if job.waiting:
-                g.pending.append(job)
-                continue
-            if not job.running:
-                continue  # SUSPENDED: neither capacity nor ours to act on
-            if rep is not None and rep.draining:
-                # Drained by hand through the Registry, or by a previous controller that restarted.
-                m.draining[job.job_id] = now
-                g.draining.append(job)
-                continue
-            if rep is not None and rep.state == engine_pb2.FAILED:
-                g.failed.append(job)
-                continue
-            if rep is not None and rep.state in (engine_pb2.STOPPING, engine_pb2.STOPPED):
-                continue  # ending on its own
-            if rep is not None and not self._registry.agent_alive(rep.node):
-                m.lost.add(job.job_id)
-                g.lost.append(job)
-                continue
-            if rep is None and job.job_id in m.lost:
-                g.lost.append(job)
-                continue
-            m.lost.discard(job.job_id)
-            serving = rep is not None and rep.state == engine_pb2.READY
-            if rep is not None and serving:
+            engines[job.job_id] = None if rep is None else EngineView(
+                draining=rep.draining, failed=rep.state == engine_pb2.FAILED,
+                ending=rep.state in (engine_pb2.STOPPING, engine_pb2.STOPPED),
+                serving=rep.state == engine_pb2.READY, agent_alive=self._registry.agent_alive(rep.node))
+            view = engines[job.job_id]
+            if (view is not None and view.serving and not view.draining and view.agent_alive and job.running
+                    and job.job_id not in m.cancelled and job.job_id not in m.draining and rep is not None):
                 self._learn(m, job, rep)
-            # Only a serving replica is replaced before its limit; a starting one is capacity still. (With a lead
-            # longer than a job's life after READY, as for a short time limit, a job expires the moment it serves
-            # and its replacement is submitted then, not while it starts, which only doubled every start.)
-            # The lead as of this job: a start seen just now (its own) counts already.
-            if serving and job.end_time > 0 and job.end_time - now <= self.lead_time(m.config.name):
-                g.expiring.append(job)
-            elif serving:
-                g.ready.append(job)
-            else:
-                g.starting.append(job)
-        return g
+        plan = classify(active, engines, submitted=m.submitted, draining=m.draining, cancelled=m.cancelled,
+                        lost=m.lost, lead_s=self.lead_time(m.config.name), now=now)
+        for job_id in plan.adopt_drains:
+            m.draining[job_id] = now
+        m.lost = set(plan.lost)
+        return plan.groups
 
     def _learn(self, m: _Model, job: SlurmJob, rep: Replica) -> None:
         if job.job_id in m.seen_ready or rep.ready_at <= 0 or job.submit_time <= 0:
@@ -450,30 +402,24 @@ class Autoscaler:
                 log.error("model=%s sbatch failed (%d in a row), next try in %.0fs: %s",
                           name, m.backoff.failures, backoff, exc)
                 self._count(name, "submit_failed")
+                # /v1/models shows it as the model's state, with Slurm's own words.
+                self.job_table.refused(name, Refusal(exc.stderr.strip() or str(exc), m.backoff.failures,
+                                                     time.time(), time.time() + backoff))
                 return
             m.backoff.succeeded()
+            self.job_table.refused(name, None)
             m.submitted[job_id] = self._clock()
             log.info("model=%s submitted job %s", name, job_id)
             self._count(name, "submit")
             self._note(m, f"submitted job {job_id}")
 
-    async def _shrink(self, m: _Model, g: _Groups, n: int, numbers: str) -> None:
+    async def _shrink(self, m: _Model, g: Groups, n: int, numbers: str) -> None:
         name = m.config.name
-        # PENDING jobs hold no resources and serve nothing: newest first, as it is furthest back in the queue.
-        pending = sorted(g.pending, key=lambda j: j.submit_time, reverse=True)
-        candidates: list[tuple[str, str]] = [(jid, "unlisted") for jid in reversed(g.unlisted)]
-        candidates = [(j.job_id, "pending") for j in pending] + candidates
-        candidates += [(j.job_id, "starting") for j in sorted(g.starting, key=lambda j: -j.start_time)]
-        for job_id, kind in candidates[:n]:
+        outstanding = {j.job_id: rep.outstanding for j in g.ready if (rep := self._registry.get(j.job_id))}
+        victims = shrink_victims(g, n, outstanding)
+        for job_id, kind in victims.cancel:
             await self._cancel(m, job_id, f"{numbers} -> cancel {kind} job {job_id}", f"cancel_{kind}")
-        n -= min(n, len(candidates))
-        if n <= 0:
-            return
-        # Then READY replicas: the one closest to its time limit, then the least busy.
-        def busy(job: SlurmJob) -> tuple[float, int]:
-            rep = self._registry.get(job.job_id)
-            return (job.end_time or math.inf, rep.outstanding if rep is not None else 0)
-        for job in sorted(g.ready, key=busy)[:n]:
+        for job in victims.drain:
             log.info("%s -> drain %s", numbers, job.job_id)
             self._start_drain(m, job.job_id, "scale down")
             self._count(name, "drain")
