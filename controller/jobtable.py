@@ -8,7 +8,19 @@ Not responsible for: asking Slurm (the autoscaler does, through SlurmClient), or
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from slinfer.controller.slurm import SlurmJob
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Slurm refused a model's job at submit: its reason, how many in a row, and when the next try is (wall)."""
+
+    reason: str
+    failures: int
+    at: float
+    retry_at: float
 
 
 class JobTable:
@@ -16,6 +28,18 @@ class JobTable:
 
     def __init__(self) -> None:
         self._jobs: dict[str, tuple[str, SlurmJob]] = {}
+        # model -> Slurm's refusal of its last submit (an association, a QOS limit), until a submit succeeds.
+        self._refusals: dict[str, Refusal] = {}
+
+    def refused(self, model: str, refusal: Refusal | None) -> None:
+        """The autoscaler's last submit of `model`: refused (with Slurm's reason), or None once one succeeds."""
+        if refusal is None:
+            self._refusals.pop(model, None)
+        else:
+            self._refusals[model] = refusal
+
+    def refusal(self, model: str) -> Refusal | None:
+        return self._refusals.get(model)
 
     def replace(self, jobs: dict[str, tuple[str, SlurmJob]]) -> None:
         self._jobs = dict(jobs)

@@ -102,7 +102,7 @@ async def serve(config: Config, stop: asyncio.Event,
                      [m.name for m in config.models], warmup_s=AGENT_RECONNECT.max_s + 2 * c.heartbeat_s)
     # The autoscaler's jobs, written by its steps; /v1/models reads them (a pending reason, a start time).
     job_table = JobTable()
-    board = ModelBoard(config.models, registry, jobs=job_table.jobs)
+    board = ModelBoard(config.models, registry, jobs=job_table.jobs, refusals=job_table.refusal)
     # Kubernetes' series stay empty until the sync below is attached to them (and without [kubernetes]).
     kube_metrics = metrics.KubeCollector(identity=socket.gethostname())
     gateway = Gateway(config.gateway, config.models, registry, keys,

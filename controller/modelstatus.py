@@ -8,6 +8,8 @@ gateway's `/v1/models`: the OpenAI fields, `max_model_len` as the model's engine
 - `starting`: a job of the service runs (or a pooled engine reports STARTING) but no engine is READY;
   `starting_s` since it started (a user's private engine of the model is not the service's);
 - `queued`: the model's Slurm job is PENDING; `reason` as squeue says it, `queued_s` since it was submitted;
+- `refused`: Slurm refused the model's last job at submit (no association, a QOS limit): `reason` in Slurm's
+  words, `failures` in a row, `retry_in_s` until the autoscaler's next try (it backs off);
 - `offline`: nothing runs or waits (a model with `min_replicas = 0` and no load).
 
 It also knows which of the route table's routes a model's engine serves (the engine's `/openapi.json`, asked
@@ -28,6 +30,7 @@ from typing import Any
 import aiohttp
 
 from slinfer.config import ModelConfig
+from slinfer.controller.jobtable import Refusal
 from slinfer.controller.registry import Registry, Replica
 from slinfer.controller.routes import ROUTES
 from slinfer.controller.slurm import SlurmJob
@@ -49,10 +52,12 @@ class ModelBoard:
     """Builds `/v1/models` entries from the catalog, the Registry and the autoscaler's jobs."""
 
     def __init__(self, catalog: Sequence[ModelConfig], registry: Registry, jobs: Jobs | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 refusals: Callable[[str], Refusal | None] | None = None) -> None:
         self._catalog = {m.name: m for m in catalog}
         self._registry = registry
         self._jobs = jobs
+        self._refusals = refusals
         self._clock = clock
         # max_model_len by engine job id, and the last one seen per model (kept while the model is offline).
         self._by_engine: dict[str, int] = {}
@@ -96,6 +101,11 @@ class ModelBoard:
             first = pending[0]
             return {"state": "queued", "reason": first.reason or "None", "jobs": len(pending),
                     "queued_s": round(max(now - first.submit_time, 0.0), 1) if first.submit_time else None}
+        refusal = self._refusals(model) if self._refusals is not None else None
+        if refusal is not None:
+            # Slurm refused the last submit (no association, a QOS limit): its reason, and the next try.
+            return {"state": "refused", "reason": refusal.reason, "failures": refusal.failures,
+                    "retry_in_s": round(max(refusal.retry_at - now, 0.0), 1)}
         return {"state": "offline"}
 
     def _entry(self, name: str, jobs: Sequence[SlurmJob]) -> dict[str, Any]:

@@ -66,6 +66,9 @@ def row(model: dict[str, Any]) -> list[str]:
         detail = f"Slurm job pending ({status.get('reason', '?')})"
         if waited is not None:
             detail += f" for {waited:.0f} s"
+    elif state == "refused":
+        detail = (f"Slurm refused the job ({status.get('reason', '?')}); {status.get('failures', 0)} in a row, "
+                  f"next try in {status.get('retry_in_s', 0):.0f} s")
     elif state == "offline":
         detail = "nothing running; started on the first request" if status.get("min_replicas") == 0 else ""
     else:
