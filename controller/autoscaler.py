@@ -1,14 +1,14 @@
 """The autoscaler: keeps each catalog model's Slurm jobs between its min and max replicas, following the load.
 
 Responsible for: sampling each model's load (the gateway's in-flight plus queued requests, or the engines' own
-running plus waiting where larger) into a moving average; asking the pure policy (scaling_policy.py) for the
-desired replica count and this step's action; acting through Slurm after the scale-up or scale-down
-delay (submit; cancel PENDING jobs first, then drain a READY replica and cancel it once idle); replacing replicas
-before their time limit with a lead time learned from observed submit-to-READY latency; adopting its own jobs
-again after a restart (recognised by job name and comment); logging every decision with its numbers.
-Not responsible for: routing or counting requests (the gateway), knowing engine state (the Registry), or running
-Slurm's commands (SlurmClient). It manages only the jobs it submitted: a user's own pool jobs add engine load
-but are never cancelled or counted as its replicas.
+running plus waiting where larger) into a moving average; asking the pure plan (scaling_policy.py) how its jobs
+group, the desired replica count and this step's action, which expiring replicas to drain and which jobs a shrink
+removes; carrying that out through Slurm (submit; cancel; drain a READY replica and cancel it once idle); learning
+the replacement lead time from observed submit-to-READY latency; adopting its own jobs again after a restart
+(recognised by job name and comment); writing its jobs into the JobTable; logging every decision with its numbers.
+Not responsible for: routing or counting requests (the gateway), knowing engine state (the Registry), holding
+pins (controller/pins.py: it reads them), or running Slurm's commands (SlurmClient). It manages only the jobs it
+submitted: a user's own pool jobs add engine load but are never cancelled or counted as its replicas.
 """
 
 from __future__ import annotations
