@@ -35,6 +35,7 @@ from slinfer.controller import metrics
 from slinfer.controller.admin import AdminService
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
+from slinfer.controller.eventloop import loop_factory
 from slinfer.controller.gateway import Demand, Gateway
 from slinfer.controller.gatewayhub import GatewayHub
 from slinfer.controller.jobtable import JobTable
@@ -233,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.controller.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loop_factory = _loop_factory()
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -243,21 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         await serve(config, stop)
 
     try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(run())
     except StartupError as exc:
         print(f"slinfer-controller: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    # uvloop lowers the gateway's per-request CPU cost (bench/gateway_overhead.py); asyncio's loop works too.
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":
