@@ -18,9 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The repository's top-level folders and files: a word that starts with one of them names a repository path.
+# The repository's top-level folders: a word that starts with one of them names a repository path.
 TOP = ("agent", "controller", "slinfer", "spank", "tests", "bench", "packaging", "proto", "examples", "docs", "tools")
-TOP_FILES = ("README.md", "Makefile", "pyproject.toml", "setup.py", "mkdocs.yml")
 # Paths that the build makes, so they are named but not in git: generated stubs (setup.py compiles proto/),
 # the plugin's build output per Slurm release, and the docs site.
 BUILT = ("slinfer/v1", "spank/build/", "spank/spank_slinfer.so", "spank/test_options", "site/")
