@@ -1,11 +1,11 @@
 """The engine manager: each job's vLLM engine from start to the last process gone.
 
-Responsible for: refusing a job's mistakes with a reason (unknown model, too few GPUs), running the catalog's
-engine command as the job's user on exactly the job's GPUs with a fresh API key and a free port, watching
-`/health` (STARTING -> READY), reading load from `/metrics`, restarting a crashed engine a bounded number of
-times, stopping it (SIGTERM, SIGKILL after a grace, then a check that nothing is left), and re-adopting engines
-that outlived an agent restart. Not responsible for: talking to the hook, the controller or Kubernetes; those
-learn of every change through `add_listener`.
+Responsible for: carrying out the launch plan (`launch.py` decides the refusal, the argv, the layout) by
+running the engine as the job's user on exactly the job's GPUs with a fresh API key and a free port, warm or
+cold; containing it in the job's cgroups; watching it through `probes.py` (STARTING -> READY, its load);
+restarting a crashed engine a bounded number of times, stopping it (SIGTERM, SIGKILL after a grace, then a
+check that nothing is left), and re-adopting engines that outlived an agent restart. Not responsible for:
+talking to the hook, the controller or Kubernetes; those learn of every change through `add_listener`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pwd
 import secrets
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from typing import Any, Protocol
 import aiohttp
 import psutil
 
-from slinfer.agent import jobfiles
+from slinfer.agent import jobfiles, launch, probes
 from slinfer.agent.cgroups import Hierarchy, JobCgroups
 from slinfer.agent.gpu import Gpus
 from slinfer.agent.pagecache import PageCacheWarmer, ReadAhead
@@ -43,21 +42,12 @@ from slinfer.agent.processes import (
 from slinfer.agent.records import EngineRecord, RecordStore
 from slinfer.agent.slurmview import SlurmView
 from slinfer.agent.warmstart import EngineTemplate, TemplateError, WarmProcess, stock_args, warm_refusal
-from slinfer.config import Config, ModelConfig, model_name_problem, pool_users
+from slinfer.config import Config, ModelConfig
 from slinfer.v1 import engine_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 STATE_NAMES = {v: k for k, v in pb.EngineState.items()}
-LOAD_METRICS = {
-    "vllm:num_requests_running": "running",
-    "vllm:num_requests_waiting": "waiting",
-    "vllm:kv_cache_usage_perc": "kv_cache_usage",
-}
-# vLLM's flags that choose how a model is split over GPUs: a catalog entry that gives one keeps its own layout.
-LAYOUT_FLAGS = frozenset({"--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp"})
-# Spreads the master ports of jobs with neighbouring ids over the port range (a prime, so every port is used).
-MASTER_PORT_STRIDE = 7919
 # What starting a job's engine may raise: an interpreter the job's user may not execute, a missing binary, a
 # failed setuid or chdir in the child, no free port. Each is that job's failure, reported, never a prolog error.
 SPAWN_ERRORS = (OSError, subprocess.SubprocessError, RuntimeError)
@@ -166,28 +156,7 @@ class EngineManager:
     # -- start -----------------------------------------------------------------------------------------------
 
     def _refusal(self, job: pb.JobSpec, nodes: list[str] | None = None) -> str:
-        """The job's own mistake, if any, in words the user will read in the job's output. `nodes` is the job's
-        node list, where the hook sent one."""
-        if problem := model_name_problem(job.model):
-            return f"invalid model name {job.model[:40]!r}: {problem}"
-        model = self.config.model(job.model)
-        if model is None:
-            known = ", ".join(m.name for m in self.config.models) or "none"
-            return f"model '{job.model}' is not in this cluster's catalog (known: {known})"
-        if len(job.gpus) < model.gpus:
-            return (f"model '{job.model}' needs {model.gpus} GPU(s) but the job has {len(job.gpus)} "
-                    f"(submit with --gres=gpu:{model.gpus})")
-        if nodes is not None and len(nodes) != model.nodes:
-            return (f"model '{job.model}' runs on {model.nodes} node(s) but the job has {len(nodes)} "
-                    f"(submit with --nodes={model.nodes} --gres=gpu:{model.gpus})")
-        if nodes is not None and self.node_name not in nodes:
-            return f"job {job.job_id}'s node list {job.node_list!r} does not name this node ({self.node_name})"
-        if job.pool and not may_publish(self.config, job.uid, job.user):
-            return (f"--inference-pool is refused for user {job.user or job.uid}: only the slinfer service "
-                    f"(controller.user) and agent.pool_users may publish an engine to the shared pool, whose "
-                    f"engines read every tenant's prompts; submit without --inference-pool for an engine of "
-                    f"your own")
-        return ""
+        return launch.refusal(self.config, job, self.node_name, nodes)
 
     async def _job_nodes(self, job: pb.JobSpec) -> list[str] | None:
         """The job's nodes in Slurm's order, expanded (node[1-2] -> node1, node2): from the hook's node list, else
@@ -205,12 +174,6 @@ class EngineManager:
             if address:
                 return address
         return await asyncio.to_thread(socket.gethostbyname, node)
-
-    def _master_port(self, job_id: str) -> int:
-        """Rank 0's torch.distributed port, the same on every node of the job without any of them talking: a
-        port of [agent].port_range chosen by the job id."""
-        low, high = self.config.agent.port_range
-        return low + (int(job_id.split("_", 1)[0]) * MASTER_PORT_STRIDE) % (high - low + 1)
 
     async def start(self, job: pb.JobSpec) -> pb.Engine:
         async with self._lock:
@@ -264,8 +227,8 @@ class EngineManager:
         rank = nodes.index(self.node_name)
         head = self.address if rank == 0 else await self._node_address(nodes[0])
         peers = [await self._node_address(n) for n in nodes[1:]] if rank == 0 else []
-        return {"rank": rank, "nnodes": len(nodes), "head": head, "master_port": self._master_port(job.job_id),
-                "peers": peers}
+        return {"rank": rank, "nnodes": len(nodes), "head": head,
+                "master_port": launch.master_port(self.config, job.job_id), "peers": peers}
 
     def _free_port(self, avoid: int | None = None) -> int:
         low, high = self.config.agent.port_range
@@ -286,8 +249,8 @@ class EngineManager:
         raise RuntimeError(f"no free port in {low}-{high} on {self.address}")
 
     def _argv(self, record: EngineRecord, model: ModelConfig) -> list[str]:
-        argv = engine_command(self.config, model, record.host, record.port, len(record.gpus), record.job_id,
-                              record.rank) + rank_args(record)
+        argv = launch.engine_command(self.config, model, record.host, record.port, len(record.gpus),
+                                     record.job_id, record.rank) + launch.rank_args(record)
         return argv if record.rank > 0 else argv + self._ssl_args(record)
 
     def _ssl_args(self, record: EngineRecord) -> list[str]:
@@ -325,7 +288,7 @@ class EngineManager:
             ENGINE_MARKER: self._tag(record.job_id),
             "SLURM_JOB_ID": record.job_id,
         }
-        env.update(self._rank_env(record))
+        env.update(launch.rank_env(record, self.address, psutil.net_if_addrs()))
         env.update(self.config.agent.engine_env)
         env.update(model.engine_env)
         # Entered as the job's user (never probed or entered by root): its folder, else its home.
@@ -343,18 +306,6 @@ class EngineManager:
         record.argv = argv
         record.pid, record.create_time, record.session_id = identity.pid, identity.create_time, identity.pid
         return _Running(record=record, identity=identity, popen=popen, log_path=log_path)
-
-    def _rank_env(self, record: EngineRecord) -> dict[str, str]:
-        """A rank of an engine across nodes talks to the others from this node's address: vLLM's own pick and
-        gloo's (the interface of what the host name resolves to, loopback where it resolves to nothing, as on
-        the bed, whose ranks then could not connect) are not trusted. The catalog's engine_env may override."""
-        if record.nnodes <= 1:
-            return {}
-        env = {"VLLM_HOST_IP": self.address}
-        for name, addresses in psutil.net_if_addrs().items():
-            if any(a.address == self.address for a in addresses):
-                env["GLOO_SOCKET_IFNAME"] = name
-        return env
 
     def _warm_spawn(self, record: EngineRecord, model: ModelConfig, argv: list[str], env: dict[str, str], cwd: str,
                     log_path: Path) -> WarmProcess | None:
@@ -531,27 +482,11 @@ class EngineManager:
         return ": " + " | ".join(line.strip()[:300] for line in tail) if tail else ""
 
     async def _healthy(self, running: _Running) -> bool:
-        try:
-            async with self.http.get(f"{running.record.base_url}/health",
-                                     timeout=aiohttp.ClientTimeout(total=2)) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await probes.healthy(self.http, running.record.base_url)
 
     async def _read_load(self, running: _Running) -> None:
-        try:
-            async with self.http.get(f"{running.record.base_url}/metrics",
-                                     timeout=aiohttp.ClientTimeout(total=2)) as response:
-                text = await response.text()
-        except (aiohttp.ClientError, TimeoutError):
-            return
-        load = dict.fromkeys(LOAD_METRICS.values(), 0.0)
-        for line in text.splitlines():
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in LOAD_METRICS:
-                with contextlib.suppress(ValueError):
-                    load[LOAD_METRICS[name]] += float(line.rsplit(" ", 1)[1])
-        if load != running.load:
+        load = await probes.load(self.http, running.record.base_url)
+        if load is not None and load != running.load:
             running.load = load
             for callback in self._listeners:
                 callback()
@@ -618,55 +553,6 @@ class EngineManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def may_publish(config: Config, uid: int, user: str) -> bool:
-    """Whether a job of uid (Slurm's user name `user`) may put its engine into the shared pool: its user, as
-    this node's passwd names the uid, is the controller's or on the allowlist (config.pool_users)."""
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = user
-    return name in pool_users(config)
-
-
-def engine_command(config: Config, model: ModelConfig, host: str, port: int, gpus: int, job_id: str,
-                   rank: int = 0) -> list[str]:
-    """What an engine of `model` runs, but for its rank's launch flags and TLS: the config's template (the model's
-    own, else the agent's; the rank template for a rank > 0) with its placeholders filled, the model's
-    engine_args, its parallel layout. The benchmarks' bare vLLM baseline runs exactly this."""
-    if rank > 0:
-        template = config.agent.engine_rank_command
-    else:
-        template = model.engine_command or config.agent.engine_command
-    values = {"{python}": config.agent.python, "{source}": model.source, "{model}": model.name, "{host}": host,
-              "{port}": str(port), "{gpus}": str(gpus), "{job_id}": job_id}
-    argv = []
-    for part in template:
-        for key, value in values.items():
-            part = part.replace(key, value)
-        argv.append(part)
-    return argv + list(model.engine_args) + parallel_args(model)
-
-
-def parallel_args(model: ModelConfig) -> list[str]:
-    """vLLM's tensor-parallel flag for a model of several GPUs: one engine over all of them (the GPUs of every
-    node of the job for a model of several nodes). Left out where the entry's own engine_args choose a layout
-    (tensor or pipeline parallel), and for a model of one GPU on one node."""
-    size = max(model.gpus, 1) * model.nodes
-    if size <= 1 or any(arg.split("=", 1)[0] in LAYOUT_FLAGS for arg in model.engine_args):
-        return []
-    return ["--tensor-parallel-size", str(size)]
-
-
-def rank_args(record: EngineRecord) -> list[str]:
-    """vLLM's multi-node launch (multiprocessing backend) for one rank; rank 0 serves HTTP, the others are
-    headless and join rank 0's torch.distributed group at head:master_port."""
-    if record.nnodes <= 1:
-        return []
-    argv = ["--nnodes", str(record.nnodes), "--node-rank", str(record.rank), "--master-addr", record.head,
-            "--master-port", str(record.master_port)]
-    return [*argv, "--headless"] if record.rank > 0 else argv
 
 
 def _host_address() -> str:

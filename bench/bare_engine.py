@@ -17,7 +17,7 @@ import time
 import urllib.request
 
 from slinfer import config as slinfer_config
-from slinfer.agent.engines import engine_command
+from slinfer.agent.launch import engine_command
 from slinfer.dev import devcluster
 
 

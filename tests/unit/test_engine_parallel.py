@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 
-from slinfer.agent.engines import EngineManager, parallel_args
+from slinfer.agent.engines import EngineManager
 from slinfer.agent.gpu import Gpus
+from slinfer.agent.launch import master_port, parallel_args, rank_env
 from slinfer.agent.records import EngineRecord, RecordStore
 from slinfer.config import AgentConfig, Config, ConfigError, ModelConfig, parse
 from slinfer.v1 import engine_pb2 as pb
@@ -73,7 +75,7 @@ def test_one_gpu_gets_no_parallel_flag_and_an_entry_of_its_own_layout_keeps_it()
 def test_the_ranks_of_an_engine_across_nodes_share_one_launch(tmp_path: Path) -> None:
     model = ModelConfig(name="m", source="/x", gpus=1, nodes=2, engine_args=MODEL_ARGS)
     manager = _manager(tmp_path, None, model)  # type: ignore[arg-type]
-    layout = {"nnodes": 2, "head": "10.0.0.1", "master_port": manager._master_port("41")}
+    layout = {"nnodes": 2, "head": "10.0.0.1", "master_port": master_port(manager.config, "41")}
     head = manager._argv(_record(rank=0, peers=["10.0.0.2"], **layout), model)
     other = manager._argv(_record(rank=1, port=0, **layout), model)
     # The tensor-parallel size spans both nodes' GPUs: vLLM splits the world of 2 into one rank per node.
@@ -94,10 +96,10 @@ def test_the_master_port_is_the_same_on_every_node_and_in_the_port_range(tmp_pat
     model = ModelConfig(name="m", source="/x", gpus=1, nodes=2)
     one = _manager(tmp_path / "a", None, model, node="n1")  # type: ignore[arg-type]
     two = _manager(tmp_path / "b", None, model, node="n2")  # type: ignore[arg-type]
-    ports = {one._master_port(str(j)) for j in range(268000, 268050)}
-    assert all(one._master_port(str(j)) == two._master_port(str(j)) for j in range(268000, 268050))
+    ports = {master_port(one.config, str(j)) for j in range(268000, 268050)}
+    assert all(master_port(one.config, str(j)) == master_port(two.config, str(j)) for j in range(268000, 268050))
     assert len(ports) == 50 and all(30000 <= p <= 30999 for p in ports)
-    assert one._master_port("268001_3") == one._master_port("268001")
+    assert master_port(one.config, "268001_3") == master_port(one.config, "268001")
 
 
 async def test_an_allocation_that_does_not_match_the_model_is_refused_naming_both_numbers(
@@ -181,6 +183,24 @@ def test_the_ranks_talk_from_the_agents_address(tmp_path: Path) -> None:
     """gloo binds to what the host name resolves to, loopback where it resolves to nothing (the bed's nodes):
     the ranks get this node's address and its interface."""
     manager = _manager(tmp_path, None, ModelConfig(name="m", source="/x", gpus=1, nodes=2))  # type: ignore[arg-type]
-    env = manager._rank_env(_record(rank=1, nnodes=2, head="10.0.0.1"))
+    env = rank_env(_record(rank=1, nnodes=2, head="10.0.0.1"), manager.address, psutil.net_if_addrs())
     assert env == {"VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    assert manager._rank_env(_record()) == {}
+    assert rank_env(_record(), manager.address, psutil.net_if_addrs()) == {}
+
+
+def test_the_load_is_read_with_prometheus_parser_not_by_hand() -> None:
+    """Issue 28: the hand parser took a sample's timestamp for its value. prometheus_client's parser reads the
+    value, sums labelled samples, and ignores other metrics."""
+    from slinfer.agent.probes import parse_load
+
+    text = ("# TYPE vllm:num_requests_running gauge\n"
+            'vllm:num_requests_running{model_name="m",engine="0"} 3.0 1733550000000\n'
+            'vllm:num_requests_running{model_name="m",engine="1"} 2.0 1733550000000\n'
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            'vllm:num_requests_waiting{model_name="m"} 4.0\n'
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            'vllm:kv_cache_usage_perc{model_name="m"} 0.25\n'
+            "# TYPE vllm:num_preemptions counter\n"
+            'vllm:num_preemptions_total{model_name="m"} 9.0\n')
+    assert parse_load(text) == {"running": 5.0, "waiting": 4.0, "kv_cache_usage": 0.25}
+    assert parse_load("") == {"running": 0.0, "waiting": 0.0, "kv_cache_usage": 0.0}
