@@ -10,7 +10,9 @@ tests can make an "engine" misbehave on purpose (`fail` modes). Run it alone:
 
 A stream sends one SSE event per token, as vLLM does, `--token-delay-ms` apart (the chunk pacing), and
 `--events-per-write` events per socket write (an engine step that emits several tokens at once). With
-`stream_options.include_usage` it ends with a usage-only chunk, as vLLM does. Events are built once per
+`stream_options.include_usage` it ends with a usage-only chunk, as vLLM does; each event (the usage chunk
+and `[DONE]` included) is a write of its own, with vLLM's event sizes (compact JSON, 32-hex-digit ids,
+about 190 bytes). Events are built once per
 stream length, so that the stand-in costs little per chunk and the gateway, not it, is what a benchmark
 measures.
 """
@@ -37,6 +39,8 @@ from aiohttp import web
 FAIL_MODES = ("reset", "close_stream", "mid_stream", "status_500", "error_event")
 # The request's max_tokens, read without parsing the body (the stand-in must stay cheap per request).
 _MAX_TOKENS = re.compile(rb'"max_tokens"\s*:\s*(\d+)')
+# A request id as vLLM makes them (32 hex digits), so events have vLLM's sizes.
+_ID = "0123456789abcdef0123456789abcdef"
 # vLLM's prompt_tokens for the canned prompt, in the final usage chunk.
 PROMPT_TOKENS = 8
 
@@ -165,24 +169,30 @@ class StandinEngine:
         if cached is not None:
             return cached
         out = []
+        # As vLLM 0.32 writes them (pydantic's compact JSON, fields it sets): ids of 32 hex digits, a real
+        # `created`, logprobs null, the last token's finish_reason; about 190 bytes an event.
+        created = 1733550000
         for i in range(tokens):
+            finish = "length" if i == tokens - 1 else None
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if i == 0 else {"content": f" tok{i}"}
-                chunk = {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
-                         "model": self.model, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                chunk = {"id": f"chatcmpl-{_ID}", "object": "chat.completion.chunk", "created": created,
+                         "model": self.model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                           "finish_reason": finish}]}
             else:
-                chunk = {"id": "cmpl-standin", "object": "text_completion", "created": 0, "model": self.model,
-                         "choices": [{"index": 0, "text": f" tok{i}", "finish_reason": None}]}
-            out.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                chunk = {"id": f"cmpl-{_ID}", "object": "text_completion", "created": created, "model": self.model,
+                         "choices": [{"index": 0, "text": f" tok{i}", "logprobs": None, "finish_reason": finish}]}
+            out.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
         self._events[(kind, tokens)] = out
         return out
 
     def usage_event(self, kind: str, completion_tokens: int) -> bytes:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         return b"data: " + json.dumps({
-            "id": "standin", "object": obj, "created": 0, "model": self.model, "choices": [],
+            "id": f"chatcmpl-{_ID}" if kind == "chat" else f"cmpl-{_ID}", "object": obj, "created": 1733550000,
+            "model": self.model, "choices": [],
             "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion_tokens,
-                      "total_tokens": PROMPT_TOKENS + completion_tokens}}).encode() + b"\n\n"
+                      "total_tokens": PROMPT_TOKENS + completion_tokens}}, separators=(",", ":")).encode() + b"\n\n"
 
     async def _stream(self, request: web.Request, kind: str, body: bytes) -> web.StreamResponse:
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
@@ -214,10 +224,9 @@ class StandinEngine:
                 return out
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
-        tail = b"data: [DONE]\n\n"
         if b'"include_usage":true' in body.replace(b" ", b""):
-            tail = self.usage_event(kind, tokens) + tail
-        await out.write(tail)
+            await out.write(self.usage_event(kind, tokens))  # its own write, as vLLM's
+        await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out
 

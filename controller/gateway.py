@@ -37,7 +37,7 @@ from slinfer.controller.proxy import EngineFailed, EngineTimeout, Proxy
 from slinfer.controller.queue import QueueFull, WaitQueue
 from slinfer.controller.registry import Registry, Replica
 from slinfer.controller.routes import BY_PATH, Route, not_served_message, served
-from slinfer.controller.usage import Meter, UsageLedger
+from slinfer.controller.usage import Meter, UsageFilter, UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,34 @@ class _Head(msgspec.Struct):
     messages: msgspec.Raw = msgspec.Raw()
     prompt: msgspec.Raw = msgspec.Raw()
     input: msgspec.Raw = msgspec.Raw()
+    stream: msgspec.Raw = msgspec.Raw()
+    stream_options: msgspec.Raw = msgspec.Raw()
 
 
 _decode_head = msgspec.json.Decoder(_Head).decode
+# Streams whose usage the gateway asks the engine for (vLLM's final usage chunk), to meter from it alone.
+_USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_ASK_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def ask_for_usage(body: bytes, head: _Head) -> bytes | None:
+    """The body of a stream the client did not ask usage for, with the engine asked for it (the gateway then
+    strips it); None where the client asked itself, for continuous usage, or the request is no stream."""
+    if bytes(head.stream).strip() != b"true":
+        return None
+    options = bytes(head.stream_options).strip()
+    if options and options != b"null":
+        try:
+            parsed = json.loads(options)
+        except ValueError:
+            return None
+        if not isinstance(parsed, dict) or parsed.get("include_usage") or parsed.get("continuous_usage_stats"):
+            return None
+        whole = json.loads(body)
+        whole["stream_options"] = {**parsed, "include_usage": True}
+        return json.dumps(whole, separators=(",", ":")).encode()
+    at = body.find(b"{") + 1  # the top level has no stream_options: the key goes first
+    return body[:at] + _ASK_USAGE + body[at:]
 
 
 def error_response(status: int, message: str, type_: str, code: str | None = None,
@@ -324,10 +349,15 @@ class Gateway:
         if config is not None and config.prefix_affinity and route.prompt_field:
             raw = getattr(head, route.prompt_field)
             prefix = bytes(raw)[:AFFINITY_PREFIX_BYTES] or None
-        return await self._dispatch(request, model, route.engine_path, body, prefix, started, meter), model
+        usage: UsageFilter | None = None
+        if self._ledger is not None and route.engine_path in _USAGE_PATHS:
+            asked = ask_for_usage(body, head)
+            if asked is not None:
+                body, usage = asked, UsageFilter(meter)
+        return await self._dispatch(request, model, route.engine_path, body, prefix, started, meter, usage), model
 
     async def _dispatch(self, request: web.Request, model: str, path: str, body: bytes, prefix: bytes | None,
-                        started: float, meter: Meter) -> web.StreamResponse:
+                        started: float, meter: Meter, usage: UsageFilter | None = None) -> web.StreamResponse:
         config = self._config
         deadline = started + config.queue_timeout_s
         tried: frozenset[str] = frozenset()
@@ -387,8 +417,10 @@ class Gateway:
             self._in_flight.start(model, replica)
             try:
                 metered = self._ledger is not None
-                response = await self._proxy.forward(request, replica, path, body, self._ttft_child(model),
-                                                     started, meter.feed_chunk if metered else None)
+                if usage is not None:
+                    usage = UsageFilter(meter)  # a retry on another engine starts the count again
+                response = await self._proxy.forward(request, replica, path, body, self._ttft_child(model), started,
+                                                     meter.feed_chunk if metered and usage is None else None, usage)
                 if type(response) is web.Response and isinstance(response.body, bytes):
                     # An OpenAI error always has a message; a 404 without one is the engine's router: no such route.
                     if response.status == 404 and b'"message"' not in response.body:

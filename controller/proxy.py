@@ -25,6 +25,7 @@ from prometheus_client.metrics import Histogram
 
 from slinfer.controller.registry import Replica
 from slinfer.controller.upstream import SINK_HIGH_WATER, EngineConnection, EnginePool, UpstreamError, UpstreamTimeout
+from slinfer.controller.usage import UsageFilter
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,12 @@ class Proxy:
 
     async def forward(self, request: web.Request, replica: Replica, path: str, body: bytes,
                       ttft: Histogram | None = None, started: float = 0.0,
-                      tap: Callable[[bytes], None] | None = None) -> web.StreamResponse:
+                      tap: Callable[[bytes], None] | None = None,
+                      usage: UsageFilter | None = None) -> web.StreamResponse:
         """Sends `body` to the engine's `path` and returns the response for the client.
 
         A streamed answer is already prepared and relayed in full when this returns; `tap` sees each of its
-        chunks as relayed (the usage meter).
+        chunks as relayed (the usage meter), or `usage` takes the usage event the gateway asked for out of it.
         """
         pool = self._pool(replica)
         conn = await self._send(pool, replica, pool.request_bytes(path, replica.api_key, body))
@@ -136,13 +138,13 @@ class Proxy:
                     raise EngineFailed(f"engine {replica.job_id} died before its answer was complete: "
                                        f"{exc}") from exc
                 return web.Response(body=data, status=conn.status, headers={"Content-Type": content_type})
-            return await self._relay(request, conn, replica, content_type, ttft, started, tap)
+            return await self._relay(request, conn, replica, content_type, ttft, started, tap, usage)
         finally:
             pool.release(conn)
 
     async def _relay(self, request: web.Request, conn: EngineConnection, replica: Replica, content_type: str,
                      ttft: Histogram | None, started: float,
-                     tap: Callable[[bytes], None] | None) -> web.StreamResponse:
+                     tap: Callable[[bytes], None] | None, usage: UsageFilter | None = None) -> web.StreamResponse:
         try:
             first = await conn.chunk(self._read_timeout)
         except UpstreamTimeout as exc:
@@ -158,13 +160,13 @@ class Proxy:
         await out.prepare(request)
         if ttft is not None:
             ttft.observe(time.perf_counter() - started)
-        await out.write(first)  # the headers go with it
+        await out.write(usage(first) if usage is not None else first)  # the headers go with it
         if tap is not None:
             tap(first)
         sink = request.transport
         if sink is None or sink.is_closing():
             raise ConnectionResetError("the client left before the stream's second chunk")
-        conn.relay_to(sink, out.chunked, tap)  # type: ignore[arg-type]
+        conn.relay_to(sink, out.chunked, tap, usage)  # type: ignore[arg-type]
         error: bytes = b""
         while True:
             # Only the engine's side is caught: a client that left cancels this handler, or raises ClientStalled.
@@ -180,6 +182,9 @@ class Proxy:
         # aiohttp waits for a paused client here: bounded too (one timer per stream, not per chunk).
         try:
             async with asyncio.timeout(self._client_timeout):
+                held = usage.finish() if usage is not None else b""
+                if held:
+                    await out.write(held)
                 if error:
                     await out.write(error)
                 await out.write_eof()

@@ -93,6 +93,7 @@ class EngineConnection(asyncio.Protocol):
         self._sink: asyncio.WriteTransport | None = None
         self._sink_chunked = True
         self._tap: Callable[[bytes], None] | None = None
+        self._filter: Callable[[bytes], bytes] | None = None
         self._sink_full = False
         self._pieces: list[bytes] = []
         self._last = 0.0
@@ -327,7 +328,7 @@ class EngineConnection(asyncio.Protocol):
     def finish(self) -> bool:
         """Ends the request; True when the connection can serve another."""
         self._active = False
-        self._sink = self._tap = None
+        self._sink = self._tap = self._filter = None
         self._sink_full = False
         self._pieces.clear()
         if self._paused and self.transport is not None and not self.closed:
@@ -336,9 +337,11 @@ class EngineConnection(asyncio.Protocol):
         return self._done and self._error is None and self.keep_alive and not self.closed
 
     # ---- pass-through ------------------------------------------------------------------------------------
-    def relay_to(self, sink: asyncio.WriteTransport, chunked: bool, tap: Callable[[bytes], None] | None) -> None:
-        """From now on the body goes to `sink` as it arrives (what is buffered already goes first)."""
-        self._sink, self._sink_chunked, self._tap = sink, chunked, tap
+    def relay_to(self, sink: asyncio.WriteTransport, chunked: bool, tap: Callable[[bytes], None] | None,
+                 filter_: Callable[[bytes], bytes] | None = None) -> None:
+        """From now on the body goes to `sink` as it arrives (what is buffered already goes first); `filter_`
+        (the usage filter) says what of each piece the client gets, `tap` sees what it got."""
+        self._sink, self._sink_chunked, self._tap, self._filter = sink, chunked, tap, filter_
         self._pieces.extend(self._body)
         self._body.clear()
         self._buffered = 0
@@ -364,6 +367,10 @@ class EngineConnection(asyncio.Protocol):
             data = data[:failed_at]
             self._error = UpstreamError(f"it said {engine_error_message(event)}", before_response=False)
             self.keep_alive = False
+            if not data:
+                return
+        if self._filter is not None:
+            data = self._filter(data)
             if not data:
                 return
         if sink.is_closing():

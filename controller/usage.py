@@ -8,7 +8,9 @@ answering how many tokens a key used today (the quota of controller/limits.py) a
 of a stream's final chunk (`stream_options.include_usage`), else one completion token per content chunk of
 the stream (then the request is counted as `estimated`, with no prompt tokens). It counts a stream's events
 with byte scans over what each read delivered and parses only events that carry `usage` (or an error, or
-are not plain `data:` events), so that metering costs the relay little per chunk.
+are not plain `data:` events), so that metering costs the relay little per chunk. Where the gateway asked the
+engine for the usage event and the client did not, `UsageFilter` takes that event out of the stream and
+meters from it alone.
 Not responsible for: refusing requests (limits.py), authenticating keys, or Prometheus metrics.
 
 Memory is bounded by what is pending (sums of at most one flush interval) and one total per key for today,
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 DAY_S = 86400
 _FILE = re.compile(r"^usage-(\d{4}-\d{2}-\d{2})\.jsonl$")
 _EMPTY = re.compile(rb'"(?:content|text)":\s*""')
+# The usage-only chunk that ends a stream with stream_options.include_usage: no choices, a usage object.
+_USAGE_ONLY = re.compile(rb'"choices":\s*\[\s*\].*"usage":\s*\{|"usage":\s*\{.*"choices":\s*\[\s*\]', re.S)
 # A stream's bytes after its last complete event are kept until the rest arrives; an engine's events are
 # far smaller than this, so more means a malformed stream and counting stops rather than growing.
 MAX_EVENT_BYTES = 1 << 20
@@ -123,6 +127,54 @@ class Meter:
                 continue
             self.completion_tokens += 1
             self.estimated = True
+
+
+class UsageFilter:
+    """A stream whose usage event the gateway asked the engine for and the client did not: that event is taken
+    out of what the client gets and read into the meter; nothing else of the stream is parsed. Bytes after
+    the last complete event are held until the rest arrives (only an event split across reads waits)."""
+
+    __slots__ = ("_carry", "events", "meter")
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+        self.events = 0
+        self._carry = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        """What of `data` the client gets."""
+        if self._carry:
+            data = self._carry + data
+            self._carry = b""
+        end = data.rfind(b"\n\n") + 2
+        if end < len(data):
+            if end == 1:  # no complete event yet
+                if len(data) <= MAX_EVENT_BYTES:
+                    self._carry = data
+                    return b""
+                return data  # not an engine's stream: pass it on as it is
+            self._carry = data[end:]
+            data = data[:end]
+        self.events += data.count(b"\n\n")
+        if b'"usage"' not in data:
+            return data
+        kept = []
+        for event in data.split(b"\n\n")[:-1]:
+            if event.startswith(b"data:") and _USAGE_ONLY.search(event) and b'"usage"' in event:
+                self.meter.feed_body(event[5:])
+            else:
+                kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    def finish(self) -> bytes:
+        """At the stream's end: what is still held (a malformed last event, passed on), and the meter's
+        estimate from the events where the engine sent no usage after all."""
+        if not self.meter.reported and self.events:
+            # One event per token, less [DONE] (and a chat stream's role chunk, which carries none).
+            self.meter.completion_tokens = max(0, self.events - 2)
+            self.meter.estimated = True
+        held, self._carry = self._carry, b""
+        return held
 
 
 @dataclass

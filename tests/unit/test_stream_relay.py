@@ -163,12 +163,40 @@ async def test_usage_of_a_relayed_stream_reaches_the_ledger(bed, scripted, http,
     server = scripted(lambda n: pieces)
     await register(b, await server.start(), engine_pb)
     key_id, key = b.keys.create("alice", account="physics")
-    async with http.post(f"{b.url}/v1/chat/completions", json=CHAT,
+    # The client asks for the usage chunk where the engine sends one (the stream then passes as it is); where
+    # the engine sends none though the gateway asked, the count is estimated from the events.
+    body = {**CHAT, "stream_options": {"include_usage": True}} if usage else CHAT
+    async with http.post(f"{b.url}/v1/chat/completions", json=body,
                          headers={"Authorization": f"Bearer {key}"}) as resp:
         assert resp.status == 200
         assert await resp.read() == b"".join(events)
     (row,) = b.ledger.query(key_id)
     assert (row.prompt_tokens, row.completion_tokens, row.estimated) == ((7, 12, 0) if usage else (0, 12, 1))
+
+
+async def test_usage_is_exact_when_the_client_did_not_ask_and_the_gateway_did(bed, standins, http,  # noqa: F811
+                                                                               engine_pb):
+    b = await bed()
+    engine = await standins(model="m", tokens=12)
+    await register(b, engine.base_url, engine_pb)
+    key_id, key = b.keys.create("alice", account="physics")
+    async with http.post(f"{b.url}/v1/chat/completions", json=CHAT,
+                         headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200
+        relayed = await resp.read()
+    # The gateway asked the engine for the usage chunk, and the client got the stream it asked for: without it,
+    # byte for byte what the engine sends a request that does not ask.
+    assert json.loads(engine.seen.bodies[-1])["stream_options"] == {"include_usage": True}
+    assert relayed == b"".join(engine.events("chat", 12)) + b"data: [DONE]\n\n"
+    assert b'"usage"' not in relayed
+    (row,) = b.ledger.query(key_id)
+    assert (row.prompt_tokens, row.completion_tokens, row.estimated) == (8, 12, 0)
+    # The positive control: a client that asks gets the usage chunk, and the same exact count.
+    async with http.post(f"{b.url}/v1/chat/completions", json={**CHAT, "stream_options": {"include_usage": True}},
+                         headers={"Authorization": f"Bearer {key}"}) as resp:
+        asked = await resp.read()
+    assert asked == relayed.removesuffix(b"data: [DONE]\n\n") + engine.usage_event("chat", 12) + b"data: [DONE]\n\n"
+    assert sum(r.completion_tokens for r in b.ledger.query(key_id)) == 24
 
 
 async def test_a_stream_cut_by_the_engine_ends_with_the_error_event(controller_factory, scripted, http, engine_pb):
