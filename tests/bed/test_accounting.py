@@ -4,9 +4,11 @@ account, QOS and the CPU time their engines used)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,40 @@ def test_the_controller_refuses_to_start_under_an_account_its_user_may_not_use(s
     assert done.returncode == 1, done.stderr[-2000:]
     assert ("models[0].account: model 'tiny' runs under account 'physics', but the controller's user 'root' has "
             "no association with it on partition 'debug'") in done.stderr
+
+
+def _model_status(bed: SlurmBed, model: str) -> dict[str, object]:
+    env = bed.bed.env()
+    request = urllib.request.Request(f"{env['SLINFER_GATEWAY_URL']}/models",
+                                     headers={"Authorization": f"Bearer {env['SLINFER_API_KEY']}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return dict(next(m for m in json.load(response)["data"] if m["id"] == model)["slinfer"])
+
+
+def test_a_submit_slurm_refuses_is_the_models_state_retried_with_backoff(slurm_bed: SlurmBed) -> None:
+    controller = devcluster.daemon_pid(slurm_bed.bed, "controller")
+    log_offset = (slurm_bed.bed.logs / "controller.out").stat().st_size
+    # A site's limit on the service's association: no job may be submitted under it.
+    limit = ["sacctmgr", "-i", "modify", "user", "root", "where", "account=slinfer", "set"]
+    slurm_bed.run(*limit, "MaxSubmitJobs=0")
+    try:
+        slurm_bed.admin("scale", "tiny", "1")
+        wait_until("tiny refused twice (retried)", lambda: _model_status(slurm_bed, "tiny").get("state") == "refused"
+                   and int(_model_status(slurm_bed, "tiny").get("failures", 0)) >= 2, 90)  # type: ignore[call-overload]
+        status = _model_status(slurm_bed, "tiny")
+        assert "Job violates accounting/QOS policy" in str(status["reason"]), status
+        assert 0 <= float(status["retry_in_s"]) <= 20.0, status  # type: ignore[arg-type]
+        assert slurm_bed.controller_jobs("tiny") == {}
+        logged = (slurm_bed.bed.logs / "controller.out").read_text()[log_offset:]
+        assert "model=tiny sbatch failed (2 in a row), next try in 10s" in logged, logged[-3000:]
+        state = slurm_bed.node_state()
+        assert "drain" not in state and "down" not in state, slurm_bed.node_reason()
+    finally:
+        slurm_bed.run(*limit, "MaxSubmitJobs=-1")
+    # Positive control: the same controller, without a restart, submits at its next try once Slurm accepts.
+    try:
+        wait_until("a READY replica of tiny", lambda: slurm_bed.ready_replicas("tiny") >= 1, READY_TIMEOUT)
+        assert _model_status(slurm_bed, "tiny")["state"] == "ready"
+        assert devcluster.daemon_pid(slurm_bed.bed, "controller") == controller
+    finally:
+        slurm_bed.retire_models("tiny")
