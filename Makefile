@@ -22,9 +22,10 @@ SLURM_RELEASE ?=
 SLURM_ROOT ?= /opt/slurm/$(SLURM_RELEASE)
 # The Slurm-facing bed tests: a private --inference job answering, bad values refused, cleanup after end,
 # scancel and time limit (test_private_engine), the controller scaling from zero and back, doctor on the bed,
-# the Slurm layer. The fault tests (real-model streams) run on the system's release only: CI's hour.
+# the Slurm layer, containment in the job's cgroups and the tenant attacks (each release finds its extern
+# step its own way). The fault tests (real-model streams) run on the system's release only: CI's hour.
 RELEASE_TESTS ?= tests/bed/test_slurm_client.py tests/bed/test_private_engine.py tests/bed/test_controller.py \
-	tests/bed/test_slurm_release.py
+	tests/bed/test_slurm_release.py tests/bed/test_containment.py tests/bed/test_attacks.py
 RELEASE_SELECT ?= not burst and not restart and not streaming and not agent_killed
 
 slurm:
