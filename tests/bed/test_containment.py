@@ -5,8 +5,11 @@ even when the agent is gone for good. Every job here is submitted by one of the 
 
 from __future__ import annotations
 
+import os
 import pwd
 import signal
+import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -38,16 +41,39 @@ STATUS_OF = (
     "try: print(urllib.request.urlopen(req, timeout=10).status)\n"
     "except urllib.error.HTTPError as e: print(e.code)\n"
 )
-# Run as the other user: every file under a folder that user can read and that holds the secret.
-FILES_WITH = (
-    "import os, sys\n"
-    "for top, _, names in os.walk(sys.argv[1]):\n"
-    "    for n in names:\n"
-    "        p = os.path.join(top, n)\n"
-    "        try: data = open(p, 'rb').read()\n"
-    "        except OSError: continue\n"
-    "        if sys.argv[2].encode() in data: print('FOUND', p)\n"
+# Run as the other user, the paths on stdin: which of them that user can open for reading.
+CAN_OPEN = (
+    "import sys\n"
+    "for p in sys.stdin.read().splitlines():\n"
+    "    try: open(p, 'rb').close(); print('READABLE', p)\n"
+    "    except OSError as e: print('DENIED', p, e.errno)\n"
 )
+
+
+def _files_holding(top: Path, secret: str) -> list[Path]:
+    """Every regular file under `top` that holds `secret`, found as root: root lists the 0711 folders (run/jobs,
+    run/logs, engine-tls) that another user cannot, so a readable file inside them is found too."""
+    found = []
+    for folder, _, names in os.walk(top):
+        for name in names:
+            path = Path(folder) / name
+            try:
+                if not stat.S_ISREG(path.lstat().st_mode):
+                    continue
+                if secret.encode() in path.read_bytes():
+                    found.append(path)
+            except OSError:  # gone meanwhile (a log rotated, a socket's lock)
+                continue
+    return found
+
+
+def _opened_by(bed: SlurmBed, user: str, paths: list[Path]) -> dict[str, str]:
+    """path -> READABLE or DENIED, as `user` opening each for reading."""
+    py = str(devcluster.engine_python())
+    done = subprocess.run(["runuser", "-u", user, "--", py, "-c", CAN_OPEN], input="\n".join(map(str, paths)),
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **bed.env()})
+    assert done.returncode == 0, done
+    return {line.split(" ")[1]: line.split(" ")[0] for line in done.stdout.splitlines()}
 
 
 def _serving_job(bed: SlurmBed, user: str) -> str:
@@ -122,10 +148,22 @@ def test_another_user_is_kept_out_of_the_engine(slurm_bed: SlurmBed) -> None:
             assert private.exists(), private
             read = slurm_bed.as_user(BOB, "cat", str(private))
             assert read.returncode != 0 and "Permission denied" in read.stderr, (private, read)
-        found = slurm_bed.as_user(BOB, py, "-c", FILES_WITH, str(slurm_bed.bed.state), key_a)
-        assert found.returncode == 0 and "FOUND" not in found.stdout, found
-        # ... while her own env file does hold it (the search would have found a readable copy).
-        assert key_a in (slurm_bed.bed.run_dir / "jobs" / f"{job_a}.env").read_text()
+        holding = _files_holding(slurm_bed.bed.state, key_a)
+        print(f"\nfiles under the state folder that hold Alice's key: {[str(p) for p in holding]}")
+        # The search finds her key where it must be (her env file, in the 0711 run/jobs).
+        assert slurm_bed.bed.run_dir / "jobs" / f"{job_a}.env" in holding, holding
+        opened = _opened_by(slurm_bed, BOB, holding)
+        assert set(opened) == {str(p) for p in holding}, opened
+        readable = [p for p, how in opened.items() if how != "DENIED"]
+        assert not readable, f"Bob can read files that hold Alice's key: {readable}"
+        # Positive control: a file Bob may read, inside the same 0711 folder, is found readable by the same check.
+        control = slurm_bed.bed.run_dir / "jobs" / "bob-readable-control"
+        control.write_text("readable by anyone\n")
+        control.chmod(0o644)
+        try:
+            assert _opened_by(slurm_bed, BOB, [control]) == {str(control): "READABLE"}
+        finally:
+            control.unlink()
         # The key is on no command line, and Bob cannot read the engine's environment.
         for proc in psutil.process_iter(["cmdline"]):
             assert key_a not in " ".join(proc.info["cmdline"] or []), proc
