@@ -2,8 +2,9 @@
 
 Why not aiohttp's client: replacing it with this one halved the gateway's CPU per request (about 200 to
 100 us on the project's 2-core machine, bench/gateway_overhead.py); this client does only what the hop
-needs. It sends a POST with a prebuilt header block, parses the status line, Content-Length / chunked
-bodies and `Connection: close`, and hands the body to the caller whole (`read`) or piece by piece as it
+needs. It sends a POST with a prebuilt header block, parses the response with `httptools` (llhttp: the status
+line, Content-Length / chunked bodies, `Connection: close`; bench/http_parser.py: half the CPU per read of
+the hand-written parser it replaced), and hands the body to the caller whole (`read`) or piece by piece as it
 arrives (`chunk`, for SSE), pausing the socket when the caller falls behind. A pooled connection the engine
 closed while idle is replaced by a fresh one transparently, once (by the proxy). It does not choose engines,
 retry on other engines, or follow redirects.
@@ -24,6 +25,8 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
+
+import httptools
 
 # Engines behind uvicorn (vLLM) close idle keep-alive connections after 5 s; stay under that.
 IDLE_LIMIT_S = 4.0
@@ -60,8 +63,8 @@ class UpstreamTimeout(UpstreamError):
     """The engine was silent for longer than the read (or connect) timeout."""
 
 
-# States of the chunked-body parser.
-_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+# Response headers past this are refused (an engine's are a few hundred bytes).
+MAX_HEAD_BYTES = 65536
 
 
 class EngineConnection(asyncio.Protocol):
@@ -75,13 +78,12 @@ class EngineConnection(asyncio.Protocol):
         self.content_type = ""
         self.keep_alive = True
         self._active = False
-        self._buf = bytearray()
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_bytes = 0
         self._headers_done = False
         self._got_bytes = False
         self._remaining = -1  # Content-Length left; -1 when chunked or delimited by the close
         self._chunked = False
-        self._cstate = _SIZE
-        self._chunk_left = 0
         self._body: deque[bytes] = deque()
         self._buffered = 0
         self._done = False
@@ -123,34 +125,17 @@ class EngineConnection(asyncio.Protocol):
             self._fail("engine sent bytes outside a response")
             return
         self._got_bytes = True
-        if not self._headers_done:
-            self._buf += data
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > 65536:
-                    self._fail("response headers over 64 KiB")
-                return
+        if not self._done:
             try:
-                self._parse_head(bytes(self._buf[:end]))
-            except ValueError as exc:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError as exc:
                 self._fail(f"malformed response from engine: {exc}")
                 return
-            data = bytes(self._buf[end + 4:])
-            self._buf.clear()
-            self._headers_done = True
-            if self._remaining == 0:
-                self._done = True
-        if data and not self._done:
-            if self._chunked:
-                self._feed_chunked(data)
-            elif self._remaining >= 0:
-                if len(data) >= self._remaining:
-                    data = data[:self._remaining]
-                    self._done = True
-                self._remaining -= len(data)
-                self._push(data)
-            else:
-                self._push(data)
+            if not self._headers_done:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._fail("response headers over 64 KiB")
+                    return
         if self._sink is not None:
             self._last = self._loop.time()  # type: ignore[union-attr]
             self._flush()
@@ -158,85 +143,29 @@ class EngineConnection(asyncio.Protocol):
                 return  # the caller sleeps on: nothing for it to do
         self._wake()
 
-    # ---- parsing -------------------------------------------------------------------------------------
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise ValueError(f"bad status line {lines[0][:80]!r}")
-        self.status = int(parts[1])
-        if parts[0] == b"HTTP/1.0":
-            self.keep_alive = False
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                self._remaining = int(value)
-            elif name == b"transfer-encoding":
-                self._chunked = b"chunked" in value.lower()
-            elif name == b"content-type":
-                self.content_type = value.strip().decode("latin-1")
-            elif name == b"connection":
-                self.keep_alive = b"close" not in value.lower()
-        if self.status in (204, 304):
-            self._remaining = 0  # no body, whatever the headers say
-        elif self._chunked:
-            self._remaining = -1
-        elif self._remaining < 0:
-            self.keep_alive = False  # the body runs until the engine closes
+    # ---- parsing (httptools' callbacks) ------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-type":
+            self.content_type = value.strip().decode("latin-1")
+        elif name == b"content-length":
+            self._remaining = 0  # a framed body (its length is httptools' to count)
+        elif name == b"transfer-encoding":
+            self._chunked = b"chunked" in value.lower()
 
-    def _feed_chunked(self, data: bytes) -> None:
-        if self._buf:
-            data = bytes(self._buf) + data
-            self._buf.clear()
-        pos = 0
-        end_of_data = len(data)
-        while not self._done:
-            state = self._cstate
-            if state == _DATA:
-                take = min(end_of_data - pos, self._chunk_left)
-                if take <= 0:
-                    break
-                self._push(data[pos:pos + take] if pos or take != end_of_data else data)
-                pos += take
-                self._chunk_left -= take
-                if self._chunk_left == 0:
-                    self._cstate = _DATA_END
-            elif state == _SIZE:
-                end = data.find(b"\r\n", pos)
-                if end < 0:
-                    break
-                size_text = data[pos:end]
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    try:  # a chunk extension (";name=value") or padding
-                        size = int(size_text.split(b";", 1)[0].strip(), 16)
-                    except ValueError:
-                        self._fail(f"bad chunk size {size_text[:20]!r}")
-                        return
-                pos = end + 2
-                if size == 0:
-                    self._cstate = _TRAILER
-                else:
-                    self._chunk_left = size
-                    self._cstate = _DATA
-            elif state == _DATA_END:
-                if end_of_data - pos < 2:
-                    break
-                pos += 2
-                self._cstate = _SIZE
-            else:  # trailer lines up to an empty one
-                end = data.find(b"\r\n", pos)
-                if end < 0:
-                    break
-                if end == pos:
-                    self._done = True
-                pos = end + 2
-        if pos < end_of_data and not self._done:
-            self._buf += data[pos:]
-        if len(self._buf) > 65536 and self._cstate != _DATA:
-            self._fail("chunk header or trailer over 64 KiB")
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        # HTTP/1.0, `Connection: close` or a body that runs until the engine closes: no reuse.
+        self.keep_alive = self._parser.should_keep_alive()
+        if self._chunked:
+            self._remaining = -1
+        self._headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self._push(body)
+
+    def on_message_complete(self) -> None:
+        self._done = True
 
     def _push(self, data: bytes) -> None:
         if self._sink is not None:
@@ -266,14 +195,13 @@ class EngineConnection(asyncio.Protocol):
     def start(self, request: bytes) -> None:
         """Sends a request; the connection must be idle."""
         self._active = True
-        self._buf.clear()
         self._headers_done = self._got_bytes = self._done = self._chunked = False
         self.status = 0
         self.content_type = ""
         self.keep_alive = True
         self._remaining = -1
-        self._cstate = _SIZE
-        self._chunk_left = 0
+        self._head_bytes = 0
+        self._parser = httptools.HttpResponseParser(self)
         self._body.clear()
         self._buffered = 0
         self._error = None
