@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from slinfer.backoff import AGENT_RECONNECT, Backoff, BackoffPolicy
@@ -27,6 +27,7 @@ from slinfer.controller import metrics
 from slinfer.controller.jobtable import JobTable, Refusal
 from slinfer.controller.movingaverage import MovingAverage
 from slinfer.controller.pins import Pins
+from slinfer.controller.preemption import BurstTier, tiers
 from slinfer.controller.registry import Registry, Replica
 from slinfer.controller.scaling_policy import (
     Action,
@@ -131,6 +132,9 @@ class _Model:
     lost: set[str] = field(default_factory=set)
     backoff: Backoff = field(default_factory=lambda: Backoff.of(SUBMIT_BACKOFF))
     last_outcome: str = ""
+    # The replicas beyond min_replicas, in the model's burst_qos, and the preemptions seen (preemption.py).
+    burst: BurstTier = field(default_factory=BurstTier)
+    active_ids: set[str] = field(default_factory=set)
 
 
 class Autoscaler:
@@ -281,6 +285,7 @@ class Autoscaler:
             for job_id in [j for j in table if j not in active_ids]:
                 del table[job_id]
         self._adopt(m, active)
+        self._track_tiers(m, jobs, active_ids, now)
         settled = now - self._started >= self._settle_s
 
         groups = self._classify(m, active, now)
@@ -391,12 +396,39 @@ class Autoscaler:
                      m.config.name, job.job_id, latency,
                      max(job.start_time - job.submit_time, 0.0), self.lead_time(m.config.name))
 
+    def _track_tiers(self, m: _Model, jobs: list[SlurmJob], active_ids: set[str], now: float) -> None:
+        """Notes preemptions (burst tier backoff) and which active jobs are guaranteed (preemption.py)."""
+        m.burst.observe(m.config.name, jobs, now)
+        m.burst.forget({j.job_id for j in jobs} | set(m.submitted))
+        m.active_ids = (active_ids - set(m.cancelled)) | set(m.submitted)
+
+    def _tiers(self, m: _Model, n: int, why: str) -> list[tuple[str, bool]]:
+        """(QOS, in the burst tier) of each of n submits; burst submits are left out while the tier backs off."""
+        cfg = m.config
+        guaranteed = m.burst.guaranteed(m.active_ids)
+        missing = max(cfg.min_replicas - guaranteed, 0)
+        planned = [(q, bool(cfg.burst_qos) and i >= missing) for i, q in enumerate(tiers(cfg, guaranteed, n))]
+        wait = m.burst.waiting(self._clock())
+        if not cfg.burst_qos or not wait:
+            return planned
+        kept = planned[:missing]
+        if len(kept) < n and not m.burst.deferred_logged:
+            log.info("%s -> %d burst submit(s) in %s deferred %.0fs: a replica was preempted %.0fs ago "
+                     "(%d in a row); %d guaranteed submit(s) go ahead", why, n - len(kept), cfg.burst_qos, wait,
+                     self._clock() - m.burst.last_preempted_at, m.burst.backoff.failures, len(kept))
+            m.burst.deferred_logged = True
+        return kept
+
     async def _submit(self, m: _Model, n: int, why: str) -> None:
         name = m.config.name
+        planned = self._tiers(m, n, why)
+        if not planned:
+            return
         log.info("%s", why)
-        for _ in range(n):
+        for tier, burst in planned:
+            config = replace(m.config, qos=tier) if tier != m.config.qos else m.config
             try:
-                job_id = await self._slurm.submit(m.config, self.job_name(name), self.comment(name))
+                job_id = await self._slurm.submit(config, self.job_name(name), self.comment(name))
             except SlurmError as exc:
                 backoff = m.backoff.failed(self._clock(), str(exc))
                 log.error("model=%s sbatch failed (%d in a row), next try in %.0fs: %s",
@@ -409,7 +441,10 @@ class Autoscaler:
             m.backoff.succeeded()
             self.job_table.refused(name, None)
             m.submitted[job_id] = self._clock()
-            log.info("model=%s submitted job %s", name, job_id)
+            if burst:
+                m.burst.jobs.add(job_id)
+            m.active_ids.add(job_id)
+            log.info("model=%s submitted job %s%s", name, job_id, f" (burst tier, qos {tier})" if burst else "")
             self._count(name, "submit")
             self._note(m, f"submitted job {job_id}")
 

@@ -243,6 +243,9 @@ class ModelConfig:
     partition: str = ""
     account: str = ""
     qos: str = ""
+    # The QOS of the replicas beyond min_replicas (a preemptible one, e.g. "scavenger"): the guaranteed replicas
+    # stay in `qos`, growth lives on capacity batch work may take back. Empty: every replica in `qos`.
+    burst_qos: str = ""
     time_limit: str = "04:00:00"
     # Extra `sbatch` arguments, one per element.
     sbatch_args: list[str] = field(default_factory=list)

@@ -37,6 +37,8 @@ class SlurmDouble:
         self.fail_squeue = False
         self.names_asked: list[list[str]] = []
         self.limit_s = 3600.0
+        # The QOS each job was submitted in (job id -> --qos), for the two tiers of capacity.
+        self.qos: dict[str, str] = {}
 
     async def submit(self, model: ModelConfig, job_name: str, comment: str) -> str:
         if self.fail_submit:
@@ -44,6 +46,7 @@ class SlurmDouble:
         self.next_id += 1
         job_id = str(self.next_id)
         self.submits.append((model.name, job_name, comment))
+        self.qos[job_id] = model.qos
         self.jobs_[job_id] = SlurmJob(job_id, job_name, comment, "PENDING", "", self.clock.now, 0, 0, "Resources")
         return job_id
 

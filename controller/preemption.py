@@ -1,0 +1,80 @@
+"""Two tiers of capacity: which QOS each new replica goes to, and how long the burst tier waits after Slurm
+took one of its replicas back.
+
+Responsible for: the tier of each submit (the guaranteed replicas, `min_replicas`, in the model's `qos`; those
+beyond in its `burst_qos`); noticing that Slurm preempted one of a model's jobs (its state PREEMPTED, listed
+once after its end) and the backoff before the burst tier is asked again, with the decision's numbers.
+Not responsible for: how many replicas a model wants (scaling_policy.decide), submitting (the autoscaler),
+draining a preempted replica (the gateway stops routing to an engine that is gone; see
+docs/admin/preemption.md for what Slurm does to the engine at the grace start).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from slinfer.backoff import Backoff, BackoffPolicy
+from slinfer.config import ModelConfig
+from slinfer.slurm.jobs import Job as SlurmJob
+
+log = logging.getLogger("slinfer.controller.autoscaler")
+
+# After a preemption the batch work that took the GPUs usually holds them for minutes to hours: resubmitting at
+# once would queue a scavenger job behind it (harmless) or, on another node, be preempted again by the next
+# waiting high job. One minute, doubling per preemption in a row, up to half an hour (a typical batch job).
+PREEMPT_BACKOFF = BackoffPolicy(initial_s=60.0, max_s=1800.0)
+# A burst submit that succeeds and serves this long without being preempted ends the preemptions in a row.
+CALM_S = 600.0
+# The job state Slurm gives a job that preemption ended (CANCEL mode; REQUEUE puts it back to PENDING with
+# a restart count, and `sacct --duplicates` shows the first run PREEMPTED).
+PREEMPTED = "PREEMPTED"
+
+
+def tiers(cfg: ModelConfig, guaranteed: int, n: int) -> list[str]:
+    """The QOS of each of n new jobs, given `guaranteed` active jobs in the model's own `qos`: the first ones
+    refill min_replicas in `qos`, the rest go to `burst_qos` (to `qos` where the model names none)."""
+    missing = max(cfg.min_replicas - guaranteed, 0)
+    burst = cfg.burst_qos or cfg.qos
+    return [cfg.qos if i < missing else burst for i in range(n)]
+
+
+@dataclass
+class BurstTier:
+    """One model's burst tier: its jobs, the preemptions seen, and the backoff they set."""
+
+    jobs: set[str] = field(default_factory=set)
+    preempted: set[str] = field(default_factory=set)
+    backoff: Backoff = field(default_factory=lambda: Backoff.of(PREEMPT_BACKOFF))
+    last_preempted_at: float = 0.0
+    deferred_logged: bool = False
+
+    def guaranteed(self, job_ids: Iterable[str]) -> int:
+        """How many of these (active or just submitted) jobs are in the guaranteed tier."""
+        return sum(1 for j in job_ids if j not in self.jobs)
+
+    def observe(self, model: str, jobs: Iterable[SlurmJob], now: float) -> list[str]:
+        """Notes each newly PREEMPTED job of the model and backs the burst tier off; returns their ids."""
+        new = [j for j in jobs if j.job_state.base == PREEMPTED and j.job_id not in self.preempted]
+        if not new and self.backoff.failures and now - self.last_preempted_at > CALM_S:
+            self.backoff.succeeded()
+        for job in new:
+            self.preempted.add(job.job_id)
+            tier = "burst" if job.job_id in self.jobs else "guaranteed"
+            delay = self.backoff.failed(now, f"job {job.job_id} preempted")
+            self.last_preempted_at = now
+            self.deferred_logged = False
+            log.warning("model=%s job %s (%s tier) was preempted by Slurm (%d in a row) -> no burst submit for "
+                        "%.0fs (until +%.0fs), guaranteed replicas are resubmitted at once",
+                        model, job.job_id, tier, self.backoff.failures, delay, delay)
+        return [j.job_id for j in new]
+
+    def waiting(self, now: float) -> float:
+        """Seconds until the burst tier may be asked again; 0 when it may now."""
+        return max(self.backoff.retry_at - now, 0.0) if self.backoff.failures else 0.0
+
+    def forget(self, listed: set[str]) -> None:
+        """Drops ids Slurm no longer lists, so the sets do not grow forever."""
+        self.jobs &= listed
+        self.preempted &= listed
