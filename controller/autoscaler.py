@@ -398,9 +398,14 @@ class Autoscaler:
 
     def _track_tiers(self, m: _Model, jobs: list[SlurmJob], active_ids: set[str], now: float) -> None:
         """Notes preemptions (burst tier backoff) and which active jobs are guaranteed (preemption.py)."""
-        m.burst.observe(m.config.name, jobs, now)
+        for job_id in m.burst.observe(m.config.name, jobs, now):
+            if job_id in active_ids and job_id not in m.draining and job_id not in m.cancelled:
+                # No new request goes to it; its requests finish within the grace, and it is cancelled once
+                # idle, which gives batch work its GPUs before the grace ends.
+                self._start_drain(m, job_id, "preempted by Slurm")
+                self._count(m.config.name, "drain_preempted")
         m.burst.forget({j.job_id for j in jobs} | set(m.submitted))
-        m.active_ids = (active_ids - set(m.cancelled)) | set(m.submitted)
+        m.active_ids = (active_ids - set(m.cancelled) - set(m.draining)) | set(m.submitted)
 
     def _tiers(self, m: _Model, n: int, why: str) -> list[tuple[str, bool]]:
         """(QOS, in the burst tier) of each of n submits; burst submits are left out while the tier backs off."""

@@ -2,8 +2,9 @@
 took one of its replicas back.
 
 Responsible for: the tier of each submit (the guaranteed replicas, `min_replicas`, in the model's `qos`; those
-beyond in its `burst_qos`); noticing that Slurm preempted one of a model's jobs (its state PREEMPTED, listed
-once after its end) and the backoff before the burst tier is asked again, with the decision's numbers.
+beyond in its `burst_qos`); noticing that Slurm preempts one of a model's jobs (`PreemptTime` set in
+`scontrol show job` from the grace start on, or its state PREEMPTED, listed once after its end) and the backoff
+before the burst tier is asked again, with the decision's numbers. The autoscaler drains a noticed replica.
 Not responsible for: how many replicas a model wants (scaling_policy.decide), submitting (the autoscaler),
 draining a preempted replica (the gateway stops routing to an engine that is gone; see
 docs/admin/preemption.md for what Slurm does to the engine at the grace start).
@@ -32,6 +33,11 @@ CALM_S = 600.0
 PREEMPTED = "PREEMPTED"
 
 
+def noticed(job: SlurmJob) -> bool:
+    """Slurm preempts this job: its grace time began (PreemptTime) or it ended PREEMPTED."""
+    return job.preempt_time > 0 or job.job_state.base == PREEMPTED
+
+
 def tiers(cfg: ModelConfig, guaranteed: int, n: int) -> list[str]:
     """The QOS of each of n new jobs, given `guaranteed` active jobs in the model's own `qos`: the first ones
     refill min_replicas in `qos`, the rest go to `burst_qos` (to `qos` where the model names none)."""
@@ -55,8 +61,9 @@ class BurstTier:
         return sum(1 for j in job_ids if j not in self.jobs)
 
     def observe(self, model: str, jobs: Iterable[SlurmJob], now: float) -> list[str]:
-        """Notes each newly PREEMPTED job of the model and backs the burst tier off; returns their ids."""
-        new = [j for j in jobs if j.job_state.base == PREEMPTED and j.job_id not in self.preempted]
+        """Notes each job of the model newly under Slurm's preemption notice (or PREEMPTED) and backs the burst
+        tier off; returns their ids."""
+        new = [j for j in jobs if noticed(j) and j.job_id not in self.preempted]
         if not new and self.backoff.failures and now - self.last_preempted_at > CALM_S:
             self.backoff.succeeded()
         for job in new:
@@ -65,9 +72,10 @@ class BurstTier:
             delay = self.backoff.failed(now, f"job {job.job_id} preempted")
             self.last_preempted_at = now
             self.deferred_logged = False
-            log.warning("model=%s job %s (%s tier) was preempted by Slurm (%d in a row) -> no burst submit for "
-                        "%.0fs (until +%.0fs), guaranteed replicas are resubmitted at once",
-                        model, job.job_id, tier, self.backoff.failures, delay, delay)
+            notice = f"notice {now - job.preempt_time:.1f}s ago" if job.preempt_time else "seen ended"
+            log.warning("model=%s job %s (%s tier) is preempted by Slurm (%s, %d in a row) -> drain it, no burst "
+                        "submit for %.0fs, guaranteed replicas are resubmitted at once",
+                        model, job.job_id, tier, notice, self.backoff.failures, delay)
         return [j.job_id for j in new]
 
     def waiting(self, now: float) -> float:

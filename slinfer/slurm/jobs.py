@@ -26,6 +26,8 @@ class Job:
     uid: int = -1  # the owner's uid, where Slurm printed it
     nodes: str = ""  # the allocation's node list, compressed (node[1-3])
     flags: frozenset[str] = frozenset()  # flags beside the base state, where the output listed them
+    # When Slurm's preemption notice (the grace time) began, unix seconds; 0 when none (or squeue's listing).
+    preempt_time: float = 0.0
 
     @property
     def job_state(self) -> JobState:

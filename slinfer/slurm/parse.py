@@ -97,7 +97,8 @@ def scontrol_jobs(out: str) -> list[Job]:
                         end_time=0.0 if parsed.waiting else seconds(f.get("EndTime", "")),
                         reason="" if f.get("Reason", "None") == "None" else f.get("Reason", ""),
                         user=owner.group(1) if owner else "", uid=int(owner.group(2)) if owner else -1,
-                        nodes=_host(f.get("NodeList", ""))))
+                        nodes=_host(f.get("NodeList", "")),
+                        preempt_time=seconds(f.get("PreemptTime", ""))))
     return jobs
 
 
