@@ -34,6 +34,9 @@ EXTERN_STEP_POLL_S = 0.2
 # Folders between a hierarchy's root and `job_J` (v1 `slurm/uid_U`, v2 `system.slice/slurmstepd.scope`, and
 # one more for a nested systemd slice).
 STEP_SEARCH_DEPTH = 3
+# Listings of an engine's descendants while moving them: an engine that starts its engine core and workers
+# meanwhile forks a few generations in the first seconds.
+CONTAIN_PASSES = 5
 # Where cgroup/v2 Slurm keeps an extern step's own processes, below the step's folder.
 V2_EXTERN_LEAF = "user/task_special"
 
@@ -179,13 +182,20 @@ class JobCgroups:
             return []
         began = time.monotonic()
         self.move([root_pid], targets)
-        # Children forked before the move stayed behind; those forked after it are born inside.
-        try:
-            descendants = [child.pid for child in psutil.Process(root_pid).children(recursive=True)]
-        except psutil.Error:
-            descendants = []
-        self.move(descendants, targets)
-        log.info("job %s: engine pid %d (+%d children) moved into %d cgroups of its extern step (%s) in %.1f ms",
+        # Children forked before the move stayed behind; those forked after it are born inside. A child that
+        # forks between the listing and its own move leaves its child behind: list again until nothing is new.
+        moved: set[int] = set()
+        for _ in range(CONTAIN_PASSES):
+            try:
+                descendants = {child.pid for child in psutil.Process(root_pid).children(recursive=True)}
+            except psutil.Error:
+                descendants = set()
+            if descendants <= moved:
+                break
+            self.move(sorted(descendants - moved), targets)
+            moved |= descendants
+        descendants = moved
+        log.info("job %s: engine pid %d (+%d descendants) moved into %d cgroups of its extern step (%s) in %.1f ms",
                  job_id, root_pid, len(descendants), len(targets), targets[0].path,
                  (time.monotonic() - began) * 1000)
         return targets
