@@ -37,6 +37,10 @@ USER_ASSOCIATIONS = {"slinfer-alice": (("physics", "chem"), ("normal", "high")),
                      "slinfer-bob": (("chem",), ("normal", "high"))}
 # sacctmgr's words for "there already", which `up` on a running bed meets.
 _ALREADY = ("Nothing new added", "already exists", "Nothing modified")
+# Preemption (issue 29): scavenger's jobs get 30 s of grace to finish their requests before Slurm ends them
+# (the grace ends at slurmctld's next 30-second check: 37-56 s in all, docs/architecture/facts.md); high may
+# take their GPUs.
+PREEMPTION = (("scavenger", ("GraceTime=30", "PreemptMode=cancel")), ("high", ("Preempt=scavenger",)))
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,9 @@ def create_order(run: Callable[[Sequence[str]], subprocess.CompletedProcess[str]
     for qos in QOS[1:] + tuple(q for q in service_qos if q not in QOS):
         if sacctmgr(run, "add", "qos", qos):
             added.append(f"qos {qos}")
+    for qos, settings in PREEMPTION:
+        if sacctmgr(run, "modify", "qos", qos, "set", *settings):
+            added.append(f"qos {qos} {' '.join(settings)}")
     for account in (*ACCOUNTS, *accounts):
         if sacctmgr(run, "add", "account", account, f"cluster={cluster}", f"description={account}",
                     f"organization={account}"):

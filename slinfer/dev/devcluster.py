@@ -377,6 +377,11 @@ FirstJobId={bed.first_job_id}
 ReturnToService=2
 SlurmdParameters=config_overrides
 KillWait=5
+# Preemption as a site runs it for a shared pool (issue 29): a job in QOS high takes the GPUs of jobs in
+# scavenger, the pool's burst tier, after scavenger's GraceTime (accounting.py); CANCEL ends the preempted job
+# for good and the controller asks again after its backoff (docs/admin/preemption.md says why not REQUEUE).
+PreemptType=preempt/qos
+PreemptMode=CANCEL
 MinJobAge=600
 InactiveLimit=0
 {timeouts}
@@ -786,6 +791,9 @@ def start_accounting(bed: Bed) -> None:
     db = bed.database
     began = time.monotonic()
     accounting.install_db(db)
+    for name, port in (("mariadb", bed.mariadb_port), ("slurmdbd", bed.slurmdbd_port)):
+        if not daemon_pid(bed, name):
+            _port_free(port, f"{name} (port base + {port - bed.port_base})")
     launch(bed, "mariadb", accounting.mariadbd_argv(db, bed.mariadb_port))
     _wait_for("MariaDB", lambda: db.socket.exists() and _port_open(bed.mariadb_port), 60)
     accounting.grant(db, bed.release(), accounting.password(bed.state / "slurmdbd.secret"))
@@ -862,6 +870,19 @@ def start_gateway(bed: Bed, port: int, workers: int = 2) -> int:
     # A worker listens once it has the controller's first table (within ~12 s of the controller's start).
     _wait_for("the gateway tier", lambda: _port_open(port), 90)
     return pid
+
+
+def _port_free(port: int, what: str) -> None:
+    """Raises, naming the holder, when a process listens on `port` already (an engine of another bed whose port
+    range covers this bed's ports: its daemon would die with "Address already in use")."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            try:
+                holder = " ".join(psutil.Process(conn.pid).cmdline())[:200] if conn.pid else "?"
+            except psutil.Error:
+                holder = "?"
+            raise RuntimeError(f"port {port} for {what} is taken by pid {conn.pid} ({holder}): wait until it is "
+                               f"free, or choose another --port-base")
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -60,8 +60,8 @@ async def test_after_a_preemption_the_burst_tier_backs_off_and_logs_its_numbers(
     del bed.engines["n1"][burst]
     with caplog.at_level(logging.INFO, "slinfer.controller.autoscaler"):
         await bed.step()
-        assert f"job {burst} (burst tier) was preempted by Slurm (1 in a row)" in caplog.text
-        assert "no burst submit for 60s" in caplog.text
+        assert f"job {burst} (burst tier) is preempted by Slurm (seen ended, 1 in a row)" in caplog.text
+        assert "drain it, no burst submit for 60s" in caplog.text
         for _ in range(10):  # 20 s: within the backoff
             await bed.step()
     assert len(bed.slurm.submits) == 2, "resubmitted into the QOS that was just preempted"
@@ -105,3 +105,72 @@ def test_the_backoff_doubles_per_preemption_in_a_row_and_ends_after_calm() -> No
     assert tier.waiting(1100.0) == 120.0
     tier.observe("m", [], 1100.0 + 601.0)
     assert tier.waiting(1701.0) == 0.0 and tier.backoff.failures == 0
+
+
+async def test_the_notice_drains_the_replica_at_once_and_backs_the_burst_tier_off() -> None:
+    bed = Bed(**TWO_TIERS)
+    bed.scaler.pins.set("tiny", 2)
+    await bed.step()
+    guaranteed, burst = bed.slurm.active()
+    bed.ready(guaranteed)
+    bed.ready(burst)
+    await bed.step()
+    assert {r.job_id for r in bed.registry.routable("tiny")} == {guaranteed, burst}
+    # The grace begins: scontrol shows PreemptTime, the job still RUNNING and its engine still serving.
+    bed.registry.get(burst).outstanding = 2  # type: ignore[union-attr]
+    bed.slurm.jobs_[burst] = replace(bed.slurm.jobs_[burst], preempt_time=bed.clock.now + 1.0)
+    await bed.step()
+    assert [r.job_id for r in bed.registry.routable("tiny")] == [guaranteed], "still routed after the notice"
+    assert bed.scaler.decisions[("tiny", "drain_preempted")] == 1
+    assert bed.slurm.cancels == [], "cancelled with requests in flight"
+    assert len(bed.slurm.submits) == 2, "a burst replacement while the tier backs off"
+    # Its requests finish: it is cancelled, its GPUs go to the batch job before the grace ends.
+    bed.registry.get(burst).outstanding = 0  # type: ignore[union-attr]
+    await bed.step()
+    assert bed.slurm.cancels == [burst]
+    assert bed.scaler._models["tiny"].burst.waiting(bed.clock.now) > 50
+
+
+async def test_the_notice_of_a_guaranteed_replica_replaces_it_in_the_guaranteed_qos() -> None:
+    bed = Bed(**TWO_TIERS)
+    bed.scaler.pins.set("tiny", 2)
+    await bed.step()
+    guaranteed, burst = bed.slurm.active()
+    bed.ready(guaranteed)
+    bed.ready(burst)
+    await bed.step()
+    bed.slurm.jobs_[guaranteed] = replace(bed.slurm.jobs_[guaranteed], preempt_time=bed.clock.now)
+    await bed.step()
+    (new,) = [j for j in bed.slurm.active() if j not in (guaranteed, burst)]
+    assert bed.slurm.qos[new] == "normal"
+
+
+def test_scontrol_preempt_time_is_parsed() -> None:
+    from slinfer.slurm import parse
+    line = ("JobId=7 JobName=slinfer-tiny UserId=root(0) JobState=RUNNING Reason=None SubmitTime=1800000000 "
+            "StartTime=1800000010 EndTime=1800003610 PreemptTime=1800000100 BatchHost=n1 NodeList=n1")
+    (job,) = parse.scontrol_jobs(line)
+    assert job.preempt_time == 1800000100.0
+    (unset,) = parse.scontrol_jobs(line.replace("PreemptTime=1800000100", "PreemptTime=None"))
+    assert unset.preempt_time == 0.0
+
+
+def test_the_beds_qos_preempt_scavenger_after_a_grace(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    from collections.abc import Sequence
+
+    from slinfer.dev import accounting, devcluster
+    config = tmp_path / "slinfer.toml"
+    config.write_text('[[models]]\nname = "a"\naccount = "slinfer"\nqos = "normal"\n')
+    calls: list[list[str]] = []
+
+    def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        calls.append(list(argv))
+        return subprocess.CompletedProcess(list(argv), 0, "done\n", "")
+
+    accounting.create_order(run, "c", config, service_user="svc")
+    modified = [c[2:] for c in calls if c[2] == "modify"]
+    assert ["modify", "qos", "scavenger", "set", "GraceTime=30", "PreemptMode=cancel"] in modified
+    assert ["modify", "qos", "high", "set", "Preempt=scavenger"] in modified
+    conf = devcluster._slurm_conf(devcluster.Bed(tmp_path, 29900, slurm=""), "host")
+    assert "PreemptType=preempt/qos\nPreemptMode=CANCEL\n" in conf
