@@ -152,3 +152,17 @@ def test_the_client_asks_sacctmgr_and_scontrol(tmp_path: Path) -> None:
     log.unlink()
     assert asyncio.run(client.site_order_problems([ModelConfig(name="x", source="/m")])) == []
     assert not log.exists()
+
+
+def test_up_names_the_process_that_holds_a_daemons_port() -> None:
+    import os
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(RuntimeError, match=rf"port {port} for slurmdbd \(port base \+ 19\) is taken by pid "
+                                               rf"{os.getpid()} "):
+            devcluster._port_free(port, "slurmdbd (port base + 19)")
+    devcluster._port_free(port, "slurmdbd (port base + 19)")  # positive control: free once closed
