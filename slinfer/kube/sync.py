@@ -101,6 +101,9 @@ class KubeSync:
         # The errors of the round under way: each step records its own and the others go on.
         self._errors: list[str] = []
         self._reachable = True
+        # Set when a call found the API server unreachable: this controller saw nothing for a while, so Lease
+        # expiry and idleness are judged afresh from the next successful collection (the agents were cut off too).
+        self._blind = False
         self._last_success = 0.0
         self.writes = 0
         self.nodes_deleted = 0
@@ -153,6 +156,7 @@ class KubeSync:
             self._errors.append(f"{what}: {exc}")
             if isinstance(exc, Unavailable):
                 self._reachable = False
+                self._blind = True
             log.warning("kubernetes: %s failed: %s", what, exc)
             return False
         return True
@@ -277,6 +281,14 @@ class KubeSync:
                 continue
             pods_by_node.setdefault(str(pod.get("spec", {}).get("nodeName", "")), []).append(name)
 
+        if self._blind:
+            # Nothing was seen while the API server was unreachable, and the agents could not renew either:
+            # every Lease and idle time counts from now, as after this controller's own start.
+            log.info("kubernetes: the API server was unreachable; judging %d node Lease(s) afresh from now",
+                     len(self._lease_seen))
+            self._lease_seen = {name: (renew, now) for name, (renew, _) in self._lease_seen.items()}
+            self._idle_since = dict.fromkeys(self._idle_since, now)
+            self._blind = False
         node_names = {node["metadata"]["name"] for node in nodes}
         for node_name in [n for n in pods_by_node if n not in node_names]:
             # Pods bound to a Node that is gone (a real cluster's pod GC would also remove them, in time).

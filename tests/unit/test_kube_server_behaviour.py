@@ -213,3 +213,48 @@ async def test_a_steady_node_and_controller_write_only_their_lease_renewals() ->
     await pub.step()
     ready = api.stored("Node", pub.node_name)["status"]["conditions"][0]  # type: ignore[index]
     assert ready["status"] == "True"
+
+
+async def test_after_an_api_outage_lease_expiry_is_judged_afresh() -> None:
+    """Seen on the real server: a 60 s outage, and the controller's first round after it deleted the live Node
+    whose agent (cut off too, backing off 30 s) had not renewed yet."""
+    clock, api = Clock(), FakeKubeAPI()
+    api.clock = clock
+    pub = publisher(api, clock)
+    await pub.reconcile([engine()])
+
+    class Serving:
+        def get(self, job_id: str) -> object | None:
+            return object()
+
+    ks = KubeSync(api.view(kl.CONTROLLER_FIELD_MANAGER), ["tiny"], Serving(), NoJobs(), clock, namespace=NS)
+    await ks.step()
+    api.down = True
+    for _ in range(6):
+        clock.now += 10
+        await ks.step()
+        await pub.step()
+    assert not ks.status().reachable
+    api.down = False
+    clock.now += 10
+    await ks.step()  # the first round after: the Lease is 70 s old, but nobody could renew it
+    assert api.names("Node") == [pub.node_name]
+    clock.now += 25
+    await pub.step()  # the agent's backoff ends: it renews
+    for _ in range(5):
+        clock.now += 10
+        await ks.step()
+        await pub.step()
+    assert api.names("Node") == [pub.node_name] and ks.status().nodes_deleted == 0
+    # The control: an agent that stays silent after the outage loses its Node one duration later.
+    api.down = True
+    clock.now += 10
+    await ks.step()
+    api.down = False
+    for _ in range(3):
+        clock.now += 10
+        await ks.step()
+    assert api.names("Node") == [pub.node_name]  # 20 s since the first round that could see
+    clock.now += 25
+    await ks.step()
+    assert api.names("Node") == [] and ks.status().nodes_deleted == 1
