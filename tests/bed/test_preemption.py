@@ -1,0 +1,190 @@
+"""Two tiers of capacity under Slurm's preemption (issue 29.3-29.5), on the bed's real Slurm with slurmdbd and
+real vLLM engines of `tiny`: one guaranteed replica (QOS normal) and one burst replica (QOS scavenger); a `high`
+batch job of another user takes the burst replica's GPUs. The module turns the bed's `tiny` into a two-tier
+model (min_replicas 1, burst_qos scavenger) for its own time and restores it after.
+
+Measured and printed (the note's figures): Slurm's notice (PreemptTime) to the replica out of the gateway's
+routing; requests failed, split into not-started and in-flight; the batch job's wait for its GPUs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from slinfer.dev import devcluster
+from slinfer.slurm import parse
+from tests.fakes.slurmbed import SlurmBed, wait_until
+
+pytestmark = pytest.mark.bed
+READY_TIMEOUT = 300
+TINY = "tiny"
+# The load of the issue: sixteen clients streaming at once, each a new stream as soon as the last ended.
+STREAMS = 16
+# Long enough that every stream is mid-way for a while (tiny streams ~20 tokens/s on the bed's CPU), short
+# enough that the load keeps starting new requests through the preemption.
+TOKENS = 48
+# The scavenger QOS's GraceTime (slinfer/dev/accounting.py) and the most slurmctld adds before it acts on its
+# end: the grace is checked every 30 s, and the job's kill takes KillWait (5 s) more (docs/architecture/facts.md).
+GRACE_S = 30.0
+MARGIN_S = 40.0
+# The batch job holds its GPUs this long, then the burst capacity may come back.
+BATCH_S = 20
+MESSAGES = [{"role": "user", "content": "count"}]
+COMPLETE, CUT = "complete", "cut: engine_failed"
+
+
+def _gateway(bed: SlurmBed, timeout: float) -> openai.OpenAI:
+    env = bed.bed.env()
+    return openai.OpenAI(base_url=env["SLINFER_GATEWAY_URL"], api_key=env["SLINFER_API_KEY"], timeout=timeout,
+                         max_retries=0)
+
+
+def _stream(client: openai.OpenAI) -> str:
+    """One stream and how it ended: complete (finish_reason length), 'cut: CODE' (an error event after the
+    first chunk), 'refused: ...' (an error before any chunk: a request that had not started failed), or a
+    failure of slinfer's promise ('SILENTLY TRUNCATED', another finish_reason)."""
+    finish, began = None, False
+    try:
+        stream = client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=TOKENS, stream=True,
+                                                extra_body={"ignore_eos": True})
+        for chunk in stream:
+            began = True
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+    except openai.APIStatusError as exc:
+        return f"refused: {exc.status_code} {exc.code}"
+    except openai.APIError as exc:
+        if began:
+            return f"cut: {exc.code}" if exc.code else f"cut without error event: {type(exc).__name__}"
+        return f"refused: {type(exc).__name__} {exc.code}"
+    if finish == "length":
+        return COMPLETE
+    return f"ended with finish_reason={finish}" if finish else "SILENTLY TRUNCATED"
+
+
+class StreamLoad:
+    """STREAMS closed-loop streaming clients through the gateway; every outcome with its start time."""
+
+    def __init__(self, bed: SlurmBed) -> None:
+        self.client = _gateway(bed, 300)
+        self.stop = threading.Event()
+        self.log: list[tuple[float, float, str]] = []  # (began, ended, outcome)
+        self.pool = ThreadPoolExecutor(STREAMS)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            began = time.time()
+            outcome = _stream(self.client)
+            self.log.append((began, time.time(), outcome))
+
+    def __enter__(self) -> StreamLoad:
+        self.futures = [self.pool.submit(self._loop) for _ in range(STREAMS)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for future in self.futures:
+            future.result(timeout=300)
+        self.pool.shutdown()
+
+    def outcomes(self, since: float = 0.0) -> Counter[str]:
+        return Counter(o for began, _, o in self.log if began >= since)
+
+
+def _restart_controller(bed: SlurmBed) -> None:
+    devcluster.stop_daemon(bed.bed, "controller")
+    devcluster.start_controller(bed.bed)
+
+
+@pytest.fixture(scope="module")
+def two_tiers(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
+    """`tiny` with one guaranteed replica in normal and its growth in scavenger, for this module."""
+    config = slurm_bed.bed.config
+    original = config.read_text()
+    tiny = 'name = "tiny"\n'
+    head, _, rest = original.partition(tiny)
+    assert rest.startswith("source"), "the bed's catalog no longer starts tiny as this module expects"
+    block = rest.replace("min_replicas = 0\n", 'min_replicas = 1\nburst_qos = "scavenger"\n', 1)
+    assert block != rest
+    # The service's user may use the burst tier's QOS (the bed's catalog names none).
+    grant = ["sacctmgr", "-i", "modify", "user", "root", "where", "account=slinfer", "set"]
+    slurm_bed.run(*grant, "qos+=scavenger")
+    config.write_text(head + tiny + block)
+    _restart_controller(slurm_bed)
+    try:
+        yield slurm_bed
+    finally:
+        config.write_text(original)
+        _restart_controller(slurm_bed)
+        slurm_bed.retire_models(TINY)
+        slurm_bed.run(*grant, "qos-=scavenger", check=False)
+        slurm_bed.cleanup_jobs()
+
+
+def _qos(bed: SlurmBed, job: str) -> str:
+    return bed.run("squeue", "-h", "-j", job, "-o", "%q").stdout.strip()
+
+
+def _preempt_time(bed: SlurmBed, job: str) -> float:
+    out = bed.run("scontrol", "-o", "show", "job", job, check=False).stdout
+    return next((j.preempt_time for j in parse.scontrol_jobs(out)), 0.0)
+
+
+def _start_time(bed: SlurmBed, job: str) -> float:
+    out = bed.run("scontrol", "-o", "show", "job", job, check=False).stdout
+    found = parse.scontrol_jobs(out)
+    return found[0].start_time if found and found[0].state != "PENDING" else 0.0
+
+
+def test_preemption_under_load_costs_no_request_that_had_not_started(two_tiers: SlurmBed) -> None:
+    bed = two_tiers
+    bed.admin("scale", TINY, "2")
+    wait_until("two READY replicas of tiny", lambda: bed.ready_replicas(TINY) >= 2, READY_TIMEOUT)
+    jobs = {_qos(bed, j): j for j in bed.controller_jobs(TINY)}
+    assert set(jobs) == {"normal", "scavenger"}, jobs
+    guaranteed, burst = jobs["normal"], jobs["scavenger"]
+    # Bob's high job needs every GPU but the guaranteed replica's: only the burst replica's can make room.
+    gpus = bed.bed.gpus - 1
+    with StreamLoad(bed) as load:
+        wait_until("streams completing through both replicas", lambda: load.outcomes()[COMPLETE] >= STREAMS, 120)
+        submitted = time.time()
+        batch = bed.sbatch("--account=chem", "--qos=high", f"--gres=gpu:{gpus}", "--job-name=batch-high",
+                           script=f"sleep {BATCH_S}", user="slinfer-bob")
+        notice = unrouted = started = 0.0
+        deadline = time.monotonic() + GRACE_S + MARGIN_S + 60
+        while time.monotonic() < deadline and not (notice and unrouted and started):
+            notice = notice or _preempt_time(bed, burst)
+            if not unrouted and bed.ready_replicas(TINY) < 2:
+                unrouted = time.time()
+            started = started or _start_time(bed, batch)
+            time.sleep(0.1)
+        # The model keeps answering from the guaranteed replica after the burst one left.
+        after = time.time()
+        wait_until("streams completing after the preemption", lambda: load.outcomes(after)[COMPLETE] >= STREAMS, 120)
+    outcomes = load.outcomes()
+    not_started = sum(n for o, n in outcomes.items() if o.startswith("refused"))
+    in_flight = sum(n for o, n in outcomes.items() if o.startswith("cut"))
+    print(f"\npreemption of {burst} by {batch}: notice {notice - submitted:+.1f}s after the submit, out of routing "
+          f"{unrouted - notice:+.1f}s after the notice, batch job started {started - submitted:.1f}s after its "
+          f"submit; requests {dict(outcomes)}: failed not-started {not_started}, in-flight {in_flight}")
+    assert notice, f"Slurm never gave {burst} its preemption notice"
+    assert started, f"the batch job {batch} never started"
+    assert unrouted, "the burst replica stayed in the gateway's routing"
+    assert not_started == 0, outcomes
+    # Every stream that was cut ends with the OpenAI-shaped error event; nothing else goes wrong.
+    assert set(outcomes) <= {COMPLETE, CUT}, outcomes
+    assert started - submitted <= GRACE_S + MARGIN_S, started - submitted
+    assert bed.state(guaranteed) == "RUNNING"
+    # The burst capacity comes back once the batch job is over (after the burst tier's backoff).
+    bed.wait_state(batch, {"COMPLETED"}, BATCH_S + 60)
+    wait_until("the burst replica back", lambda: bed.ready_replicas(TINY) >= 2, 60 + READY_TIMEOUT)
+    back = {_qos(bed, j): j for j in bed.controller_jobs(TINY)}
+    assert back.get("normal") == guaranteed and back.get("scavenger") not in (None, burst), back
+    print(f"burst capacity back {time.time() - submitted:.0f}s after the batch submit")
