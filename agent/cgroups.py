@@ -129,43 +129,58 @@ class JobCgroups:
         except OSError:
             return ""
 
-    def of_job(self, job_id: str) -> list[Hierarchy]:
-        """The extern step's cgroups, each named by the job; empty when the job has none on this node (yet)."""
+    def of_job(self, job_id: str, partial: bool = False) -> list[Hierarchy]:
+        """The extern step's cgroups, each named by the job; empty when the job has none on this node (yet).
+        Found by folders (26.05), they are given only once every hierarchy Slurm uses has the step, unless
+        `partial` (Slurm makes them one after another: an engine moved at the first would escape the rest)."""
         mounted = mounts((self.proc / "self" / "mounts").read_text())
         task = self.extern_task(job_id)
         if task:
             return [h for h in hierarchies(self._read(task), mounted) if is_job_cgroup(h, job_id)]
-        return self.step_folders(job_id, mounted)
+        found, complete = self.step_folders(job_id, mounted)
+        return found if complete or partial else []
 
-    def step_folders(self, job_id: str, mounted: dict[str, Path]) -> list[Hierarchy]:
+    def _uses(self, mountpoint: Path, v2: bool) -> bool:
+        """Whether Slurm keeps cgroups in this hierarchy on this node: its `slurm_NODE` (or `slurm`) folder, or
+        on v2 a `slurmstepd.scope`."""
+        if v2:
+            return any(mountpoint.glob("*/slurmstepd.scope")) or any(mountpoint.glob("*/*/slurmstepd.scope"))
+        return (mountpoint / f"slurm_{self.node_name}").is_dir() or (mountpoint / "slurm").is_dir()
+
+    def step_folders(self, job_id: str, mounted: dict[str, Path]) -> tuple[list[Hierarchy], bool]:
         """The extern step's cgroups found by their folders (an extern step without a task, 26.05): in each
-        mounted hierarchy, the one `.../job_J/step_extern` of this node. v2 keeps processes in leaves only:
-        there the leaf Slurm gives the extern step's own processes (`user/task_special`), and a step folder
-        with other cgroups below it is left alone."""
+        mounted hierarchy, the one `.../job_J/step_extern` of this node; and whether every hierarchy that Slurm
+        uses has it yet. v2 keeps processes in leaves only: there the leaf Slurm gives the extern step's own
+        processes (`user/task_special`), and a step folder with other cgroups below it is left alone."""
         found = []
+        complete = True
         for mountpoint in dict.fromkeys(mounted.values()):
+            v2 = mountpoint == mounted.get("")
+            before = len(found)
             candidates = [c for depth in range(1, STEP_SEARCH_DEPTH + 1)
                           for c in mountpoint.glob("/".join(["*"] * depth + [f"job_{job_id}", "step_extern"]))]
             if len(candidates) > 1:
                 # Several slurmd on one host (the multi-node bed): v1 paths carry the node's name.
                 candidates = [c for c in candidates if f"slurm_{self.node_name}" in c.parts]
-            if len(candidates) != 1 or not (candidates[0] / "cgroup.procs").exists():
-                continue
-            folder = candidates[0]
-            if mountpoint == mounted.get(""):
-                if (folder / V2_EXTERN_LEAF / "cgroup.procs").exists():
-                    folder = folder / V2_EXTERN_LEAF
-                elif any(child.is_dir() for child in folder.iterdir()):
-                    continue
-            found.append(Hierarchy(mountpoint, "/" + str(folder.relative_to(mountpoint))))
-        return found
+            if len(candidates) == 1 and (candidates[0] / "cgroup.procs").exists():
+                folder = candidates[0]
+                if not v2:
+                    found.append(Hierarchy(mountpoint, "/" + str(folder.relative_to(mountpoint))))
+                elif (folder / V2_EXTERN_LEAF / "cgroup.procs").exists():
+                    found.append(Hierarchy(mountpoint, "/" + str((folder / V2_EXTERN_LEAF).relative_to(mountpoint))))
+                elif not any(child.is_dir() for child in folder.iterdir()):
+                    found.append(Hierarchy(mountpoint, "/" + str(folder.relative_to(mountpoint))))
+            if len(found) == before and self._uses(mountpoint, v2):
+                complete = False
+        return found, complete
 
     async def wait_for_job(self, job_id: str, wait_s: float = EXTERN_STEP_WAIT_S) -> list[Hierarchy]:
         """of_job, polled until the extern step exists or wait_s passed; cancellable (no thread sleeps)."""
         deadline = time.monotonic() + wait_s
         while True:
-            targets = await asyncio.to_thread(self.of_job, job_id)
-            if targets or time.monotonic() >= deadline:
+            late = time.monotonic() >= deadline
+            targets = await asyncio.to_thread(self.of_job, job_id, late)
+            if targets or late:
                 return targets
             await asyncio.sleep(EXTERN_STEP_POLL_S)
 

@@ -92,7 +92,7 @@ def test_an_extern_step_without_a_task_is_found_by_its_folders(tmp_path: Path) -
           "slurm_node1/uid_1001/job_43/step_extern")
     _tree(cg / "cpu,cpuacct", "slurm_node1/uid_1001/job_42/step_extern")
     _tree(cg / "unified", "system.slice/slurmstepd.scope/job_42/step_extern/user/task_special")
-    (cg / "freezer" / "slurm_node1").mkdir(parents=True)
+    (cg / "freezer" / "user.slice").mkdir(parents=True)  # a hierarchy Slurm does not use on this node
     found = JobCgroups("node1", proc=tmp_path / "proc").of_job("42")
     assert sorted((h.mountpoint.name, h.path) for h in found) == [
         ("cpu,cpuacct", "/slurm_node1/uid_1001/job_42/step_extern"),
@@ -103,3 +103,23 @@ def test_an_extern_step_without_a_task_is_found_by_its_folders(tmp_path: Path) -
     assert {h.path for h in JobCgroups("node2", proc=tmp_path / "proc").of_job("42")} >= {
         "/slurm_node2/uid_1001/job_42/step_extern"}
     assert JobCgroups("node1", proc=tmp_path / "proc").of_job("44") == []
+
+
+def test_a_step_found_by_folders_waits_for_every_hierarchy_slurm_uses(tmp_path: Path) -> None:
+    """Slurm makes the step's folders one hierarchy after another: an engine moved when only freezer had its
+    folder stayed outside the memory and devices limits (seen on 26.05). The step is given once each hierarchy
+    that has Slurm's folder for this node has the step too, or, past the wait, as far as it goes."""
+    cg = tmp_path / "cg"
+    (tmp_path / "proc" / "self").mkdir(parents=True)
+    (tmp_path / "proc" / "self" / "mounts").write_text(
+        f"cgroup {cg}/memory cgroup rw,memory 0 0\ncgroup {cg}/freezer cgroup rw,freezer 0 0\n"
+        f"cgroup {cg}/blkio cgroup rw,blkio 0 0\n")
+    _tree(cg / "freezer", "slurm_node1/uid_1001/job_42/step_extern")
+    _tree(cg / "memory", "slurm_node1/uid_1001")
+    (cg / "blkio").mkdir(parents=True)  # a hierarchy Slurm does not use
+    cgroups = JobCgroups("node1", proc=tmp_path / "proc")
+    assert cgroups.of_job("42") == []
+    assert [h.mountpoint.name for h in cgroups.of_job("42", partial=True)] == ["freezer"]
+    assert [h.mountpoint.name for h in asyncio.run(cgroups.wait_for_job("42", wait_s=0.3))] == ["freezer"]
+    _tree(cg / "memory", "slurm_node1/uid_1001/job_42/step_extern")
+    assert sorted(h.mountpoint.name for h in cgroups.of_job("42")) == ["freezer", "memory"]
