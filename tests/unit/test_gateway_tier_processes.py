@@ -139,7 +139,8 @@ source = "/models/m"
         f"127.0.0.1:{gw_port}", "--workers", "2", stdout=gateway_log, stderr=gateway_log, env=env)
     stop_agent = asyncio.Event()
     agent = asyncio.create_task(_agent(grpc_port, engine_pb2.Engine(
-        job_id="7", model="m", state=engine_pb2.READY, base_url=engine.base_url, api_key="ek", pool=True),
+        job_id="7", model="m", state=engine_pb2.READY, base_url=engine.base_url, api_key="ek", pool=True,
+        user="slinfer"),  # the controller's service user ([controller].user): the pool takes its engines
         stop_agent))
     url = f"http://127.0.0.1:{gw_port}"
     load = Load(url)
