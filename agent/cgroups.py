@@ -37,6 +37,9 @@ STEP_SEARCH_DEPTH = 3
 # Listings of an engine's descendants while moving them: an engine that starts its engine core and workers
 # meanwhile forks a few generations in the first seconds.
 CONTAIN_PASSES = 5
+# How long the folders of a step without a task must stay the same before the engine moves in: Slurm made the
+# freezer and cpuset ones before memory and devices on 26.05, within a fraction of a second.
+STEP_SETTLE_S = 1.0
 # Where cgroup/v2 Slurm keeps an extern step's own processes, below the step's folder.
 V2_EXTERN_LEAF = "user/task_special"
 
@@ -129,34 +132,27 @@ class JobCgroups:
         except OSError:
             return ""
 
-    def of_job(self, job_id: str, partial: bool = False) -> list[Hierarchy]:
-        """The extern step's cgroups, each named by the job; empty when the job has none on this node (yet).
-        Found by folders (26.05), they are given only once every hierarchy Slurm uses has the step, unless
-        `partial` (Slurm makes them one after another: an engine moved at the first would escape the rest)."""
+    def of_job(self, job_id: str) -> list[Hierarchy]:
+        """The extern step's cgroups, each named by the job; empty when the job has none on this node (yet)."""
+        return self.find(job_id)[0]
+
+    def find(self, job_id: str) -> tuple[list[Hierarchy], bool]:
+        """of_job, and whether the answer is whole: the extern task's cgroups are (Slurm put the task in all of
+        them at once); folders found without a task (26.05) may still be growing, one hierarchy at a time."""
         mounted = mounts((self.proc / "self" / "mounts").read_text())
         task = self.extern_task(job_id)
         if task:
-            return [h for h in hierarchies(self._read(task), mounted) if is_job_cgroup(h, job_id)]
-        found, complete = self.step_folders(job_id, mounted)
-        return found if complete or partial else []
+            return [h for h in hierarchies(self._read(task), mounted) if is_job_cgroup(h, job_id)], True
+        return self.step_folders(job_id, mounted), False
 
-    def _uses(self, mountpoint: Path, v2: bool) -> bool:
-        """Whether Slurm keeps cgroups in this hierarchy on this node: its `slurm_NODE` (or `slurm`) folder, or
-        on v2 a `slurmstepd.scope`."""
-        if v2:
-            return any(mountpoint.glob("*/slurmstepd.scope")) or any(mountpoint.glob("*/*/slurmstepd.scope"))
-        return (mountpoint / f"slurm_{self.node_name}").is_dir() or (mountpoint / "slurm").is_dir()
-
-    def step_folders(self, job_id: str, mounted: dict[str, Path]) -> tuple[list[Hierarchy], bool]:
+    def step_folders(self, job_id: str, mounted: dict[str, Path]) -> list[Hierarchy]:
         """The extern step's cgroups found by their folders (an extern step without a task, 26.05): in each
-        mounted hierarchy, the one `.../job_J/step_extern` of this node; and whether every hierarchy that Slurm
-        uses has it yet. v2 keeps processes in leaves only: there the leaf Slurm gives the extern step's own
-        processes (`user/task_special`), and a step folder with other cgroups below it is left alone."""
+        mounted hierarchy, the one `.../job_J/step_extern` of this node. v2 keeps processes in leaves only:
+        there the leaf Slurm gives the extern step's own processes (`user/task_special`), and a step folder
+        with other cgroups below it is left alone."""
         found = []
-        complete = True
         for mountpoint in dict.fromkeys(mounted.values()):
             v2 = mountpoint == mounted.get("")
-            before = len(found)
             candidates = [c for depth in range(1, STEP_SEARCH_DEPTH + 1)
                           for c in mountpoint.glob("/".join(["*"] * depth + [f"job_{job_id}", "step_extern"]))]
             if len(candidates) > 1:
@@ -170,17 +166,23 @@ class JobCgroups:
                     found.append(Hierarchy(mountpoint, "/" + str((folder / V2_EXTERN_LEAF).relative_to(mountpoint))))
                 elif not any(child.is_dir() for child in folder.iterdir()):
                     found.append(Hierarchy(mountpoint, "/" + str(folder.relative_to(mountpoint))))
-            if len(found) == before and self._uses(mountpoint, v2):
-                complete = False
-        return found, complete
+        return found
 
     async def wait_for_job(self, job_id: str, wait_s: float = EXTERN_STEP_WAIT_S) -> list[Hierarchy]:
-        """of_job, polled until the extern step exists or wait_s passed; cancellable (no thread sleeps)."""
+        """The extern step's cgroups, polled until they exist or wait_s passed; cancellable (no thread sleeps).
+        Folders found without a task are polled on until no new hierarchy has come for STEP_SETTLE_S: Slurm
+        makes them one after another, and an engine moved at the first would escape the others' limits."""
         deadline = time.monotonic() + wait_s
+        settled_at = 0.0
+        targets: list[Hierarchy] = []
         while True:
-            late = time.monotonic() >= deadline
-            targets = await asyncio.to_thread(self.of_job, job_id, late)
-            if targets or late:
+            found, whole = await asyncio.to_thread(self.find, job_id)
+            now = time.monotonic()
+            if whole and found:
+                return found
+            if len(found) > len(targets):
+                targets, settled_at = found, now + STEP_SETTLE_S
+            if (targets and now >= settled_at) or now >= deadline:
                 return targets
             await asyncio.sleep(EXTERN_STEP_POLL_S)
 

@@ -5,9 +5,10 @@ and the OOM counter of each version. The move itself runs on the bed (tests/bed/
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
-from slinfer.agent.cgroups import Hierarchy, JobCgroups, hierarchies, is_job_cgroup, mounts
+from slinfer.agent.cgroups import STEP_SETTLE_S, Hierarchy, JobCgroups, hierarchies, is_job_cgroup, mounts
 
 V1_MOUNTS = """\
 tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
@@ -105,21 +106,25 @@ def test_an_extern_step_without_a_task_is_found_by_its_folders(tmp_path: Path) -
     assert JobCgroups("node1", proc=tmp_path / "proc").of_job("44") == []
 
 
-def test_a_step_found_by_folders_waits_for_every_hierarchy_slurm_uses(tmp_path: Path) -> None:
+def test_a_step_found_by_folders_is_taken_once_no_hierarchy_has_come_for_a_while(tmp_path: Path) -> None:
     """Slurm makes the step's folders one hierarchy after another: an engine moved when only freezer had its
-    folder stayed outside the memory and devices limits (seen on 26.05). The step is given once each hierarchy
-    that has Slurm's folder for this node has the step too, or, past the wait, as far as it goes."""
+    folder stayed outside the memory and devices limits (seen on 26.05). Found without a task, the step is
+    polled on until no new hierarchy has come for STEP_SETTLE_S."""
     cg = tmp_path / "cg"
     (tmp_path / "proc" / "self").mkdir(parents=True)
     (tmp_path / "proc" / "self" / "mounts").write_text(
-        f"cgroup {cg}/memory cgroup rw,memory 0 0\ncgroup {cg}/freezer cgroup rw,freezer 0 0\n"
-        f"cgroup {cg}/blkio cgroup rw,blkio 0 0\n")
+        f"cgroup {cg}/memory cgroup rw,memory 0 0\ncgroup {cg}/freezer cgroup rw,freezer 0 0\n")
     _tree(cg / "freezer", "slurm_node1/uid_1001/job_42/step_extern")
-    _tree(cg / "memory", "slurm_node1/uid_1001")
-    (cg / "blkio").mkdir(parents=True)  # a hierarchy Slurm does not use
     cgroups = JobCgroups("node1", proc=tmp_path / "proc")
-    assert cgroups.of_job("42") == []
-    assert [h.mountpoint.name for h in cgroups.of_job("42", partial=True)] == ["freezer"]
-    assert [h.mountpoint.name for h in asyncio.run(cgroups.wait_for_job("42", wait_s=0.3))] == ["freezer"]
-    _tree(cg / "memory", "slurm_node1/uid_1001/job_42/step_extern")
-    assert sorted(h.mountpoint.name for h in cgroups.of_job("42")) == ["freezer", "memory"]
+    assert cgroups.find("42") == ([Hierarchy(cg / "freezer", "/slurm_node1/uid_1001/job_42/step_extern")], False)
+
+    async def memory_comes_later() -> list[Hierarchy]:
+        waiting = asyncio.create_task(cgroups.wait_for_job("42", wait_s=10))
+        await asyncio.sleep(0.5)
+        _tree(cg / "memory", "slurm_node1/uid_1001/job_42/step_extern")
+        return await waiting
+
+    began = time.monotonic()
+    found = asyncio.run(memory_comes_later())
+    assert sorted(h.mountpoint.name for h in found) == ["freezer", "memory"]
+    assert 0.5 + STEP_SETTLE_S <= time.monotonic() - began < 5
