@@ -1,7 +1,8 @@
 """A FAKE Kubernetes API server, in memory, implementing slinfer's `KubeAPI` interface.
 
-No real kube-apiserver can run on the test machines (docs/architecture/facts.md), so the logic of the agent's
-NodePublisher and the controller's KubeSync is tested against this model of the behaviour they rely on:
+CI has no kube-apiserver (docs/architecture/facts.md; one was built here by hand for issue 32), so the logic of
+the agent's NodePublisher and the controller's KubeSync is tested against this model of the behaviour a real
+server showed:
 
 - 404 NotFound on get/patch/delete of a missing object; 409 Conflict (AlreadyExists) on create;
 - `resourceVersion` (one counter for the whole store, as etcd's), `uid`, `creationTimestamp` from a clock;
