@@ -1,11 +1,13 @@
 """A model of two GPUs on one node (`tiny-tp2`, gpus = 2 in the bed's catalog) is one vLLM engine with tensor
-parallel 2: the controller's pool job asks for two GPUs, the engine's two workers both see exactly those two,
-it answers through the gateway, and after `scancel` no process of it (workers included) is left."""
+parallel 2: the controller's pool job asks for two GPUs, the engine's two workers both see exactly those two (the
+variable in each worker's own environment, read from its memory), it answers through the gateway, and after
+`scancel` no process of it (workers included) is left."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -44,6 +46,23 @@ def _title(pid: int) -> str:
         return " ".join(psutil.Process(pid).cmdline()).split(" ", 1)[0]
     except psutil.Error:
         return ""
+
+
+def _visible_devices_in_memory(pid: int) -> set[str]:
+    """The CUDA_VISIBLE_DEVICES values in a process's C environment, read from its heap (as root).
+
+    vLLM's workers rename themselves with setproctitle, which blanks the memory /proc/PID/environ shows and moves
+    the environment's strings to the heap: each `NAME=value` string of the process's environment is there."""
+    values = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb") as mem:
+        for line in maps:
+            fields = line.split()
+            if fields[-1] != "[heap]":
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mem.seek(start)
+            values |= {m.decode() for m in re.findall(rb"CUDA_VISIBLE_DEVICES=([0-9,]*)", mem.read(end - start))}
+    return values
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -85,6 +104,11 @@ def test_two_gpus_are_one_engine_that_answers_and_leaves_nothing_after_scancel(t
     gpus = _environ(main)["CUDA_VISIBLE_DEVICES"].split(",")
     assert len(gpus) == 2 and len(set(gpus)) == 2, gpus
     assert f"IDX:{gpus[0]}-{gpus[1]}" in detail or f"IDX:{gpus[0]},{gpus[1]}" in detail, (gpus, detail)
+    # Both workers see exactly those two GPUs: no other value of the variable in either worker's environment.
+    workers = [p for p in pids if _title(p).startswith(WORKER_TITLE)]
+    seen = {p: _visible_devices_in_memory(p) for p in workers}
+    print(f"CUDA_VISIBLE_DEVICES: the job's {','.join(gpus)}; the workers' {seen}")
+    assert len(workers) == 2 and all(v == {",".join(gpus)} for v in seen.values()), (gpus, seen)
     # One engine: one replica of the model, at one address.
     assert bed.env_file(job)["OPENAI_BASE_URL"].startswith("http"), bed.env_file(job)
 
