@@ -212,8 +212,10 @@ async def _heartbeat(grpc_addr: str, model: str, engine_url: str, engine_key: st
     """Registers the engine with the controller the way a node agent does, every second."""
     from slinfer.v1 import controller_pb2, controller_pb2_grpc, engine_pb2
 
+    # The service's own engine ([controller].user): the pool takes no other user's.
     engine = engine_pb2.Engine(job_id="bench-1", model=model, state=engine_pb2.READY, base_url=engine_url,
-                               api_key=engine_key, pool=True, started_at=time.time(), ready_at=time.time())
+                               api_key=engine_key, pool=True, started_at=time.time(), ready_at=time.time(),
+                               user="slinfer")
 
     async def reports():
         while True:

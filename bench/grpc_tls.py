@@ -217,7 +217,7 @@ async def hop(pki: dict[str, str], tmp: Path, args: argparse.Namespace) -> dict[
 
 async def _heartbeat(address: str, ports: dict[str, int]) -> None:
     engines = [engine_pb2.Engine(job_id=str(i + 1), model=scheme, state=engine_pb2.READY, pool=True,
-                                 base_url=f"{scheme}://127.0.0.1:{port}", api_key=ENGINE_KEY)
+                                 base_url=f"{scheme}://127.0.0.1:{port}", api_key=ENGINE_KEY, user="slinfer")
                for i, (scheme, port) in enumerate(ports.items())]
 
     async def reports():  # type: ignore[no-untyped-def]

@@ -62,9 +62,11 @@ async def standins() -> AsyncIterator[Callable[..., Awaitable[StandinEngine]]]:
 
 
 def _engine_pb(job_id: str, model: str, base_url: str, api_key: str = "", state: int = engine_pb2.READY,
-              pool: bool = True, running: float = 0.0) -> engine_pb2.Engine:
+              pool: bool = True, running: float = 0.0, user: str = "slinfer") -> engine_pb2.Engine:
+    """A pool engine is the service's (the default [controller].user): the pool takes no other user's."""
     return engine_pb2.Engine(job_id=job_id, model=model, state=state, base_url=base_url, api_key=api_key,
-                             pool=pool, started_at=time.time(), load=engine_pb2.EngineLoad(running=running))
+                             pool=pool, started_at=time.time(), load=engine_pb2.EngineLoad(running=running),
+                             user=user)
 
 
 @pytest.fixture
