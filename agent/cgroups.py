@@ -37,8 +37,8 @@ STEP_SEARCH_DEPTH = 3
 # Listings of an engine's descendants while moving them: an engine that starts its engine core and workers
 # meanwhile forks a few generations in the first seconds.
 CONTAIN_PASSES = 5
-# How long the folders of a step without a task must stay the same before the engine moves in: Slurm made the
-# freezer and cpuset ones before memory and devices on 26.05, within a fraction of a second.
+# How long a step's cgroups must stay the same before the engine moves in: Slurm put the extern task into freezer
+# and cpuset before memory and devices (24.11), and made a taskless step's folders so (26.05), within a second.
 STEP_SETTLE_S = 1.0
 # Where cgroup/v2 Slurm keeps an extern step's own processes, below the step's folder.
 V2_EXTERN_LEAF = "user/task_special"
@@ -134,16 +134,16 @@ class JobCgroups:
 
     def of_job(self, job_id: str) -> list[Hierarchy]:
         """The extern step's cgroups, each named by the job; empty when the job has none on this node (yet)."""
-        return self.find(job_id)[0]
+        return self.find(job_id)
 
-    def find(self, job_id: str) -> tuple[list[Hierarchy], bool]:
-        """of_job, and whether the answer is whole: the extern task's cgroups are (Slurm put the task in all of
-        them at once); folders found without a task (26.05) may still be growing, one hierarchy at a time."""
+    def find(self, job_id: str) -> list[Hierarchy]:
+        """The extern task's job cgroups, else (26.05: no task) the step's folders. Either may still be growing:
+        Slurm puts the task (and makes the folders) one hierarchy after another."""
         mounted = mounts((self.proc / "self" / "mounts").read_text())
         task = self.extern_task(job_id)
         if task:
-            return [h for h in hierarchies(self._read(task), mounted) if is_job_cgroup(h, job_id)], True
-        return self.step_folders(job_id, mounted), False
+            return [h for h in hierarchies(self._read(task), mounted) if is_job_cgroup(h, job_id)]
+        return self.step_folders(job_id, mounted)
 
     def step_folders(self, job_id: str, mounted: dict[str, Path]) -> list[Hierarchy]:
         """The extern step's cgroups found by their folders (an extern step without a task, 26.05): in each
@@ -169,17 +169,16 @@ class JobCgroups:
         return found
 
     async def wait_for_job(self, job_id: str, wait_s: float = EXTERN_STEP_WAIT_S) -> list[Hierarchy]:
-        """The extern step's cgroups, polled until they exist or wait_s passed; cancellable (no thread sleeps).
-        Folders found without a task are polled on until no new hierarchy has come for STEP_SETTLE_S: Slurm
-        makes them one after another, and an engine moved at the first would escape the others' limits."""
+        """The extern step's cgroups, polled until they exist and no new hierarchy has come for STEP_SETTLE_S,
+        or wait_s passed; cancellable (no thread sleeps). Slurm puts its extern task into its cgroups (and makes a
+        taskless step's folders) one hierarchy after another: an engine moved at the first would escape the
+        others' limits (seen on 24.11: freezer and cpuset first, memory and devices later)."""
         deadline = time.monotonic() + wait_s
         settled_at = 0.0
         targets: list[Hierarchy] = []
         while True:
-            found, whole = await asyncio.to_thread(self.find, job_id)
+            found = await asyncio.to_thread(self.find, job_id)
             now = time.monotonic()
-            if whole and found:
-                return found
             if len(found) > len(targets):
                 targets, settled_at = found, now + STEP_SETTLE_S
             if (targets and now >= settled_at) or now >= deadline:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import aiohttp
 import psutil
 
-from slinfer.agent import jobfiles, launch, probes
+from slinfer.agent import jobfiles, launch, preemption, probes
 from slinfer.agent.cgroups import Hierarchy, JobCgroups
 from slinfer.agent.gpu import Gpus
 from slinfer.agent.pagecache import PageCacheWarmer, ReadAhead
@@ -48,6 +48,8 @@ from slinfer.v1 import engine_pb2 as pb
 log = logging.getLogger(__name__)
 
 STATE_NAMES = {v: k for k, v in pb.EngineState.items()}
+# After the engine joined its job's cgroups, look once more this much later for any that came late.
+CONTAIN_RECHECK_S = 5.0
 # What starting a job's engine may raise: an interpreter the job's user may not execute, a missing binary, a
 # failed setuid or chdir in the child, no free port. Each is that job's failure, reported, never a prolog error.
 SPAWN_ERRORS = (OSError, subprocess.SubprocessError, RuntimeError)
@@ -345,7 +347,11 @@ class EngineManager:
             return
         rec = running.record
         try:
-            targets = await self.cgroups.wait_for_job(rec.job_id)
+            # A pool engine goes to its job's batch step, which Slurm leaves alone at a preemption's grace start
+            # (agent/preemption.py); any other, or one whose batch step is not here, to the extern step.
+            targets = (await preemption.wait_for_batch(self.cgroups, rec.job_id)
+                       if rec.pool and rec.rank == 0 else [])
+            targets = targets or await self.cgroups.wait_for_job(rec.job_id)
             targets = await asyncio.to_thread(self.cgroups.contain, rec.job_id, rec.pid, targets)
         except OSError as exc:
             if rec.state in (pb.STARTING, pb.READY) and self._alive(running):
@@ -355,6 +361,19 @@ class EngineManager:
         if not targets:
             log.warning("job %s: no extern step cgroup on this node (Slurm without PrologFlags=Contain and "
                         "proctrack/cgroup?): the engine is not contained by the job's limits", rec.job_id)
+            return
+        # A hierarchy that Slurm gives the step later still (a slow node) is joined too, once.
+        await asyncio.sleep(CONTAIN_RECHECK_S)
+        try:
+            again = await asyncio.to_thread(self.cgroups.of_job, rec.job_id)
+            late = [h for h in again if h not in targets]
+            if late and self._alive(running):
+                log.warning("job %s: the job's cgroups in %s came late: joining them", rec.job_id,
+                            ", ".join(h.mountpoint.name for h in late))
+                running.cgroups = targets + await asyncio.to_thread(self.cgroups.contain, rec.job_id, rec.pid, late)
+        except OSError as exc:
+            if rec.state in (pb.STARTING, pb.READY) and self._alive(running):
+                await self._fail(running, f"could not move the engine into job {rec.job_id}'s cgroups: {exc}")
 
     def _scratch_home(self, record: EngineRecord) -> str:
         home = self.run_dir / "homes" / record.job_id

@@ -106,17 +106,17 @@ def test_an_extern_step_without_a_task_is_found_by_its_folders(tmp_path: Path) -
     assert JobCgroups("node1", proc=tmp_path / "proc").of_job("44") == []
 
 
-def test_a_step_found_by_folders_is_taken_once_no_hierarchy_has_come_for_a_while(tmp_path: Path) -> None:
-    """Slurm makes the step's folders one hierarchy after another: an engine moved when only freezer had its
-    folder stayed outside the memory and devices limits (seen on 26.05). Found without a task, the step is
-    polled on until no new hierarchy has come for STEP_SETTLE_S."""
+def test_a_step_is_taken_once_no_hierarchy_has_come_for_a_while(tmp_path: Path) -> None:
+    """Slurm puts the extern task into its cgroups (and makes a taskless step's folders) one hierarchy after
+    another: an engine moved when only freezer and cpuset had the job stayed outside the memory and devices
+    limits (seen on 24.11). The step is polled on until no new hierarchy has come for STEP_SETTLE_S."""
     cg = tmp_path / "cg"
     (tmp_path / "proc" / "self").mkdir(parents=True)
     (tmp_path / "proc" / "self" / "mounts").write_text(
         f"cgroup {cg}/memory cgroup rw,memory 0 0\ncgroup {cg}/freezer cgroup rw,freezer 0 0\n")
     _tree(cg / "freezer", "slurm_node1/uid_1001/job_42/step_extern")
     cgroups = JobCgroups("node1", proc=tmp_path / "proc")
-    assert cgroups.find("42") == ([Hierarchy(cg / "freezer", "/slurm_node1/uid_1001/job_42/step_extern")], False)
+    assert cgroups.find("42") == [Hierarchy(cg / "freezer", "/slurm_node1/uid_1001/job_42/step_extern")]
 
     async def memory_comes_later() -> list[Hierarchy]:
         waiting = asyncio.create_task(cgroups.wait_for_job("42", wait_s=10))
