@@ -351,6 +351,7 @@ class EngineManager:
             # (agent/preemption.py); any other, or one whose batch step is not here, to the extern step.
             targets = (await preemption.wait_for_batch(self.cgroups, rec.job_id)
                        if rec.pool and rec.rank == 0 else [])
+            in_batch = bool(targets)
             targets = targets or await self.cgroups.wait_for_job(rec.job_id)
             targets = await asyncio.to_thread(self.cgroups.contain, rec.job_id, rec.pid, targets)
         except OSError as exc:
@@ -365,8 +366,10 @@ class EngineManager:
         # A hierarchy that Slurm gives the step later still (a slow node) is joined too, once.
         await asyncio.sleep(CONTAIN_RECHECK_S)
         try:
-            again = await asyncio.to_thread(self.cgroups.of_job, rec.job_id)
-            late = [h for h in again if h not in targets]
+            # The same step again (the batch step's cgroups for an engine placed there), by hierarchy.
+            again = await asyncio.to_thread(preemption.batch_cgroups if in_batch else JobCgroups.of_job,
+                                            self.cgroups, rec.job_id)
+            late = [h for h in again if h.mountpoint not in {t.mountpoint for t in targets}]
             if late and self._alive(running):
                 log.warning("job %s: the job's cgroups in %s came late: joining them", rec.job_id,
                             ", ".join(h.mountpoint.name for h in late))

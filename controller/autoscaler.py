@@ -413,6 +413,10 @@ class Autoscaler:
         guaranteed = m.burst.guaranteed(m.active_ids)
         missing = max(cfg.min_replicas - guaranteed, 0)
         planned = [(q, bool(cfg.burst_qos) and i >= missing) for i, q in enumerate(tiers(cfg, guaranteed, n))]
+        if cfg.burst_qos:
+            log.info("model=%s tiers: %d of min_replicas %d active in %s (jobs %s, burst %s) -> %s", cfg.name,
+                     guaranteed, cfg.min_replicas, cfg.qos or "the default QOS", ",".join(sorted(m.active_ids)),
+                     ",".join(sorted(m.burst.jobs)) or "none", ", ".join(q for q, _ in planned))
         wait = m.burst.waiting(self._clock())
         if not cfg.burst_qos or not wait:
             return planned

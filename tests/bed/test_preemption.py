@@ -20,7 +20,7 @@ import pytest
 
 from slinfer.dev import devcluster
 from slinfer.slurm import parse
-from tests.fakes.slurmbed import SlurmBed, wait_until
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_until
 
 pytestmark = pytest.mark.bed
 READY_TIMEOUT = 300
@@ -118,6 +118,9 @@ def two_tiers(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
     slurm_bed.run(*grant, "qos+=scavenger")
     config.write_text(head + tiny + block)
     _restart_controller(slurm_bed)
+    # The restarted controller checked the burst tier's QOS too: it runs the two-tier catalog.
+    wait_until("the controller's start check", lambda: "tiny: slinfer/debug/normal,scavenger" in
+               (slurm_bed.bed.logs / "controller.out").read_text(), 30)
     try:
         yield slurm_bed
     finally:
@@ -126,6 +129,14 @@ def two_tiers(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
         slurm_bed.retire_models(TINY)
         slurm_bed.run(*grant, "qos-=scavenger", check=False)
         slurm_bed.cleanup_jobs()
+
+
+def _freezer(pid: int) -> str:
+    for line in open(f"/proc/{pid}/cgroup").read().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "freezer" in controllers.split(","):
+            return path
+    return ""
 
 
 def _qos(bed: SlurmBed, job: str) -> str:
@@ -150,6 +161,11 @@ def test_preemption_under_load_costs_no_request_that_had_not_started(two_tiers: 
     jobs = {_qos(bed, j): j for j in bed.controller_jobs(TINY)}
     assert set(jobs) == {"normal", "scavenger"}, jobs
     guaranteed, burst = jobs["normal"], jobs["scavenger"]
+    # The pool's engines live in their job's batch step (agent/preemption.py), which the notice leaves alone.
+    for job in (guaranteed, burst):
+        pids = engine_pids(job)
+        assert pids and all(f"/job_{job}/step_batch" in _freezer(pid) for pid in pids), (
+            job, {pid: _freezer(pid) for pid in pids})
     # Bob's high job needs every GPU but the guaranteed replica's: only the burst replica's can make room.
     gpus = bed.bed.gpus - 1
     with StreamLoad(bed) as load:
@@ -178,8 +194,10 @@ def test_preemption_under_load_costs_no_request_that_had_not_started(two_tiers: 
     assert started, f"the batch job {batch} never started"
     assert unrouted, "the burst replica stayed in the gateway's routing"
     assert not_started == 0, outcomes
-    # Every stream that was cut ends with the OpenAI-shaped error event; nothing else goes wrong.
+    # Every stream that was cut ends with the OpenAI-shaped error event; nothing else goes wrong. And none
+    # was cut here: the engine outlives the notice, its streams (a few seconds) finish well within the grace.
     assert set(outcomes) <= {COMPLETE, CUT}, outcomes
+    assert in_flight == 0, outcomes
     assert started - submitted <= GRACE_S + MARGIN_S, started - submitted
     assert bed.state(guaranteed) == "RUNNING"
     # The burst capacity comes back once the batch job is over (after the burst tier's backoff).
@@ -188,3 +206,34 @@ def test_preemption_under_load_costs_no_request_that_had_not_started(two_tiers: 
     back = {_qos(bed, j): j for j in bed.controller_jobs(TINY)}
     assert back.get("normal") == guaranteed and back.get("scavenger") not in (None, burst), back
     print(f"burst capacity back {time.time() - submitted:.0f}s after the batch submit")
+
+
+def test_an_admins_scancel_of_a_replica_under_load_fails_no_request_that_had_not_started(two_tiers: SlurmBed) -> None:
+    """The same path without a grace: an administrator's scancel of the burst replica. Its streams are cut (with
+    the error event); requests that had not started go to the guaranteed replica; the replica comes back."""
+    bed = two_tiers
+    bed.admin("scale", TINY, "2")
+    wait_until("two READY replicas of tiny", lambda: bed.ready_replicas(TINY) >= 2, READY_TIMEOUT)
+    jobs = {_qos(bed, j): j for j in bed.controller_jobs(TINY)}
+    burst = jobs["scavenger"]
+    with StreamLoad(bed) as load:
+        wait_until("streams completing through both replicas", lambda: load.outcomes()[COMPLETE] >= STREAMS, 120)
+        cancelled = time.time()
+        bed.run("scancel", burst)
+        unrouted = 0.0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not unrouted:
+            if bed.ready_replicas(TINY) < 2:
+                unrouted = time.time()
+            time.sleep(0.1)
+        after = time.time()
+        wait_until("streams completing after the scancel", lambda: load.outcomes(after)[COMPLETE] >= STREAMS, 120)
+    outcomes = load.outcomes()
+    not_started = sum(n for o, n in outcomes.items() if o.startswith("refused"))
+    in_flight = sum(n for o, n in outcomes.items() if o.startswith("cut"))
+    print(f"\nscancel of {burst} under load: out of routing {unrouted - cancelled:+.1f}s after the scancel; requests "
+          f"{dict(outcomes)}: failed not-started {not_started}, in-flight {in_flight}")
+    assert unrouted, "the cancelled replica stayed in the gateway's routing"
+    assert not_started == 0, outcomes
+    assert set(outcomes) <= {COMPLETE, CUT}, outcomes
+    wait_until("the replica replaced", lambda: bed.ready_replicas(TINY) >= 2, READY_TIMEOUT)
