@@ -24,6 +24,12 @@ ALICE = devcluster.BED_USERS[0]
 READY_TIMEOUT = 240
 # The template imports torch and vLLM once per agent start: 15-30 s on the bed's two loaded cores.
 TEMPLATE_TIMEOUT = 180
+# "READY in seconds": a warm engine was READY 4.6-5.7 s after its start on an idle bed and 6.1-21.1 s with the two
+# cores loaded by others' engines, while a cold start takes 31-41 s on an idle bed: over this, it was not warm.
+WARM_READY_S = 30.0
+# On the same machine at the same time, a warm start takes at most this share of a cold start's time (measured:
+# about a sixth, see README).
+WARM_SHARE_OF_COLD = 0.5
 # Cgroup v1 hierarchies whose limits bind a job (as tests/bed/test_containment.py checks for cold engines).
 JOB_HIERARCHIES = ("memory", "cpuset", "devices", "freezer")
 ASK = (
@@ -82,6 +88,7 @@ def test_a_private_job_of_an_unprivileged_user_gets_a_warm_engine(slurm_bed: Slu
         log = _agent_log(slurm_bed)
         assert f"job {job}: warm start: engine pid" in log, log[-3000:]
         assert f"job {job}: cold start" not in log
+        assert _ready_seconds(slurm_bed, job) <= WARM_READY_S, "a warm engine must be READY in seconds"
         pids = engine_pids(job)
         # vLLM's API server, its EngineCore and its worker, all forked: all show the engine's marker.
         assert len(pids) >= 3, f"expected the API server, EngineCore and worker, found {pids}"
@@ -133,6 +140,7 @@ def test_ten_warm_engines_in_a_row_are_all_ready(slurm_bed: SlurmBed) -> None:
         assert f"job {job}: engine FAILED" not in log and f"job {job}: cold start" not in log, job
     seconds = [_ready_seconds(slurm_bed, job) for job in jobs]
     print(f"\nten warm engines, READY after start: {', '.join(f'{s:.1f}' for s in seconds)} s")
+    assert max(seconds) <= WARM_READY_S, f"warm engines must be READY within {WARM_READY_S} s: {seconds}"
     # The same template forked all ten: it never crashed meanwhile.
     assert _template_pid(slurm_bed) == template
     assert slurm_bed.wait_node_idle() == "idle"
@@ -159,5 +167,8 @@ def test_a_dead_template_falls_back_to_a_cold_start_and_is_started_again(slurm_b
     assert slurm_bed.wait_state(again, {"COMPLETED", "FAILED", "CANCELLED"}, READY_TIMEOUT + 60) == "COMPLETED", \
         slurm_bed.output(again)
     assert f"job {again}: warm start: engine pid" in _agent_log(slurm_bed)
+    cold, warm = _ready_seconds(slurm_bed, job), _ready_seconds(slurm_bed, again)
+    print(f"\nREADY after start: cold {cold:.1f} s, then warm {warm:.1f} s")
+    assert warm <= WARM_READY_S and warm <= WARM_SHARE_OF_COLD * cold, (cold, warm)
     wait_no_engine(again, None, 60)
     assert slurm_bed.wait_node_idle() == "idle"
