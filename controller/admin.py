@@ -18,7 +18,8 @@ from collections.abc import Callable
 import grpc
 
 from slinfer.controller.autoscaler import Autoscaler, ModelStatus
-from slinfer.controller.keys import KeyStore, KeyStoreError
+from slinfer.controller.identity import IdentityError, OwnKeys
+from slinfer.controller.keys import KeyInfo, KeyStore, KeyStoreError
 from slinfer.controller.pins import Pins, PinStoreError
 from slinfer.controller.registry import Registry
 from slinfer.controller.slurm import JOB_ID
@@ -45,11 +46,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     def __init__(self, autoscaler: Autoscaler, registry: Registry, keys: KeyStore, token: str = "",
                  clock: Callable[[], float] = time.time, usage: UsageLedger | None = None,
-                 pins: Pins | None = None) -> None:
+                 pins: Pins | None = None, own_keys: OwnKeys | None = None) -> None:
         self._autoscaler = autoscaler
         # The live pins (controller/pins.py): `slinfer scale` sets them there; the autoscaler reads the same.
         self._pins = pins if pins is not None or autoscaler is None else autoscaler.pins
         self._usage = usage
+        # Users' own keys, proven by munge (controller/identity.py); None: `slinfer key` is not offered.
+        self._own = own_keys
         self._registry = registry
         self._keys = keys
         self._token = token.encode()
@@ -136,10 +139,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListKeys(self, request: admin_pb2.ListKeysRequest,
                        context: grpc.aio.ServicerContext) -> admin_pb2.ListKeysResponse:
         await self._authorize(context)
-        return admin_pb2.ListKeysResponse(keys=[
-            admin_pb2.KeyInfo(key_id=k.key_id, name=k.name, account=k.account, created_at=k.created_at,
-                              source=k.source, requests_per_minute=k.requests_per_minute,
-                              tokens_per_day=k.tokens_per_day) for k in self._keys.list()])
+        return admin_pb2.ListKeysResponse(keys=[_key_info(k) for k in self._keys.list()])
 
     async def RevokeKey(self, request: admin_pb2.RevokeKeyRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.RevokeKeyResponse:
@@ -172,3 +172,60 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             day=r.day, key_id=r.key_id, key_name=r.key_name, account=r.account, model=r.model, requests=r.requests,
             failed=r.failed, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
             estimated=r.estimated) for r in rows])
+
+    # The user's own keys: no admin token (any user may call them); each carries a munge credential instead.
+
+    async def _own_keys(self, context: grpc.aio.ServicerContext) -> OwnKeys:
+        if self._own is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this controller offers no user keys")
+        assert self._own is not None
+        return self._own
+
+    async def CreateOwnKey(self, request: admin_pb2.OwnKeyCreateRequest,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.CreateKeyResponse:
+        own = await self._own_keys(context)
+        try:
+            made = await own.create(request.credential, request.name, request.account, request.expires_days)
+        except IdentityError as exc:
+            await context.abort(_IDENTITY_CODES[exc.kind], str(exc))
+        except KeyStoreError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return admin_pb2.CreateKeyResponse(key_id=made.key_id, secret=made.secret, user=made.user,
+                                           account=made.account, expires_at=made.expires_at)
+
+    async def ListOwnKeys(self, request: admin_pb2.OwnKeysRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.ListKeysResponse:
+        own = await self._own_keys(context)
+        try:
+            found = await own.list(request.credential)
+        except IdentityError as exc:
+            await context.abort(_IDENTITY_CODES[exc.kind], str(exc))
+        return admin_pb2.ListKeysResponse(keys=[_key_info(k) for k in found])
+
+    async def RevokeOwnKey(self, request: admin_pb2.OwnKeyRevokeRequest,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.RevokeKeyResponse:
+        own = await self._own_keys(context)
+        try:
+            await own.revoke(request.credential, request.key_id)
+        except IdentityError as exc:
+            await context.abort(_IDENTITY_CODES[exc.kind], str(exc))
+        except KeyStoreError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return admin_pb2.RevokeKeyResponse()
+
+
+# The gRPC status of each refusal of controller/identity.py.
+_IDENTITY_CODES = {
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "denied": grpc.StatusCode.PERMISSION_DENIED,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _key_info(k: KeyInfo) -> admin_pb2.KeyInfo:
+    return admin_pb2.KeyInfo(key_id=k.key_id, name=k.name, account=k.account, created_at=k.created_at,
+                             source=k.source, requests_per_minute=k.requests_per_minute,
+                             tokens_per_day=k.tokens_per_day, user=k.user, expires_at=k.expires_at)

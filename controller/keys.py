@@ -47,6 +47,10 @@ class KeyInfo:
     tokens_per_day: int | None = None
     # A gateway tier's share of the rate's burst (the controller's feed sets it); None means [gateway]'s.
     burst: int | None = None
+    # The Slurm user a key was made for by `slinfer key create` (proven by munge); empty for an admin's key.
+    user: str = ""
+    # Unix seconds after which the key is refused (its owner's --expires); 0 means never.
+    expires_at: float = 0.0
 
 
 def _limit(value: object) -> int | None:
@@ -105,6 +109,10 @@ class KeyStore:
             db.execute("CREATE TABLE IF NOT EXISTS keys (sha256 TEXT PRIMARY KEY, key_id TEXT NOT NULL UNIQUE, "
                        "name TEXT NOT NULL, account TEXT NOT NULL, created_at REAL NOT NULL, "
                        "requests_per_minute INTEGER, tokens_per_day INTEGER)")
+            # The owner of a key a user made (`slinfer key create`), in its own table: the keys table keeps its
+            # columns, and a key without a row here is an administrator's.
+            db.execute("CREATE TABLE IF NOT EXISTS owners (key_id TEXT PRIMARY KEY, user TEXT NOT NULL, "
+                       "expires_at REAL NOT NULL)")
         except (OSError, sqlite3.Error) as exc:
             raise KeyStoreError(f"{self._db_path}: cannot open the key database: {exc}") from exc
         self._db = db
@@ -117,10 +125,12 @@ class KeyStore:
         db = self._connect()
         try:
             for row in db.execute("SELECT sha256, key_id, name, account, created_at, requests_per_minute, "
-                                  "tokens_per_day FROM keys"):
+                                  "tokens_per_day, coalesce(user, ''), coalesce(expires_at, 0) FROM keys "
+                                  "LEFT JOIN owners USING (key_id)"):
                 self._stored[bytes.fromhex(row[0])] = KeyInfo(
                     key_id=row[1], name=row[2], account=row[3], created_at=row[4],
-                    requests_per_minute=_limit(row[5]), tokens_per_day=_limit(row[6]))
+                    requests_per_minute=_limit(row[5]), tokens_per_day=_limit(row[6]), user=row[7],
+                    expires_at=float(row[8]))
         except (sqlite3.Error, ValueError) as exc:
             raise KeyStoreError(f"{self._db_path}: unreadable key database: {exc}") from exc
         if legacy is not None:
@@ -166,18 +176,23 @@ class KeyStore:
             raise
         db.execute("COMMIT")
 
-    def _write(self, sql: str, args: tuple[object, ...]) -> int:
-        """One statement in its own transaction; the rows it changed. Raises KeyStoreError."""
+    def _write(self, sql: str, args: tuple[object, ...],
+               also: tuple[str, tuple[object, ...]] | None = None) -> int:
+        """One statement (and `also`, when given) in one transaction; the rows the first changed. Raises
+        KeyStoreError."""
         db = self._connect()
         try:
             with self._transaction(db):
-                return db.execute(sql, args).rowcount
+                count = db.execute(sql, args).rowcount
+                if also is not None:
+                    db.execute(*also)
+                return count
         except sqlite3.Error as exc:
             raise KeyStoreError(f"{self._db_path}: cannot write the key database: {exc}") from exc
 
     def create(self, name: str, account: str = "", requests_per_minute: int | None = None,
-               tokens_per_day: int | None = None) -> tuple[str, str]:
-        """Makes a new key; returns (key_id, secret). The secret is not kept."""
+               tokens_per_day: int | None = None, *, user: str = "", expires_at: float = 0.0) -> tuple[str, str]:
+        """Makes a new key (owned by `user` when given); returns (key_id, secret). The secret is not kept."""
         if not name or len(name) > 128 or not name.isprintable():
             raise ValueError("a key name must be 1-128 printable characters")
         if len(account) > 128 or not account.isprintable():
@@ -189,8 +204,10 @@ class KeyStore:
         secret = f"{SECRET_PREFIX}{secrets.token_urlsafe(32)}"
         digest = _digest(secret)
         info = KeyInfo(key_id=key_id, name=name, account=account, created_at=time.time(),
-                       requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day)
-        self._write("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)", self._row(digest, info))
+                       requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day, user=user,
+                       expires_at=expires_at)
+        self._write("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)", self._row(digest, info),
+                    ("INSERT INTO owners VALUES (?, ?, ?)", (key_id, user, expires_at)) if user else None)
         self._stored[digest] = info
         self._by_id[key_id] = digest
         self._changed(digest)
@@ -243,7 +260,7 @@ class KeyStore:
         digest = self._by_id.get(key_id)
         if digest is None or digest not in self._stored:
             return False
-        self._write("DELETE FROM keys WHERE key_id = ?", (key_id,))
+        self._write("DELETE FROM keys WHERE key_id = ?", (key_id,), ("DELETE FROM owners WHERE key_id = ?", (key_id,)))
         del self._stored[digest]
         del self._by_id[key_id]
         self._changed(digest)
@@ -257,4 +274,6 @@ class KeyStore:
         digest = _digest(presented)
         info = self.lookup(digest)
         known = digest if info is not None else _NO_KEY
+        if info is not None and info.expires_at and time.time() >= info.expires_at:
+            return None
         return info if hmac.compare_digest(known, digest) else None

@@ -38,6 +38,7 @@ from slinfer.controller.balancer import Balancer
 from slinfer.controller.eventloop import loop_factory
 from slinfer.controller.gateway import Demand, Gateway
 from slinfer.controller.gatewayhub import GatewayHub
+from slinfer.controller.identity import OwnKeys
 from slinfer.controller.jobtable import JobTable
 from slinfer.controller.keys import KeyStore, KeyStoreError
 from slinfer.controller.limits import KeyLimits, Limiter
@@ -133,12 +134,14 @@ async def serve(config: Config, stop: asyncio.Event,
                             is_leader=lambda: kube_sync is None or kube_sync.is_leader,
                             outstanding_elsewhere=hub.outstanding, pins=pins, job_table=job_table)
 
+    # Users' own keys (`slinfer key`), proven by the site's munge.
+    own_keys = OwnKeys(keys, slurm.runner, munge_socket=c.munge_socket, keys_per_user=g.keys_per_user)
     server = grpc.aio.server()
     controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, c.token, c.heartbeat_s), server)
     gateway_pb2_grpc.add_GatewayFeedServicer_to_server(hub, server)
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminService(autoscaler=autoscaler, registry=registry, keys=keys, token=c.token, usage=ledger,
-                     pins=pins), server)
+                     pins=pins, own_keys=own_keys), server)
     try:
         grpc_port = (server.add_secure_port(c.listen, credentials) if credentials is not None
                      else server.add_insecure_port(c.listen))
@@ -162,6 +165,7 @@ async def serve(config: Config, stop: asyncio.Event,
         tasks.append(asyncio.create_task(autoscaler.run(c.autoscale_interval_s), name="autoscaler"))
         tasks.append(asyncio.create_task(_sweep(registry), name="registry-sweep"))
         tasks.append(asyncio.create_task(ledger.run(), name="usage-ledger"))
+        tasks.append(asyncio.create_task(own_keys.run(), name="key-expiry"))
         if kube_sync is not None:
             tasks.append(asyncio.create_task(kube_sync.run(), name="kubernetes-sync"))
         # Everything allocated so far lives as long as the process; keep it out of the collector's scans.

@@ -7,11 +7,14 @@ config itself, and does not know what the values are used for.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, get_type_hints
+
+import msgspec
 
 DEFAULT_PATH = Path("/etc/slinfer/slinfer.toml")
 
@@ -110,6 +113,9 @@ class ControllerConfig:
     job_output: str = "/dev/null"
     autoscale_interval_s: float = 2.0
     log_level: str = "info"
+    # munged's socket for `unmunge` (users' `slinfer key` credentials) and for the CLI's `munge`; empty means
+    # munge's default (/run/munge/munge.socket.2).
+    munge_socket: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,8 @@ class GatewayConfig:
     key_burst: int = 0
     # Prompt plus completion tokens per key per UTC day.
     key_tokens_per_day: int = 0
+    # Keys a user may hold at once through `slinfer key create` (an administrator's `slinfer keys` is not bound).
+    keys_per_user: int = 5
     # How often the usage ledger appends its sums under [controller].state_dir; a crash loses at most this.
     usage_flush_s: float = 10.0
     # A client must send a request's head within this long of connecting (or of its previous answer on a
@@ -266,54 +274,83 @@ class Config:
 
 T = TypeVar("T")
 
+# msgspec's names of the types it expected, in the words this module's errors use.
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+             "array": "a list", "object": "a table"}
+# The first line of a msgspec.ValidationError: what went wrong, then where ("$" is the table given to convert).
+# And the Python types they name, to find a table's entry msgspec refused (its path says only `[...]`).
+_PYTHON: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str, "array": list, "object": dict}
+_VALIDATION = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+_PATH_PART = re.compile(r"\.(\w+)|\[(\d+)\]|\[\.\.\.\]")
 
-def _check_type(key: str, value: Any, hint: Any) -> Any:
-    origin = get_origin(hint)
-    if origin is list:
-        (item,) = get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(key, f"must be a list, not {type(value).__name__}")
-        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        _, item = get_args(hint)
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"must be a table, not {type(value).__name__}")
-        return {str(k): _check_type(f"{key}.{k}", v, item) for k, v in value.items()}
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, f"must be a number, not {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, not {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, not {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, not {value!r}")
-        return value
-    raise ConfigError(key, f"unsupported type {hint}")
+
+@functools.cache
+def _schema(cls: type) -> Any:
+    """A msgspec Struct with the fields, types and defaults of the dataclass `cls`, unknown fields refused."""
+    hints = get_type_hints(cls)
+    specs: list[tuple[str, Any, Any] | tuple[str, Any]] = []
+    for f in fields(cls):
+        if f.default is not MISSING:
+            specs.append((f.name, hints[f.name], f.default))
+        elif f.default_factory is not MISSING:
+            specs.append((f.name, hints[f.name], msgspec.field(default_factory=f.default_factory)))
+        else:
+            specs.append((f.name, hints[f.name]))
+    return msgspec.defstruct(f"{cls.__name__}Schema", specs, kw_only=True, forbid_unknown_fields=True)
+
+
+def _converts(value: Any, kind: type) -> bool:
+    try:
+        msgspec.convert(value, kind)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _at(table: Any, path: str, expected: str) -> tuple[str, Any]:
+    """The dotted key and the value at msgspec's `path` in `table`; a table's entry (msgspec's `[...]`) is
+    the first whose value is not of the `expected` type."""
+    key, value = "", table
+    for name, index in ((m.group(1), m.group(2)) for m in _PATH_PART.finditer(path)):
+        if name is not None:
+            key, value = f"{key}.{name}", value[name]
+        elif index is not None:
+            key, value = f"{key}[{index}]", value[int(index)]
+        else:
+            # The config's tables of values hold scalars (engine_env): the entry is the first msgspec refuses.
+            k, value = next((k, v) for k, v in value.items() if not _converts(v, _PYTHON.get(expected, object)))
+            key = f"{key}.{k}"
+    return key, value
+
+
+def _config_error(key: str, table: Any, known: list[str], exc: msgspec.ValidationError) -> ConfigError:
+    """msgspec's error as this module words it: the dotted key, and what the key must be."""
+    match = _VALIDATION.match(str(exc).splitlines()[0])
+    assert match is not None  # the pattern matches any line
+    what, path = match["what"], match["path"] or ""
+    if m := re.fullmatch(r"Expected `(\w+)`, got `\w+`", what):
+        expected = m[1]
+        sub, value = _at(table, path, expected)
+        if not sub and expected == "object":
+            return ConfigError(key, "must be a table")
+        shown = type(value).__name__ if expected in ("array", "object") else repr(value)
+        return ConfigError(key + sub, f"must be {_EXPECTED.get(expected, expected)}, not {shown}")
+    sub, _ = _at(table, path, "")
+    if m := re.fullmatch(r"Object contains unknown field `(.*)`", what):
+        return ConfigError(f"{key}{sub}.{m[1]}" if key else m[1], f"unknown key (known: {', '.join(sorted(known))})")
+    if m := re.fullmatch(r"Object missing required field `(.*)`", what):
+        return ConfigError(f"{key}{sub}.{m[1]}" if key else m[1], "missing required key")
+    return ConfigError(key + sub, what)
 
 
 def _build(cls: type[T], key: str, table: Any) -> T:
-    if not isinstance(table, dict):
-        raise ConfigError(key, "must be a table")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    for name in table:
-        if name not in known:
-            raise ConfigError(f"{key}.{name}" if key else name, f"unknown key (known: {', '.join(sorted(known))})")
-    values: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        dotted = f"{key}.{f.name}" if key else f.name
-        if f.name in table:
-            values[f.name] = _check_type(dotted, table[f.name], hints[f.name])
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise ConfigError(dotted, "missing required key")
-    return cls(**values)
+    """`table` as a `cls`, its types checked by msgspec against the dataclass's own hints and defaults."""
+    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    try:
+        built = msgspec.convert(table, _schema(cls))
+    except msgspec.ValidationError as exc:
+        raise _config_error(key, table, known, exc) from None
+    return cls(**{name: getattr(built, name) for name in known})
 
 
 def _check_model(key: str, model: ModelConfig) -> None:
@@ -378,6 +415,8 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     for name in ("key_requests_per_minute", "key_burst", "key_tokens_per_day"):
         if getattr(config.gateway, name) < 0:
             raise ConfigError(f"gateway.{name}", "must be 0 (no limit) or more")
+    if config.gateway.keys_per_user < 0:
+        raise ConfigError("gateway.keys_per_user", "must be 0 (users make no keys) or more")
     for name in ("usage_flush_s", "client_timeout_s"):
         if getattr(config.gateway, name) <= 0:
             raise ConfigError(f"gateway.{name}", "must be above 0")

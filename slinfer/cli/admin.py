@@ -24,7 +24,7 @@ import grpc
 from google.protobuf import json_format
 
 from slinfer import config as configmod
-from slinfer import tls
+from slinfer import munge, tls
 from slinfer.v1 import admin_pb2, admin_pb2_grpc
 
 CALL_TIMEOUT_S = 15.0
@@ -68,6 +68,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = ksub.add_parser("revoke", parents=[common], help="revoke a key by its id")
     p.add_argument("key_id")
     p.set_defaults(func=_keys_revoke)
+
+    own = argparse.ArgumentParser(add_help=False, parents=[common])
+    own.add_argument("--munge-socket", metavar="PATH",
+                     help="munged's socket (default: $SLINFER_MUNGE_SOCKET, else [controller].munge_socket, "
+                          "else munge's own default)")
+    key = sub.add_parser("key", help="your own gateway keys, proven by munge (no administrator needed)")
+    ksub = key.add_subparsers(dest="key_command", required=True)
+    p = ksub.add_parser("create", parents=[own], help="make a key bound to you and a Slurm account; shown once")
+    p.add_argument("--account", default="", help="a Slurm account you have an association with (default: "
+                                                 "your default account)")
+    p.add_argument("--name", default="", help="a label for the key (default: USER@ACCOUNT)")
+    p.add_argument("--expires", type=_count, default=0, metavar="DAYS",
+                   help="the key is revoked after this many days (default 0: never)")
+    p.set_defaults(func=_key_create)
+    p = ksub.add_parser("list", parents=[own], help="list your keys (never their secrets)")
+    p.set_defaults(func=_key_list)
+    p = ksub.add_parser("revoke", parents=[own], help="revoke one of your keys by its id")
+    p.add_argument("key_id")
+    p.set_defaults(func=_key_revoke)
 
     p = sub.add_parser("usage", parents=[common],
                        help="requests and tokens per key, model and Slurm account, per UTC day")
@@ -174,6 +193,41 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 def _keys_revoke(args: argparse.Namespace) -> int:
     _call(args, "RevokeKey", admin_pb2.RevokeKeyRequest(key_id=args.key_id))
+    sys.stdout.write(f"key {args.key_id} revoked\n")
+    return 0
+
+
+def _credential(args: argparse.Namespace) -> str:
+    """A fresh munge credential of the user running the CLI (each is good for one call)."""
+    socket = args.munge_socket or os.environ.get("SLINFER_MUNGE_SOCKET") or ""
+    if not socket:
+        socket = _target(args)[1].controller.munge_socket
+    try:
+        return munge.encode(socket)
+    except munge.MungeError as exc:
+        raise RuntimeError(f"cannot prove who you are with munge: {exc}") from None
+
+
+def _key_create(args: argparse.Namespace) -> int:
+    reply: admin_pb2.CreateKeyResponse = _call(args, "CreateOwnKey", admin_pb2.OwnKeyCreateRequest(
+        credential=_credential(args), name=args.name, account=args.account, expires_days=args.expires))
+    expires = _when(reply.expires_at) if reply.expires_at else "never"
+    sys.stdout.write(f"key id: {reply.key_id}\nuser: {reply.user}\naccount: {reply.account}\nexpires: {expires}\n"
+                     f"secret: {reply.secret}\n(the secret is not stored; keep it now)\n")
+    return 0
+
+
+def _key_list(args: argparse.Namespace) -> int:
+    reply: admin_pb2.ListKeysResponse = _call(args, "ListOwnKeys",
+                                              admin_pb2.OwnKeysRequest(credential=_credential(args)))
+    rows = [[k.key_id, k.name, k.account or "-", _when(k.created_at) if k.created_at else "-",
+             _when(k.expires_at) if k.expires_at else "never"] for k in reply.keys]
+    sys.stdout.write(_table(["ID", "NAME", "ACCOUNT", "CREATED", "EXPIRES"], rows))
+    return 0
+
+
+def _key_revoke(args: argparse.Namespace) -> int:
+    _call(args, "RevokeOwnKey", admin_pb2.OwnKeyRevokeRequest(credential=_credential(args), key_id=args.key_id))
     sys.stdout.write(f"key {args.key_id} revoked\n")
     return 0
 
