@@ -1,8 +1,11 @@
 """The one TOML file of a site (`/etc/slinfer/slinfer.toml`).
 
 Loading checks every key up front: a missing, unknown or wrongly typed key fails with its dotted name
-(`models[0].max_replicas`), never later at run time. This module does not read files other than the
-config itself, and does not know what the values are used for.
+(`models[0].max_replicas`), never later at run time. The sections are dataclasses; msgspec checks a table
+against each one's types and defaults (a Struct made from it, unknown keys refused), and its errors are
+worded here with the dotted key and the value (tests/unit/test_config_messages.py holds each wording, so a
+msgspec that words its errors otherwise fails there). This module does not read files other than the config
+itself, and does not know what the values are used for.
 """
 
 from __future__ import annotations
