@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import grpc
 
+from slinfer import tls
+from slinfer.config import Config
 from slinfer.controller.autoscaler import Autoscaler, ModelStatus
 from slinfer.controller.identity import IdentityError, OwnKeys
 from slinfer.controller.keys import KeyInfo, KeyStore, KeyStoreError
@@ -229,3 +231,34 @@ def _key_info(k: KeyInfo) -> admin_pb2.KeyInfo:
     return admin_pb2.KeyInfo(key_id=k.key_id, name=k.name, account=k.account, created_at=k.created_at,
                              source=k.source, requests_per_minute=k.requests_per_minute,
                              tokens_per_day=k.tokens_per_day, user=k.user, expires_at=k.expires_at)
+
+
+class UserKeysService(admin_pb2_grpc.AdminServicer):
+    """The Admin service as served on `[controller].user_listen`: the user-key methods, proven by munge, and
+    nothing else (every other method is the base's UNIMPLEMENTED). Users have no client certificate where
+    `[controller].tls_client_auth` holds the main port; this port asks none, and offers nothing an agent uses."""
+
+    def __init__(self, admin: AdminService) -> None:
+        self.CreateOwnKey = admin.CreateOwnKey  # type: ignore[method-assign]
+        self.ListOwnKeys = admin.ListOwnKeys  # type: ignore[method-assign]
+        self.RevokeOwnKey = admin.RevokeOwnKey  # type: ignore[method-assign]
+
+
+def user_server(config: Config, admin: AdminService) -> tuple[grpc.aio.Server, int]:
+    """The users' port (`[controller].user_listen`): TLS with the controller's certificate but no client
+    certificate asked, or plaintext when the controller has none. Raises ValueError naming the key."""
+    c = config.controller
+    server = grpc.aio.server()
+    admin_pb2_grpc.add_AdminServicer_to_server(UserKeysService(admin), server)
+    try:
+        if c.tls_cert:
+            creds = grpc.ssl_server_credentials([(tls.read_pem("controller.tls_key", c.tls_key),
+                                                  tls.read_pem("controller.tls_cert", c.tls_cert))])
+            port = server.add_secure_port(c.user_listen, creds)
+        else:
+            port = server.add_insecure_port(c.user_listen)
+    except RuntimeError as exc:
+        raise ValueError(f"controller.user_listen: cannot listen on {c.user_listen}: {exc}") from exc
+    if not port:
+        raise ValueError(f"controller.user_listen: cannot listen on {c.user_listen}")
+    return server, port

@@ -32,7 +32,7 @@ from slinfer import tls
 from slinfer.backoff import AGENT_RECONNECT
 from slinfer.config import DEFAULT_PATH, Config, ConfigError, load, pool_users, require_token
 from slinfer.controller import metrics
-from slinfer.controller.admin import AdminService
+from slinfer.controller.admin import AdminService, user_server
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.eventloop import loop_factory
@@ -139,9 +139,15 @@ async def serve(config: Config, stop: asyncio.Event,
     server = grpc.aio.server()
     controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, c.token, c.heartbeat_s), server)
     gateway_pb2_grpc.add_GatewayFeedServicer_to_server(hub, server)
-    admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminService(autoscaler=autoscaler, registry=registry, keys=keys, token=c.token, usage=ledger,
-                     pins=pins, own_keys=own_keys), server)
+    admin = AdminService(autoscaler=autoscaler, registry=registry, keys=keys, token=c.token, usage=ledger,
+                         pins=pins, own_keys=own_keys)
+    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    users = None
+    if c.user_listen:
+        try:
+            users, _ = user_server(config, admin)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
     try:
         grpc_port = (server.add_secure_port(c.listen, credentials) if credentials is not None
                      else server.add_insecure_port(c.listen))
@@ -150,6 +156,9 @@ async def serve(config: Config, stop: asyncio.Event,
     if not grpc_port:
         raise StartupError(f"controller.listen: cannot listen on {c.listen}")
     await server.start()
+    if users is not None:
+        await users.start()
+        log.info("users' key port on %s (`slinfer key`, munge-proven)", c.user_listen)
     tasks: list[asyncio.Task[None]] = []
     try:
         host, port = split_listen(config.gateway.listen)
@@ -189,6 +198,8 @@ async def serve(config: Config, stop: asyncio.Event,
         await gateway.stop()
         ledger.close()  # what the last requests used
         await server.stop(grace=2.0)
+        if users is not None:
+            await users.stop(grace=2.0)
         log.info("controller stopped")
 
 

@@ -119,6 +119,11 @@ class ControllerConfig:
     # munged's socket for `unmunge` (users' `slinfer key` credentials) and for the CLI's `munge`; empty means
     # munge's default (/run/munge/munge.socket.2).
     munge_socket: str = ""
+    # A second gRPC port for users' `slinfer key` calls and nothing else: TLS with tls_cert but no client
+    # certificate asked (users have none where tls_client_auth is on); empty: no such port.
+    user_listen: str = ""
+    # Where the CLI's `slinfer key` reaches the controller; empty: address.
+    user_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -415,6 +420,8 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     )
     _check_listen("controller.listen", config.controller.listen)
     _check_listen("gateway.listen", config.gateway.listen)
+    if config.controller.user_listen:
+        _check_listen("controller.user_listen", config.controller.user_listen)
     for name in ("key_requests_per_minute", "key_burst", "key_tokens_per_day"):
         if getattr(config.gateway, name) < 0:
             raise ConfigError(f"gateway.{name}", "must be 0 (no limit) or more")

@@ -107,12 +107,15 @@ def _target(args: argparse.Namespace) -> tuple[str, configmod.Config]:
     except configmod.ConfigError as exc:
         raise RuntimeError(f"config: {exc}") from exc
     address = args.controller or os.environ.get("SLINFER_CONTROLLER") or cfg.controller.address
+    if getattr(args, "key_command", None) and not args.controller:
+        # A user's own keys go to the users' port where there is one ([controller].user_address).
+        address = os.environ.get("SLINFER_USER_CONTROLLER") or cfg.controller.user_address or address
     return address, cfg
 
 
 def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
     address, cfg = _target(args)
-    token = cfg.controller.token
+    token = "" if getattr(args, "key_command", None) else cfg.controller.token
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     try:
         channel_of = tls.sync_channel(address, cfg)

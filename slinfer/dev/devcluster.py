@@ -353,7 +353,8 @@ def _slinfer_toml(bed: Bed, node: str, token: str, ca: Path, server: Issued, cli
         address=bed.node_address(node), node=node, slurm_conf=bed.conf, python=engine_python(), logs=bed.logs,
         log_name="agent.log" if bed.nodes == 1 else f"agent-{node}.log", client_cert=client.cert,
         client_key=client.key, port_low=bed.port_base + 1000, port_high=bed.port_base + 1999,
-        tiny=tiny_model_path(), smollm2=smollm2_model_path(), site_order=SITE_ORDER.rstrip("\n"))
+        tiny=tiny_model_path(), smollm2=smollm2_model_path(), site_order=SITE_ORDER.rstrip("\n"),
+        munge_socket=bed.munge_socket, user_controller=f"{bed.head_address}:{bed.controller_port + 1}")
 
 
 def _gres_conf(bed: Bed) -> str:

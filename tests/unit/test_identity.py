@@ -5,6 +5,7 @@ and the CLI through the real Admin gRPC server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -19,7 +20,8 @@ import pytest
 
 from slinfer import munge
 from slinfer.cli import main as cli
-from slinfer.controller.admin import AdminService
+from slinfer.config import parse as parse_config
+from slinfer.controller.admin import AdminService, user_server
 from slinfer.controller.identity import IdentityError, OwnKeys
 from slinfer.controller.keys import KeyStore
 from slinfer.slurm.runner import Query
@@ -239,3 +241,31 @@ async def test_cli_key_create_list_revoke_without_a_token(served: Served, capsys
     assert served.keys.verify(secret) is None
     assert await run_cli(served, "key", "revoke", key_id) == 1
     assert "no key" in capsys.readouterr().err
+
+
+@needs_munged
+async def test_the_users_port_serves_own_keys_and_nothing_else(tmp_path: Path, sockets: tuple[str, str],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    here, _ = sockets
+    own, keys = own_keys(tmp_path, here)
+    cfg = parse_config({"controller": {"token": "admin-secret"}})
+    cfg = dataclasses.replace(cfg, controller=dataclasses.replace(cfg.controller, user_listen="127.0.0.1:0"))
+    admin = AdminService(None, None, keys, "admin-secret", own_keys=own)  # type: ignore[arg-type]
+    server, port = user_server(cfg, admin)
+    await server.start()
+    config = tmp_path / "user.toml"
+    # The user's config knows no token; the admin's port is elsewhere (nothing listens on it).
+    config.write_text(f'[controller]\naddress = "127.0.0.1:1"\nuser_address = "127.0.0.1:{port}"\n'
+                      f'munge_socket = "{here}"\n')
+    try:
+        argv = ["--config", str(config)]
+        assert await asyncio.to_thread(cli.main, ["key", "create", "--account", "physics", *argv]) == 0
+        secret = capsys.readouterr().out.split("secret: ")[1].split()[0]
+        assert (info := keys.verify(secret)) is not None and (info.user, info.account) == ("root", "physics")
+        # Even with the admin's token, the admin's methods are not on this port.
+        config.write_text(config.read_text().replace('address = "127.0.0.1:1"', f'address = "127.0.0.1:{port}"')
+                          + 'token = "admin-secret"\n')
+        assert await asyncio.to_thread(cli.main, ["keys", "list", *argv]) == 1
+        assert "unimplemented" in capsys.readouterr().err
+    finally:
+        await server.stop(None)
