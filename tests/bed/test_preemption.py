@@ -103,24 +103,31 @@ def _restart_controller(bed: SlurmBed) -> None:
     devcluster.start_controller(bed.bed)
 
 
+def _two_tier_catalog(bed: SlurmBed, original: str, min_replicas: int) -> None:
+    """The bed's catalog with `tiny` growing in scavenger beyond min_replicas, and the controller running it."""
+    tiny = 'name = "tiny"\n'
+    head, _, rest = original.partition(tiny)
+    assert rest.startswith("source"), "the bed's catalog no longer starts tiny as this module expects"
+    block = rest.replace("min_replicas = 0\n", f'min_replicas = {min_replicas}\nburst_qos = "scavenger"\n', 1)
+    assert block != rest
+    offset = (bed.bed.logs / "controller.out").stat().st_size
+    bed.bed.config.write_text(head + tiny + block)
+    _restart_controller(bed)
+    # The restarted controller checked the burst tier's QOS too: it runs the two-tier catalog.
+    wait_until("the controller's start check", lambda: "tiny: slinfer/debug/normal,scavenger" in
+               (bed.bed.logs / "controller.out").read_text()[offset:], 30)
+
+
 @pytest.fixture(scope="module")
 def two_tiers(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
     """`tiny` with one guaranteed replica in normal and its growth in scavenger, for this module."""
     config = slurm_bed.bed.config
     original = config.read_text()
-    tiny = 'name = "tiny"\n'
-    head, _, rest = original.partition(tiny)
-    assert rest.startswith("source"), "the bed's catalog no longer starts tiny as this module expects"
-    block = rest.replace("min_replicas = 0\n", 'min_replicas = 1\nburst_qos = "scavenger"\n', 1)
-    assert block != rest
     # The service's user may use the burst tier's QOS (the bed's catalog names none).
     grant = ["sacctmgr", "-i", "modify", "user", "root", "where", "account=slinfer", "set"]
     slurm_bed.run(*grant, "qos+=scavenger")
-    config.write_text(head + tiny + block)
-    _restart_controller(slurm_bed)
-    # The restarted controller checked the burst tier's QOS too: it runs the two-tier catalog.
-    wait_until("the controller's start check", lambda: "tiny: slinfer/debug/normal,scavenger" in
-               (slurm_bed.bed.logs / "controller.out").read_text(), 30)
+    _two_tier_catalog(slurm_bed, original, 1)
+    slurm_bed.original_catalog = original  # type: ignore[attr-defined]
     try:
         yield slurm_bed
     finally:
@@ -237,3 +244,44 @@ def test_an_admins_scancel_of_a_replica_under_load_fails_no_request_that_had_not
     assert not_started == 0, outcomes
     assert set(outcomes) <= {COMPLETE, CUT}, outcomes
     wait_until("the replica replaced", lambda: bed.ready_replicas(TINY) >= 2, READY_TIMEOUT)
+
+
+def test_everything_preempted_holds_requests_and_answers_them_when_capacity_returns(two_tiers: SlurmBed) -> None:
+    """Both replicas in the burst tier (min_replicas 0) and both preempted: requests are held, as in a scale from
+    zero, and answered once the batch job is over and the burst tier's backoff has passed, within the gateway's
+    wait (the bed's queue_timeout_s, 240 s)."""
+    bed = two_tiers
+    bed.retire_models(TINY)
+    _two_tier_catalog(bed, bed.original_catalog, 0)  # type: ignore[attr-defined]
+    try:
+        bed.admin("scale", TINY, "2")
+        wait_until("two READY replicas of tiny", lambda: bed.ready_replicas(TINY) >= 2, READY_TIMEOUT)
+        jobs = bed.controller_jobs(TINY)
+        assert sorted(_qos(bed, j) for j in jobs) == ["scavenger", "scavenger"], jobs
+        submitted = time.time()
+        batch = bed.sbatch("--account=chem", "--qos=high", f"--gres=gpu:{bed.bed.gpus}", "--job-name=batch-all",
+                           script=f"sleep {BATCH_S}", user="slinfer-bob")
+        wait_until("no replica of tiny routed", lambda: bed.ready_replicas(TINY) == 0, GRACE_S + MARGIN_S)
+        gone = time.time()
+        client = _gateway(bed, 300)
+
+        def ask() -> tuple[str, float]:
+            began = time.time()
+            try:
+                client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=4)
+                return "ok", time.time() - began
+            except openai.APIError as exc:
+                return f"failed: {type(exc).__name__} {getattr(exc, 'code', '')}", time.time() - began
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: ask(), range(4)))
+        started = _start_time(bed, batch)
+        print(f"\neverything preempted: replicas out of routing {gone - submitted:.1f}s after the batch submit, "
+              f"batch job started {started - submitted:.1f}s after its submit; held requests {answers}")
+        assert started and started - submitted <= GRACE_S + MARGIN_S, started - submitted
+        assert [a for a, _ in answers] == ["ok"] * 4, answers
+        # Held, not answered by an engine that was there all along.
+        assert min(t for _, t in answers) > BATCH_S / 2, answers
+    finally:
+        bed.retire_models(TINY)
+        _two_tier_catalog(bed, bed.original_catalog, 1)  # type: ignore[attr-defined]
