@@ -39,7 +39,7 @@ deb-spank: slurm
 	packaging/build-spank-deb.sh $(SLURM_RELEASE) $(SLURM_ROOT)
 
 test-release: slurm
-	SLINFER_SLURM=$(SLURM_ROOT) $(VENV)/bin/pytest -q -ra $(RELEASE_TESTS) -k "$(RELEASE_SELECT)"
+	SLINFER_SLURM=$(SLURM_ROOT) $(VENV)/bin/pytest -q -ra --durations=15 $(RELEASE_TESTS) -k "$(RELEASE_SELECT)"
 
 install: system-deps venv spank model
 
@@ -92,7 +92,7 @@ demo-down:
 	$(VENV)/bin/slinfer dev-cluster down
 
 test: install lint check-spank docs-check
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra --durations=25
 
 # The documentation site (docs/, mkdocs.yml) into site/; the configuration reference is generated from
 # slinfer/config.py first, so it cannot drift.
