@@ -160,6 +160,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def Usage(self, request: admin_pb2.UsageRequest,
                     context: grpc.aio.ServicerContext) -> admin_pb2.UsageResponse:
         await self._authorize(context)
+        return await self._usage_rows(request, context)
+
+    async def _usage_rows(self, request: admin_pb2.UsageRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.UsageResponse:
+        """The ledger's rows for `request`, each with the user its key was made for, filtered by account and
+        user when given."""
         if self._usage is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this controller keeps no usage ledger")
         for name in ("since", "until"):
@@ -170,10 +176,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "until must be later than since")
         assert self._usage is not None
         rows = await self._usage.query_async(request.key_id, request.since, request.until)
+        owned = [(r, self._keys.owner(r.key_id)) for r in rows]
         return admin_pb2.UsageResponse(rows=[admin_pb2.UsageRow(
             day=r.day, key_id=r.key_id, key_name=r.key_name, account=r.account, model=r.model, requests=r.requests,
             failed=r.failed, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-            estimated=r.estimated) for r in rows])
+            estimated=r.estimated, user=user) for r, user in owned
+            if (not request.account or r.account == request.account) and (not request.user or user == request.user)])
 
     # The user's own keys: no admin token (any user may call them); each carries a munge credential instead.
 
@@ -215,6 +223,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return admin_pb2.RevokeKeyResponse()
 
+    async def OwnUsage(self, request: admin_pb2.OwnUsageRequest,
+                       context: grpc.aio.ServicerContext) -> admin_pb2.UsageResponse:
+        own = await self._own_keys(context)
+        try:
+            user = await own.prove(request.credential)
+        except IdentityError as exc:
+            await context.abort(_IDENTITY_CODES[exc.kind], str(exc))
+        if request.query.user and request.query.user != user:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"you ({user}) may see only your own usage, not {request.query.user!r}'s")
+        query = admin_pb2.UsageRequest()
+        query.CopyFrom(request.query)
+        query.user = user
+        return await self._usage_rows(query, context)
+
 
 # The gRPC status of each refusal of controller/identity.py.
 _IDENTITY_CODES = {
@@ -242,6 +265,7 @@ class UserKeysService(admin_pb2_grpc.AdminServicer):
         self.CreateOwnKey = admin.CreateOwnKey  # type: ignore[method-assign]
         self.ListOwnKeys = admin.ListOwnKeys  # type: ignore[method-assign]
         self.RevokeOwnKey = admin.RevokeOwnKey  # type: ignore[method-assign]
+        self.OwnUsage = admin.OwnUsage  # type: ignore[method-assign]
 
 
 def user_server(config: Config, admin: AdminService) -> tuple[grpc.aio.Server, int]:

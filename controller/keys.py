@@ -75,6 +75,8 @@ class KeyStore:
         self._stored: dict[bytes, KeyInfo] = {}
         self._config: dict[bytes, KeyInfo] = {}
         self._by_id: dict[str, bytes] = {}  # key id -> digest, for a revoke without a scan
+        # key id -> the user it was made for, revoked keys' too: usage is charged to the user after the key went.
+        self._owners: dict[str, str] = {}
         self._listeners: list[Callable[[bytes], None]] = []
         for i, key in enumerate(config_keys or []):
             if key.startswith("sha256:"):
@@ -110,7 +112,8 @@ class KeyStore:
                        "name TEXT NOT NULL, account TEXT NOT NULL, created_at REAL NOT NULL, "
                        "requests_per_minute INTEGER, tokens_per_day INTEGER)")
             # The owner of a key a user made (`slinfer key create`), in its own table: the keys table keeps its
-            # columns, and a key without a row here is an administrator's.
+            # columns, and a key without a row here is an administrator's. A revoked key's row stays (its
+            # usage is still the user's).
             db.execute("CREATE TABLE IF NOT EXISTS owners (key_id TEXT PRIMARY KEY, user TEXT NOT NULL, "
                        "expires_at REAL NOT NULL)")
         except (OSError, sqlite3.Error) as exc:
@@ -132,6 +135,10 @@ class KeyStore:
                     requests_per_minute=_limit(row[5]), tokens_per_day=_limit(row[6]), user=row[7],
                     expires_at=float(row[8]))
         except (sqlite3.Error, ValueError) as exc:
+            raise KeyStoreError(f"{self._db_path}: unreadable key database: {exc}") from exc
+        try:
+            self._owners = dict(db.execute("SELECT key_id, user FROM owners").fetchall())
+        except sqlite3.Error as exc:
             raise KeyStoreError(f"{self._db_path}: unreadable key database: {exc}") from exc
         if legacy is not None:
             self._migrate(legacy, db)
@@ -210,6 +217,8 @@ class KeyStore:
                     ("INSERT INTO owners VALUES (?, ?, ?)", (key_id, user, expires_at)) if user else None)
         self._stored[digest] = info
         self._by_id[key_id] = digest
+        if user:
+            self._owners[key_id] = user
         self._changed(digest)
         log.info("created client key %s (name %r, account %r)", key_id, name, account)
         return key_id, secret
@@ -223,6 +232,7 @@ class KeyStore:
         store._config = {}
         store._stored = dict(entries)
         store._by_id = {}
+        store._owners = {}
         store._listeners = []
         return store
 
@@ -256,11 +266,15 @@ class KeyStore:
     def list(self) -> list[KeyInfo]:
         return list(self._stored.values()) + list(self._config.values())
 
+    def owner(self, key_id: str) -> str:
+        """The user a key was made for by `slinfer key create` (revoked or not); empty for an admin's key."""
+        return self._owners.get(key_id, "")
+
     def revoke(self, key_id: str) -> bool:
         digest = self._by_id.get(key_id)
         if digest is None or digest not in self._stored:
             return False
-        self._write("DELETE FROM keys WHERE key_id = ?", (key_id,), ("DELETE FROM owners WHERE key_id = ?", (key_id,)))
+        self._write("DELETE FROM keys WHERE key_id = ?", (key_id,))
         del self._stored[digest]
         del self._by_id[key_id]
         self._changed(digest)

@@ -88,9 +88,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("key_id")
     p.set_defaults(func=_key_revoke)
 
-    p = sub.add_parser("usage", parents=[common],
+    p = sub.add_parser("usage", parents=[own],
                        help="requests and tokens per key, model and Slurm account, per UTC day")
     p.add_argument("--key", default="", metavar="ID", help="only this key")
+    p.add_argument("--account", default="", metavar="A", help="only this Slurm account")
+    p.add_argument("--user", default="", metavar="U", help="only the keys this user made (`slinfer key create`)")
+    p.add_argument("--mine", action="store_true",
+                   help="your own usage, proven by munge (the default when the config gives no admin token and is not "
+                        "an insecure controller's)")
     p.add_argument("--since", type=_when_arg, default=0.0, metavar="WHEN",
                    help="YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS] (UTC), or an age such as 7d, 12h, 30m")
     p.add_argument("--until", type=_when_arg, default=0.0, metavar="WHEN", help="as --since; default now")
@@ -107,15 +112,20 @@ def _target(args: argparse.Namespace) -> tuple[str, configmod.Config]:
     except configmod.ConfigError as exc:
         raise RuntimeError(f"config: {exc}") from exc
     address = args.controller or os.environ.get("SLINFER_CONTROLLER") or cfg.controller.address
-    if getattr(args, "key_command", None) and not args.controller:
+    if _own(args) and not args.controller:
         # A user's own keys go to the users' port where there is one ([controller].user_address).
         address = os.environ.get("SLINFER_USER_CONTROLLER") or cfg.controller.user_address or address
     return address, cfg
 
 
+def _own(args: argparse.Namespace) -> bool:
+    """Whether the command is a user's own (munge-proven, on the users' port, no token)."""
+    return bool(getattr(args, "key_command", None)) or bool(getattr(args, "own", False))
+
+
 def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
     address, cfg = _target(args)
-    token = "" if getattr(args, "key_command", None) else cfg.controller.token
+    token = "" if _own(args) else cfg.controller.token
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     try:
         channel_of = tls.sync_channel(address, cfg)
@@ -236,14 +246,22 @@ def _key_revoke(args: argparse.Namespace) -> int:
 
 
 USAGE_COLUMNS = ("day", "key_id", "key_name", "account", "model", "requests", "failed", "prompt_tokens",
-                 "completion_tokens", "estimated")
+                 "completion_tokens", "estimated", "user")
 
 
 def _usage(args: argparse.Namespace) -> int:
     if args.until and args.until <= args.since:
         raise RuntimeError("usage: --until must be later than --since")
-    reply: admin_pb2.UsageResponse = _call(
-        args, "Usage", admin_pb2.UsageRequest(key_id=args.key, since=args.since, until=args.until))
+    query = admin_pb2.UsageRequest(key_id=args.key, since=args.since, until=args.until, account=args.account,
+                                   user=args.user)
+    cfg = _target(args)[1].controller
+    # A config without the admin's token (and not an insecure controller's) is a user's: their own usage.
+    args.own = args.mine or not (cfg.token or cfg.insecure)
+    if args.own:
+        reply: admin_pb2.UsageResponse = _call(args, "OwnUsage", admin_pb2.OwnUsageRequest(
+            credential=_credential(args), query=query))
+    else:
+        reply = _call(args, "Usage", query)
     sys.stdout.write(render_usage(reply, args.format))
     return 0
 

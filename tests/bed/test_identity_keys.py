@@ -112,7 +112,18 @@ def test_a_user_makes_a_key_uses_it_and_is_charged(users: Users) -> None:
     rows = [line.split(",") for line in out.splitlines()[1:] if line.strip()]
     header = out.splitlines()[0].split(",")
     charged = [dict(zip(header, r, strict=True)) for r in rows]
-    assert charged and all(r["account"] == "physics" for r in charged), out
+    assert charged and all(r["account"] == "physics" and r["user"] == ALICE for r in charged), out
+    # The admin's view per user and per account, and alice's own (munge-proven, no token), agree.
+    out = bed.run(sys.executable, "-m", "slinfer.cli.main", "usage", "--user", ALICE, "--account", "physics",
+                  "--format", "csv").stdout
+    assert key_id in out
+    hers = users.bed.as_user(ALICE, f"{sys.prefix}/bin/slinfer", "usage", "--format", "csv", "--config",
+                             str(users.config))
+    assert hers.returncode == 0, hers.stderr
+    assert key_id in hers.stdout and rpc.key_id not in hers.stdout
+    peek = users.bed.as_user(ALICE, f"{sys.prefix}/bin/slinfer", "usage", "--user", BOB, "--config",
+                             str(users.config))
+    assert peek.returncode == 1 and "only your own usage" in peek.stderr
     assert sum(int(r["requests"]) for r in charged) >= 1 and sum(int(r["completion_tokens"]) for r in charged) > 0
     mine = users.key(ALICE, "list")
     assert mine.returncode == 0 and key_id in mine.stdout and rpc.key_id not in mine.stdout

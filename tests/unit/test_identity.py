@@ -5,7 +5,9 @@ and the CLI through the real Admin gRPC server."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
+import io
 import os
 import shutil
 import subprocess
@@ -24,6 +26,7 @@ from slinfer.config import parse as parse_config
 from slinfer.controller.admin import AdminService, user_server
 from slinfer.controller.identity import IdentityError, OwnKeys
 from slinfer.controller.keys import KeyStore
+from slinfer.controller.usage import Meter, UsageLedger
 from slinfer.slurm.runner import Query
 from slinfer.v1 import admin_pb2_grpc
 
@@ -269,3 +272,61 @@ async def test_the_users_port_serves_own_keys_and_nothing_else(tmp_path: Path, s
         assert "unimplemented" in capsys.readouterr().err
     finally:
         await server.stop(None)
+
+
+# ---- usage per user and account ---------------------------------------------------------------------------------
+def _meter(prompt: int, completion: int) -> Meter:
+    meter = Meter()
+    meter.prompt_tokens, meter.completion_tokens, meter.reported = prompt, completion, True
+    return meter
+
+
+@needs_munged
+async def test_usage_per_user_and_account_a_user_sees_only_their_own(
+        tmp_path: Path, sockets: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    here, _ = sockets
+    own, keys = own_keys(tmp_path, here)
+    ledger = UsageLedger(tmp_path / "usage")
+    theirs = await own.create(encode_as(OTHER_USER, here))  # chem
+    mine_physics = await own.create(encode_as("root", here), account="physics")
+    mine_chem = await own.create(encode_as("root", here), account="chem")
+    admins, _ = keys.create("service", "slinfer")
+    for key_id, account, tokens in ((theirs.key_id, "chem", 5), (mine_physics.key_id, "physics", 7),
+                                    (mine_chem.key_id, "chem", 11), (admins, "slinfer", 13)):
+        ledger.record(key_id, "k", account, "tiny", 200, _meter(1, tokens))
+    await own.revoke(encode_as(OTHER_USER, here), theirs.key_id)  # usage stays the user's after a revoke
+    admin = AdminService(None, None, keys, "admin-secret", usage=ledger, own_keys=own)  # type: ignore[arg-type]
+    server = grpc.aio.server()
+    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    admin_cfg, user_cfg = tmp_path / "admin.toml", tmp_path / "user.toml"
+    admin_cfg.write_text(f'[controller]\naddress = "127.0.0.1:{port}"\ntoken = "admin-secret"\n')
+    user_cfg.write_text(f'[controller]\naddress = "127.0.0.1:{port}"\nmunge_socket = "{here}"\n')
+
+    errors: list[str] = []
+
+    async def usage(cfg: Path, *argv: str) -> tuple[int, list[dict[str, str]]]:
+        code = await asyncio.to_thread(cli.main, ["usage", "--format", "csv", *argv, "--config", str(cfg)])
+        said = capsys.readouterr()
+        errors.append(said.err)
+        return code, list(csv.DictReader(io.StringIO(said.out))) if code == 0 else []
+
+    try:
+        code, rows = await usage(admin_cfg)  # the admin sees everything
+        assert code == 0 and {(r["user"], r["account"], r["completion_tokens"]) for r in rows} == {
+            (OTHER_USER, "chem", "5"), ("root", "physics", "7"), ("root", "chem", "11"), ("", "slinfer", "13")}
+        code, rows = await usage(admin_cfg, "--account", "chem")
+        assert {(r["user"], r["completion_tokens"]) for r in rows} == {(OTHER_USER, "5"), ("root", "11")}
+        code, rows = await usage(admin_cfg, "--user", OTHER_USER)
+        assert [(r["key_id"], r["account"]) for r in rows] == [(theirs.key_id, "chem")]
+        # A user (no token in their config) sees their own only, by munge; another's is refused.
+        code, rows = await usage(user_cfg)
+        assert code == 0 and {(r["user"], r["account"]) for r in rows} == {("root", "physics"), ("root", "chem")}
+        code, rows = await usage(user_cfg, "--account", "chem")
+        assert [r["key_id"] for r in rows] == [mine_chem.key_id]
+        code, _ = await usage(user_cfg, "--user", OTHER_USER)
+        assert code == 1 and "only your own usage" in errors[-1]
+    finally:
+        await server.stop(None)
+        ledger.close()
