@@ -199,8 +199,8 @@ def _keys_create(args: argparse.Namespace) -> int:
 def _keys_list(args: argparse.Namespace) -> int:
     reply: admin_pb2.ListKeysResponse = _call(args, "ListKeys", admin_pb2.ListKeysRequest())
     rows = [[k.key_id, k.name, k.account or "-", _when(k.created_at) if k.created_at else "-", k.source,
-             _limit(k, "requests_per_minute"), _limit(k, "tokens_per_day")] for k in reply.keys]
-    sys.stdout.write(_table(["ID", "NAME", "ACCOUNT", "CREATED", "SOURCE", "RPM", "TOKENS/DAY"], rows))
+             _limit(k, "requests_per_minute"), _limit(k, "tokens_per_day"), k.user or "-"] for k in reply.keys]
+    sys.stdout.write(_table(["ID", "NAME", "ACCOUNT", "CREATED", "SOURCE", "RPM", "TOKENS/DAY", "USER"], rows))
     return 0
 
 

@@ -313,6 +313,10 @@ async def test_usage_per_user_and_account_a_user_sees_only_their_own(
         return code, list(csv.DictReader(io.StringIO(said.out))) if code == 0 else []
 
     try:
+        assert await asyncio.to_thread(cli.main, ["keys", "list", "--config", str(admin_cfg)]) == 0
+        listing = capsys.readouterr().out  # the admin sees every key and its owner
+        assert "USER" in listing and any(mine_chem.key_id in line and line.rstrip().endswith("root")
+                                         for line in listing.splitlines())
         code, rows = await usage(admin_cfg)  # the admin sees everything
         assert code == 0 and {(r["user"], r["account"], r["completion_tokens"]) for r in rows} == {
             (OTHER_USER, "chem", "5"), ("root", "physics", "7"), ("root", "chem", "11"), ("", "slinfer", "13")}
