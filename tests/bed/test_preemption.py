@@ -251,8 +251,9 @@ def test_everything_preempted_holds_requests_and_answers_them_when_capacity_retu
     zero, and answered once the batch job is over and the burst tier's backoff has passed, within the gateway's
     wait (the bed's queue_timeout_s, 240 s)."""
     bed = two_tiers
-    bed.retire_models(TINY)
+    # The catalog first: retired under min_replicas 1, `scale auto` would submit a guaranteed replica at once.
     _two_tier_catalog(bed, bed.original_catalog, 0)  # type: ignore[attr-defined]
+    bed.retire_models(TINY)
     try:
         bed.admin("scale", TINY, "2")
         wait_until("two READY replicas of tiny", lambda: bed.ready_replicas(TINY) >= 2, READY_TIMEOUT)
