@@ -185,7 +185,8 @@ class Gateway:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
-        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        # [\s\S], not '.': a path with a newline in it ("/%0a") must get the JSON 404 too, not aiohttp's text one.
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._not_found)
         app.on_response_prepare.append(self._close_when_draining)
         return app
 
