@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +97,24 @@ def hierarchies(proc_cgroup_text: str, mounted: dict[str, Path]) -> list[Hierarc
     return result
 
 
+async def settled(find: Callable[[], list[Hierarchy]], wait_s: float) -> list[Hierarchy]:
+    """find(), polled until it gives cgroups and no new hierarchy has come for STEP_SETTLE_S, or wait_s passed;
+    cancellable (find runs in a thread, no thread sleeps). Slurm puts a step's task into its cgroups (and makes a
+    taskless step's folders) one hierarchy after another: an engine moved at the first would escape the others'
+    limits (seen on 24.11: freezer and cpuset first, memory and devices later)."""
+    deadline = time.monotonic() + wait_s
+    settled_at = 0.0
+    targets: list[Hierarchy] = []
+    while True:
+        found = await asyncio.to_thread(find)
+        now = time.monotonic()
+        if len(found) > len(targets):
+            targets, settled_at = found, now + STEP_SETTLE_S
+        if (targets and now >= settled_at) or now >= deadline:
+            return targets
+        await asyncio.sleep(EXTERN_STEP_POLL_S)
+
+
 def is_job_cgroup(hierarchy: Hierarchy, job_id: str) -> bool:
     return f"/job_{job_id}/" in f"{hierarchy.path}/"
 
@@ -110,7 +128,12 @@ class JobCgroups:
 
     def extern_task(self, job_id: str) -> int:
         """The pid of the extern step's task of this job on this node, or 0 when there is none (no Contain)."""
-        wanted = f"slurmstepd: [{job_id}.extern]"
+        return self.step_task(job_id, "extern")
+
+    def step_task(self, job_id: str, step: str) -> int:
+        """The pid of a task of step `step` ("extern", "batch") of this job on this node, or 0 when there is
+        none: a child of `slurmstepd: [J.STEP]`, in exactly that step's cgroups."""
+        wanted = f"slurmstepd: [{job_id}.{step}]"
         candidates = []
         for stepd in psutil.process_iter(["cmdline"]):
             # slurmstepd rewrites its argv[0] with spaces in it, which /proc may give back split or whole.
@@ -169,21 +192,8 @@ class JobCgroups:
         return found
 
     async def wait_for_job(self, job_id: str, wait_s: float = EXTERN_STEP_WAIT_S) -> list[Hierarchy]:
-        """The extern step's cgroups, polled until they exist and no new hierarchy has come for STEP_SETTLE_S,
-        or wait_s passed; cancellable (no thread sleeps). Slurm puts its extern task into its cgroups (and makes a
-        taskless step's folders) one hierarchy after another: an engine moved at the first would escape the
-        others' limits (seen on 24.11: freezer and cpuset first, memory and devices later)."""
-        deadline = time.monotonic() + wait_s
-        settled_at = 0.0
-        targets: list[Hierarchy] = []
-        while True:
-            found = await asyncio.to_thread(self.find, job_id)
-            now = time.monotonic()
-            if len(found) > len(targets):
-                targets, settled_at = found, now + STEP_SETTLE_S
-            if (targets and now >= settled_at) or now >= deadline:
-                return targets
-            await asyncio.sleep(EXTERN_STEP_POLL_S)
+        """The extern step's cgroups once they settled (`settled`), or what there is after wait_s."""
+        return await settled(lambda: self.find(job_id), wait_s)
 
     def move(self, pids: Iterable[int], targets: list[Hierarchy]) -> None:
         """Writes each pid into every target's cgroup.procs (a process moves with its threads)."""

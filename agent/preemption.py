@@ -15,42 +15,16 @@ batch step does not appear in time).
 
 from __future__ import annotations
 
-import asyncio
-import time
-
-import psutil
-
-from slinfer.agent.cgroups import Hierarchy, JobCgroups, hierarchies, is_job_cgroup, mounts
+from slinfer.agent.cgroups import Hierarchy, JobCgroups, hierarchies, is_job_cgroup, mounts, settled
 
 # The batch step starts right after the prolog, as the extern step does (about 0.4 s on the bed); past this the
 # engine goes to the extern step rather than stay uncontained any longer.
 BATCH_STEP_WAIT_S = 10.0
-# How often to look for it meanwhile.
-BATCH_STEP_POLL_S = 0.2
-
-
-def batch_task(job_id: str, node_name: str, read: JobCgroups) -> int:
-    """The pid of the batch step's task (the batch script) of this job on this node, or 0 when there is none."""
-    wanted = f"slurmstepd: [{job_id}.batch]"
-    candidates = []
-    for stepd in psutil.process_iter(["cmdline"]):
-        # slurmstepd rewrites its argv[0] with spaces in it, which /proc may give back split or whole.
-        if " ".join(stepd.info["cmdline"] or []) != wanted:
-            continue
-        try:
-            candidates.extend(child.pid for child in stepd.children())
-        except psutil.Error:
-            continue
-    if len(candidates) > 1:
-        # Several slurmd on one host (the multi-node bed): v1 paths carry the node's name.
-        mine = [pid for pid in candidates if f"slurm_{node_name}/" in read._read(pid)]
-        candidates = mine or candidates
-    return candidates[0] if candidates else 0
 
 
 def batch_cgroups(cgroups: JobCgroups, job_id: str) -> list[Hierarchy]:
     """The batch step's cgroups, each named by the job; empty when the job has no batch step here (yet)."""
-    task = batch_task(job_id, cgroups.node_name, cgroups)
+    task = cgroups.step_task(job_id, "batch")
     if not task:
         return []
     mounted = mounts((cgroups.proc / "self" / "mounts").read_text())
@@ -58,10 +32,6 @@ def batch_cgroups(cgroups: JobCgroups, job_id: str) -> list[Hierarchy]:
 
 
 async def wait_for_batch(cgroups: JobCgroups, job_id: str, wait_s: float = BATCH_STEP_WAIT_S) -> list[Hierarchy]:
-    """batch_cgroups, polled until the batch step exists or wait_s passed; cancellable (no thread sleeps)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        targets = await asyncio.to_thread(batch_cgroups, cgroups, job_id)
-        if targets or time.monotonic() >= deadline:
-            return targets
-        await asyncio.sleep(BATCH_STEP_POLL_S)
+    """batch_cgroups once they settled (cgroups.settled: Slurm adds the task to them one hierarchy after
+    another), or what there is after wait_s."""
+    return await settled(lambda: batch_cgroups(cgroups, job_id), wait_s)

@@ -28,7 +28,7 @@ def test_the_batch_steps_cgroups_are_its_tasks_job_cgroups(tmp_path: Path, monke
     cgroups = _proc(tmp_path, 4242, "5:memory:/slurm_node1/uid_0/job_42/step_batch\n"
                                     "4:freezer:/slurm_node1/uid_0/job_42/step_batch\n"
                                     "3:cpu:/\n1:name=systemd:/user.slice\n")
-    monkeypatch.setattr(preemption, "batch_task", lambda job, node, read: 4242 if job == "42" else 0)
+    monkeypatch.setattr(cgroups, "step_task", lambda job, step: 4242 if (job, step) == ("42", "batch") else 0)
     found = preemption.batch_cgroups(cgroups, "42")
     assert sorted((h.mountpoint.name, h.path) for h in found) == [
         ("freezer", "/slurm_node1/uid_0/job_42/step_batch"), ("memory", "/slurm_node1/uid_0/job_42/step_batch")]
@@ -40,7 +40,7 @@ def test_waiting_for_a_batch_step_that_never_comes_ends_empty(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     cgroups = _proc(tmp_path, 1, "")
     calls: list[str] = []
-    monkeypatch.setattr(preemption, "batch_task", lambda job, node, read: calls.append(job) or 0)
+    monkeypatch.setattr(cgroups, "step_task", lambda job, step: calls.append(job) or 0)
     began = time.monotonic()
     assert asyncio.run(preemption.wait_for_batch(cgroups, "42", wait_s=0.5)) == []
     assert 0.5 <= time.monotonic() - began < 2.0
@@ -48,4 +48,4 @@ def test_waiting_for_a_batch_step_that_never_comes_ends_empty(tmp_path: Path,
 
 
 def test_the_real_process_table_has_no_batch_step_of_an_unknown_job() -> None:
-    assert preemption.batch_task("999999999", "node1", JobCgroups("node1")) == 0
+    assert JobCgroups("node1").step_task("999999999", "batch") == 0
