@@ -144,8 +144,9 @@ async def test_cancel_rejects_non_ids() -> None:
 
 
 async def test_asks_only_about_its_own_jobs(cleanup: list[str], slurm_bed: SlurmBed) -> None:
-    # Another user's held job: the bed's munge socket is open to users, as a site's is.
-    done = await asyncio.to_thread(devcluster.run_as, slurm_bed.bed, "nobody", [
+    # Another user's held job: the bed's munge socket is open to users, as a site's is. A bed user, since
+    # slurmdbd refuses a user without an association (nobody has none).
+    done = await asyncio.to_thread(devcluster.run_as, slurm_bed.bed, devcluster.BED_USERS[1], [
         "sbatch", "--parsable", "--hold", "--output=/dev/null", "--job-name=slinfer-t", "--wrap", "true"])
     other = done.stdout.strip()
     cleanup.append(other)
