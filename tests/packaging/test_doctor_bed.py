@@ -13,7 +13,7 @@ from tests.fakes.slurmbed import SlurmBed
 pytestmark = pytest.mark.bed
 
 CHECKS = ["config", "plugin", "plugin-version", "hook", "agent", "tls", "controller", "engine-hop", "engine tiny",
-          "engine smollm2", "engine tiny-tp2", "engine tiny-2node", "containment", "munge"]
+          "engine smollm2", "engine tiny-tp2", "engine tiny-2node", "containment", "engine-python", "pool", "munge"]
 # The bed's engines serve plain HTTP on loopback: doctor says so on a NOTE line, which does not fail it.
 NOTES = {"engine-hop"}
 
@@ -35,6 +35,9 @@ def test_every_check_is_ok_on_the_bed(slurm_bed: SlurmBed) -> None:
     assert f"agent: {slurm_bed.bed.run_dir}/agent.sock (root, 0600) answers ListEngines" in done.stdout
     assert f"munge: munge -n | unmunge via {slurm_bed.bed.munge_socket}: Success" in done.stdout
     assert "containment: engines join their job's extern-step cgroups" in done.stdout
+    # The warm template may run the bed's venv as root (root's alone), and sbatch and the agent agree on the pool.
+    assert "and its import path are root's alone" in done.stdout
+    assert "pool: only root may publish an engine to the shared pool (sbatch and the agent agree)" in done.stdout
 
 
 def test_a_stopped_munged_fails_the_munge_line_only(slurm_bed: SlurmBed, tmp_path_factory: pytest.TempPathFactory
@@ -53,5 +56,6 @@ def test_a_stopped_munged_fails_the_munge_line_only(slurm_bed: SlurmBed, tmp_pat
     lines = done.stdout.splitlines()
     assert [line.split(":", 1)[0] for line in lines] == ["OK   config", "OK   hook", "OK   agent", "OK   tls",
                                                          "OK   controller", "NOTE engine-hop",
-                                                         "OK   containment", "FAIL munge"], done.stdout
+                                                         "OK   containment", "OK   engine-python", "OK   pool",
+                                                         "FAIL munge"], done.stdout
     assert f"{broken.parent}/no-munged.socket failed" in lines[-1] and "-- fix: systemctl start munge" in lines[-1]
