@@ -84,6 +84,12 @@ class SlurmRoot:
         for src in self.binds():
             target = self.root / src.relative_to("/")
             self._searchable_as_on_the_host(src)
+            if str(target) in present and src.is_file() and os.stat(target).st_ino != os.stat(src).st_ino:
+                # A file bind holds the inode it was made on: useradd/userdel replace /etc/passwd and /etc/group
+                # with new files, so a bed's users made since would be unknown in the root (sbatch there could
+                # not name its own user). Bind the host's file again.
+                _run(["umount", str(target)])
+                present.discard(str(target))
             if str(target) in present:
                 continue
             if src.is_dir():
