@@ -20,7 +20,7 @@ src=build/deb/slinfer-$version
 rm -rf build/deb && mkdir -p "$src" dist
 git ls-files -z --cached --others --exclude-standard | grep -zv '^packaging/debian/' |
   while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
-  xargs -0 cp --parents -t "$src"
+  xargs -0 cp --parents --no-dereference -t "$src"
 cp -r packaging/debian "$src/debian"
 # Compiled objects of a checkout build must not leak in: the package builds the plugin itself.
 make -s -C "$src/spank" clean

@@ -42,7 +42,7 @@ stage=$top/stage/slinfer-$version
 mkdir -p "$stage"
 git ls-files -z --cached --others --exclude-standard |
   while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
-  xargs -0 cp --parents -t "$stage"
+  xargs -0 cp --parents --no-dereference -t "$stage"
 tar -C "$top/stage" -czf "$top/SOURCES/slinfer-$version.tar.gz" "slinfer-$version"
 began=$(date +%s)
 rpmbuild -bb "${nodeps[@]}" --define "_topdir $top" --define "slurm_version $slurm_version" "${defines[@]}" \
