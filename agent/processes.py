@@ -130,9 +130,12 @@ def _wait_for_exec(proc: subprocess.Popen[bytes], program: str, folders: tuple[s
             return
         try:
             with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
-                if not cmdline.read().startswith(wrapper):
-                    return
+                current = cmdline.read()
         except OSError:
+            current = b""
+        # An empty cmdline is a wrapper that exited after the poll above (a zombie has none): the next poll
+        # gives its status. Taking it for an exec'd engine passed a failed exec as a start (CI, under load).
+        if current and not current.startswith(wrapper):
             return
         time.sleep(0.002)
 

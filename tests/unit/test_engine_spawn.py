@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from unittest import mock
@@ -164,3 +166,32 @@ async def test_only_the_service_user_and_the_allowlist_may_publish_to_the_pool(t
             await manager.stop(job_id)
         await manager.close()
         shutil.rmtree(script.parent, ignore_errors=True)
+
+
+def test_a_failed_exec_seen_only_as_a_zombie_is_still_a_failed_exec(tmp_path: Path) -> None:
+    # Forces the race CI met under load: the wrapper's exec of the engine fails and the wrapper exits between
+    # the first poll (None) and the read of its /proc cmdline (empty for a zombie).
+    from slinfer.agent import processes
+
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexit 0\n")
+    python.chmod(0o644)
+    real_poll = subprocess.Popen.poll
+    raced: list[int] = []
+
+    def poll_late(self: subprocess.Popen[bytes]) -> int | None:
+        if not raced:
+            for _ in range(2000):
+                with open(f"/proc/{self.pid}/stat") as stat:
+                    if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        raced.append(self.pid)
+                        break
+                time.sleep(0.005)
+            raced.append(0)
+            return None
+        return real_poll(self)
+
+    with mock.patch.object(subprocess.Popen, "poll", poll_late), pytest.raises(PermissionError):
+        processes.spawn_as_user([str(python)], uid=os.getuid(), gid=os.getgid(), user="", env={}, cwd=str(tmp_path),
+                                fallback_cwd="/", log_path=tmp_path / "log")
+    assert raced[0] > 0, "the forced race did not happen: the wrapper never became a zombie"
