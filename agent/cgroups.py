@@ -195,11 +195,17 @@ class JobCgroups:
         """The extern step's cgroups once they settled (`settled`), or what there is after wait_s."""
         return await settled(lambda: self.find(job_id), wait_s)
 
-    def move(self, pids: Iterable[int], targets: list[Hierarchy]) -> None:
-        """Writes each pid into every target's cgroup.procs (a process moves with its threads)."""
+    def move(self, pids: Iterable[int], targets: list[Hierarchy], *, gone_ok: bool = False) -> None:
+        """Writes each pid into every target's cgroup.procs (a process moves with its threads). With gone_ok, a
+        process that exited before its move (ESRCH) is passed over: nothing of it is left to contain."""
         for pid in pids:
             for target in targets:
-                (target.directory / "cgroup.procs").write_text(f"{pid}\n")
+                try:
+                    (target.directory / "cgroup.procs").write_text(f"{pid}\n")
+                except ProcessLookupError:
+                    if not gone_ok:
+                        raise
+                    break
 
     def contain(self, job_id: str, root_pid: int, targets: list[Hierarchy]) -> list[Hierarchy]:
         """Moves root_pid and its descendants into the job's extern cgroups `targets`; returns them.
@@ -218,7 +224,9 @@ class JobCgroups:
                 descendants = set()
             if descendants <= moved:
                 break
-            self.move(sorted(descendants - moved), targets)
+            # A short-lived child (the engine runs helpers while it starts) may exit between the listing and
+            # its move: CI failed a healthy engine on that ESRCH.
+            self.move(sorted(descendants - moved), targets, gone_ok=True)
             moved |= descendants
         descendants = moved
         log.info("job %s: engine pid %d (+%d descendants) moved into %d cgroups of its extern step (%s) in %.1f ms",

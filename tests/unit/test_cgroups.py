@@ -5,8 +5,14 @@ and the OOM counter of each version. The move itself runs on the bed (tests/bed/
 from __future__ import annotations
 
 import asyncio
+import errno
+import subprocess
 import time
 from pathlib import Path
+from unittest import mock
+
+import psutil
+import pytest
 
 from slinfer.agent.cgroups import STEP_SETTLE_S, Hierarchy, JobCgroups, hierarchies, is_job_cgroup, mounts
 
@@ -128,3 +134,41 @@ def test_a_step_is_taken_once_no_hierarchy_has_come_for_a_while(tmp_path: Path) 
     found = asyncio.run(memory_comes_later())
     assert sorted(h.mountpoint.name for h in found) == ["freezer", "memory"]
     assert 0.5 + STEP_SETTLE_S <= time.monotonic() - began < 5
+
+
+def test_a_descendant_that_exits_before_its_move_is_passed_over_but_the_engine_itself_is_not(tmp_path: Path) -> None:
+    """The engine runs short-lived helpers while it starts: one that exited between the listing of the tree and
+    its own move made cgroup.procs answer ESRCH, and CI failed a healthy engine for it. The write is forced to
+    answer ESRCH for one child; the engine's own ESRCH (it is gone) stays an error."""
+    target = Hierarchy(tmp_path / "memory", "/job_42/step_extern")
+    target.directory.mkdir(parents=True)
+    engine = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & sleep 30 & wait"])
+    try:
+        for _ in range(200):
+            children = sorted(c.pid for c in psutil.Process(engine.pid).children())
+            if len(children) == 2:
+                break
+            time.sleep(0.01)
+        assert len(children) == 2
+        gone, kept = children
+        written: list[int] = []
+        real_write = Path.write_text
+
+        def write(path: Path, text: str, *args: object, **kwargs: object) -> int:
+            if int(text) in refused:
+                raise ProcessLookupError(errno.ESRCH, "No such process")
+            written.append(int(text))
+            return real_write(path, text)
+
+        refused = {gone}
+        with mock.patch.object(Path, "write_text", write):
+            assert JobCgroups("node1").contain("42", engine.pid, [target]) == [target]
+        assert written == [engine.pid, kept], written
+        refused = {engine.pid}
+        with mock.patch.object(Path, "write_text", write), pytest.raises(ProcessLookupError):
+            JobCgroups("node1").contain("42", engine.pid, [target])
+    finally:
+        for child in psutil.Process(engine.pid).children():
+            child.kill()
+        engine.kill()
+        engine.wait()
