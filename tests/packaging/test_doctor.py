@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from slinfer.cli import doctor
+from tests.packaging import artefacts
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "spank" / "spank_slinfer.so"
@@ -305,7 +306,7 @@ def test_plugin_built_for_another_release_fails_with_the_fix(tmp_path: Path, mon
     # The 24.11 plugin as `make slurm SLURM_RELEASE=24.11` builds it, against the system's 22.05 clients.
     other = Path(__file__).resolve().parents[2] / "spank" / "build" / "24.11" / "spank_slinfer.so"
     if not other.exists():
-        pytest.skip(f"{other} is not built (make slurm SLURM_RELEASE=24.11)")
+        artefacts.missing(f"{other} is not built (make slurm SLURM_RELEASE=24.11)")
     assert doctor.version_text(doctor.elf_symbol_u32(other, "plugin_version")).startswith("24.11.")
     config = _config(tmp_path, "")
     conf = _site(tmp_path, f"required {other} hook=/bin/true\n")
