@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
 from slinfer.config import GatewayConfig, ModelConfig
-from slinfer.controller import metrics
+from slinfer.controller import errorshape, metrics
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.inflight import InFlight
 from slinfer.controller.keys import KeyInfo, KeyStore
@@ -428,6 +428,10 @@ class Gateway:
                         return await self._route_missing(model, replica, path)
                     if metered:
                         meter.feed_body(response.body)
+                    if not 200 <= response.status < 300 and "json" in response.content_type:
+                        shaped = errorshape.reshape(response.status, response.body)
+                        if shaped is not None:
+                            response.body = shaped
                 return response
             except EngineFailed as exc:
                 failures += 1

@@ -340,7 +340,9 @@ async def test_engine_error_status_is_passed_through_not_retried(controller_fact
     await (await c.agent()).send([engine_pb("1", "m", engine.base_url)])
     async with http.post(f"{c.url}/v1/chat/completions", json=CHAT, headers=c.headers()) as resp:
         assert resp.status == 500
-        assert (await resp.json())["message"] == "stand-in told to fail"
+        # Passed on in OpenAI's shape (errorshape.py): the engine's words, OpenAI's type for a 500.
+        assert await resp.json() == {"error": {"message": "stand-in told to fail", "type": "server_error",
+                                               "param": None, "code": None}}
     assert engine.seen.requests == 1
 
 

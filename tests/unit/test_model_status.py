@@ -190,4 +190,4 @@ async def test_an_unserved_route_names_every_served_one_and_an_engine_lacking_a_
     # An OpenAI-shaped 404 of the engine (a model it does not serve) passes through unchanged.
     engine.fail = "status_500"
     async with http.post(f"{c.url}/tokenize", json={"model": "m", "prompt": "x"}, headers=c.headers()) as resp:
-        assert resp.status == 500 and (await resp.json())["message"] == "stand-in told to fail"
+        assert resp.status == 500 and (await resp.json())["error"]["message"] == "stand-in told to fail"
