@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -28,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from slinfer.config import GatewayConfig, ModelConfig
 from slinfer.controller import errorshape, metrics
+from slinfer.controller.adapters import AdapterLoadFailed, Adapters
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.inflight import InFlight
 from slinfer.controller.keys import KeyInfo, KeyStore
@@ -146,6 +148,8 @@ class Gateway:
         self._limiter = limiter
         self._ledger = ledger
         self._catalog = {m.name: m for m in models}
+        # The catalog's LoRA adapters: a request for one is served by an engine of its base model.
+        self._adapters = Adapters(models)
         self._registry = registry
         self._keys = keys
         self._proxy = proxy
@@ -168,6 +172,9 @@ class Gateway:
         self._latency: dict[tuple[str, str], Any] = {}
         self._ttft: dict[str, Any] = {}
         registry.subscribe(queue.wake_all)
+        # Routes of other APIs served on this port (/v1/files, /v1/batches), each a `register(router)`;
+        # added before the catch-all 404.
+        self.extra_routes: list[Callable[[web.UrlDispatcher], None]] = []
 
     # ---- the autoscaler's view ---------------------------------------------------------------------
     def demand(self, model: str) -> Demand:
@@ -183,8 +190,11 @@ class Gateway:
         for path in BY_PATH:
             app.router.add_post(path, self._handle)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get(r"/v1/models/{id:[\s\S]+}", self._model)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
+        for register in self.extra_routes:
+            register(app.router)
         # [\s\S], not '.': a path with a newline in it ("/%0a") must get the JSON 404 too, not aiohttp's text one.
         app.router.add_route("*", r"/{tail:[\s\S]*}", self._not_found)
         app.on_response_prepare.append(self._close_when_draining)
@@ -258,11 +268,13 @@ class Gateway:
             await runner.cleanup()
         await self._proxy.close()
         await self._board.close()
+        await self._adapters.close()
 
     async def _forget_gone_engines(self) -> None:
         while True:
             await asyncio.sleep(10.0)
             await self._proxy.forget(r.base_url for r in self._registry.replicas())
+            self._adapters.forget(r.job_id for r in self._registry.replicas())
 
     # ---- handlers ----------------------------------------------------------------------------------
     def _authenticate(self, request: web.Request) -> KeyInfo | None:
@@ -342,6 +354,10 @@ class Gateway:
             return error_response(400, "You must provide a model parameter.", "invalid_request_error",
                                   "missing_model"), ""
         config = self._catalog.get(model)
+        adapter = ""
+        if config is None and (base := self._adapters.base(model)) is not None:
+            # An adapter: its base's engines serve it, and its load is its base's (in-flight, queue, autoscaler).
+            adapter, config = model, base
         if config is None and not self._registry.replicas(model):
             return error_response(404, f"The model '{model}' does not exist; GET /v1/models lists the models "
                                   "served here.", "invalid_request_error", "model_not_found"), ""
@@ -355,10 +371,13 @@ class Gateway:
             asked = ask_for_usage(body, head)
             if asked is not None:
                 body, usage = asked, UsageFilter(meter)
-        return await self._dispatch(request, model, route.engine_path, body, prefix, started, meter, usage), model
+        routed = config.name if adapter and config is not None else model
+        return await self._dispatch(request, routed, route.engine_path, body, prefix, started, meter, usage,
+                                    adapter), model
 
     async def _dispatch(self, request: web.Request, model: str, path: str, body: bytes, prefix: bytes | None,
-                        started: float, meter: Meter, usage: UsageFilter | None = None) -> web.StreamResponse:
+                        started: float, meter: Meter, usage: UsageFilter | None = None,
+                        adapter: str = "") -> web.StreamResponse:
         config = self._config
         deadline = started + config.queue_timeout_s
         tried: frozenset[str] = frozenset()
@@ -420,6 +439,8 @@ class Gateway:
                 metered = self._ledger is not None
                 if usage is not None:
                     usage = UsageFilter(meter)  # a retry on another engine starts the count again
+                if adapter:
+                    await self._adapters.ensure(replica, adapter)
                 response = await self._proxy.forward(request, replica, path, body, self._ttft_child(model), started,
                                                      meter.feed_chunk if metered and usage is None else None, usage)
                 if type(response) is web.Response and isinstance(response.body, bytes):
@@ -448,6 +469,16 @@ class Gateway:
                 self._cooling[replica.job_id] = time.perf_counter() + ENGINE_COOLDOWN_S
             except EngineTimeout as exc:
                 return error_response(504, str(exc), "upstream_error", "engine_timeout")
+            except AdapterLoadFailed as exc:
+                log.warning("%s: engine %s did not load adapter %s: %s", model, replica.job_id, adapter, exc)
+                return error_response(502 if exc.status >= 500 else exc.status, str(exc), "server_error"
+                                      if exc.status >= 500 else errorshape.openai_type(exc.status),
+                                      "adapter_load_failed")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Only the adapter's look-up or load raises these (the proxy's own errors are EngineFailed).
+                log.warning("%s: engine %s did not answer about adapter %s: %r", model, replica.job_id, adapter, exc)
+                return error_response(502, f"The engine did not answer the load of adapter '{adapter}': {exc!r}",
+                                      "server_error", "adapter_load_failed")
             finally:
                 self._in_flight.finish(model, replica)
                 self._queue.finished(model)
@@ -490,6 +521,21 @@ class Gateway:
         if not self._authenticate(request):
             return error_response(401, "Missing or invalid API key (send 'Authorization: Bearer KEY')",
                                   "invalid_request_error", "invalid_api_key")
+        return web.json_response({"object": "list", "data": await self._model_entries()})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: one model's (or adapter's) entry of /v1/models."""
+        if not self._authenticate(request):
+            return error_response(401, "Missing or invalid API key (send 'Authorization: Bearer KEY')",
+                                  "invalid_request_error", "invalid_api_key")
+        wanted = request.match_info["id"]
+        entry = next((e for e in await self._model_entries() if e["id"] == wanted), None)
+        if entry is None:
+            return error_response(404, f"The model '{wanted[:200]}' does not exist; GET /v1/models lists the "
+                                  "models served here.", "invalid_request_error", "model_not_found")
+        return web.json_response(entry)
+
+    async def _model_entries(self) -> list[dict[str, Any]]:
         data = await self._board.entries()
         for entry in data:
             name = entry["id"]
@@ -503,7 +549,7 @@ class Gateway:
                 "in_flight": self._in_flight.model(name),
                 "queued": self._queue.depth(name),
             })
-        return web.json_response({"object": "list", "data": data})
+        return data + self._adapters.entries(data)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         body: dict[str, object] = {"status": "ok", "agents": len(self._registry.agents()),

@@ -29,6 +29,7 @@ from slinfer.config import DEFAULT_PATH, Config, ConfigError, load, require_toke
 from slinfer.controller import metrics
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.eventloop import loop_factory
+from slinfer.controller.files import batch_routes
 from slinfer.controller.gateway import Gateway
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.limits import KeyLimits, Limiter
@@ -79,6 +80,7 @@ async def serve_worker(config: Config, listen: str, name: str, stop: asyncio.Eve
                           "1 while this gateway's watch of the controller is up (0: serving its last table)",
                           lambda: 1.0 if feed is not None and feed.connected else 0.0)],
                       instance=instance or name)
+    gateway.extra_routes.extend(batch_routes(config, keys.verify))
     feed = RouteFeed(config, name, registry, keys, relay, models, gateway.demand, gateway.outstanding)
     feeding = asyncio.create_task(feed.run(), name="route-feed")
     try:

@@ -36,6 +36,7 @@ from slinfer.controller.admin import AdminService, user_server
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.eventloop import loop_factory
+from slinfer.controller.files import batch_routes
 from slinfer.controller.gateway import Demand, Gateway
 from slinfer.controller.gatewayhub import GatewayHub
 from slinfer.controller.identity import OwnKeys
@@ -116,6 +117,7 @@ async def serve(config: Config, stop: asyncio.Event,
                       state_collectors=[metrics.GaugeCollector(
                           "slinfer_gateways_connected", "slinfer-gateway processes watching this controller",
                           lambda: float(hub.connected())), kube_metrics])
+    gateway.extra_routes.extend(batch_routes(config, keys.verify))
     slurm = SlurmClient(c.slurm_bin_dir, job_command=c.job_command, job_output=c.job_output)
     # The site's order first: a model whose account, partition or QOS this user may not use fails here, named.
     problems = await slurm.site_order_problems(config.models)

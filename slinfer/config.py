@@ -229,6 +229,16 @@ class KubernetesConfig:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """One LoRA adapter of a catalog model ([[models.adapters]]), served by the model's own engines."""
+
+    # The name clients send as `model`; it shares the catalog's namespace with the models.
+    name: str
+    # The adapter's folder on the nodes (PEFT's adapter_config.json and weights), readable by the engine.
+    source: str
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     # A path on the nodes, or a hub id the site has cached.
@@ -265,6 +275,28 @@ class ModelConfig:
     time_limit: str = "04:00:00"
     # Extra `sbatch` arguments, one per element.
     sbatch_args: list[str] = field(default_factory=list)
+    # LoRA adapters its engines serve (vLLM --enable-lora --lora-modules), each a [[models.adapters]] table with
+    # name and source; a request for one goes to an engine of this model.
+    adapters: list[AdapterConfig] = field(default_factory=list)
+    # Adapters one engine batch may mix (vLLM --max-loras); with adapters only.
+    max_loras: int = 4
+    # The highest LoRA rank an engine accepts (vLLM --max-lora-rank); an adapter of a higher rank fails to load.
+    max_lora_rank: int = 16
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    # Where uploaded batch files, their metadata and the batches' outputs live: a folder every gateway worker
+    # and the batch jobs' nodes see (a parallel filesystem on a site); empty means <controller.state_dir>/batch.
+    spool: str = ""
+    # An upload larger than this is refused with 413 (OpenAI's own limit is 200 MB).
+    max_file_bytes: int = 200 * 1024 * 1024
+    # Lines one batch file may hold (OpenAI's limit): a larger file is refused at upload with 400.
+    max_lines: int = 50000
+    # The QOS of batch jobs; empty: the first catalog model's burst_qos (the preemptible tier), else none.
+    qos: str = ""
+    # The partition of batch jobs; empty: the model's own partition.
+    partition: str = ""
 
 
 @dataclass(frozen=True)
@@ -273,6 +305,7 @@ class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     models: list[ModelConfig] = field(default_factory=list)
     path: str = ""
 
@@ -384,6 +417,15 @@ def _check_model(key: str, model: ModelConfig) -> None:
             raise ConfigError(f"{key}.{name}", "must be 0 or more")
     if model.balancer not in ("least_outstanding", "round_robin"):
         raise ConfigError(f"{key}.balancer", f"{model.balancer!r} is not least_outstanding or round_robin")
+    if model.max_loras < 1:
+        raise ConfigError(f"{key}.max_loras", "must be 1 or more")
+    if model.max_lora_rank < 1:
+        raise ConfigError(f"{key}.max_lora_rank", "must be 1 or more")
+    for j, adapter in enumerate(model.adapters):
+        if problem := model_name_problem(adapter.name):
+            raise ConfigError(f"{key}.adapters[{j}].name", f"{adapter.name[:40]!r} is no model name: {problem}")
+        if not adapter.source:
+            raise ConfigError(f"{key}.adapters[{j}].source", "must not be empty")
     if not re.match(r"^(\d+-)?\d+(:\d{1,2}){0,2}$", model.time_limit):
         raise ConfigError(f"{key}.time_limit", f"{model.time_limit!r} is not a Slurm time (MM, HH:MM:SS, D-HH:MM)")
 
@@ -396,7 +438,7 @@ def _check_listen(key: str, value: str) -> None:
 
 def parse(data: dict[str, Any], path: str = "") -> Config:
     """Builds a Config from parsed TOML, or raises ConfigError naming the key."""
-    allowed = {"controller", "gateway", "agent", "kubernetes", "models"}
+    allowed = {"controller", "gateway", "agent", "kubernetes", "batch", "models"}
     for name in data:
         if name not in allowed:
             raise ConfigError(name, f"unknown section (known: {', '.join(sorted(allowed))})")
@@ -410,11 +452,20 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         if m.name in seen:
             raise ConfigError(f"models[{i}].name", f"{m.name!r} is listed twice")
         seen.add(m.name)
+    for i, m in enumerate(models):  # adapters share the models' namespace: a name means one thing
+        for j, adapter in enumerate(m.adapters):
+            extra = set(models_raw[i]["adapters"][j]) - {"name", "source"}
+            if extra:
+                raise ConfigError(f"models[{i}].adapters[{j}].{sorted(extra)[0]}", "unknown key (known: name, source)")
+            if adapter.name in seen:
+                raise ConfigError(f"models[{i}].adapters[{j}].name", f"{adapter.name!r} is listed twice")
+            seen.add(adapter.name)
     config = Config(
         controller=_build(ControllerConfig, "controller", data.get("controller", {})),
         gateway=_build(GatewayConfig, "gateway", data.get("gateway", {})),
         agent=_build(AgentConfig, "agent", data.get("agent", {})),
         kubernetes=_build(KubernetesConfig, "kubernetes", data.get("kubernetes", {})),
+        batch=_build(BatchConfig, "batch", data.get("batch", {})),
         models=models,
         path=path,
     )
@@ -452,6 +503,9 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     if kube.gc_grace_s < 0:
         raise ConfigError("kubernetes.gc_grace_s", "must be 0 or more")
     _check_gateway_address(kube.gateway_address)
+    for name in ("max_file_bytes", "max_lines"):
+        if getattr(config.batch, name) <= 0:
+            raise ConfigError(f"batch.{name}", "must be above 0")
     return config
 
 
