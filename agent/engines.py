@@ -291,6 +291,7 @@ class EngineManager:
             "SLURM_JOB_ID": record.job_id,
         }
         env.update(launch.rank_env(record, self.address, psutil.net_if_addrs()))
+        env.update(launch.lora_env(model))
         env.update(self.config.agent.engine_env)
         env.update(model.engine_env)
         # Entered as the job's user (never probed or entered by root): its folder, else its home.

@@ -96,7 +96,21 @@ def engine_command(config: Config, model: ModelConfig, host: str, port: int, gpu
         for key, value in values.items():
             part = part.replace(key, value)
         argv.append(part)
-    return argv + list(model.engine_args) + parallel_args(model)
+    return argv + list(model.engine_args) + parallel_args(model) + lora_args(model)
+
+
+def lora_args(model: ModelConfig) -> list[str]:
+    """vLLM's LoRA flags for an engine of a model with catalog adapters (none where its engine_args set them)."""
+    if not model.adapters or "--enable-lora" in model.engine_args:
+        return []
+    return ["--enable-lora", "--max-loras", str(model.max_loras), "--max-lora-rank", str(model.max_lora_rank),
+            "--lora-modules", *(f"{a.name}={a.source}" for a in model.adapters)]
+
+
+def lora_env(model: ModelConfig) -> dict[str, str]:
+    """An engine of a model with adapters accepts adapters the catalog gains later through vLLM's
+    /v1/load_lora_adapter (controller/adapters.py), without a restart."""
+    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if model.adapters else {}
 
 
 def parallel_args(model: ModelConfig) -> list[str]:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -474,11 +473,6 @@ class Gateway:
                 return error_response(502 if exc.status >= 500 else exc.status, str(exc), "server_error"
                                       if exc.status >= 500 else errorshape.openai_type(exc.status),
                                       "adapter_load_failed")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # Only the adapter's look-up or load raises these (the proxy's own errors are EngineFailed).
-                log.warning("%s: engine %s did not answer about adapter %s: %r", model, replica.job_id, adapter, exc)
-                return error_response(502, f"The engine did not answer the load of adapter '{adapter}': {exc!r}",
-                                      "server_error", "adapter_load_failed")
             finally:
                 self._in_flight.finish(model, replica)
                 self._queue.finished(model)

@@ -43,7 +43,7 @@ ROUTES: tuple[Route, ...] = (
 BY_PATH: dict[str, Route] = {r.path: r for r in ROUTES}
 
 # The gateway's own routes, answered without an engine.
-OWN_ROUTES: tuple[str, ...] = ("GET /v1/models", "GET /healthz", "GET /metrics")
+OWN_ROUTES: tuple[str, ...] = ("GET /v1/models", "GET /v1/models/{id}", "GET /healthz", "GET /metrics")
 
 
 def served() -> list[str]:

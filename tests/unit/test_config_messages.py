@@ -30,7 +30,7 @@ MODEL = {"name": "a", "source": "/m"}
     ({"models": [MODEL, {**MODEL, "name": "b", "gpus": "2"}]}, "models[1].gpus: must be an integer, not '2'"),
     ({"models": [{**MODEL, "engine_env": {"X": 1.5}}]}, "models[0].engine_env.X: must be a string, not 1.5"),
     ({"models": [{"name": "a"}]}, "models[0].source: missing required key"),
-    ({"models": [{**MODEL, "zz": 1}]}, "models[0].zz: unknown key (known: account, balancer, "),
+    ({"models": [{**MODEL, "zz": 1}]}, "models[0].zz: unknown key (known: account, adapters, balancer, "),
     ({"kubernetes": {"zz": 1}}, "kubernetes.zz: unknown key (known: enabled, gateway_address, "),
 ])
 def test_each_kind_of_error_is_worded_with_its_key(data: dict[str, Any], message: str) -> None:

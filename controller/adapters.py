@@ -1,0 +1,132 @@
+"""The catalog's LoRA adapters, as the gateway sees them.
+
+Responsible for: which catalog model each adapter ([[models.adapters]]) belongs to, so that a request for an
+adapter goes to an engine of its base model (and counts as its base's load: the gateway keeps in-flight and
+queue counts under the base, which is what the autoscaler reads); the `/v1/models` entry of each adapter
+(OpenAI's fields, `parent`, `root`, and the base's `slinfer` state); and making sure the engine a request was
+given has the adapter: an engine lists the adapters it was started with (`--lora-modules`), and one that
+lacks an adapter (the catalog gained it after the engine started, and the controller was restarted with it)
+is given it through vLLM's `/v1/load_lora_adapter`, without a restart (the agent starts engines of a model
+with adapters with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).
+Not responsible for: the engine's flags (agent/launch.py `lora_args`), choosing the engine (the balancer),
+or unloading adapters the catalog dropped (an engine keeps them until it ends: they cost it a few MB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import aiohttp
+
+from slinfer.config import AdapterConfig, ModelConfig
+from slinfer.controller.registry import Replica
+
+log = logging.getLogger(__name__)
+
+# An engine's answer to "which adapters do you have" (its /v1/models) or to a load: vLLM loads a LoRA of a few
+# MB in tens of milliseconds (NOTES.md: 19 ms on the CPU); a busy engine may take seconds to answer at all.
+ENGINE_ASK_TIMEOUT_S = 30.0
+
+
+class AdapterLoadFailed(Exception):
+    """The engine refused to load the adapter (a rank above --max-lora-rank, an unreadable folder)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Adapters:
+    """The catalog's adapters: base of each, their /v1/models entries, and loading them onto engines."""
+
+    def __init__(self, catalog: Sequence[ModelConfig]) -> None:
+        self._by_name: dict[str, tuple[ModelConfig, AdapterConfig]] = {
+            a.name: (m, a) for m in catalog for a in m.adapters}
+        # (engine job id, adapter) pairs known to be on the engine; cleared of gone engines as they are seen.
+        self._loaded: set[tuple[str, str]] = set()
+        # One load (or look) per engine and adapter at a time: concurrent first requests wait for the one.
+        self._pending: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def base(self, name: str) -> ModelConfig | None:
+        """The catalog model whose engines serve adapter `name`; None if it is no adapter."""
+        found = self._by_name.get(name)
+        return found[0] if found is not None else None
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def entries(self, models: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The `/v1/models` entries of the adapters, after their bases' `models` entries."""
+        by_id = {m["id"]: m for m in models}
+        out = []
+        for name, (model, adapter) in self._by_name.items():
+            parent = by_id.get(model.name, {})
+            out.append({"id": name, "object": "model", "created": 0, "owned_by": "slinfer", "root": adapter.source,
+                        "parent": model.name, "max_model_len": parent.get("max_model_len"),
+                        "slinfer": {**parent.get("slinfer", {}), "adapter": True}})
+        return out
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def forget(self, live_job_ids: Iterable[str]) -> None:
+        live = set(live_job_ids)
+        self._loaded = {pair for pair in self._loaded if pair[0] in live}
+
+    async def ensure(self, replica: Replica, name: str) -> None:
+        """Returns once `replica`'s engine has adapter `name` (looked up, or loaded); raises AdapterLoadFailed
+        where the engine refuses it or does not answer."""
+        key = (replica.job_id, name)
+        if key in self._loaded:
+            return
+        pending = self._pending.get(key)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            try:
+                await self._ensure(replica, name)
+            except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+                raise AdapterLoadFailed(502, f"engine {replica.job_id} did not answer about adapter '{name}': "
+                                        f"{exc!r}") from exc
+            self._loaded.add(key)
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a failure with no second waiter is not "never retrieved"
+            raise
+        finally:
+            del self._pending[key]
+
+    async def _ensure(self, replica: Replica, name: str) -> None:
+        found = self._by_name.get(name)
+        assert found is not None, name
+        _, adapter = found
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ENGINE_ASK_TIMEOUT_S))
+        base = replica.base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {replica.api_key}"}
+        async with self._session.get(f"{base}/v1/models", headers=headers) as resp:
+            listing = await resp.json(content_type=None)
+        served = {m.get("id") for m in listing.get("data", []) if isinstance(m, dict)}
+        for other in served & self._by_name.keys():
+            self._loaded.add((replica.job_id, other))
+        if name in served:
+            return
+        started = asyncio.get_running_loop().time()
+        async with self._session.post(f"{base}/v1/load_lora_adapter", headers=headers,
+                                      json={"lora_name": name, "lora_path": adapter.source}) as resp:
+            text = await resp.text()
+            if resp.status >= 300:
+                raise AdapterLoadFailed(resp.status, f"the engine refused to load adapter '{name}' "
+                                        f"({resp.status}): {text[:300]}")
+        log.info("adapter %s loaded on engine %s (%s) in %.0f ms", name, replica.job_id, replica.node,
+                 (asyncio.get_running_loop().time() - started) * 1000)
