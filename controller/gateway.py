@@ -30,6 +30,7 @@ from slinfer.config import GatewayConfig, ModelConfig
 from slinfer.controller import errorshape, metrics
 from slinfer.controller.adapters import AdapterLoadFailed, Adapters
 from slinfer.controller.balancer import Balancer
+from slinfer.controller.fairqueue import Ticket
 from slinfer.controller.inflight import InFlight
 from slinfer.controller.keys import KeyInfo, KeyStore
 from slinfer.controller.limits import Limiter
@@ -377,6 +378,19 @@ class Gateway:
     async def _dispatch(self, request: web.Request, model: str, path: str, body: bytes, prefix: bytes | None,
                         started: float, meter: Meter, usage: UsageFilter | None = None,
                         adapter: str = "") -> web.StreamResponse:
+        # The request's place in the model's waiting order (controller/fairqueue.py) while it waits: ended
+        # however the request ends (an answer, a refusal, its client gone).
+        place: list[Ticket] = []
+        try:
+            return await self._dispatch_in_turn(request, model, path, body, prefix, started, meter, usage, adapter,
+                                                place)
+        finally:
+            if place:
+                self._queue.leave(model, place.pop())
+
+    async def _dispatch_in_turn(self, request: web.Request, model: str, path: str, body: bytes,
+                                prefix: bytes | None, started: float, meter: Meter, usage: UsageFilter | None,
+                                adapter: str, place: list[Ticket]) -> web.StreamResponse:
         config = self._config
         deadline = started + config.queue_timeout_s
         tried: frozenset[str] = frozenset()
@@ -384,18 +398,32 @@ class Gateway:
         queued_at = 0.0
         policy = self._catalog[model].balancer if model in self._catalog else None
         limit = config.max_outstanding_per_engine
+        key = request.get(_KEY)
+        account = key.account if key is not None else ""
         while True:
             routable = self._registry.routable(model)
             # Without a count set by the administrator, an engine takes requests until it says it is full.
             candidates = routable if limit else [r for r in routable if not engine_full(r)]
             replica = None
-            if self._cooling:
+            if place and place[0].waiting:
+                pass  # waiting in the order: it looks for an engine only when its turn is called
+            elif self._cooling:
                 now = time.perf_counter()
                 for job_id in [j for j, until in self._cooling.items() if until <= now]:
                     del self._cooling[job_id]
                 replica = self._balancer.pick(candidates, prefix, tried | self._cooling.keys(), limit, policy)
-            if replica is None:
+            if replica is None and not (place and place[0].waiting):
                 replica = self._balancer.pick(candidates, prefix, tried, limit, policy)
+            if replica is not None and not place and self._queue.depth(model):
+                # Others wait for this model: this request takes its place in the order rather than overtake
+                # them, and the first in the order (perhaps this one) is called to take the free engine.
+                try:
+                    place.append(self._queue.join(model, account))
+                except QueueFull:
+                    return self._refuse(model, True, "queue full")
+                self._queue.wake_one(model)
+                if place[0].waiting:
+                    replica = None
             if replica is None:
                 # Held at 0 with no replica known (not even one starting): waiting would only delay the 503.
                 if (not routable and self._scaled_to_zero is not None and self._scaled_to_zero(model)
@@ -420,9 +448,17 @@ class Gateway:
                 else:
                     until = min(deadline, now + FULL_RECHECK_S) if reported_full else deadline
                 try:
-                    woke = until > now and await self._queue.wait(model, until - now)
+                    if not place:
+                        place.append(self._queue.join(model, account))
+                    woke = until > now and await self._queue.wait(model, until - now, place[0])
                 except QueueFull:
                     return self._refuse(model, saturated, "queue full")
+                if not woke and place[0].waiting and (failed_all or reported_full):
+                    # A look on its own timer: the first in the order looks; another calls the first instead.
+                    if self._queue.first(model, place[0]):
+                        self._queue.take(model, place[0])
+                    else:
+                        self._queue.wake_one(model)
                 if failed_all:
                     tried = frozenset()
                 elif not woke and not reported_full:
@@ -430,6 +466,8 @@ class Gateway:
                 if time.perf_counter() >= deadline:
                     return self._refuse(model, saturated, "waited too long")
                 continue
+            if place:
+                self._queue.leave(model, place.pop(), served=True)
             if queued_at:
                 metrics.QUEUE_WAIT_SECONDS.labels(model).observe(time.perf_counter() - queued_at)
                 queued_at = 0.0

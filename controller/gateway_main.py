@@ -36,7 +36,7 @@ from slinfer.controller.limits import KeyLimits, Limiter
 from slinfer.controller.main import SHUTDOWN_GRACE_S, split_listen
 from slinfer.controller.modelstatus import ModelBoard
 from slinfer.controller.proxy import Proxy
-from slinfer.controller.queue import WaitQueue
+from slinfer.controller.queue import for_gateway as queue_for_gateway
 from slinfer.controller.registry import Registry
 from slinfer.controller.routefeed import RouteFeed
 from slinfer.controller.usagerelay import UsageRelay
@@ -72,7 +72,7 @@ async def serve_worker(config: Config, listen: str, name: str, stop: asyncio.Eve
     gateway = Gateway(g, config.models, registry, keys,
                       Proxy(g.connect_timeout_s, g.read_timeout_s, g.client_timeout_s,
                             tls.engine_client_context(config) if g.engine_ca else None),
-                      Balancer(), WaitQueue(g.queue_size), limiter, relay, ModelBoard(config.models, registry),
+                      Balancer(), queue_for_gateway(g), limiter, relay, ModelBoard(config.models, registry),
                       scaled_to_zero=lambda model: feed is not None and feed.scaled_to_zero(model),
                       health=lambda: feed.health() if feed is not None else {},
                       state_collectors=[metrics.GaugeCollector(

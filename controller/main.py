@@ -46,7 +46,7 @@ from slinfer.controller.limits import KeyLimits, Limiter
 from slinfer.controller.modelstatus import ModelBoard
 from slinfer.controller.pins import Pins, PinStore, PinStoreError
 from slinfer.controller.proxy import Proxy
-from slinfer.controller.queue import WaitQueue
+from slinfer.controller.queue import for_gateway as queue_for_gateway
 from slinfer.controller.registry import Registry, RegistryService
 from slinfer.controller.slurm import SlurmClient
 from slinfer.controller.usage import UsageLedger
@@ -99,7 +99,7 @@ async def serve(config: Config, stop: asyncio.Event,
     ledger = UsageLedger(Path(c.state_dir) / "usage", g.usage_flush_s)
     limiter = Limiter(KeyLimits(g.key_requests_per_minute, g.key_burst, g.key_tokens_per_day),
                       ledger.tokens_today)
-    queue = WaitQueue(config.gateway.queue_size)
+    queue = queue_for_gateway(config.gateway)
     # The gateway tier's feed; a restarted controller sends its first table once every live agent reported.
     hub = GatewayHub(registry, keys, limiter, ledger, c.token, pins.scaled_to_zero,
                      [m.name for m in config.models], warmup_s=AGENT_RECONNECT.max_s + 2 * c.heartbeat_s)

@@ -127,6 +127,33 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
+class AccountConfig:
+    """[gateway.accounts.NAME]: a Slurm account's share and limits; [gateway.accounts."*"] is every other's."""
+
+    # The account's share of a model's engines while several accounts' requests wait ([gateway].queue_policy
+    # "fair"): an account of weight 2 gets twice the turns of one of weight 1.
+    weight: float = 1.0
+    # Requests per minute of all the account's keys together, at each gateway worker; 0 means no limit.
+    requests_per_minute: int = 0
+    # Prompt plus completion tokens of all the account's keys per UTC day; 0 means no limit.
+    tokens_per_day: int = 0
+    # The models the account's keys may use; empty means all.
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    """[gateway.users.NAME]: a Slurm user's limits over all their keys; [gateway.users."*"] is every other's."""
+
+    # Requests per minute of all the user's keys together, at each gateway worker; 0 means no limit.
+    requests_per_minute: int = 0
+    # Prompt plus completion tokens of all the user's keys per UTC day; 0 means no limit.
+    tokens_per_day: int = 0
+    # The models the user's keys may use; empty means all.
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     listen: str = "0.0.0.0:8000"
     # Client keys given in the config, in the clear or as "sha256:HEX".
@@ -149,6 +176,15 @@ class GatewayConfig:
     key_burst: int = 0
     # Prompt plus completion tokens per key per UTC day.
     key_tokens_per_day: int = 0
+    # The order in which a model's waiting requests get a free engine: "fair" shares turns among Slurm accounts
+    # by their weights (one account's flood does not starve another's request), "fifo" is first come first served.
+    queue_policy: str = "fair"
+    # Per Slurm account ([gateway.accounts.NAME]: weight, requests_per_minute, tokens_per_day, models); the
+    # entry "*" applies to accounts not named. A key's account is the one it was made for.
+    accounts: dict[str, AccountConfig] = field(default_factory=dict)
+    # Per Slurm user ([gateway.users.NAME]: requests_per_minute, tokens_per_day, models), over all their keys;
+    # the entry "*" applies to users not named. Keys made by an administrator have no user.
+    users: dict[str, UserConfig] = field(default_factory=dict)
     # Keys a user may hold at once through `slinfer key create` (an administrator's `slinfer keys` is not bound).
     keys_per_user: int = 5
     # How often the usage ledger appends its sums under [controller].state_dir; a crash loses at most this.
@@ -436,6 +472,25 @@ def _check_listen(key: str, value: str) -> None:
         raise ConfigError(key, f"{value!r} is not HOST:PORT")
 
 
+def _check_shares(gateway: Any) -> None:
+    """[gateway.accounts.*] and [gateway.users.*], each entry checked on its own so an error names its key
+    (msgspec ignores a dataclass's unknown fields inside a table of tables)."""
+    if not isinstance(gateway, dict):
+        return  # _build names the error
+    for section, cls in (("accounts", AccountConfig), ("users", UserConfig)):
+        table = gateway.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"gateway.{section}", "must be a table")
+        for name, entry in table.items():
+            key = f"gateway.{section}.{name}"
+            built = _build(cls, key, entry)
+            if getattr(built, "weight", 1.0) <= 0:
+                raise ConfigError(f"{key}.weight", "must be above 0")
+            for limit in ("requests_per_minute", "tokens_per_day"):
+                if getattr(built, limit) < 0:
+                    raise ConfigError(f"{key}.{limit}", "must be 0 (no limit) or more")
+
+
 def parse(data: dict[str, Any], path: str = "") -> Config:
     """Builds a Config from parsed TOML, or raises ConfigError naming the key."""
     allowed = {"controller", "gateway", "agent", "kubernetes", "batch", "models"}
@@ -460,6 +515,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
             if adapter.name in seen:
                 raise ConfigError(f"models[{i}].adapters[{j}].name", f"{adapter.name!r} is listed twice")
             seen.add(adapter.name)
+    _check_shares(data.get("gateway", {}))
     config = Config(
         controller=_build(ControllerConfig, "controller", data.get("controller", {})),
         gateway=_build(GatewayConfig, "gateway", data.get("gateway", {})),
@@ -476,6 +532,8 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     for name in ("key_requests_per_minute", "key_burst", "key_tokens_per_day"):
         if getattr(config.gateway, name) < 0:
             raise ConfigError(f"gateway.{name}", "must be 0 (no limit) or more")
+    if config.gateway.queue_policy not in ("fair", "fifo"):
+        raise ConfigError("gateway.queue_policy", f"{config.gateway.queue_policy!r} is not fair or fifo")
     if config.gateway.keys_per_user < 0:
         raise ConfigError("gateway.keys_per_user", "must be 0 (users make no keys) or more")
     for name in ("usage_flush_s", "client_timeout_s"):

@@ -23,7 +23,7 @@ from slinfer.controller.balancer import Balancer
 from slinfer.controller.gateway import Gateway
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.proxy import Proxy
-from slinfer.controller.queue import WaitQueue
+from slinfer.controller.queue import for_gateway as queue_for_gateway
 from slinfer.controller.registry import Registry, RegistryService
 from slinfer.v1 import controller_pb2, controller_pb2_grpc, engine_pb2
 
@@ -154,7 +154,7 @@ async def controller_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awai
         keys = KeyStore(tmp_path / f"keys{len(made)}.json", config.api_keys)
         gateway = Gateway(config, models if models is not None else [ModelConfig(name="m", source="/x")],
                           registry, keys, Proxy(config.connect_timeout_s, config.read_timeout_s,
-                                                config.client_timeout_s), Balancer(), WaitQueue(config.queue_size),
+                                                config.client_timeout_s), Balancer(), queue_for_gateway(config),
                           scaled_to_zero=scaled_to_zero)
         port = await gateway.start("127.0.0.1", 0)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
