@@ -294,6 +294,10 @@ class FilesApi:
 
 def batch_routes(config: Config, verify: Callable[[str], KeyInfo | None]) -> list[Callable[[web.UrlDispatcher], None]]:
     """The batch APIs' route registrations for a gateway (controller's or a tier worker's), on the spool."""
-    api = FilesApi(FileStore(spool_dir(config)), verify, [m.name for m in config.models],
-                   config.batch.max_file_bytes, config.batch.max_lines)
-    return [api.register]
+    from slinfer.controller.batches import BatchesApi, BatchStore  # batches builds on this module
+
+    spool = spool_dir(config)
+    models = [m.name for m in config.models]
+    files = FilesApi(FileStore(spool), verify, models, config.batch.max_file_bytes, config.batch.max_lines)
+    batches = BatchesApi(BatchStore(spool), files.store, files.key, models)
+    return [files.register, batches.register]

@@ -35,6 +35,7 @@ from slinfer.controller import metrics
 from slinfer.controller.admin import AdminService, user_server
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
+from slinfer.controller.batches import scheduler as batch_scheduler
 from slinfer.controller.eventloop import loop_factory
 from slinfer.controller.files import batch_routes
 from slinfer.controller.gateway import Demand, Gateway
@@ -177,6 +178,8 @@ async def serve(config: Config, stop: asyncio.Event,
         tasks.append(asyncio.create_task(_sweep(registry), name="registry-sweep"))
         tasks.append(asyncio.create_task(ledger.run(), name="usage-ledger"))
         tasks.append(asyncio.create_task(own_keys.run(), name="key-expiry"))
+        # The Batch API's jobs (issue 31): submits, follows and finalises the spool's batches.
+        tasks.append(asyncio.create_task(batch_scheduler(config, slurm, ledger).run(stop), name="batch-scheduler"))
         if kube_sync is not None:
             tasks.append(asyncio.create_task(kube_sync.run(), name="kubernetes-sync"))
         # Everything allocated so far lives as long as the process; keep it out of the collector's scans.

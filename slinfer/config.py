@@ -333,6 +333,9 @@ class BatchConfig:
     qos: str = ""
     # The partition of batch jobs; empty: the model's own partition.
     partition: str = ""
+    # The batch job's command, run on the node with `--dir BATCH_FOLDER`; empty: this Python's
+    # `-m slinfer.batchrun` (the nodes have slinfer where the controller does).
+    runner_command: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,239 @@
+"""`/v1/batches` (controller/batches.py) through the openai client, and its scheduler against a fake Slurm whose
+"job" runs the real batch runner on a stand-in engine: submit flags, states, cancel, expiry, failure, usage."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import openai
+import pytest
+from aiohttp import web
+
+from slinfer import batchrun
+from slinfer.config import ModelConfig
+from slinfer.controller.batches import BatchesApi, BatchStore, Scheduler, Settings, slurm_time, window_seconds
+from slinfer.controller.files import FilesApi, FileStore
+from slinfer.controller.keys import KeyStore
+from slinfer.controller.usage import Meter
+from slinfer.slurm.jobs import Job
+from slinfer.slurm.runner import SlurmError
+
+MODEL = ModelConfig(name="tiny", source="/x", gpus=1, burst_qos="scavenger", partition="gpu")
+
+
+class FakeSlurm:
+    """sbatch, scontrol show job and scancel, as the scheduler sees them; the test plays the job."""
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[list[str], str]] = []
+        self.states: dict[str, str] = {}
+        self.cancelled: list[str] = []
+        self.refuse_accounts = False
+
+    async def submit_batch(self, argv: list[str], script: str) -> str:
+        if self.refuse_accounts and any(a.startswith("--account=") for a in argv):
+            raise SlurmError(argv, 1, "sbatch: error: Batch job submission failed: Invalid account or "
+                             "account/partition combination specified")
+        self.submitted.append((argv, script))
+        job_id = str(100 + len(self.submitted))
+        self.states[job_id] = "PENDING"
+        return job_id
+
+    async def job(self, job_id: str) -> Job | None:
+        state = self.states.get(job_id)
+        return None if state is None else Job(job_id, "", "", state, "", 0, 0, 0)
+
+    async def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)
+        self.states[job_id] = "CANCELLED"
+
+
+class FakeLedger:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, int, int, int]] = []
+
+    def record(self, key_id: str, key_name: str, account: str, model: str, status: int, meter: Meter) -> None:
+        self.rows.append((key_id, account, model, status, meter.prompt_tokens, meter.completion_tokens))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lines(n: int) -> bytes:
+    return b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                "body": {"model": "tiny", "messages": [{"role": "user", "content": str(i)}],
+                                         "max_tokens": 4}}).encode() + b"\n" for i in range(n))
+
+
+@pytest.fixture
+async def bed(tmp_path: Path, unused_tcp_port: int):
+    keys = KeyStore(tmp_path / "keys.json")
+    alice_id, alice = keys.create("alice-key", account="physics", user="slinfer-alice")
+    _, bob = keys.create("bob-key", account="chem", user="slinfer-bob")
+    spool = tmp_path / "spool"
+    clock = Clock()
+    files = FilesApi(FileStore(spool), keys.verify, ["tiny"], 1 << 20, 1000)
+    api = BatchesApi(BatchStore(spool), files.store, files.key, ["tiny"], clock=clock)
+    app = web.Application()
+    files.register(app.router)
+    api.register(app.router)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    slurm, ledger = FakeSlurm(), FakeLedger()
+    scheduler = Scheduler(BatchStore(spool), FileStore(spool), [MODEL], slurm, ledger,
+                          Settings(qos="scavenger", partition="", runner=["python3", "-m", "slinfer.batchrun"],
+                                   job_name_prefix="slinfer"), clock=clock)
+    base = f"http://127.0.0.1:{unused_tcp_port}/v1"
+
+    class Bed:
+        pass
+
+    b = Bed()
+    b.alice = openai.AsyncOpenAI(base_url=base, api_key=alice, max_retries=0)  # type: ignore[attr-defined]
+    b.bob = openai.AsyncOpenAI(base_url=base, api_key=bob, max_retries=0)  # type: ignore[attr-defined]
+    b.alice_id, b.slurm, b.ledger, b.scheduler, b.clock, b.spool = (  # type: ignore[attr-defined]
+        alice_id, slurm, ledger, scheduler, clock, spool)
+    yield b
+    await runner.cleanup()
+
+
+async def create(b, n: int = 12, window: str = "24h"):
+    f = await b.alice.files.create(file=("in.jsonl", lines(n)), purpose="batch")
+    return await b.alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window=window, metadata={"run": "t"})
+
+
+def test_windows_and_time_limits():
+    assert window_seconds("24h") == 86400 and window_seconds("90m") == 5400
+    for bad in ("24", "0h", "30s", "8d", 24, None):
+        with pytest.raises(ValueError, match="completion_window"):
+            window_seconds(bad)
+    assert slurm_time(86400) == "1-00:00:00" and slurm_time(5401) == "0-01:31:00"
+
+
+async def test_a_batch_runs_as_a_job_and_completes_with_every_line_once(bed, standins):
+    b = bed
+    batch = await create(b)
+    assert (batch.status, batch.request_counts.total, batch.metadata) == ("validating", 12, {"run": "t"})
+    await b.scheduler.step()
+    argv, script = b.slurm.submitted[0]
+    assert {"--inference=tiny", "--requeue", "--account=physics", "--qos=scavenger", "--partition=gpu",
+            "--gres=gpu:1", "--time=1-00:00:00"} <= set(argv)
+    assert script.endswith(f"--dir {b.spool}/batches/{batch.id}\n")
+    assert (await b.alice.batches.retrieve(batch.id)).status == "in_progress"
+    # The job: RUNNING, the runner answers every line on an engine, then COMPLETED.
+    b.slurm.states["101"] = "RUNNING"
+    engine = await standins(api_key="k")
+    folder = b.spool / "batches" / batch.id
+    await batchrun.run(folder, engine.base_url + "/v1", "k", concurrency=4, wait_s=5)
+    running = await b.alice.batches.retrieve(batch.id)
+    assert running.request_counts.completed == 12 and running.status == "in_progress"
+    (folder / batchrun.FINISHED).write_text("{}")
+    b.slurm.states["101"] = "COMPLETED"
+    await b.scheduler.step()
+    done = await b.alice.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.completed_at and done.error_file_id is None
+    content = (await b.alice.files.content(done.output_file_id)).content
+    ids = Counter(json.loads(x)["custom_id"] for x in content.splitlines())
+    assert ids == Counter(f"r{i}" for i in range(12))
+    # Usage: one ledger row per line, for alice's key and account, the engine's counts.
+    assert len(b.ledger.rows) == 12
+    assert {(r[0], r[1], r[2], r[3]) for r in b.ledger.rows} == {(b.alice_id, "physics", "tiny", 200)}
+    assert sum(r[5] for r in b.ledger.rows) == 12 * engine.tokens
+    # Another key sees neither the batch nor its output.
+    with pytest.raises(openai.NotFoundError):
+        await b.bob.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        await b.bob.files.content(done.output_file_id)
+    assert (await b.bob.batches.list()).data == []
+    assert [x.id for x in (await b.alice.batches.list()).data] == [batch.id]
+    with pytest.raises(openai.APIStatusError) as caught:
+        await b.alice.batches.cancel(batch.id)
+    assert caught.value.status_code == 409
+
+
+async def test_cancel_scancels_and_keeps_the_answers_made(bed):
+    b = bed
+    batch = await create(b)
+    await b.scheduler.step()
+    b.slurm.states["101"] = "RUNNING"
+    folder = b.spool / "batches" / batch.id
+    (folder / batchrun.OUTPUT).write_bytes(b"".join(
+        batchrun.result_line({"custom_id": f"r{i}"}, 200, {"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+        for i in range(5)))
+    cancelling = await b.alice.batches.cancel(batch.id)
+    assert cancelling.status == "cancelling" and cancelling.cancelling_at
+    await b.scheduler.step()
+    assert b.slurm.cancelled == ["101"]
+    await b.scheduler.step()
+    ended = await b.alice.batches.retrieve(batch.id)
+    assert ended.status == "cancelled" and ended.request_counts.completed == 5
+    assert len((await b.alice.files.content(ended.output_file_id)).content.splitlines()) == 5
+    assert sum(r[4] for r in b.ledger.rows) == 15
+    assert b.slurm.cancelled == ["101"]  # once
+
+
+async def test_a_batch_cancelled_before_its_job_never_submits(bed):
+    b = bed
+    batch = await create(b)
+    await b.alice.batches.cancel(batch.id)
+    await b.scheduler.step()
+    assert b.slurm.submitted == [] and (await b.alice.batches.retrieve(batch.id)).status == "cancelled"
+
+
+async def test_past_its_window_a_batch_is_expired_with_its_partial_output(bed):
+    b = bed
+    batch = await create(b, window="10m")
+    await b.scheduler.step()
+    assert "--time=0-00:10:00" in b.slurm.submitted[0][0]
+    b.slurm.states["101"] = "RUNNING"
+    (b.spool / "batches" / batch.id / batchrun.OUTPUT).write_bytes(batchrun.result_line({"custom_id": "r0"}, 200, {}))
+    await b.scheduler.step()
+    assert b.slurm.cancelled == []  # control: within its window
+    b.clock.now += 601
+    await b.scheduler.step()
+    await b.scheduler.step()
+    ended = await b.alice.batches.retrieve(batch.id)
+    assert (ended.status, ended.request_counts.completed, b.slurm.cancelled) == ("expired", 1, ["101"])
+
+
+async def test_a_job_that_ends_without_finishing_fails_the_batch(bed):
+    b = bed
+    batch = await create(b)
+    await b.scheduler.step()
+    b.slurm.states["101"] = "REQUEUED"  # a requeue is not an end
+    await b.scheduler.step()
+    assert (await b.alice.batches.retrieve(batch.id)).status == "in_progress"
+    b.slurm.states["101"] = "FAILED"
+    await b.scheduler.step()
+    ended = await b.alice.batches.retrieve(batch.id)
+    assert ended.status == "failed" and "FAILED" in ended.errors.data[0].message
+
+
+async def test_an_account_the_service_may_not_use_falls_back_to_its_own(bed):
+    b = bed
+    b.slurm.refuse_accounts = True
+    batch = await create(b)
+    await b.scheduler.step()
+    assert not any(a.startswith("--account=") for a in b.slurm.submitted[0][0])
+    got = await b.alice.batches.retrieve(batch.id)
+    assert got.status == "in_progress" and got.model_extra["slurm"]["account"] == "(the service's default)"
+
+
+async def test_create_refuses_another_keys_file_and_a_wrong_endpoint(bed):
+    b = bed
+    f = await b.alice.files.create(file=("in.jsonl", lines(2)), purpose="batch")
+    with pytest.raises(openai.NotFoundError):
+        await b.bob.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.BadRequestError, match="Line 1"):
+        await b.alice.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    with pytest.raises(openai.BadRequestError, match="completion_window"):
+        await b.alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="1y")
