@@ -373,6 +373,8 @@ class Scheduler:
         argv = ["sbatch", "--parsable", f"--inference={model.name}", "--requeue",
                 f"--job-name={self._settings.job_name_prefix}-batch-{batch.id[6:18]}",
                 f"--comment=slinfer-batch:{batch.id}", f"--output={folder / 'job.log'}",
+                # A requeued run appends: the log tells each run's story (how many lines it had left).
+                "--open-mode=append",
                 f"--time={slurm_time(max(60, batch.expires_at - int(self._clock())))}"]
         if model.gpus > 0:
             argv.append(f"--gres=gpu:{model.gpus}")

@@ -10,7 +10,7 @@ import sys
 
 from slinfer import __version__
 from slinfer.cli import admin as admin_cli
-from slinfer.cli import doctor, models, readiness
+from slinfer.cli import batches, doctor, models, readiness
 
 # The bed's subcommand, registered here by name only; its options live with the bed (slinfer/dev/devcluster.py).
 DEV_CLUSTER = "dev-cluster"
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a real Slurm with slinfer wired in, for demos and tests (development only)")
     doctor.register(sub)
     models.register(sub)
+    batches.register(sub)
     admin_cli.register(sub)
     return parser
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from slinfer import batchrun
+from slinfer.cli import batches as cli_batches
 from slinfer.config import ModelConfig
 from slinfer.controller.batches import BatchesApi, BatchStore, Scheduler, Settings, slurm_time, window_seconds
 from slinfer.controller.files import FilesApi, FileStore
@@ -155,6 +158,10 @@ async def test_a_batch_runs_as_a_job_and_completes_with_every_line_once(bed, sta
         await b.bob.files.content(done.output_file_id)
     assert (await b.bob.batches.list()).data == []
     assert [x.id for x in (await b.alice.batches.list()).data] == [batch.id]
+    # `slinfer batches` (the user's key, the gateway's list): the row with its counts and Slurm state.
+    listed = cli_batches.table(await asyncio.to_thread(cli_batches.fetch, str(b.alice.base_url).rstrip("/"),
+                                                       b.alice.api_key))
+    assert re.search(rf"{batch.id}\s+completed\s+12/12\s+0\s+101\s+COMPLETED\s+tiny", listed), listed
     with pytest.raises(openai.APIStatusError) as caught:
         await b.alice.batches.cancel(batch.id)
     assert caught.value.status_code == 409
