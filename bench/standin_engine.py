@@ -92,6 +92,11 @@ class StandinEngine:
                 {"type": "output_text", "text": " ".join(["tok"] * tokens), "annotations": []}]}],
             "usage": {"input_tokens": 8, "output_tokens": tokens, "total_tokens": 8 + tokens},
         }).encode()
+        self._message_body = json.dumps({
+            "id": "msg_standin", "type": "message", "role": "assistant", "model": model, "stop_reason": "max_tokens",
+            "content": [{"type": "text", "text": " ".join(["tok"] * tokens)}],
+            "usage": {"input_tokens": 8, "output_tokens": tokens},
+        }).encode()
         self._tokenize_body = json.dumps({"count": 3, "tokens": [1, 2, 3], "max_model_len": 1024}).encode()
         self._embedding_body = json.dumps({
             "object": "list", "model": model,
@@ -109,6 +114,7 @@ class StandinEngine:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/openapi.json", self._openapi)
@@ -203,6 +209,8 @@ class StandinEngine:
             return out
         if kind == "response":
             return await self._stream_response(out)
+        if kind == "message":
+            return await self._stream_message(out)
         tokens = self.tokens
         if self.honour_max_tokens:
             m = _MAX_TOKENS.search(body)
@@ -245,6 +253,30 @@ class StandinEngine:
             "usage": {"input_tokens": 8, "output_tokens": self.tokens, "total_tokens": 8 + self.tokens}}))
         await out.write_eof()
         return out
+
+    async def _stream_message(self, out: web.StreamResponse) -> web.StreamResponse:
+        """Anthropic's Messages events, as vLLM sends them: message_start with the input count, text deltas,
+        message_delta with the output count, message_stop."""
+        def event(kind: str, **data: object) -> bytes:
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+        await out.write(event("message_start", message={"id": "msg_standin", "type": "message", "role": "assistant",
+                                                         "content": [], "model": self.model,
+                                                         "usage": {"input_tokens": 8, "output_tokens": 0}}))
+        await out.write(event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
+        for i in range(self.tokens):
+            await out.write(event("content_block_delta", index=0, delta={"type": "text_delta", "text": f" tok{i}"}))
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+        await out.write(event("content_block_stop", index=0))
+        await out.write(event("message_delta", delta={"stop_reason": "max_tokens"},
+                              usage={"input_tokens": 8, "output_tokens": self.tokens}))
+        await out.write(event("message_stop"))
+        await out.write_eof()
+        return out
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self._message_body, "message")
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, self._response_body, "response")

@@ -27,7 +27,7 @@ from slinfer.controller.registry import Replica
 log = logging.getLogger(__name__)
 
 # An engine's answer to "which adapters do you have" (its /v1/models) or to a load: vLLM loads a LoRA of a few
-# MB in tens of milliseconds (NOTES.md: 19 ms on the CPU); a busy engine may take seconds to answer at all.
+# MB in tens of milliseconds (19 ms on the CPU with vLLM 0.32); a busy engine may take seconds to answer at all.
 ENGINE_ASK_TIMEOUT_S = 30.0
 
 

@@ -279,6 +279,8 @@ class Gateway:
     # ---- handlers ----------------------------------------------------------------------------------
     def _authenticate(self, request: web.Request) -> KeyInfo | None:
         header = request.headers.get("Authorization", "")
+        if not header and (api_key := request.headers.get("x-api-key", "")):
+            header = f"Bearer {api_key}"  # Anthropic's clients send the key so (/v1/messages)
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None

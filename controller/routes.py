@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slinfer.controller.messages import MessagesMeter
 from slinfer.controller.responses_usage import ResponsesMeter
 from slinfer.controller.usage import Meter
 
@@ -38,6 +39,13 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/embeddings", "/v1/embeddings", "embeddings", "input"),
     Route("/tokenize", "/tokenize", "tokenize", ""),
     Route("/detokenize", "/detokenize", "detokenize", ""),
+    # Anthropic's Messages API, as vLLM serves it (coding assistants call it): usage in its own fields.
+    Route("/v1/messages", "/v1/messages", "messages", "messages", MessagesMeter),
+    # The pooling routes, served by embedding, reranker and classifier models' engines only.
+    Route("/v1/rerank", "/v1/rerank", "rerank", ""),
+    Route("/v1/score", "/v1/score", "score", ""),
+    Route("/pooling", "/pooling", "pooling", "input"),
+    Route("/classify", "/classify", "classify", "input"),
 )
 
 BY_PATH: dict[str, Route] = {r.path: r for r in ROUTES}

@@ -80,9 +80,11 @@ async def test_responses_plain_and_streamed_count_their_tokens_in_the_ledger(ser
         2, 0, 16, 2 * TOKENS, 0)
 
 
-# Every route the stand-in serves, plain, and streamed where the route streams.
-CASES = [(r, False) for r in ROUTES if r.path != "/detokenize"] + [
-    (r, True) for r in ROUTES if r.endpoint in ("chat", "completions", "responses")]
+# Every route the stand-in serves, plain, and streamed where the route streams (the stand-in is a generative
+# engine: no /detokenize, no pooling routes).
+POOLING = ("/v1/rerank", "/v1/score", "/pooling", "/classify")
+CASES = [(r, False) for r in ROUTES if r.path != "/detokenize" and r.path not in POOLING] + [
+    (r, True) for r in ROUTES if r.endpoint in ("chat", "completions", "responses", "messages")]
 
 
 @pytest.mark.parametrize(("route", "stream"), CASES, ids=[f"{r.endpoint}-{'stream' if st else 'plain'}"

@@ -186,7 +186,7 @@ async def test_an_unserved_route_names_every_served_one_and_an_engine_lacking_a_
     assert error["code"] == "not_found" and error["type"] == "invalid_request_error"
     assert error["message"] == ("The engine of model 'm' does not serve POST /detokenize; it serves: POST "
                                 "/v1/chat/completions, POST /v1/completions, POST /v1/responses, POST /v1/embeddings, "
-                                "POST /tokenize")
+                                "POST /tokenize, POST /v1/messages")
     # An OpenAI-shaped 404 of the engine (a model it does not serve) passes through unchanged.
     engine.fail = "status_500"
     async with http.post(f"{c.url}/tokenize", json={"model": "m", "prompt": "x"}, headers=c.headers()) as resp:
