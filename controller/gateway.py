@@ -364,6 +364,11 @@ class Gateway:
             return error_response(404, f"The model '{model}' does not exist; GET /v1/models lists the models "
                                   "served here.", "invalid_request_error", "model_not_found"), ""
         request[_MODEL] = model
+        key = request.get(_KEY)
+        if self._limiter is not None and key is not None:
+            not_allowed = self._limiter.model_refusal(key, model)
+            if not_allowed is not None:
+                return error_response(403, not_allowed, "permission_error", "model_not_allowed"), model
         prefix: bytes | None = None
         if config is not None and config.prefix_affinity and route.prompt_field:
             raw = getattr(head, route.prompt_field)

@@ -32,7 +32,7 @@ from slinfer.controller.eventloop import loop_factory
 from slinfer.controller.files import batch_routes
 from slinfer.controller.gateway import Gateway
 from slinfer.controller.keys import KeyStore
-from slinfer.controller.limits import KeyLimits, Limiter
+from slinfer.controller.limits import GroupTokens, KeyLimits, Limiter
 from slinfer.controller.main import SHUTDOWN_GRACE_S, split_listen
 from slinfer.controller.modelstatus import ModelBoard
 from slinfer.controller.proxy import Proxy
@@ -66,7 +66,9 @@ async def serve_worker(config: Config, listen: str, name: str, stop: asyncio.Eve
     keys = KeyStore.mirror([])
     relay = UsageRelay()
     # Every key of the table carries its resolved limits, so the defaults here are never used.
-    limiter = Limiter(KeyLimits(), relay.tokens_today)
+    # The accounts' and users' limits are the config's, applied here by each worker.
+    limiter = Limiter(KeyLimits(), relay.tokens_today, accounts=g.accounts, users=g.users,
+                      group_tokens=GroupTokens(keys, relay.tokens_today))
     models = [m.name for m in config.models]
     feed: RouteFeed | None = None
     gateway = Gateway(g, config.models, registry, keys,

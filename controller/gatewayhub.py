@@ -125,7 +125,7 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         limits = self._limiter.limits_for(info)
         return gateway_pb2.ClientKey(sha256=digest, key_id=info.key_id, name=info.name, account=info.account,
                                      source=info.source, requests_per_minute=limits.requests_per_minute,
-                                     burst=limits.burst, tokens_per_day=limits.tokens_per_day)
+                                     burst=limits.burst, tokens_per_day=limits.tokens_per_day, user=info.user)
 
     def publish(self) -> gateway_pb2.RouteTable | None:
         """Publishes what changed since the last publication as one delta, and wakes every watcher for it."""

@@ -43,7 +43,7 @@ from slinfer.controller.gatewayhub import GatewayHub
 from slinfer.controller.identity import OwnKeys
 from slinfer.controller.jobtable import JobTable
 from slinfer.controller.keys import KeyStore, KeyStoreError
-from slinfer.controller.limits import KeyLimits, Limiter
+from slinfer.controller.limits import GroupTokens, KeyLimits, Limiter
 from slinfer.controller.modelstatus import ModelBoard
 from slinfer.controller.pins import Pins, PinStore, PinStoreError
 from slinfer.controller.proxy import Proxy
@@ -99,7 +99,8 @@ async def serve(config: Config, stop: asyncio.Event,
     g = config.gateway
     ledger = UsageLedger(Path(c.state_dir) / "usage", g.usage_flush_s)
     limiter = Limiter(KeyLimits(g.key_requests_per_minute, g.key_burst, g.key_tokens_per_day),
-                      ledger.tokens_today)
+                      ledger.tokens_today, accounts=g.accounts, users=g.users,
+                      group_tokens=GroupTokens(keys, ledger.tokens_today))
     queue = queue_for_gateway(config.gateway)
     # The gateway tier's feed; a restarted controller sends its first table once every live agent reported.
     hub = GatewayHub(registry, keys, limiter, ledger, c.token, pins.scaled_to_zero,

@@ -86,7 +86,7 @@ class RouteFeed:
         share = max(1, self.mirror.gateways)
         return KeyInfo(key_id=k.key_id, name=k.name, account=k.account, source=k.source,
                        requests_per_minute=self._share(k.requests_per_minute, share),
-                       tokens_per_day=k.tokens_per_day, burst=self._share(k.burst, share))
+                       tokens_per_day=k.tokens_per_day, burst=self._share(k.burst, share), user=k.user)
 
     def apply(self, table: gateway_pb2.RouteTable) -> bool:
         """Applies one message of the feed; False (nothing changed) for a delta that does not follow the
