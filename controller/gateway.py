@@ -314,6 +314,7 @@ class Gateway:
             key = request.get(_KEY)
             if key is not None and self._ledger is not None:
                 self._ledger.record(key.key_id, key.name, key.account, model, status, meter)
+                metrics.count_account(key.account, model, status, meter.prompt_tokens, meter.completion_tokens)
 
     async def _serve(self, request: web.Request, route: Route, started: float,
                      meter: Meter) -> tuple[web.StreamResponse, str]:

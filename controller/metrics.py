@@ -10,7 +10,7 @@ module does not decide anything.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -37,6 +37,13 @@ TTFT_SECONDS = Histogram("slinfer_gateway_time_to_first_token_seconds",
 QUEUE_WAIT_SECONDS = Histogram("slinfer_gateway_queue_wait_seconds",
                                "Time requests waited for a routable replica (only those that waited)",
                                ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+# Per Slurm account, for a site's bill and dashboards (the ledger's CSV has the same per key, user and day): every
+# request a key of the account sent, by HTTP status, and the prompt and completion tokens of its answers. A key
+# without an account counts under account "".
+ACCOUNT_REQUESTS = Counter("slinfer_account_requests", "Gateway requests of each Slurm account's keys, by model and "
+                           "HTTP status", ["account", "model", "code"], registry=REGISTRY)
+ACCOUNT_TOKENS = Counter("slinfer_account_tokens", "Tokens of each Slurm account's answers, by model and kind "
+                         "(prompt, completion)", ["account", "model", "kind"], registry=REGISTRY)
 RETRIES = Counter("slinfer_gateway_retries",
                   "Requests re-sent to another engine after a failure before any byte",
                   ["model"], registry=REGISTRY)
@@ -159,3 +166,23 @@ def render(state: CollectorRegistry, instance: str = "") -> bytes:
     if instance:
         return generate_latest(_Instance((REGISTRY, state), instance))  # type: ignore[arg-type]
     return generate_latest(REGISTRY) + generate_latest(state)
+
+
+# Labelled children of the account series, cached (.labels() takes a lock and builds a tuple on every call).
+_ACCOUNT_CHILDREN: dict[tuple[str, ...], Any] = {}
+
+
+def count_account(account: str, model: str, status: int, prompt_tokens: int, completion_tokens: int) -> None:
+    """One request of a key of `account`: its status, and its answer's tokens."""
+    key = ("r", account, model, str(status))
+    child = _ACCOUNT_CHILDREN.get(key)
+    if child is None:
+        child = _ACCOUNT_CHILDREN[key] = ACCOUNT_REQUESTS.labels(account, model, str(status))
+    child.inc()
+    for kind, tokens in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+        if tokens:
+            key = ("t", account, model, kind)
+            child = _ACCOUNT_CHILDREN.get(key)
+            if child is None:
+                child = _ACCOUNT_CHILDREN[key] = ACCOUNT_TOKENS.labels(account, model, kind)
+            child.inc(tokens)
