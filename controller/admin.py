@@ -230,12 +230,19 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             user = await own.prove(request.credential)
         except IdentityError as exc:
             await context.abort(_IDENTITY_CODES[exc.kind], str(exc))
-        if request.query.user and request.query.user != user:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"you ({user}) may see only your own usage, not {request.query.user!r}'s")
         query = admin_pb2.UsageRequest()
         query.CopyFrom(request.query)
-        query.user = user
+        # A coordinator of the account asked for (Slurm's flag) sees the account's usage, every user's.
+        try:
+            coordinator = bool(query.account) and await own.coordinates(user, query.account)
+        except IdentityError as exc:
+            await context.abort(_IDENTITY_CODES[exc.kind], str(exc))
+        if not coordinator:
+            if query.user and query.user != user:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"you ({user}) may see only your own usage, not {query.user!r}'s, unless you "
+                                    f"are a coordinator of the account you name (--account)")
+            query.user = user
         return await self._usage_rows(query, context)
 
 

@@ -5,7 +5,8 @@ Responsible for: turning a munge credential into a user name (slinfer/munge.py d
 in the controller's passwd), choosing the account (the one asked for, else the user's default) and refusing one
 the user has no association with (sacctmgr, through slinfer/slurm/accounts.py), the bound on keys per user
 ([gateway].keys_per_user), letting a user list and revoke only their own keys, and revoking keys past their
-expiry (so that the feed tells every gateway worker).
+expiry (so that the feed tells every gateway worker); and whether a user is a coordinator of an account
+(Slurm's coordinator flag, `sacctmgr show account A withcoord`), who then sees the account's usage.
 Not responsible for: gRPC (controller/admin.py maps IdentityError to status codes), storing or verifying keys
 (controller/keys.py), or an administrator's keys (the token's API sees and revokes all).
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from slinfer import munge
 from slinfer.controller.keys import KeyInfo, KeyStore
 from slinfer.slurm import accounts
-from slinfer.slurm.runner import Runner, SlurmError
+from slinfer.slurm.runner import Query, Runner, SlurmError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,13 @@ class OwnKeys:
                                           f"(sacctmgr show assoc user={user})")
         return account
 
+    async def coordinates(self, user: str, account: str) -> bool:
+        """Whether `user` is a coordinator of the Slurm `account` (sacctmgr's coordinator flag)."""
+        try:
+            return user in await self._runner.aget(coordinators(account))
+        except SlurmError as exc:
+            raise IdentityError("unavailable", f"cannot read the coordinators of account {account!r}: {exc}") from exc
+
     def owned(self, user: str) -> list[KeyInfo]:
         return sorted((k for k in self._keys.list() if k.source == "store" and k.user == user),
                       key=lambda k: k.created_at)
@@ -147,3 +155,18 @@ class OwnKeys:
             except Exception:  # a failed write is retried at the next sweep
                 log.exception("expiry sweep failed")
             await asyncio.sleep(interval_s)
+
+
+def _coordinators(text: str) -> frozenset[str]:
+    """`account|user1,user2` lines (one per cluster, or none for an unknown account): the coordinators."""
+    names: set[str] = set()
+    for line in text.splitlines():
+        _, _, users = line.partition("|")
+        names.update(u.strip() for u in users.split(",") if u.strip())
+    return frozenset(names)
+
+
+def coordinators(account: str) -> Query[frozenset[str]]:
+    """The coordinators of a Slurm account."""
+    return Query(("sacctmgr", "--noheader", "--parsable2", "show", "account", account, "withcoord",
+                  "format=account,coordinators"), _coordinators)

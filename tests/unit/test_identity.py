@@ -28,7 +28,7 @@ from slinfer.controller.identity import IdentityError, OwnKeys
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.usage import Meter, UsageLedger
 from slinfer.slurm.runner import Query
-from slinfer.v1 import admin_pb2_grpc
+from slinfer.v1 import admin_pb2, admin_pb2_grpc
 
 needs_munged = pytest.mark.skipif(shutil.which("munged") is None or os.geteuid() != 0,
                                   reason="needs munged and root (to encode as another user)")
@@ -125,8 +125,12 @@ class SacctmgrAnswers:
 
     ASSOC = {"root": "physics||normal\nchem||normal\n", OTHER_USER: "chem||normal\n"}
     DEFAULT = {"root": "physics\n", OTHER_USER: "chem\n"}
+    # `show account A withcoord format=account,coordinators`: OTHER_USER coordinates chem.
+    COORD = {"chem": f"chem|{OTHER_USER}\n", "physics": "physics|\n"}
 
     async def aget(self, query: Query[object]) -> object:
+        if "withcoord" in query.argv:
+            return query.parse(self.COORD.get(query.argv[query.argv.index("account") + 1], ""))
         user = next(a.split("=", 1)[1] for a in query.argv if a.startswith("user=")) \
             if "assoc" in query.argv else query.argv[query.argv.index("user") + 1]
         table = self.ASSOC if "assoc" in query.argv else self.DEFAULT
@@ -331,6 +335,19 @@ async def test_usage_per_user_and_account_a_user_sees_only_their_own(
         assert [r["key_id"] for r in rows] == [mine_chem.key_id]
         code, _ = await usage(user_cfg, "--user", OTHER_USER)
         assert code == 1 and "only your own usage" in errors[-1]
+        # A coordinator of chem (Slurm's flag) sees chem's usage, every user's; root coordinates nothing.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = admin_pb2_grpc.AdminStub(channel)
+
+            async def as_other(account: str) -> set[tuple[str, int]]:
+                reply = await stub.OwnUsage(admin_pb2.OwnUsageRequest(
+                    credential=encode_as(OTHER_USER, here), query=admin_pb2.UsageRequest(account=account)))
+                return {(r.user, r.completion_tokens) for r in reply.rows}
+
+            assert await as_other("chem") == {(OTHER_USER, 5), ("root", 11)}
+            assert await as_other("physics") == set()  # not its coordinator: its own there, none
+        code, rows = await usage(user_cfg, "--account", "chem", "--user", OTHER_USER)
+        assert code == 1 and "only your own usage" in errors[-1]  # root is no coordinator of chem
     finally:
         await server.stop(None)
         ledger.close()
