@@ -1,0 +1,131 @@
+"""Catalog LoRA adapters and the routes clients reach for, on the real bed (issue 33): the bed's `tiny-lora`
+model lists a random adapter (slinfer.dev.tinylora, written here before the model's first engine starts);
+through the controller's gateway, model=ADAPTER answers with the adapter's output and model=tiny-lora with the
+base's, both from the one engine (its own /v1/models lists both); GET /v1/models/{id} for a model, an adapter
+and an unknown id; Anthropic's /v1/messages plain and streamed through the `anthropic` client with its usage
+in the ledger; and an engine's error passed on in OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import anthropic
+import openai
+import pytest
+
+from slinfer.dev import devcluster, tinylora
+from tests.bed.test_controller import _client, _replicas
+from tests.bed.test_openai_surface import _http
+from tests.fakes.slurmbed import SlurmBed, wait_until
+
+pytestmark = pytest.mark.bed
+MODEL = "tiny-lora"
+ADAPTER = "tiny-lora-a1"
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def bed(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
+    slurm_bed.cleanup_jobs()
+    wait_until("no controller job left by an earlier module", lambda: not slurm_bed.controller_jobs(), 180)
+    # Where the bed's catalog says the adapter is (slinfer/dev/templates/slinfer.toml.in).
+    folder = slurm_bed.bed.state / "adapters"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    tinylora.generate(devcluster.tiny_model_path(), folder / ADAPTER)
+    yield slurm_bed
+    slurm_bed.retire_models(MODEL)
+
+
+def _complete(client: openai.OpenAI, model: str) -> str:
+    reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0.0)
+    return reply.choices[0].text
+
+
+def _engine(bed: SlurmBed) -> dict[str, object]:
+    """The one READY engine of MODEL: its env file and its own /v1/models listing."""
+    for replica in _replicas(bed):
+        base, key = str(replica["OPENAI_BASE_URL"]), str(replica["OPENAI_API_KEY"])
+        request = urllib.request.Request(f"{base}/models", headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            listing = json.load(response)["data"]
+        if any(m["id"] == MODEL for m in listing):
+            return {**replica, "models": listing}
+    raise AssertionError(f"no engine of {MODEL}")
+
+
+def test_the_adapter_and_its_base_answer_differently_from_one_engine(bed: SlurmBed) -> None:
+    client = _client(bed)
+    base = _complete(client, MODEL)  # scales MODEL from zero
+    adapted = _complete(client, ADAPTER)
+    print(f"\nbase: {base!r}\nadapter: {adapted!r}")
+    assert base and adapted and adapted != base
+    # Deterministic at temperature 0: the difference is the adapter's, not noise.
+    assert _complete(client, MODEL) == base and _complete(client, ADAPTER) == adapted
+    assert len(bed.controller_jobs(MODEL)) == 1
+    engine = _engine(bed)
+    listed = {m["id"]: m for m in engine["models"]}  # type: ignore[union-attr]
+    assert listed[ADAPTER]["parent"] == MODEL, listed
+    # The engine answers the adapter itself with the gateway's answer (the gateway sent it there unchanged).
+    direct = openai.OpenAI(base_url=str(engine["OPENAI_BASE_URL"]), api_key=str(engine["OPENAI_API_KEY"]),
+                           max_retries=0)
+    assert _complete(direct, ADAPTER) == adapted
+
+
+def test_models_retrieve_a_model_an_adapter_and_an_unknown_id(bed: SlurmBed) -> None:
+    client = _client(bed)
+    assert client.models.retrieve(MODEL).id == MODEL
+    adapter = client.models.retrieve(ADAPTER)
+    assert adapter.id == ADAPTER and adapter.model_extra is not None and adapter.model_extra["parent"] == MODEL
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.body == {"message": "The model 'no-such-model' does not exist; GET /v1/models lists the "
+                                 "models served here.", "type": "invalid_request_error", "param": None,
+                                 "code": "model_not_found"}
+
+
+def test_messages_plain_and_streamed_with_the_anthropic_client_and_usage_in_the_ledger(bed: SlurmBed) -> None:
+    created = bed.run("slinfer", "keys", "create", "messages-test").stdout
+    key_id = re.search(r"key id: (\S+)", created).group(1)  # type: ignore[union-attr]
+    secret = re.search(r"secret: (\S+)", created).group(1)  # type: ignore[union-attr]
+    root = bed.bed.env()["SLINFER_GATEWAY_URL"].removesuffix("/v1")
+    client = anthropic.Anthropic(base_url=root, api_key=secret, timeout=300, max_retries=0)
+    messages = [{"role": "user", "content": "Tell me about Slurm."}]
+    plain = client.messages.create(model=MODEL, max_tokens=8, messages=messages)  # type: ignore[arg-type]
+    assert plain.type == "message" and plain.content and plain.usage.input_tokens > 0
+    assert plain.usage.output_tokens > 0
+    with client.messages.stream(model=ADAPTER, max_tokens=8, messages=messages) as stream:  # type: ignore[arg-type]
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    print(f"\nmessages: plain {plain.usage}, streamed {final.usage}: {text!r}")
+    assert final.usage.output_tokens > 0
+    out = bed.run("slinfer", "usage", "--key", key_id, "--format", "json").stdout
+    rows = {r["model"]: r for r in json.loads(out)}
+    assert rows[MODEL]["requests"] == 1 and rows[MODEL]["estimated"] == 0, rows
+    assert rows[MODEL]["prompt_tokens"] == plain.usage.input_tokens, rows
+    assert rows[MODEL]["completion_tokens"] == plain.usage.output_tokens, rows
+    # The stream's counts, from its message_start and message_delta events, under the adapter's name.
+    assert rows[ADAPTER]["requests"] == 1 and rows[ADAPTER]["estimated"] == 0, rows
+    assert rows[ADAPTER]["completion_tokens"] == final.usage.output_tokens, rows
+    assert rows[ADAPTER]["prompt_tokens"] == final.usage.input_tokens > 0, rows
+
+
+def test_an_engine_error_is_passed_on_in_openais_shape(bed: SlurmBed) -> None:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 100000}
+    status, via_gateway = _http(bed, "POST", "/v1/completions", body)
+    engine = _engine(bed)
+    request = urllib.request.Request(f"{engine['OPENAI_BASE_URL']}/completions", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {engine['OPENAI_API_KEY']}",
+                                              "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    from_engine = json.load(caught.value)
+    print(f"\nengine: {from_engine}\ngateway: {via_gateway}")
+    assert status == caught.value.code == 400
+    # vLLM's own shape names its exception class and repeats the status as the code; OpenAI's does not.
+    assert from_engine["error"]["type"] == "BadRequestError" and from_engine["error"]["code"] == 400
+    assert via_gateway == {"error": {"message": from_engine["error"]["message"], "type": "invalid_request_error",
+                                     "param": from_engine["error"].get("param"), "code": None}}
