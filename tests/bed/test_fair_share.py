@@ -32,6 +32,8 @@ FLOOD = 64
 # B's request is sent once this many of A's requests wait in the tier's queue (its /metrics says so): most of the
 # flood, whatever the engine's speed.
 FLOOD_QUEUED = FLOOD // 2
+# The account whose [gateway.accounts] entry allows only the tiny model, 2 requests a minute.
+LIMITED = "limited"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0.0}
 
 
@@ -41,22 +43,39 @@ def _tier_config(bed: SlurmBed, policy: str) -> str:
     assert "\n[gateway]\n" in text
     text = text.replace("\n[gateway]\n", f'\n[gateway]\nqueue_policy = "{policy}"\n'
                                          f"max_outstanding_per_engine = {AT_ONCE}\n", 1)
+    # An account with limits of its own (test_account_limits_at_a_tier_worker).
+    text += (f'\n[gateway.accounts.{LIMITED}]\nmodels = ["{MODEL}"]\nrequests_per_minute = 2\n')
     path = bed.bed.state / f"slinfer-{policy}.toml"
     path.write_text(text)
     path.chmod(0o600)
     return str(path)
 
 
-def _post(url: str, secret: str) -> int:
-    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(CHAT).encode(),
+def _post(url: str, secret: str, model: str = MODEL) -> int:
+    return _answer(url, secret, model)[0]
+
+
+def _answer(url: str, secret: str, model: str = MODEL) -> tuple[int, dict[str, str]]:
+    """The status, and the OpenAI error of a refusal ({} for a 200)."""
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps({**CHAT, "model": model}).encode(),
                                      headers={"Authorization": f"Bearer {secret}",
                                               "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             response.read()
-            return int(response.status)
+            return int(response.status), {}
     except urllib.error.HTTPError as exc:
-        return exc.code
+        return exc.code, json.load(exc)["error"]
+
+
+def _known(url: str, secret: str) -> bool:
+    """Whether the tier knows the key: GET /v1/models, which no rate limit counts."""
+    request = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {secret}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return False
 
 
 def _queued(url: str) -> int:
@@ -143,3 +162,18 @@ def test_a_lone_request_of_b_is_served_before_a_flood_of_a_only_under_fair(slurm
     # The positive control: first come first served puts B behind every A request that was waiting.
     assert fifo_at > FLOOD // 2, fifo_at
     assert fair_s < fifo_s
+
+
+def test_account_limits_at_a_tier_worker(slurm_bed: SlurmBed, tiers: dict[str, str]) -> None:
+    """[gateway.accounts.limited] in the tier's config: a model it may not use gets 403 there, and its third
+    request of the minute 429, each naming the config key."""
+    secret = _key(slurm_bed, LIMITED)
+    url = tiers["fair"]
+    wait_until("the tier knowing the key", lambda: _known(url, secret), 30, 0.2)
+    status, error = _answer(url, secret, "smollm2")  # in the catalog, not in the account's models
+    assert status == 403 and error["code"] == "model_not_allowed", (status, error)
+    assert f"[gateway.accounts.{LIMITED}].models" in error["message"]
+    assert _answer(url, secret)[0] == 200  # the positive control: tiny is allowed (the 403 took one of the 2)
+    status, error = _answer(url, secret)
+    assert status == 429 and error["code"] == "rate_limit_exceeded", (status, error)
+    assert f"[gateway.accounts.{LIMITED}].requests_per_minute" in error["message"]

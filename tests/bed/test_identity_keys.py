@@ -197,3 +197,29 @@ def test_a_user_cannot_list_or_revoke_anothers_keys_and_a_revoked_key_is_refused
     assert _status(direct, secret) == 401
     print(f"\nrevocation to refusal (after `slinfer key revoke` returned): first 401 at the tier "
           f"{(first_401 or 0) * 1000:.0f} ms, 40 in a row across both workers by {everywhere * 1000:.0f} ms")
+
+
+def test_a_coordinator_sees_the_accounts_usage(users: Users) -> None:
+    """Bob has no association with physics: he sees his own usage there (none) until slurmdbd makes him a
+    coordinator of physics; then `slinfer usage --account physics` shows alice's physics keys too."""
+    bed = users.bed
+    made = users.key(ALICE, "create", "--account", "physics", "--name", "billed")
+    assert made.returncode == 0, made.stderr
+    key_id, secret = _made(made.stdout)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{bed.bed.gateway_port}/v1", api_key=secret, timeout=300,
+                           max_retries=0)
+    client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+
+    def bobs_view() -> str:
+        seen = bed.as_user(BOB, f"{sys.prefix}/bin/slinfer", "usage", "--account", "physics", "--format", "csv",
+                           "--config", str(users.config))
+        assert seen.returncode == 0, seen.stderr
+        return seen.stdout
+
+    assert key_id not in bobs_view()  # the positive control: no coordinator, no account view
+    bed.run("sacctmgr", "-i", "add", "coordinator", "account=physics", f"names={BOB}")
+    try:
+        assert key_id in bobs_view()
+    finally:
+        bed.run("sacctmgr", "-i", "remove", "coordinator", "account=physics", f"names={BOB}")
+    assert key_id not in bobs_view()
