@@ -8,6 +8,8 @@ given has the adapter: an engine lists the adapters it was started with (`--lora
 lacks an adapter (the catalog gained it after the engine started, and the controller was restarted with it)
 is given it through vLLM's `/v1/load_lora_adapter`, without a restart (the agent starts engines of a model
 with adapters with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).
+It also narrows the balancer's candidates to the engines that have an adapter, where one of them is as free as
+any (`prefer_loaded`).
 Not responsible for: the engine's flags (agent/launch.py `lora_args`), choosing the engine (the balancer),
 or unloading adapters the catalog dropped (an engine keeps them until it ends: they cost it a few MB).
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import aiohttp
@@ -69,6 +71,17 @@ class Adapters:
                         "parent": model.name, "max_model_len": parent.get("max_model_len"),
                         "slinfer": {**parent.get("slinfer", {}), "adapter": True}})
         return out
+
+    def prefer_loaded(self, candidates: list[Replica], name: str, exclude: Collection[str]) -> list[Replica]:
+        """The candidates that have adapter `name` already, where one of them is as little loaded as any other
+        candidate; else all: an engine without it would load it (milliseconds) before answering, but a busier
+        engine would cost more."""
+        usable = [r for r in candidates if r.job_id not in exclude]
+        loaded = [r for r in usable if (r.job_id, name) in self._loaded]
+        if not loaded or len(loaded) == len(usable):
+            return candidates
+        least = min(r.outstanding for r in usable)
+        return loaded if min(r.outstanding for r in loaded) <= least else candidates
 
     async def close(self) -> None:
         if self._session is not None:

@@ -412,6 +412,8 @@ class Gateway:
             routable = self._registry.routable(model)
             # Without a count set by the administrator, an engine takes requests until it says it is full.
             candidates = routable if limit else [r for r in routable if not engine_full(r)]
+            if adapter:
+                candidates = self._adapters.prefer_loaded(candidates, adapter, tried)
             replica = None
             if place and place[0].waiting:
                 pass  # waiting in the order: it looks for an engine only when its turn is called

@@ -191,3 +191,23 @@ async def test_models_lists_adapters_with_parent_and_retrieves_each(controller_f
                                                "param": None, "code": "model_not_found"}}
     async with http.get(f"{c.url}/v1/models/a1") as resp:
         assert resp.status == 401
+
+
+async def test_requests_for_an_adapter_prefer_the_engine_that_has_it(controller_factory, lora_engine, http,
+                                                                     engine_pb) -> None:
+    c = await controller_factory(models=[BASE])
+    first, second = await lora_engine(), await lora_engine()  # neither started with a2
+    await (await c.agent()).send([engine_pb("1", "base", first.base_url), engine_pb("2", "base", second.base_url)])
+    for _ in range(6):
+        async with http.post(f"{c.url}/v1/chat/completions", json=_chat("a2"), headers=c.headers()) as resp:
+            assert resp.status == 200
+    # Both engines idle each time: without the preference, a tie would land on the other engine half the time
+    # and load a2 there too (both loading: 31 in 32 runs).
+    assert len(first.loads) + len(second.loads) == 1
+    assert len(first.models_seen) + len(second.models_seen) == 6
+    # The preference yields to load: with the engine that has a2 busy, the other takes the request and loads it.
+    having, other = (first, second) if first.loads else (second, first)
+    c.registry.get("1" if having is first else "2").outstanding = 3  # type: ignore[union-attr]
+    async with http.post(f"{c.url}/v1/chat/completions", json=_chat("a2"), headers=c.headers()) as resp:
+        assert resp.status == 200
+    assert len(other.loads) == 1
