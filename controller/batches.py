@@ -97,6 +97,7 @@ class Batch:
     status: str = "validating"
     metadata: dict[str, str] | None = None
     job_id: str = ""
+    jobs: list[str] = field(default_factory=list)  # every job submitted for it, the current one last
     slurm_state: str = ""
     slurm_account: str = ""  # the account Slurm charges the job to
     cancel_requested: bool = False
@@ -122,7 +123,7 @@ class Batch:
             "metadata": self.metadata, "model": self.model,
             # slinfer's own, beside OpenAI's: where the batch runs.
             "slurm": {"job_id": self.job_id or None, "state": self.slurm_state or None,
-                      "account": self.slurm_account or None},
+                      "account": self.slurm_account or None, "jobs": self.jobs},
         }
 
     def move(self, status: str, now: float) -> None:
@@ -344,6 +345,8 @@ class Settings:
     partition: str
     runner: list[str]
     job_name_prefix: str
+    # Jobs one batch may take: a job that ends with lines left is followed by another, which resumes.
+    max_attempts: int = 3
 
     @classmethod
     def of(cls, config: Config) -> Settings:
@@ -351,7 +354,7 @@ class Settings:
         qos = config.batch.qos or (first.burst_qos if first else "")
         return cls(qos=qos, partition=config.batch.partition,
                    runner=list(config.batch.runner_command) or [sys.executable, "-m", "slinfer.batchrun"],
-                   job_name_prefix=config.controller.job_name_prefix)
+                   job_name_prefix=config.controller.job_name_prefix, max_attempts=config.batch.max_attempts)
 
 
 class Scheduler:
@@ -433,9 +436,19 @@ class Scheduler:
                 await self._finish(batch, "cancelled" if batch.cancel_requested else "expired")
         elif over:
             state = job.job_state.name if job is not None else "gone from Slurm"
+            if len(batch.jobs) < self._settings.max_attempts:
+                # Preempted (CANCEL mode), its node lost, or its engine missing: the lines answered stay, and a
+                # new job answers the rest.
+                log.warning("batch %s: Slurm job %s ended (%s) with lines left; submitting it again (attempt %d "
+                            "of %d)", batch.id, batch.job_id, state, len(batch.jobs) + 1, self._settings.max_attempts)
+                # A job that Slurm could still requeue must not come back beside its successor.
+                with contextlib.suppress(SlurmError):
+                    await self._slurm.cancel(batch.job_id)
+                await self._submit(batch)
+                return
             batch.errors.append({"code": "job_failed", "message": f"Slurm job {batch.job_id} ended ({state}) "
-                                 f"before every line was answered; see {folder / 'job.log'}", "param": None,
-                                 "line": None})
+                                 f"before every line was answered, {len(batch.jobs)} jobs tried; see "
+                                 f"{folder / 'job.log'}", "param": None, "line": None})
             await self._finish(batch, "failed")
 
     async def _submit(self, batch: Batch) -> None:
@@ -456,6 +469,7 @@ class Scheduler:
             account = ""
             job_id = await self._slurm.submit_batch(self.submit_argv(batch, account), script)
         batch.job_id = job_id
+        batch.jobs.append(job_id)
         batch.slurm_account = account or "(the service's default)"
         batch.move("in_progress", self._clock())
         self.batches.save(batch)

@@ -137,6 +137,8 @@ async def run(folder: Path, base: str, api_key: str, concurrency: int = DEFAULT_
     try:
         async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
             waited = await wait_for_engine(session, root, wait_s)
+            counts["engine_wait_ms"] = round(waited * 1000)
+            answering = time.monotonic()
             print(f"batchrun: engine ready after {waited:.1f} s; {len(lines)} lines to answer", flush=True)
             queue: asyncio.Queue[dict[str, object]] = asyncio.Queue()
             for line in lines:
@@ -154,6 +156,7 @@ async def run(folder: Path, base: str, api_key: str, concurrency: int = DEFAULT_
                         counts["failed"] += 1
 
             await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(lines))))))
+            counts["answer_ms"] = round((time.monotonic() - answering) * 1000)
     finally:
         output.close()
         errors.close()

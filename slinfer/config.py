@@ -336,6 +336,9 @@ class BatchConfig:
     # The batch job's command, run on the node with `--dir BATCH_FOLDER`; empty: this Python's
     # `-m slinfer.batchrun` (the nodes have slinfer where the controller does).
     runner_command: list[str] = field(default_factory=list)
+    # Slurm jobs one batch may take: a job that ends with lines left (preempted, its node lost) is followed by
+    # another, which answers only what is left; after this many the batch is failed.
+    max_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -564,7 +567,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     if kube.gc_grace_s < 0:
         raise ConfigError("kubernetes.gc_grace_s", "must be 0 or more")
     _check_gateway_address(kube.gateway_address)
-    for name in ("max_file_bytes", "max_lines"):
+    for name in ("max_file_bytes", "max_lines", "max_attempts"):
         if getattr(config.batch, name) <= 0:
             raise ConfigError(f"batch.{name}", "must be above 0")
     return config

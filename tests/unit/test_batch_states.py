@@ -212,17 +212,25 @@ async def test_past_its_window_a_batch_is_expired_with_its_partial_output(bed):
     assert (ended.status, ended.request_counts.completed, b.slurm.cancelled) == ("expired", 1, ["101"])
 
 
-async def test_a_job_that_ends_without_finishing_fails_the_batch(bed):
+async def test_a_job_that_ends_with_lines_left_is_followed_by_another_then_the_batch_fails(bed):
     b = bed
     batch = await create(b)
     await b.scheduler.step()
     b.slurm.states["101"] = "REQUEUED"  # a requeue is not an end
     await b.scheduler.step()
     assert (await b.alice.batches.retrieve(batch.id)).status == "in_progress"
-    b.slurm.states["101"] = "FAILED"
+    # Each job that ends with lines left is followed by another (it resumes), up to max_attempts (3).
+    for job_id in ("101", "102"):
+        b.slurm.states[job_id] = "PREEMPTED" if job_id == "101" else "FAILED"
+        await b.scheduler.step()
+        again = await b.alice.batches.retrieve(batch.id)
+        assert again.status == "in_progress" and again.model_extra["slurm"]["job_id"] == str(int(job_id) + 1)
+    assert len(b.slurm.submitted) == 3
+    b.slurm.states["103"] = "FAILED"
     await b.scheduler.step()
     ended = await b.alice.batches.retrieve(batch.id)
     assert ended.status == "failed" and "FAILED" in ended.errors.data[0].message
+    assert ended.model_extra["slurm"]["jobs"] == ["101", "102", "103"] and len(b.slurm.submitted) == 3
 
 
 async def test_an_account_the_service_may_not_use_falls_back_to_its_own(bed):
