@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 import pytest
 
 from slinfer.config import AccountConfig, ConfigError, GatewayConfig, parse
@@ -89,24 +88,24 @@ def test_config_switch_and_its_errors() -> None:
         assert err.value.key == key
 
 
-async def test_the_waiting_room_calls_in_the_fair_order() -> None:
-    for policy, expected in (("fair", ["A", "B", "A", "A"]), ("fifo", ["A", "A", "A", "B"])):
-        queue = WaitQueue(policy=policy)  # type: ignore[arg-type]
-        woken: list[str] = []
+@pytest.mark.parametrize(("policy", "expected"), [("fair", ["A", "B", "A", "A"]), ("fifo", ["A", "A", "A", "B"])])
+async def test_the_waiting_room_calls_in_the_fair_order(policy: str, expected: list[str]) -> None:
+    queue = WaitQueue(policy=policy)  # type: ignore[arg-type]
+    woken: list[str] = []
 
-        async def waiter(account: str) -> None:
-            ticket = queue.join("m", account)
-            assert await queue.wait("m", 5.0, ticket)
-            queue.leave("m", ticket, served=True)
-            woken.append(account)
+    async def waiter(account: str) -> None:
+        ticket = queue.join("m", account)
+        assert await queue.wait("m", 5.0, ticket)
+        queue.leave("m", ticket, served=True)
+        woken.append(account)
 
-        tasks = [asyncio.create_task(waiter(a)) for a in ("A", "A", "A", "B")]
+    tasks = [asyncio.create_task(waiter(a)) for a in ("A", "A", "A", "B")]
+    await asyncio.sleep(0.01)
+    for _ in range(4):
+        queue.wake_one("m")
         await asyncio.sleep(0.01)
-        for _ in range(4):
-            queue.wake_one("m")
-            await asyncio.sleep(0.01)
-        await asyncio.gather(*tasks)
-        assert woken == expected, policy
+    await asyncio.gather(*tasks)
+    assert woken == expected, policy
 
 
 async def test_a_called_request_that_leaves_passes_its_turn_and_bounds_still_bind() -> None:
@@ -153,3 +152,34 @@ async def test_the_gateway_serves_a_lone_request_before_a_flood_only_under_fair(
     assert fair_at <= 8, fair_at
     assert fifo_at >= 18, fifo_at  # the positive control: first come first served makes B wait for the flood
     assert fair_s < fifo_s
+
+
+@pytest.mark.parametrize(("policy", "b_at_most", "b_at_least"), [("fair", 1, 0), ("fifo", 5, 5)])
+async def test_engines_full_by_their_reports_only_the_first_in_the_order_looks(
+        controller_factory, standins, http, engine_pb, policy: str, b_at_most: int, b_at_least: int) -> None:
+    """No count bound: the engine says it is full (requests waiting, KV cache full) and the gateway's waiters
+    look again on their own timers (a load report wakes nobody). Each timer's look goes to the first in the
+    order, so B's request, queued after A's five, goes second under fair and last under fifo."""
+    c = await controller_factory(queue_policy=policy)
+    key_a = c.keys.create("flood", account="A")[1]
+    key_b = c.keys.create("lone", account="B")[1]
+    engine = await standins(model="m")
+    agent = await c.agent()
+    full = engine_pb("1", "m", engine.base_url)
+    full.load.waiting, full.load.kv_cache_usage = 1.0, 1.0
+    await agent.send([full])
+    done: list[str] = []
+
+    async def ask(key: str, who: str) -> None:
+        async with http.post(f"{c.url}/v1/chat/completions", json=CHAT, headers=c.headers(key)) as resp:
+            assert resp.status == 200, await resp.text()
+        done.append(who)
+
+    flood = [asyncio.create_task(ask(key_a, "A")) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    lone = asyncio.create_task(ask(key_b, "B"))
+    await asyncio.sleep(0.05)
+    assert c.gateway.demand("m").queued == 6 and engine.seen.requests == 0  # all wait: the engine is full
+    await agent.send([engine_pb("1", "m", engine.base_url)])  # room again; no wake: the timers look
+    await asyncio.gather(lone, *flood)
+    assert b_at_least <= done.index("B") <= b_at_most, (policy, done)
