@@ -58,9 +58,16 @@ class FairOrder:
         # nothing: a flood that ended does not count against the account's next request).
         self._finish: dict[str, float] = {}
         self._seq = 0
+        # Tickets called and not yet back in the order nor gone: requests about to look for an engine.
+        self.calling = 0
 
     def __len__(self) -> int:
         return len(self._tickets)
+
+    def _called(self, ticket: Ticket, called: bool) -> None:
+        if ticket.called != called:
+            self.calling += 1 if called else -1
+            ticket.called = called
 
     def join(self, account: str) -> Ticket:
         """A new request's ticket, tagged and placed in the order."""
@@ -77,7 +84,8 @@ class FairOrder:
     def push(self, ticket: Ticket) -> None:
         """Puts a ticket (new, or called and without an engine) back in the order with its own tags."""
         if not ticket.waiting:
-            ticket.waiting, ticket.called = True, False
+            ticket.waiting = True
+            self._called(ticket, False)
             self._tickets.append(ticket)
 
     def head(self) -> Ticket | None:
@@ -90,14 +98,16 @@ class FairOrder:
         ticket = self.head()
         if ticket is not None:
             self._tickets.remove(ticket)
-            ticket.waiting, ticket.called = False, True
+            ticket.waiting = False
+            self._called(ticket, True)
         return ticket
 
     def take(self, ticket: Ticket) -> None:
         """Marks `ticket` called (out of the order): it is the head and may look for an engine itself."""
         if ticket.waiting:
             self._tickets.remove(ticket)
-            ticket.waiting, ticket.called = False, True
+            ticket.waiting = False
+            self._called(ticket, True)
 
     def ordered(self) -> list[Ticket]:
         return sorted(self._tickets, key=_order)
@@ -107,7 +117,8 @@ class FairOrder:
         gave up (timed out, refused, its client went away)."""
         if ticket.waiting:
             self._tickets.remove(ticket)
-        ticket.waiting, ticket.called = False, False
+        ticket.waiting = False
+        self._called(ticket, False)
         if served and self.policy == "fair":
             self._virtual = max(self._virtual, ticket.start)
         if not self._tickets:

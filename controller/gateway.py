@@ -424,7 +424,7 @@ class Gateway:
                 replica = self._balancer.pick(candidates, prefix, tried | self._cooling.keys(), limit, policy)
             if replica is None and not (place and place[0].waiting):
                 replica = self._balancer.pick(candidates, prefix, tried, limit, policy)
-            if replica is not None and not place and self._queue.depth(model):
+            if replica is not None and not place and self._queue.busy(model):
                 # Others wait for this model: this request takes its place in the order rather than overtake
                 # them, and the first in the order (perhaps this one) is called to take the free engine.
                 try:

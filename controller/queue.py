@@ -55,6 +55,12 @@ class WaitQueue:
         order = self._orders.get(model)
         return len(order) if order is not None else 0
 
+    def busy(self, model: str) -> bool:
+        """Whether requests of `model` wait, or were called and are about to look for an engine: a new request
+        then takes its place in the order rather than overtake them."""
+        order = self._orders.get(model)
+        return order is not None and (len(order) > 0 or order.calling > 0)
+
     def finished(self, model: str) -> None:
         """A request of `model` finished on an engine (its slot is free for the next)."""
         times = self._finished.setdefault(model, deque())

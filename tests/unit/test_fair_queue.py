@@ -183,3 +183,22 @@ async def test_engines_full_by_their_reports_only_the_first_in_the_order_looks(
     await agent.send([engine_pb("1", "m", engine.base_url)])  # room again; no wake: the timers look
     await asyncio.gather(lone, *flood)
     assert b_at_least <= done.index("B") <= b_at_most, (policy, done)
+
+
+def test_a_called_request_keeps_the_room_busy_until_it_looks() -> None:
+    queue = WaitQueue()
+    assert not queue.busy("m")
+    ticket = queue.join("m", "A")
+    assert queue.busy("m") and queue.depth("m") == 1
+    queue.wake_one("m")  # called: out of the order, about to look
+    assert queue.depth("m") == 0 and queue.busy("m")  # a new request must not overtake it
+    queue.leave("m", ticket, served=True)
+    assert not queue.busy("m")
+    order = FairOrder()
+    t = order.join("A")
+    order.pop()
+    order.push(t)  # looked, found nothing, waits again
+    assert order.calling == 0 and len(order) == 1
+    order.pop()
+    order.leave(t, served=False)
+    assert order.calling == 0 and len(order) == 0
