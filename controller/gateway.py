@@ -31,6 +31,7 @@ from slinfer.controller import errorshape, metrics
 from slinfer.controller.adapters import AdapterLoadFailed, Adapters
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.fairqueue import Ticket
+from slinfer.controller.forms import FormError, form_model
 from slinfer.controller.inflight import InFlight
 from slinfer.controller.keys import KeyInfo, KeyStore
 from slinfer.controller.limits import Limiter
@@ -54,6 +55,8 @@ RETRY_AFTER_NO_REPLICA_S = 10
 ENGINE_COOLDOWN_S = 2.0
 # Where a request keeps its authenticated key (aiohttp's per-request storage), for the usage ledger.
 _KEY = web.RequestKey("slinfer.key", KeyInfo)
+# The Content-Type of a form body (multipart, with its boundary), which the engine gets as the client sent it.
+_FORM = web.RequestKey("slinfer.form", str)
 # The request's model once it is known, so that a request that ends in an exception is still counted for it.
 _MODEL = web.RequestKey("slinfer.model", str)
 # How often a draining gateway looks whether its last connection has closed.
@@ -346,7 +349,9 @@ class Gateway:
     async def _parsed(self, request: web.Request, route: Route, body: bytes, started: float,
                       meter: Meter) -> tuple[web.StreamResponse, str]:
         try:
-            head = _decode_head(body)
+            head = _decode_head(body) if not route.form else self._form_head(request, body)
+        except FormError as exc:
+            return error_response(400, f"Invalid form body: {exc}", "invalid_request_error", "invalid_form"), ""
         except msgspec.ValidationError as exc:
             return error_response(400, f"Invalid request body: {exc}", "invalid_request_error"), ""
         except msgspec.DecodeError as exc:
@@ -382,6 +387,14 @@ class Gateway:
         routed = config.name if adapter and config is not None else model
         return await self._dispatch(request, routed, route.engine_path, body, prefix, started, meter, usage,
                                     adapter), model
+
+    @staticmethod
+    def _form_head(request: web.Request, body: bytes) -> _Head:
+        """A multipart form's model, as a JSON body's head would carry it; the form's Content-Type goes on."""
+        content_type = request.headers.get("Content-Type", "")
+        model = form_model(content_type, body)
+        request[_FORM] = content_type
+        return _Head(model=model)
 
     async def _dispatch(self, request: web.Request, model: str, path: str, body: bytes, prefix: bytes | None,
                         started: float, meter: Meter, usage: UsageFilter | None = None,
@@ -489,7 +502,8 @@ class Gateway:
                 if adapter:
                     await self._adapters.ensure(replica, adapter)
                 response = await self._proxy.forward(request, replica, path, body, self._ttft_child(model), started,
-                                                     meter.feed_chunk if metered and usage is None else None, usage)
+                                                     meter.feed_chunk if metered and usage is None else None, usage,
+                                                     request.get(_FORM, ""))
                 if type(response) is web.Response and isinstance(response.body, bytes):
                     # An OpenAI error always has a message; a 404 without one is the engine's router: no such route.
                     if response.status == 404 and b'"message"' not in response.body:

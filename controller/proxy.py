@@ -119,14 +119,14 @@ class Proxy:
     async def forward(self, request: web.Request, replica: Replica, path: str, body: bytes,
                       ttft: Histogram | None = None, started: float = 0.0,
                       tap: Callable[[bytes], None] | None = None,
-                      usage: UsageFilter | None = None) -> web.StreamResponse:
-        """Sends `body` to the engine's `path` and returns the response for the client.
+                      usage: UsageFilter | None = None, content_type: str = "") -> web.StreamResponse:
+        """Sends `body` to the engine's `path` (as JSON, or as `content_type`) and returns the response for the client.
 
         A streamed answer is already prepared and relayed in full when this returns; `tap` sees each of its
         chunks as relayed (the usage meter), or `usage` takes the usage event the gateway asked for out of it.
         """
         pool = self._pool(replica)
-        conn = await self._send(pool, replica, pool.request_bytes(path, replica.api_key, body))
+        conn = await self._send(pool, replica, pool.request_bytes(path, replica.api_key, body, content_type))
         try:
             content_type = conn.content_type or "application/json"
             if not content_type.startswith(_SSE):

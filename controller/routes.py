@@ -29,6 +29,7 @@ class Route:
     endpoint: str  # the `endpoint` label of the gateway's metrics
     prompt_field: str  # the body field whose first bytes decide prefix affinity ("" for none)
     meter: type[Meter] = Meter  # reads the answer's token counts for the usage ledger
+    form: bool = False  # the body is multipart/form-data (its `model` a form field), passed on as it came
 
 
 # The table: one glance shows what the gateway serves and where each request lands on the engine.
@@ -46,6 +47,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/score", "/v1/score", "score", ""),
     Route("/pooling", "/pooling", "pooling", "input"),
     Route("/classify", "/classify", "classify", "input"),
+    # Speech to text, on models whose engine serves it (a Whisper model): an audio file in a multipart form.
+    Route("/v1/audio/transcriptions", "/v1/audio/transcriptions", "transcriptions", "", form=True),
 )
 
 BY_PATH: dict[str, Route] = {r.path: r for r in ROUTES}

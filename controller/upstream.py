@@ -391,7 +391,13 @@ class EnginePool:
         self._idle: deque[EngineConnection] = deque()
         self._heads: dict[tuple[str, str], bytes] = {}
 
-    def request_bytes(self, path: str, api_key: str, body: bytes) -> bytes:
+    def request_bytes(self, path: str, api_key: str, body: bytes, content_type: str = "") -> bytes:
+        """The request; `content_type` other than JSON's (a multipart form's, with its boundary) is not cached."""
+        if content_type:
+            head = (f"POST {self._prefix}{path} HTTP/1.1\r\nHost: {self._hostport}\r\n"
+                    f"Authorization: Bearer {api_key}\r\nContent-Type: {content_type}\r\n"
+                    f"Accept: */*\r\nContent-Length: ").encode("latin-1")
+            return b"%s%d\r\n\r\n%s" % (head, len(body), body)
         head = self._heads.get((path, api_key))
         if head is None:
             head = self._heads[(path, api_key)] = (

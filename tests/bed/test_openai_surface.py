@@ -227,8 +227,9 @@ def test_an_unserved_route_answers_an_openai_404_naming_the_served_routes(bed: S
     assert error["code"] == "not_found" and error["message"].startswith(
         f"The engine of model '{MODEL}' does not serve POST /v1/embeddings; it serves: ")
     served = error["message"].split("it serves: ", 1)[1].split(", ")
+    # A generative engine serves Anthropic's /v1/messages too, and none of the pooling routes.
     assert served == ["POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses", "POST /tokenize",
-                      "POST /detokenize"]
+                      "POST /detokenize", "POST /v1/messages"]
 
 
 @pytest.mark.timeout(1800)

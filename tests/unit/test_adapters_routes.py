@@ -177,3 +177,70 @@ async def test_pooling_routes_go_only_where_the_engine_serves_them(controller_fa
     assert error["code"] == "not_found"
     assert error["message"] == ("The engine of model 'm' does not serve POST /v1/score; it serves: "
                                 "POST /v1/messages, POST /v1/rerank")
+
+
+@pytest.fixture
+async def speech_engine() -> AsyncIterator[tuple[str, list[tuple[str, str, int]]]]:
+    """A stand-in engine with /v1/audio/transcriptions that reads the form as vLLM does: (model, type, bytes)."""
+    seen: list[tuple[str, str, int]] = []
+
+    async def transcribe(request: web.Request) -> web.Response:
+        form = await request.post()
+        audio = form["file"]
+        assert isinstance(audio, web.FileField)
+        seen.append((str(form["model"]), request.headers["Content-Type"].split(";")[0], len(audio.file.read())))
+        return web.json_response({"text": f"heard by {form['model']}"})
+
+    app = web.Application(client_max_size=8 << 20)
+    app.router.add_post("/v1/audio/transcriptions", transcribe)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", seen  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+async def test_transcriptions_pass_the_form_on_to_a_speech_engine(controller_factory, speech_engine, standins, http,
+                                                                  engine_pb) -> None:
+    import openai
+
+    from slinfer.config import ModelConfig
+    c = await controller_factory(models=[ModelConfig(name="whisper", source="/w"), ModelConfig(name="m", source="/x")])
+    url, seen = speech_engine
+    text_engine = await standins(model="m")
+    await (await c.agent()).send([engine_pb("1", "whisper", url), engine_pb("2", "m", text_engine.base_url)])
+    client = openai.AsyncOpenAI(base_url=f"{c.url}/v1", api_key=c.client_key, max_retries=0)
+    audio = bytes(range(256)) * 4096  # 1 MiB, every byte value (a boundary-like run must not confuse the scan)
+    try:
+        reply = await client.audio.transcriptions.create(model="whisper", file=("a.wav", audio, "audio/wav"))
+        assert reply.text == "heard by whisper"
+        assert seen == [("whisper", "multipart/form-data", len(audio))]
+        # A model whose engine serves no speech: the OpenAI-shaped 404 naming what it serves.
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.audio.transcriptions.create(model="m", file=("a.wav", audio, "audio/wav"))
+        assert "does not serve POST /v1/audio/transcriptions" in str(caught.value.body)
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await client.audio.transcriptions.create(model="nope", file=("a.wav", b"x", "audio/wav"))
+        assert unknown.value.code == "model_not_found"
+    finally:
+        await client.close()
+    # A JSON body on the form route is refused with the reason.
+    async with http.post(f"{c.url}/v1/audio/transcriptions", json={"model": "whisper"}, headers=c.headers()) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["code"] == "invalid_form" and "multipart/form-data" in error["message"]
+    assert len(seen) == 1
+
+
+def test_form_model_finds_the_field_and_names_what_is_wrong() -> None:
+    from slinfer.controller.forms import FormError, form_model
+    ct = "multipart/form-data; boundary=XyZ"
+    body = (b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="model.wav"\r\n\r\n'
+            b'name="model"\r\n--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n--XyZ--\r\n')
+    assert form_model(ct, body) == "whisper"
+    for content_type, bad, why in ((ct, body.replace(b'name="model"\r\n\r\n', b'name="lang"\r\n\r\n'), "no model"),
+                                   ("multipart/form-data", body, "no boundary"),
+                                   ("application/json", b"{}", "takes multipart/form-data")):
+        with pytest.raises(FormError, match=why):
+            form_model(content_type, bad)

@@ -81,8 +81,8 @@ async def test_responses_plain_and_streamed_count_their_tokens_in_the_ledger(ser
 
 
 # Every route the stand-in serves, plain, and streamed where the route streams (the stand-in is a generative
-# engine: no /detokenize, no pooling routes).
-POOLING = ("/v1/rerank", "/v1/score", "/pooling", "/classify")
+# engine: no /detokenize, no pooling routes, no speech; test_adapters_routes.py has those).
+POOLING = ("/v1/rerank", "/v1/score", "/pooling", "/classify", "/v1/audio/transcriptions")
 CASES = [(r, False) for r in ROUTES if r.path != "/detokenize" and r.path not in POOLING] + [
     (r, True) for r in ROUTES if r.endpoint in ("chat", "completions", "responses", "messages")]
 
