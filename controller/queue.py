@@ -146,7 +146,7 @@ class WaitQueue:
     def wake_all(self, model: str) -> None:
         """Calls every waiting request of `model`, in its order (they resume in that order and look in turn)."""
         order = self._orders.get(model)
-        while order is not None and (ticket := order.pop()) is not None:
+        for ticket in order.pop_all() if order is not None else ():
             self._call(ticket)
 
     def wake_one(self, model: str) -> None:

@@ -202,3 +202,12 @@ def test_a_called_request_keeps_the_room_busy_until_it_looks() -> None:
     order.pop()
     order.leave(t, served=False)
     assert order.calling == 0 and len(order) == 0
+
+
+def test_calling_everyone_keeps_the_order() -> None:
+    order = FairOrder("fair")
+    for account in ("A", "A", "A", "B", "C"):
+        order.join(account)
+    called = order.pop_all()
+    assert [t.account for t in called] == ["A", "B", "C", "A", "A"]
+    assert len(order) == 0 and order.calling == 5 and all(t.called and not t.waiting for t in called)
