@@ -3,12 +3,14 @@ model lists a random adapter (slinfer.dev.tinylora, written here before the mode
 through the controller's gateway, model=ADAPTER answers with the adapter's output and model=tiny-lora with the
 base's, both from the one engine (its own /v1/models lists both); GET /v1/models/{id} for a model, an adapter
 and an unknown id; Anthropic's /v1/messages plain and streamed through the `anthropic` client with its usage
-in the ledger; and an engine's error passed on in OpenAI's shape."""
+in the ledger; an engine's error passed on in OpenAI's shape; and an adapter added to the catalog (the
+controller restarted with it) served by the running engine, loaded at run time without restarting it."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +27,8 @@ from tests.fakes.slurmbed import SlurmBed, wait_until
 pytestmark = pytest.mark.bed
 MODEL = "tiny-lora"
 ADAPTER = "tiny-lora-a1"
+# The adapter the catalog gains at run time.
+LATE = "tiny-lora-a2"
 PROMPT = "The quick brown fox"
 
 
@@ -129,3 +133,38 @@ def test_an_engine_error_is_passed_on_in_openais_shape(bed: SlurmBed) -> None:
     assert from_engine["error"]["type"] == "BadRequestError" and from_engine["error"]["code"] == 400
     assert via_gateway == {"error": {"message": from_engine["error"]["message"], "type": "invalid_request_error",
                                      "param": from_engine["error"].get("param"), "code": None}}
+
+
+def _restart_controller(bed: SlurmBed) -> None:
+    devcluster.stop_daemon(bed.bed, "controller")
+    devcluster.start_controller(bed.bed)
+    wait_until(f"{MODEL} routable again", lambda: bed.ready_replicas(MODEL) == 1, 120)
+
+
+def test_an_adapter_added_to_the_catalog_is_loaded_into_the_running_engine(bed: SlurmBed) -> None:
+    client = _client(bed)
+    base = _complete(client, MODEL)
+    first = _complete(client, ADAPTER)
+    jobs = bed.controller_jobs(MODEL)
+    before = _engine(bed)
+    assert LATE not in {m["id"] for m in before["models"]}  # type: ignore[union-attr]
+    source = tinylora.generate(devcluster.tiny_model_path(), bed.bed.state / "adapters" / LATE, seed=2)
+    original = bed.bed.config.read_text()
+    assert original.rstrip().endswith(f'name = "{ADAPTER}"\nsource = "{bed.bed.state}/adapters/{ADAPTER}"'), \
+        "the bed's catalog no longer ends with tiny-lora's adapter as this test expects"
+    try:
+        bed.bed.config.write_text(original + f'\n[[models.adapters]]\nname = "{LATE}"\nsource = "{source}"\n')
+        _restart_controller(bed)
+        began = time.monotonic()
+        late = _complete(client, LATE)
+        print(f"\nlate adapter: {late!r}, first request {time.monotonic() - began:.2f} s (load included)")
+        assert late and late not in (base, first)
+        # The same engine (job and address), which now lists the adapter: loaded, not restarted.
+        after = _engine(bed)
+        assert bed.controller_jobs(MODEL) == jobs
+        assert after["OPENAI_BASE_URL"] == before["OPENAI_BASE_URL"]
+        assert {m["id"]: m.get("parent") for m in after["models"]}[LATE] == MODEL  # type: ignore[union-attr]
+        assert _complete(client, MODEL) == base and _complete(client, ADAPTER) == first
+    finally:
+        bed.bed.config.write_text(original)
+        _restart_controller(bed)
