@@ -26,6 +26,7 @@ from slinfer.config import ModelConfig
 from slinfer.controller import metrics
 from slinfer.controller.jobtable import JobTable, Refusal
 from slinfer.controller.movingaverage import MovingAverage
+from slinfer.controller.nodedrain import LeavingNodes, Nodes, with_handover_limit
 from slinfer.controller.pins import Pins
 from slinfer.controller.preemption import BurstTier, tiers
 from slinfer.controller.registry import Registry, Replica
@@ -135,6 +136,8 @@ class _Model:
     # The replicas beyond min_replicas, in the model's burst_qos, and the preemptions seen (preemption.py).
     burst: BurstTier = field(default_factory=BurstTier)
     active_ids: set[str] = field(default_factory=set)
+    # Running jobs on a node Slurm is emptying (drain, reboot ASAP): job id -> when first seen there.
+    leaving: dict[str, float] = field(default_factory=dict)
 
 
 class Autoscaler:
@@ -144,8 +147,10 @@ class Autoscaler:
                  slurm: Slurm, clock: Callable[[], float] = time.time, job_name_prefix: str = "slinfer",
                  settle_s: float = SETTLE_S, is_leader: Callable[[], bool] = lambda: True,
                  outstanding_elsewhere: Callable[[str, float], int] | None = None, pins: Pins | None = None,
-                 job_table: JobTable | None = None) -> None:
+                 job_table: JobTable | None = None, nodes: Nodes | None = None) -> None:
         self._registry = registry
+        # Which nodes of the running jobs Slurm empties (nodedrain.py); none asked without `nodes`.
+        self._leaving = LeavingNodes(nodes, clock)
         # The administrator's pins, read at each step (controller/pins.py owns them; the autoscaler never writes).
         self.pins = pins if pins is not None else Pins(models)
         # This autoscaler's jobs as of its last squeue; it is their one writer.
@@ -264,6 +269,7 @@ class Autoscaler:
                 states[job.state] = states.get(job.state, 0) + 1
             for state, n in states.items():
                 metrics.SLURM_JOBS.labels(model, state).set(n)
+        await self._leaving.refresh([job for _, job in mine.values()])
         for name, m in self._models.items():
             await self._step_model(m, by_model[name], now)
 
@@ -288,6 +294,7 @@ class Autoscaler:
         self._track_tiers(m, jobs, active_ids, now)
         settled = now - self._started >= self._settle_s
 
+        active = self._leaving_nodes(m, active, now)
         groups = self._classify(m, active, now)
         lead = self.lead_time(cfg.name)  # with any start _classify saw just now
 
@@ -335,10 +342,11 @@ class Autoscaler:
 
         # Replicas near their time limit leave once READY replicas outlive them (scaling_policy.expiring_drains).
         for job, why in expiring_drains(groups.expiring, groups.ready, desired, now, FINAL_DRAIN_S) if settled else ():
-            log.info("%s -> drain %s: time limit in %.0fs (lead %.0fs), %s", numbers(), job.job_id,
-                     job.end_time - now, lead, why)
-            self._start_drain(m, job.job_id, "time limit")
-            self._count(cfg.name, "drain_time_limit")
+            node = job.job_id in m.leaving
+            log.info("%s -> drain %s: %s in %.0fs (lead %.0fs), %s", numbers(), job.job_id,
+                     "its node's handover limit" if node else "time limit", job.end_time - now, lead, why)
+            self._start_drain(m, job.job_id, "node emptied by Slurm" if node else "time limit")
+            self._count(cfg.name, "drain_node_leaving" if node else "drain_time_limit")
 
         await self._finish_drains(m, now, settled, numbers)
 
@@ -384,6 +392,28 @@ class Autoscaler:
             m.draining[job_id] = now
         m.lost = set(plan.lost)
         return plan.groups
+
+    def _leaving_nodes(self, m: _Model, active: list[SlurmJob], now: float) -> list[SlurmJob]:
+        """The active jobs, those on a node Slurm empties (drain, reboot ASAP) with their handover limit
+        (nodedrain.with_handover_limit): replaced elsewhere, then drained, within the lead."""
+        lead = self.lead_time(m.config.name)
+        out = []
+        for job in active:
+            why = self._leaving.why(job)
+            if not why:
+                m.leaving.pop(job.job_id, None)  # not (or no longer: the drain was undone) on such a node
+            if not why or job.job_id in m.draining or job.job_id in m.cancelled:
+                out.append(job)
+                continue
+            if job.job_id not in m.leaving:
+                m.leaving[job.job_id] = now
+                log.info("model=%s job %s: Slurm empties its node (%s): replaced elsewhere, then drained, within "
+                         "%.0fs (the lead)", m.config.name, job.job_id, why, lead)
+                self._note(m, f"job {job.job_id} leaves its node ({why})")
+            out.append(with_handover_limit(job, m.leaving[job.job_id], lead))
+        for job_id in [j for j in m.leaving if j not in {job.job_id for job in active}]:
+            del m.leaving[job_id]
+        return out
 
     def _learn(self, m: _Model, job: SlurmJob, rep: Replica) -> None:
         if job.job_id in m.seen_ready or rep.ready_at <= 0 or job.submit_time <= 0:

@@ -136,7 +136,8 @@ async def serve(config: Config, stop: asyncio.Event,
     # Last, the autoscaler: it reads the load of both gateways, the pins, and writes the job table.
     autoscaler = Autoscaler(config.models, registry, demand, slurm, job_name_prefix=c.job_name_prefix,
                             is_leader=lambda: kube_sync is None or kube_sync.is_leader,
-                            outstanding_elsewhere=hub.outstanding, pins=pins, job_table=job_table)
+                            outstanding_elsewhere=hub.outstanding, pins=pins, job_table=job_table,
+                            nodes=slurm)
 
     # Users' own keys (`slinfer key`), proven by the site's munge.
     own_keys = OwnKeys(keys, slurm.runner, munge_socket=c.munge_socket, keys_per_user=g.keys_per_user)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from slinfer.config import ModelConfig
-from slinfer.slurm import accounts, queries
+from slinfer.slurm import accounts, parse, queries
 from slinfer.slurm.jobs import Job as SlurmJob
 from slinfer.slurm.runner import Runner, SlurmError
 
@@ -34,6 +34,8 @@ __all__ = ["SlurmClient", "SlurmError", "SlurmJob", "pool_flags"]
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
+# A node name as Slurm allows it in slurm.conf (never an option: it reaches scontrol as an argument).
+NODE_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 # A view of the jobs last refreshed longer ago than this is not trusted (the autoscaler asks every 2 s; a
 # standby that leads again, or a stalled loop, may have missed another controller's submissions): list again.
 STALE_S = 30.0
@@ -169,6 +171,20 @@ class SlurmClient:
         if not JOB_ID.match(job_id):
             raise ValueError(f"{job_id!r} is not a Slurm job id")
         await self.runner.arun(["scancel", job_id])
+
+    async def leaving_nodes(self, nodelists: Sequence[str]) -> dict[str, str]:
+        """Of the nodes in these hostlists (the controller's running jobs'), those Slurm is emptying (an
+        administrator's drain, `scontrol reboot ASAP`), each with its state and reason; one scontrol call."""
+        wanted = sorted({n for nodelist in nodelists for n in parse.hostnames(nodelist)})
+        if not wanted:
+            return {}
+        if any(not NODE_NAME.match(n) for n in wanted):
+            raise ValueError(f"not a node name in {wanted!r}")
+        try:
+            return await self.runner.aget(queries.leaving_nodes(",".join(wanted)))
+        except ValueError as exc:
+            raise SlurmError(self.runner.argv(["scontrol", "show", "node"]), 0,
+                             f"unexpected scontrol output: {exc}") from exc
 
     async def jobs_by_id(self, job_ids: Sequence[str]) -> list[SlurmJob]:
         """These jobs (any user's), one `scontrol show job ID` each: slurmctld answers each from its job table

@@ -111,3 +111,56 @@ def release(version_text: str) -> str:
     """`slurm 22.05.8` or `slurm-wlm 26.05.5` -> "22.05"; empty when there is no version."""
     m = _VERSION.search(version_text)
     return f"{m.group(1)}.{m.group(2)}" if m else ""
+
+
+# A hostlist expression's bracket group: "node[01-03,7]" (zero padding kept from the range's first bound).
+_BRACKET = re.compile(r"\[([^\[\]]*)\]")
+
+
+def hostnames(expr: str) -> list[str]:
+    """The host names of a Slurm hostlist expression ("gpu[01-02],login1", "rack[1-2]-n[1-2]"), in order, as
+    `scontrol show hostnames` gives them, without a command per job."""
+    names: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(expr + ","):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            part = expr[start:i].strip()
+            start = i + 1
+            if part:
+                names.extend(_expand(part))
+    return names
+
+
+def _expand(part: str) -> list[str]:
+    found = _BRACKET.search(part)
+    if found is None:
+        return [part]
+    head, tail = part[:found.start()], part[found.end():]
+    out: list[str] = []
+    for piece in found.group(1).split(","):
+        low, _, high = piece.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"not a hostlist range: {piece!r} in {part!r}")
+        width = len(low) if low.startswith("0") else 0
+        for n in range(int(low), int(high or low) + 1):
+            out.extend(_expand(f"{head}{n:0{width}d}{tail}"))
+    return out
+
+
+# Node state flags that mean the node is to be emptied: an administrator's drain (`scontrol update
+# state=drain`), and `scontrol reboot ASAP`, which sets DRAIN with REBOOT_REQUESTED until the reboot is issued.
+LEAVING_FLAGS = frozenset({"DRAIN", "REBOOT_REQUESTED", "REBOOT_ISSUED"})
+
+
+def leaving_nodes(out: str) -> dict[str, str]:
+    """From `scontrol -o show node LIST`: each node that Slurm is emptying, with why (its state and reason)."""
+    leaving = {}
+    for line in out.splitlines():
+        f = record(line)
+        name, state = f.get("NodeName", ""), f.get("State", "")
+        if name and LEAVING_FLAGS & set(state.upper().split("+")):
+            reason = f.get("Reason", "")
+            leaving[name] = state + (f" ({reason})" if reason and reason != "(null)" else "")
+    return leaving

@@ -40,6 +40,12 @@ def node(name: str) -> Query[dict[str, str]]:
     return Query(("scontrol", "-o", "show", "node", name), parse.record)
 
 
+def leaving_nodes(nodelist: str) -> Query[dict[str, str]]:
+    """Which of these nodes (a hostlist expression) Slurm is emptying (drain, reboot ASAP), with why: one
+    `scontrol show node` for every node that runs the controller's replicas."""
+    return Query(("scontrol", "-o", "show", "node", nodelist), parse.leaving_nodes)
+
+
 def node_state(name: str) -> Query[str]:
     """One node's state as sinfo shows it: idle, mixed, allocated, drained, down* ..."""
     return Query(("sinfo", "--noheader", "--Node", f"--nodes={name}", "--format=%T"), str.strip)

@@ -90,8 +90,8 @@ class DirectLoad:
 class GatewayLoad:
     """Closed-loop short chat requests through the gateway; outcomes with their start times."""
 
-    def __init__(self, bed: SlurmBed, model: str, workers: int = 8) -> None:
-        self.client = _gateway(bed, 60)
+    def __init__(self, bed: SlurmBed, model: str, workers: int = 8, timeout: float = 60) -> None:
+        self.client = _gateway(bed, timeout)
         self.model = model
         self.log: list[tuple[float, str]] = []
         self._stop = threading.Event()

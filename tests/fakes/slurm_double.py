@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from slinfer.config import ModelConfig
 from slinfer.controller.slurm import SlurmError, SlurmJob
+from slinfer.slurm.parse import hostnames
 
 
 class Clock:
@@ -39,6 +40,9 @@ class SlurmDouble:
         self.limit_s = 3600.0
         # The QOS each job was submitted in (job id -> --qos), for the two tiers of capacity.
         self.qos: dict[str, str] = {}
+        # Nodes Slurm is emptying (name -> state and reason), as `scontrol show node` would say; the lists asked.
+        self.leaving: dict[str, str] = {}
+        self.nodes_asked: list[list[str]] = []
 
     async def submit(self, model: ModelConfig, job_name: str, comment: str) -> str:
         if self.fail_submit:
@@ -56,6 +60,11 @@ class SlurmDouble:
         if self.fail_squeue:
             raise SlurmError(["squeue"], 1, "slurm_load_jobs error: Unable to contact slurm controller")
         return [j for j in self.jobs_.values() if not names or j.name in names]
+
+    async def leaving_nodes(self, nodelists: Sequence[str]) -> dict[str, str]:
+        self.nodes_asked.append(list(nodelists))
+        names = {n for nodelist in nodelists for n in hostnames(nodelist)}
+        return {n: why for n, why in self.leaving.items() if n in names}
 
     async def cancel(self, job_id: str) -> None:
         self.cancels.append(job_id)
