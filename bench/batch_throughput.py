@@ -8,6 +8,8 @@ Online: the lines as chat requests through the gateway, `--concurrency` in fligh
 so a replica is up). Batch: the same lines uploaded and run as a batch; its tokens/s end to end (from create
 to completed: Slurm, the engine's start, the answers) and while answering (the runner's own figure, read
 from the batch's `finished` marker in the spool). Both use `ignore_eos`, so every line makes max_tokens.
+Pin the model to one replica first (`slinfer scale MODEL 1`) on a bed with a GPU left for the batch's job,
+so that both sides run one engine (the autoscaler would otherwise give the online side two).
 """
 
 from __future__ import annotations

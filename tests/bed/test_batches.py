@@ -92,6 +92,19 @@ def answered_ids(client: openai.OpenAI, file_id: str | None) -> Counter[str]:
 
 
 def test_a_batch_of_200_lines_completes_each_line_once_and_is_charged(keys: Keys, slurm_bed: SlurmBed) -> None:
+    # The site lets the service's user (root on the bed) submit in physics, as a site that wants batches charged
+    # to the users' own accounts does; the other tests run without it (the service's own account pays).
+    slurm_bed.run("sacctmgr", "-i", "add", "user", "root", "account=physics", "qos=normal")
+    try:
+        _complete_200(keys, slurm_bed)
+    finally:
+        slurm_bed.cleanup_jobs()
+        wait_until("no job left to hold root's physics association", lambda: not slurm_bed.run(
+            "squeue", "-h", "-u", "root", "-A", "physics").stdout.strip(), 60, 0.5)
+        slurm_bed.run("sacctmgr", "-i", "delete", "user", "where", "name=root", "account=physics")
+
+
+def _complete_200(keys: Keys, slurm_bed: SlurmBed) -> None:
     f = keys.alice.files.create(file=("in.jsonl", lines(200, 8)), purpose="batch")
     began = time.monotonic()
     batch = keys.alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="1h")
@@ -107,8 +120,9 @@ def test_a_batch_of_200_lines_completes_each_line_once_and_is_charged(keys: Keys
     assert all(o["response"]["status_code"] == 200 for o in outputs)
     # The job: the key's account where the service may use it, the catalog's QOS, requeue allowed, in sacct.
     job_id = done.model_extra["slurm"]["job_id"]
-    acct = slurm_bed.run("sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,QOS").stdout
-    assert f"{job_id}|COMPLETED|normal" in acct, acct
+    acct = slurm_bed.run("sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,Account,QOS").stdout
+    assert f"{job_id}|COMPLETED|physics|normal" in acct, acct
+    assert done.model_extra["slurm"]["account"] == "physics"
     # The ledger: one request per line on alice's key, with the engine's own token counts.
     prompt = sum(o["response"]["body"]["usage"]["prompt_tokens"] for o in outputs)
     completion = sum(o["response"]["body"]["usage"]["completion_tokens"] for o in outputs)
@@ -140,6 +154,12 @@ def test_cancel_mid_way_keeps_the_answers_made(keys: Keys, slurm_bed: SlurmBed) 
     assert 0 < sum(made.values()) < 200 and max(made.values()) == 1, made
     job_id = ended.model_extra["slurm"]["job_id"]
     assert "CANCELLED" in slurm_bed.run("sacct", "-X", "-n", "-j", job_id, "-o", "State").stdout
+    # Without the service's association in physics, Slurm charges the service's own default account, and the
+    # batch says so.
+    assert ended.model_extra["slurm"]["account"] == "(the service's default)"
+    default = slurm_bed.run("sacctmgr", "-n", "-P", "show", "user", "root", "format=DefaultAccount").stdout.strip()
+    assert slurm_bed.run("sacct", "-X", "-n", "-P", "-j", job_id, "-o", "Account").stdout.strip() == default
+    assert default and default != "physics"
     print(f"\ncancelled mid-way with {sum(made.values())} of 200 lines answered")
 
 
