@@ -8,6 +8,10 @@ Online: the lines as chat requests through the gateway, `--concurrency` in fligh
 so a replica is up). Batch: the same lines uploaded and run as a batch; its tokens/s end to end (from create
 to completed: Slurm, the engine's start, the answers) and while answering (the runner's own figure, read
 from the batch's `finished` marker in the spool). Both use `ignore_eos`, so every line makes max_tokens.
+With `--bare`, the same lines also go through vLLM's own offline runner (`vllm.entrypoints.openai.run_batch`,
+its engine built from the site config's model: source, engine_args, [agent].engine_env and python), pinned to
+one CPU as the batch job's cgroup is (`taskset -c --bare-cpu`); its figure is wall time, its engine's start
+included (it cannot use a running engine).
 Pin the model to one replica first (`slinfer scale MODEL 1`) on a bed with a GPU left for the batch's job,
 so that both sides run one engine (the autoscaler would otherwise give the online side two).
 """
@@ -18,7 +22,9 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,6 +91,30 @@ def batch(url: str, key: str, spool: Path, lines: list[dict[str, object]]) -> di
             "failed": got.request_counts.failed}
 
 
+def bare(config_path: str, model: str, lines: list[dict[str, object]], cpu: int) -> dict[str, float]:
+    """vLLM's run_batch on the lines: (wall seconds, completion tokens), its engine as the site config says."""
+    from slinfer.config import load
+
+    config = load(config_path)
+    m = config.model(model)
+    assert m is not None, f"{model} is not in {config_path}"
+    with tempfile.TemporaryDirectory(prefix="bench-run-batch-") as tmp:
+        src, out = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
+        src.write_bytes(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+        argv = ["taskset", "-c", str(cpu), config.agent.python or sys.executable, "-m",
+                "vllm.entrypoints.openai.run_batch", "-i", str(src), "-o", str(out), "--model", m.source,
+                "--served-model-name", model, *m.engine_args]
+        env = {**os.environ, **config.agent.engine_env}
+        began = time.monotonic()
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600)
+        wall = time.monotonic() - began
+        if done.returncode != 0:
+            raise SystemExit(f"run_batch failed ({done.returncode}): {done.stderr[-2000:]}")
+        tokens = sum(json.loads(x)["response"]["body"]["usage"]["completion_tokens"]
+                     for x in out.read_text().splitlines() if x.strip())
+    return {"wall_s": wall, "tokens": tokens}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("SLINFER_GATEWAY_URL", ""))
@@ -93,6 +123,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--bare", action="store_true", help="also vLLM's run_batch on the same lines")
+    parser.add_argument("--bare-cpu", type=int, default=1, help="the CPU run_batch is pinned to")
+    parser.add_argument("--config", default=os.environ.get("SLINFER_CONFIG", ""), help="the site config (--bare)")
     args = parser.parse_args()
     key = os.environ.get("SLINFER_API_KEY", "")
     if not args.url or not key:
@@ -109,6 +142,10 @@ def main() -> int:
     print(f"batch   : {b['tokens'] / b['total_s']:8.0f} tokens/s end to end (create -> completed {b['total_s']:.1f} s, "
           f"the job's engine start {b['engine_wait_s']:.1f} s)")
     print(f"create -> first line done: {b['first_s']:.1f} s")
+    if args.bare:
+        r = bare(args.config, args.model, lines, args.bare_cpu)
+        print(f"run_batch: {r['tokens'] / r['wall_s']:8.0f} tokens/s end to end ({r['tokens']:.0f} tokens in "
+              f"{r['wall_s']:.1f} s, its engine's start included, on CPU {args.bare_cpu})")
     return 0
 
 
