@@ -169,10 +169,13 @@ class BatchStore:
         batch = self.load(batch_id)
         return batch if batch is not None and secrets.compare_digest(batch.owner, owner) else None
 
-    def all(self) -> Iterator[Batch]:
+    def all(self, skip: Collection[str] = ()) -> Iterator[Batch]:
+        """Every batch, but those named in `skip` (not read at all)."""
         if not self.root.is_dir():
             return
         for entry in sorted(self.root.iterdir()):
+            if entry.name in skip:
+                continue
             batch = self.load(entry.name)
             if batch is not None:
                 yield batch
@@ -369,6 +372,7 @@ class Scheduler:
         self._ledger = ledger
         self._settings = settings
         self._clock = clock
+        self._over: set[str] = set()
 
     def submit_argv(self, batch: Batch, account: str) -> list[str]:
         model = self._models[batch.model]
@@ -405,8 +409,11 @@ class Scheduler:
                 await asyncio.wait_for(stop.wait(), SCHEDULE_S)
 
     async def step(self) -> None:
-        for batch in self.batches.all():
-            if batch.status not in TERMINAL:
+        # A batch that ended stays ended: its record is not read again (a spool keeps many).
+        for batch in self.batches.all(skip=self._over):
+            if batch.status in TERMINAL:
+                self._over.add(batch.id)
+            else:
                 await self.advance(batch)
 
     async def advance(self, batch: Batch) -> None:

@@ -147,6 +147,13 @@ async def test_a_batch_runs_as_a_job_and_completes_with_every_line_once(bed, sta
     content = (await b.alice.files.content(done.output_file_id)).content
     ids = Counter(json.loads(x)["custom_id"] for x in content.splitlines())
     assert ids == Counter(f"r{i}" for i in range(12))
+    # An ended batch's record is read once more by the scheduler, then never again.
+    loaded: list[str] = []
+    load = b.scheduler.batches.load
+    b.scheduler.batches.load = lambda batch_id: loaded.append(batch_id) or load(batch_id)
+    for _ in range(3):
+        await b.scheduler.step()
+    assert loaded == [batch.id]
     # Usage: one ledger row per line, for alice's key and account, the engine's counts.
     assert len(b.ledger.rows) == 12
     assert {(r[0], r[1], r[2], r[3]) for r in b.ledger.rows} == {(b.alice_id, "physics", "tiny", 200)}
