@@ -1,7 +1,7 @@
 """Replicas on nodes that Slurm empties (an administrator's drain, `scontrol reboot ASAP`): hostlists expanded
 as `scontrol show hostnames` does, `scontrol -o show node` records read for the flags that mean "emptying", and
 the autoscaler's handover: a replacement first, then the drain, within the lead, with a positive control (a node
-that is not leaving keeps its replica). Slurm is SlurmDouble; the bed test is tests/bed/test_node_drain.py."""
+that is not leaving keeps its replica). Slurm is SlurmDouble; the bed test is in tests/bed/test_multinode.py."""
 
 from __future__ import annotations
 
