@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import msgspec
 
-from slinfer.controller.usage import MAX_EVENT_BYTES, Meter
+from slinfer.controller.usage import TypedEventMeter
 
 # The event whose usage holds the prompt's count, the one whose usage holds the output's, and a piece of text.
 START_EVENT = b"message_start"
@@ -57,14 +57,10 @@ def _usage(data: bytes) -> _Usage | None:
     return doc.message.usage if doc.message is not None else None
 
 
-class MessagesMeter(Meter):
+class MessagesMeter(TypedEventMeter):
     """A Meter that reads the Messages API's usage shape and typed stream events."""
 
-    __slots__ = ("_rest",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._rest = b""
+    __slots__ = ()
 
     def feed_body(self, body: bytes) -> None:
         usage = _usage(body)
@@ -72,23 +68,7 @@ class MessagesMeter(Meter):
             self.prompt_tokens, self.completion_tokens = prompt, usage.output_tokens or 0
             self.reported = True
 
-    def feed_chunk(self, chunk: bytes) -> None:
-        data = self._rest + chunk if self._rest else chunk
-        events = data.split(b"\n\n")
-        self._rest = events.pop()
-        if len(self._rest) > MAX_EVENT_BYTES:
-            self._rest = b""
-        for event in events:
-            self._event(event)
-
-    def _event(self, event: bytes) -> None:
-        kind = b""
-        payload = b""
-        for line in event.split(b"\n"):
-            if line.startswith(b"event:"):
-                kind = line[6:].strip()
-            elif line.startswith(b"data:"):
-                payload = line[5:]
+    def on_event(self, kind: bytes, payload: bytes) -> None:
         if kind == START_EVENT:
             usage = _usage(payload)
             if usage is not None and (prompt := usage.prompt()) is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
-from slinfer.controller.usage import MAX_EVENT_BYTES, Meter
+from slinfer.controller.usage import TypedEventMeter
 
 # The events that end a Responses stream and carry the whole response, usage included.
 FINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
@@ -51,14 +51,10 @@ def usage_of(data: bytes) -> tuple[int, int] | None:
     return usage.input_tokens or 0, usage.output_tokens or 0
 
 
-class ResponsesMeter(Meter):
+class ResponsesMeter(TypedEventMeter):
     """A Meter that reads the Responses API's usage shape and typed stream events."""
 
-    __slots__ = ("_rest",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._rest = b""
+    __slots__ = ()
 
     def feed_body(self, body: bytes) -> None:
         counts = usage_of(body)
@@ -66,23 +62,7 @@ class ResponsesMeter(Meter):
             self.prompt_tokens, self.completion_tokens = counts
             self.reported = True
 
-    def feed_chunk(self, chunk: bytes) -> None:
-        data = self._rest + chunk if self._rest else chunk
-        events = data.split(b"\n\n")
-        self._rest = events.pop()
-        if len(self._rest) > MAX_EVENT_BYTES:
-            self._rest = b""
-        for event in events:
-            self._event(event)
-
-    def _event(self, event: bytes) -> None:
-        kind = b""
-        payload = b""
-        for line in event.split(b"\n"):
-            if line.startswith(b"event:"):
-                kind = line[6:].strip()
-            elif line.startswith(b"data:"):
-                payload = line[5:]
+    def on_event(self, kind: bytes, payload: bytes) -> None:
         if kind in FINAL_EVENTS:
             counts = usage_of(payload)
             if counts is not None:

@@ -129,6 +129,37 @@ class Meter:
             self.estimated = True
 
 
+class TypedEventMeter(Meter):
+    """A Meter for APIs whose streams are typed SSE events (`event: KIND` then `data: ...`): the Responses and
+    Messages APIs. Splits the chunks into whole events (an unfinished one waits for the next chunk, up to
+    MAX_EVENT_BYTES) and hands each to `on_event(kind, payload)`."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rest = b""
+
+    def feed_chunk(self, chunk: bytes) -> None:
+        data = self._rest + chunk if self._rest else chunk
+        events = data.split(b"\n\n")
+        self._rest = events.pop()
+        if len(self._rest) > MAX_EVENT_BYTES:
+            self._rest = b""
+        for event in events:
+            kind = b""
+            payload = b""
+            for line in event.split(b"\n"):
+                if line.startswith(b"event:"):
+                    kind = line[6:].strip()
+                elif line.startswith(b"data:"):
+                    payload = line[5:]
+            self.on_event(kind, payload)
+
+    def on_event(self, kind: bytes, payload: bytes) -> None:
+        raise NotImplementedError
+
+
 class UsageFilter:
     """A stream whose usage event the gateway asked the engine for and the client did not: that event is taken
     out of what the client gets and read into the meter; nothing else of the stream is parsed. Bytes after

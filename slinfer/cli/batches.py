@@ -12,31 +12,16 @@ import argparse
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
-from slinfer.cli.models import TIMEOUT_S, gateway_and_key
+from slinfer.cli.models import gateway_and_key, get_list
 
 # The most batches one listing shows (the API's page limit).
 LIMIT = 100
 
 
 def fetch(base: str, key: str, limit: int = LIMIT) -> list[dict[str, Any]]:
-    request = urllib.request.Request(f"{base}/batches?limit={limit}", headers={"Authorization": f"Bearer {key}"})
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            return list(json.load(response)["data"])
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.load(exc)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        raise RuntimeError(f"{base}/batches answered {exc.code}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise RuntimeError(f"cannot reach the gateway at {base}: {exc}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise RuntimeError(f"{base}/batches did not answer a batch list: {exc!r}") from None
+    return get_list(base, key, "batches", "a batch list", f"limit={limit}")
 
 
 def row(batch: dict[str, Any]) -> list[str]:

@@ -36,8 +36,11 @@ def gateway_and_key(url: str | None = None) -> tuple[str, str]:
     return base, key
 
 
-def fetch(base: str, key: str) -> list[dict[str, Any]]:
-    request = urllib.request.Request(f"{base}/models", headers={"Authorization": f"Bearer {key}"})
+def get_list(base: str, key: str, path: str, what: str, query: str = "") -> list[dict[str, Any]]:
+    """The `data` list of the gateway's GET {base}/{path}?{query} with the key; a RuntimeError that names the
+    gateway's own error message, an unreachable gateway, or an answer that is not `what`."""
+    url = f"{base}/{path}" + (f"?{query}" if query else "")
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             return list(json.load(response)["data"])
@@ -46,11 +49,15 @@ def fetch(base: str, key: str) -> list[dict[str, Any]]:
             message = json.load(exc)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = exc.reason
-        raise RuntimeError(f"{base}/models answered {exc.code}: {message}") from None
+        raise RuntimeError(f"{base}/{path} answered {exc.code}: {message}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise RuntimeError(f"cannot reach the gateway at {base}: {exc}") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise RuntimeError(f"{base}/models did not answer a model list: {exc!r}") from None
+        raise RuntimeError(f"{base}/{path} did not answer {what}: {exc!r}") from None
+
+
+def fetch(base: str, key: str) -> list[dict[str, Any]]:
+    return get_list(base, key, "models", "a model list")
 
 
 def row(model: dict[str, Any]) -> list[str]:
