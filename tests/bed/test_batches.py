@@ -1,7 +1,8 @@
 """The OpenAI Batch API on the real bed (issue 31), through the official openai client: each batch is a Slurm
 job (`sbatch --inference=tiny --requeue`, submitted by the controller) whose runner answers the lines with the
-job's own vLLM engine; completion with every line once and its usage in the ledger, cancel mid-way, a requeue
-mid-way, and the upload's refusals (bad lines, another key, oversize)."""
+job's own vLLM engine; completion with every line once (three that the engine refuses in the error file, the
+others answered) and its usage in the ledger, cancel mid-way, a requeue mid-way, and the upload's refusals (bad
+lines, another key, oversize)."""
 
 from __future__ import annotations
 
@@ -104,8 +105,23 @@ def test_a_batch_of_200_lines_completes_each_line_once_and_is_charged(keys: Keys
         slurm_bed.run("sacctmgr", "-i", "delete", "user", "where", "name=root", "account=physics")
 
 
+# Lines the gateway's checks let through and the engine refuses (400: more tokens than tiny's context of 512):
+# they go to the error file, and the other lines are answered.
+REFUSED = {"r50", "r100", "r150"}
+
+
+def _with_refused_lines(text: bytes) -> bytes:
+    out = []
+    for raw in text.splitlines():
+        line = json.loads(raw)
+        if line["custom_id"] in REFUSED:
+            line["body"]["max_tokens"] = 100_000
+        out.append(json.dumps(line).encode() + b"\n")
+    return b"".join(out)
+
+
 def _complete_200(keys: Keys, slurm_bed: SlurmBed) -> None:
-    f = keys.alice.files.create(file=("in.jsonl", lines(200, 8)), purpose="batch")
+    f = keys.alice.files.create(file=("in.jsonl", _with_refused_lines(lines(200, 8))), purpose="batch")
     began = time.monotonic()
     batch = keys.alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="1h")
     assert batch.status == "validating" and batch.request_counts.total == 200
@@ -114,10 +130,13 @@ def _complete_200(keys: Keys, slurm_bed: SlurmBed) -> None:
     done = until_over(keys.alice, batch.id)
     took = time.monotonic() - began
     assert done.status == "completed", done
-    assert (done.request_counts.completed, done.request_counts.failed) == (200, 0)
+    assert (done.request_counts.completed, done.request_counts.failed) == (197, 3)
     outputs = [json.loads(x) for x in keys.alice.files.content(done.output_file_id).content.splitlines()]
-    assert Counter(o["custom_id"] for o in outputs) == Counter(f"r{i}" for i in range(200))
+    assert Counter(o["custom_id"] for o in outputs) == Counter(f"r{i}" for i in range(200) if f"r{i}" not in REFUSED)
     assert all(o["response"]["status_code"] == 200 for o in outputs)
+    errors = [json.loads(x) for x in keys.alice.files.content(done.error_file_id).content.splitlines()]
+    assert Counter(e["custom_id"] for e in errors) == Counter(REFUSED), errors
+    assert all(e["response"]["status_code"] == 400 for e in errors), errors
     # The job: the key's account where the service may use it, the catalog's QOS, requeue allowed, in sacct.
     job_id = done.model_extra["slurm"]["job_id"]
     acct = slurm_bed.run("sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,Account,QOS").stdout
