@@ -364,8 +364,12 @@ class Scheduler:
     """Runs the batches in the spool as Slurm jobs and moves them through their states (controller only)."""
 
     def __init__(self, batches: BatchStore, files: FileStore, models: Collection[ModelConfig], slurm: Slurm,
-                 ledger: Ledger | None, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+                 ledger: Ledger | None, settings: Settings, clock: Callable[[], float] = time.time,
+                 is_leader: Callable[[], bool] = lambda: True) -> None:
         self.batches = batches
+        # With leader election only the leading controller submits, cancels and finalises; a standby would
+        # submit each batch a second time.
+        self._is_leader = is_leader
         self._files = files
         self._models = {m.name: m for m in models}
         self._slurm = slurm
@@ -409,6 +413,8 @@ class Scheduler:
                 await asyncio.wait_for(stop.wait(), SCHEDULE_S)
 
     async def step(self) -> None:
+        if not self._is_leader():
+            return
         # A batch that ended stays ended: its record is not read again (a spool keeps many).
         for batch in self.batches.all(skip=self._over):
             if batch.status in TERMINAL:
@@ -549,8 +555,9 @@ class SlurmAdapter:
         await self._client.cancel(job_id)
 
 
-def scheduler(config: Config, slurm: SlurmClient, ledger: Ledger | None) -> Scheduler:
+def scheduler(config: Config, slurm: SlurmClient, ledger: Ledger | None,
+              is_leader: Callable[[], bool] = lambda: True) -> Scheduler:
     """The controller's batch scheduler on [batch].spool."""
     spool = spool_dir(config)
     return Scheduler(BatchStore(spool), FileStore(spool), config.models, SlurmAdapter(slurm), ledger,
-                     Settings.of(config))
+                     Settings.of(config), is_leader=is_leader)

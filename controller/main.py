@@ -134,8 +134,12 @@ async def serve(config: Config, stop: asyncio.Event,
         return Demand(in_flight=here.in_flight + there.in_flight, queued=here.queued + there.queued)
 
     # Last, the autoscaler: it reads the load of both gateways, the pins, and writes the job table.
+    def is_leader() -> bool:
+        # Without Kubernetes' leader election every controller leads; with it, only the lease holder acts.
+        return kube_sync is None or kube_sync.is_leader
+
     autoscaler = Autoscaler(config.models, registry, demand, slurm, job_name_prefix=c.job_name_prefix,
-                            is_leader=lambda: kube_sync is None or kube_sync.is_leader,
+                            is_leader=is_leader,
                             outstanding_elsewhere=hub.outstanding, pins=pins, job_table=job_table,
                             nodes=slurm)
 
@@ -181,7 +185,8 @@ async def serve(config: Config, stop: asyncio.Event,
         tasks.append(asyncio.create_task(ledger.run(), name="usage-ledger"))
         tasks.append(asyncio.create_task(own_keys.run(), name="key-expiry"))
         # The Batch API's jobs (issue 31): submits, follows and finalises the spool's batches.
-        tasks.append(asyncio.create_task(batch_scheduler(config, slurm, ledger).run(stop), name="batch-scheduler"))
+        tasks.append(asyncio.create_task(batch_scheduler(config, slurm, ledger, is_leader).run(stop),
+                                         name="batch-scheduler"))
         if kube_sync is not None:
             tasks.append(asyncio.create_task(kube_sync.run(), name="kubernetes-sync"))
         # Everything allocated so far lives as long as the process; keep it out of the collector's scans.

@@ -203,6 +203,20 @@ async def test_a_batch_cancelled_before_its_job_never_submits(bed):
     assert b.slurm.submitted == [] and (await b.alice.batches.retrieve(batch.id)).status == "cancelled"
 
 
+async def test_a_standby_controller_submits_nothing_until_it_leads(bed):
+    # Two controllers with leader election share the spool: only the leader may submit, or each batch would run
+    # twice. Positive control: the same scheduler submits once it leads.
+    b = bed
+    batch = await create(b)
+    leading = [False]
+    b.scheduler._is_leader = lambda: leading[0]
+    await b.scheduler.step()
+    assert b.slurm.submitted == [] and (await b.alice.batches.retrieve(batch.id)).status == "validating"
+    leading[0] = True
+    await b.scheduler.step()
+    assert len(b.slurm.submitted) == 1
+
+
 async def test_past_its_window_a_batch_is_expired_with_its_partial_output(bed):
     b = bed
     batch = await create(b, window="10m")
