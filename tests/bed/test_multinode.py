@@ -194,6 +194,10 @@ def test_a_reboot_asap_moves_the_replica_to_the_other_node_with_no_failed_reques
         load.stop()
         multi.run("scontrol", "cancel_reboot", node, check=False)
         multi.run("scancel", keeper, check=False)
+        # Until it is gone: while it completes it still counts as the node's load, and the next test's second
+        # replica would go to the other node by LLN's tie (seen in CI: both replicas on one node).
+        wait_until("the other user's job gone from its node",
+                   lambda: (job := multi.job(keeper)) is None or not job.holds_node, 120)
 
 
 def test_a_node_lost_to_the_network_is_routed_around_and_replaced(multi: SlurmBed) -> None:
