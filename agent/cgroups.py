@@ -101,14 +101,16 @@ async def settled(find: Callable[[], list[Hierarchy]], wait_s: float) -> list[Hi
     """find(), polled until it gives cgroups and no new hierarchy has come for STEP_SETTLE_S, or wait_s passed;
     cancellable (find runs in a thread, no thread sleeps). Slurm puts a step's task into its cgroups (and makes a
     taskless step's folders) one hierarchy after another: an engine moved at the first would escape the others'
-    limits (seen on 24.11: freezer and cpuset first, memory and devices later)."""
+    limits (seen on 24.11: freezer and cpuset first, memory and devices later). A task moved deeper in a hierarchy
+    (22.05: `step_extern`, then `step_extern/task_0` for memory and cpuacct) is a change too: an engine left in
+    the step's folder is bound by its limits but missing from the task's accounting (CI: sacct's TotalCPU)."""
     deadline = time.monotonic() + wait_s
     settled_at = 0.0
     targets: list[Hierarchy] = []
     while True:
         found = await asyncio.to_thread(find)
         now = time.monotonic()
-        if len(found) > len(targets):
+        if len(found) > len(targets) or (found and len(found) == len(targets) and found != targets):
             targets, settled_at = found, now + STEP_SETTLE_S
         if (targets and now >= settled_at) or now >= deadline:
             return targets

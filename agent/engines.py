@@ -370,11 +370,14 @@ class EngineManager:
             # The same step again (the batch step's cgroups for an engine placed there), by hierarchy.
             again = await asyncio.to_thread(preemption.batch_cgroups if in_batch else JobCgroups.of_job,
                                             self.cgroups, rec.job_id)
-            late = [h for h in again if h.mountpoint not in {t.mountpoint for t in targets}]
+            # A hierarchy that came late, or one where the step's task went deeper (task_0) after the move.
+            known = {t.mountpoint: t.path for t in targets}
+            late = [h for h in again if known.get(h.mountpoint) != h.path]
             if late and self._alive(running):
-                log.warning("job %s: the job's cgroups in %s came late: joining them", rec.job_id,
+                log.warning("job %s: the job's cgroups in %s came late or moved: joining them", rec.job_id,
                             ", ".join(h.mountpoint.name for h in late))
-                running.cgroups = targets + await asyncio.to_thread(self.cgroups.contain, rec.job_id, rec.pid, late)
+                kept = [t for t in targets if t.mountpoint not in {h.mountpoint for h in late}]
+                running.cgroups = kept + await asyncio.to_thread(self.cgroups.contain, rec.job_id, rec.pid, late)
         except OSError as exc:
             if rec.state in (pb.STARTING, pb.READY) and self._alive(running):
                 await self._fail(running, f"could not move the engine into job {rec.job_id}'s cgroups: {exc}")

@@ -14,7 +14,7 @@ from unittest import mock
 import psutil
 import pytest
 
-from slinfer.agent.cgroups import STEP_SETTLE_S, Hierarchy, JobCgroups, hierarchies, is_job_cgroup, mounts
+from slinfer.agent.cgroups import STEP_SETTLE_S, Hierarchy, JobCgroups, hierarchies, is_job_cgroup, mounts, settled
 
 V1_MOUNTS = """\
 tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
@@ -172,3 +172,21 @@ def test_a_descendant_that_exits_before_its_move_is_passed_over_but_the_engine_i
             child.kill()
         engine.kill()
         engine.wait()
+
+
+def test_a_task_moved_deeper_in_a_hierarchy_is_a_change_the_step_settles_after() -> None:
+    """22.05 puts the extern step's task in `step_extern`, then in `step_extern/task_0` for memory and cpuacct:
+    an engine moved at the first stays out of the task's accounting (CI: sacct's TotalCPU of the job was the
+    sleep's, not the engine's). The deeper path is taken, STEP_SETTLE_S after it came."""
+    cg = Path("/sys/fs/cgroup")
+    step = [Hierarchy(cg / "freezer", "/slurm_n/uid_1/job_42/step_extern"),
+            Hierarchy(cg / "memory", "/slurm_n/uid_1/job_42/step_extern")]
+    task = [step[0], Hierarchy(cg / "memory", "/slurm_n/uid_1/job_42/step_extern/task_0")]
+    began = time.monotonic()
+
+    def find() -> list[Hierarchy]:
+        return step if time.monotonic() - began < 0.5 else task
+
+    found = asyncio.run(settled(find, 10))
+    assert found == task
+    assert 0.5 + STEP_SETTLE_S <= time.monotonic() - began < 5
