@@ -1,27 +1,28 @@
 """Client API keys of the gateway: created, listed and revoked by the admin, verified on every request.
 
-Only SHA-256 hashes are kept, in one SQLite database (mode 0600, its folder 0700) beside the path given
-(`keys.json` -> `keys.db`) under `[controller].state_dir`: creating or revoking a key is one row's
-transaction, and checking one is one lookup by digest, at 100 keys as at 100,000. A `keys.json` of an earlier
-version is read into the database on start, in one transaction, and renamed `keys.json.migrated`. The secret is
+Only SHA-256 hashes are kept, in the controller's database (controller/store.py: SQLite under
+`[controller].state_dir`, or MariaDB/MySQL shared with a standby controller; a store made with a path alone keeps
+its own SQLite file beside it, `keys.json` -> `keys.db`): creating or revoking a key is one row's transaction,
+and checking one is one lookup by digest in memory, at 100 keys as at 100,000. A `keys.json` of an earlier
+version is read into the database on start, in one transaction, and renamed `keys.json.migrated`; so is a
+`keys.db` when the keys now live in MariaDB. A standby that takes over reads them again (`reload`). The secret is
 shown once, at creation. Keys from `[gateway].api_keys` (in the clear or as "sha256:HEX") are accepted too but
 never written. This module does not know about HTTP.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
-import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from slinfer.controller.store import Database, SqliteDatabase, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,12 @@ def _digest(secret: str) -> bytes:
 class KeyStore:
     """The set of valid client keys (hashed), persisted in `path`."""
 
-    def __init__(self, path: str | Path, config_keys: list[str] | None = None) -> None:
+    def __init__(self, path: str | Path, config_keys: list[str] | None = None, db: Database | None = None) -> None:
         self._path = Path(path)
         self._db_path = self._path.with_suffix(".db") if self._path.suffix == ".json" else self._path
-        self._db: sqlite3.Connection | None = None
+        # The controller passes its database (controller/store.py); alone, a store keeps its own SQLite file.
+        self._db: Database = db if db is not None else SqliteDatabase(self._db_path)
+        self._tables = False
         self._stored: dict[bytes, KeyInfo] = {}
         self._config: dict[bytes, KeyInfo] = {}
         self._by_id: dict[str, bytes] = {}  # key id -> digest, for a revoke without a scan
@@ -93,58 +96,68 @@ class KeyStore:
 
     @property
     def path(self) -> Path:
-        """The database file."""
-        return self._db_path
+        """The database file (of a SQLite store)."""
+        return Path(getattr(self._db, "path", self._db_path))
 
-    def _connect(self) -> sqlite3.Connection:
-        """The database, made (0600, in a 0700 folder) on the first write; raises KeyStoreError."""
-        if self._db is not None:
+    def _ensure(self) -> Database:
+        """The database with the keys' tables, made on the first use; raises KeyStoreError."""
+        if self._tables:
             return self._db
         try:
-            self._db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # mkdir's mode binds only a folder it makes: one that exists (the state dir) is forced too.
-            self._db_path.parent.chmod(0o700)
-            os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, 0o600))
-            self._db_path.chmod(0o600)
-            db = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA synchronous = FULL")
-            db.execute("CREATE TABLE IF NOT EXISTS keys (sha256 TEXT PRIMARY KEY, key_id TEXT NOT NULL UNIQUE, "
-                       "name TEXT NOT NULL, account TEXT NOT NULL, created_at REAL NOT NULL, "
-                       "requests_per_minute INTEGER, tokens_per_day INTEGER)")
-            # The owner of a key a user made (`slinfer key create`), in its own table: the keys table keeps its
-            # columns, and a key without a row here is an administrator's. A revoked key's row stays (its
-            # usage is still the user's).
-            db.execute("CREATE TABLE IF NOT EXISTS owners (key_id TEXT PRIMARY KEY, user TEXT NOT NULL, "
-                       "expires_at REAL NOT NULL)")
-        except (OSError, sqlite3.Error) as exc:
-            raise KeyStoreError(f"{self._db_path}: cannot open the key database: {exc}") from exc
-        self._db = db
-        return db
+            with self._db.transaction(fenced=False) as tx:
+                tx.execute("CREATE TABLE IF NOT EXISTS `keys` (sha256 CHAR(64) PRIMARY KEY, "
+                           "key_id VARCHAR(32) NOT NULL UNIQUE, name VARCHAR(128) NOT NULL, "
+                           "account VARCHAR(128) NOT NULL, created_at DOUBLE NOT NULL, "
+                           "requests_per_minute BIGINT, tokens_per_day BIGINT)")
+                # The owner of a key a user made (`slinfer key create`), in its own table: the keys table keeps
+                # its columns, and a key without a row here is an administrator's. A revoked key's row stays (its
+                # usage is still the user's).
+                tx.execute("CREATE TABLE IF NOT EXISTS owners (key_id VARCHAR(32) PRIMARY KEY, "
+                           "`user` VARCHAR(128) NOT NULL, expires_at DOUBLE NOT NULL)")
+        except StoreError as exc:
+            raise KeyStoreError(f"{self._db.name}: cannot open the key database: {exc}") from exc
+        self._tables = True
+        return self._db
 
     def _load(self) -> None:
+        """(Re)reads every key from the database, after moving an earlier version's key file into it."""
         legacy = self._path if self._path != self._db_path and self._path.exists() else None
-        if legacy is None and not self._db_path.exists():
+        # The previous version's SQLite file, when the keys now live elsewhere (MariaDB).
+        old_db = (self._db_path if self._db_path.exists() and not isinstance(self._db, SqliteDatabase)
+                  else None)
+        if (legacy is None and old_db is None and isinstance(self._db, SqliteDatabase)
+                and not self._db.exists()):
             return
-        db = self._connect()
+        db = self._ensure()
+        if old_db is not None:
+            self._migrate_db(old_db)
+        if legacy is not None:
+            self._migrate(legacy)
+        stored: dict[bytes, KeyInfo] = {}
         try:
-            for row in db.execute("SELECT sha256, key_id, name, account, created_at, requests_per_minute, "
-                                  "tokens_per_day, coalesce(user, ''), coalesce(expires_at, 0) FROM keys "
-                                  "LEFT JOIN owners USING (key_id)"):
-                self._stored[bytes.fromhex(row[0])] = KeyInfo(
-                    key_id=row[1], name=row[2], account=row[3], created_at=row[4],
+            for row in db.query("SELECT sha256, `keys`.key_id, name, account, created_at, requests_per_minute, "
+                                "tokens_per_day, coalesce(`user`, ''), coalesce(expires_at, 0) FROM `keys` "
+                                "LEFT JOIN owners ON owners.key_id = `keys`.key_id"):
+                stored[bytes.fromhex(row[0])] = KeyInfo(
+                    key_id=row[1], name=row[2], account=row[3], created_at=float(row[4]),
                     requests_per_minute=_limit(row[5]), tokens_per_day=_limit(row[6]), user=row[7],
                     expires_at=float(row[8]))
-        except (sqlite3.Error, ValueError) as exc:
-            raise KeyStoreError(f"{self._db_path}: unreadable key database: {exc}") from exc
-        try:
-            self._owners = dict(db.execute("SELECT key_id, user FROM owners").fetchall())
-        except sqlite3.Error as exc:
-            raise KeyStoreError(f"{self._db_path}: unreadable key database: {exc}") from exc
-        if legacy is not None:
-            self._migrate(legacy, db)
+            owners = {str(k): str(u) for k, u in db.query("SELECT key_id, `user` FROM owners")}
+        except (StoreError, ValueError) as exc:
+            raise KeyStoreError(f"{db.name}: unreadable key database: {exc}") from exc
+        self._stored, self._owners = stored, owners
         self._by_id = {info.key_id: digest for digest, info in self._stored.items()}
 
-    def _migrate(self, legacy: Path, db: sqlite3.Connection) -> None:
+    def reload(self) -> None:
+        """Reads the keys again (a standby that now leads: the old leader made and revoked keys meanwhile);
+        listeners hear of every key that changed. Raises KeyStoreError."""
+        before = dict(self._stored)
+        self._load()
+        for digest in set(before) | set(self._stored):
+            if before.get(digest) != self._stored.get(digest):
+                self._changed(digest)
+
+    def _migrate(self, legacy: Path) -> None:
         """Reads a key file of an earlier version into the database, in one transaction, then renames it."""
         try:
             data = json.loads(legacy.read_text())
@@ -157,45 +170,48 @@ class KeyStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeyStoreError(f"{legacy}: unreadable key file: {exc}") from exc
         try:
-            with self._transaction(db):
-                db.executemany("INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)",
+            with self._db.transaction() as tx:
+                tx.executemany("INSERT OR IGNORE INTO `keys` VALUES (?, ?, ?, ?, ?, ?, ?)",
                                [self._row(d, i) for d, i in found.items()])
             legacy.rename(legacy.with_name(legacy.name + ".migrated"))
-        except (OSError, sqlite3.Error) as exc:
-            raise KeyStoreError(f"{legacy}: cannot move the key file into {self._db_path}: {exc}") from exc
-        for digest, info in found.items():
-            self._stored.setdefault(digest, info)
-        log.info("moved %d client keys from %s into %s", len(found), legacy, self._db_path)
+        except (OSError, StoreError) as exc:
+            raise KeyStoreError(f"{legacy}: cannot move the key file into {self._db.name}: {exc}") from exc
+        log.info("moved %d client keys from %s into %s", len(found), legacy, self._db.name)
+
+    def _migrate_db(self, old: Path) -> None:
+        """Copies the previous version's SQLite key database into this one (MariaDB), then renames it."""
+        source = SqliteDatabase(old)
+        try:
+            keys = source.query("SELECT sha256, key_id, name, account, created_at, requests_per_minute, "
+                                "tokens_per_day FROM `keys`")
+            owners = source.query("SELECT key_id, `user`, expires_at FROM owners")
+            with self._db.transaction() as tx:
+                tx.executemany("INSERT OR IGNORE INTO `keys` VALUES (?, ?, ?, ?, ?, ?, ?)", keys)
+                tx.executemany("INSERT OR IGNORE INTO owners VALUES (?, ?, ?)", owners)
+            source.close()
+            old.rename(old.with_name(old.name + ".migrated"))
+        except (OSError, StoreError) as exc:
+            raise KeyStoreError(f"{old}: cannot move the key database into {self._db.name}: {exc}") from exc
+        log.info("moved %d client keys from %s into %s", len(keys), old, self._db.name)
 
     @staticmethod
     def _row(digest: bytes, info: KeyInfo) -> tuple[object, ...]:
         return (digest.hex(), info.key_id, info.name, info.account, info.created_at, info.requests_per_minute,
                 info.tokens_per_day)
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
     def _write(self, sql: str, args: tuple[object, ...],
                also: tuple[str, tuple[object, ...]] | None = None) -> int:
         """One statement (and `also`, when given) in one transaction; the rows the first changed. Raises
-        KeyStoreError."""
-        db = self._connect()
+        KeyStoreError (a controller that lost the lease too: its write is fenced off)."""
+        db = self._ensure()
         try:
-            with self._transaction(db):
-                count = db.execute(sql, args).rowcount
+            with db.transaction() as tx:
+                count = tx.execute(sql, args)
                 if also is not None:
-                    db.execute(*also)
+                    tx.execute(*also)
                 return count
-        except sqlite3.Error as exc:
-            raise KeyStoreError(f"{self._db_path}: cannot write the key database: {exc}") from exc
+        except StoreError as exc:
+            raise KeyStoreError(f"{db.name}: cannot write the key database: {exc}") from exc
 
     def create(self, name: str, account: str = "", requests_per_minute: int | None = None,
                tokens_per_day: int | None = None, *, user: str = "", expires_at: float = 0.0) -> tuple[str, str]:
@@ -213,7 +229,7 @@ class KeyStore:
         info = KeyInfo(key_id=key_id, name=name, account=account, created_at=time.time(),
                        requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day, user=user,
                        expires_at=expires_at)
-        self._write("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)", self._row(digest, info),
+        self._write("INSERT INTO `keys` VALUES (?, ?, ?, ?, ?, ?, ?)", self._row(digest, info),
                     ("INSERT INTO owners VALUES (?, ?, ?)", (key_id, user, expires_at)) if user else None)
         self._stored[digest] = info
         self._by_id[key_id] = digest
@@ -228,7 +244,8 @@ class KeyStore:
         """A store that only verifies: the gateway tier's copy of the controller's keys (hashes only)."""
         store = cls.__new__(cls)
         store._path = store._db_path = Path("/nonexistent")
-        store._db = None
+        store._db = SqliteDatabase(store._path)
+        store._tables = False
         store._config = {}
         store._stored = dict(entries)
         store._by_id = {}
@@ -274,7 +291,7 @@ class KeyStore:
         digest = self._by_id.get(key_id)
         if digest is None or digest not in self._stored:
             return False
-        self._write("DELETE FROM keys WHERE key_id = ?", (key_id,))
+        self._write("DELETE FROM `keys` WHERE key_id = ?", (key_id,))
         del self._stored[digest]
         del self._by_id[key_id]
         self._changed(digest)

@@ -2,8 +2,8 @@
 
 Responsible for: `Pins`, the live pins (built first at start, before everything that reads them): checking a new
 pin against the catalog (a known model, 0..max_replicas), holding it, and saving it; the autoscaler, the gateway,
-the gateway hub and the model board read it. `PinStore`: one JSON file (mode 0600) under `[controller].state_dir`,
-rewritten atomically (slinfer/atomicfile.py) on every pin or unpin, as the key store keeps its keys; at start
+the gateway hub and the model board read it. `PinStore`: a table of the controller's database (controller/store.py,
+as the key store keeps its keys), one row a pin, written on every pin or unpin; at start
 `Pins` takes its saved pins again and drops, with a log line that names it, one the catalog no longer allows (a
 model removed, or a count above its new max_replicas).
 Not responsible for: what a pin means (the autoscaler holds the model at it; the gateway answers at once for a
@@ -16,31 +16,61 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from slinfer.atomicfile import write_atomic
 from slinfer.config import ModelConfig
+from slinfer.controller.store import Database, SqliteDatabase, StoreError
 
 log = logging.getLogger(__name__)
 
-# The file's layout; a file of another version is refused rather than half understood.
+# The layout of an earlier version's pins.json (moved into the database); another version is refused rather
+# than half understood.
 FORMAT_VERSION = 1
 
 
 class PinStoreError(RuntimeError):
-    """The pin file cannot be read or written; the message names the file."""
+    """The pins cannot be read or written; the message names the file or database."""
 
 
 class PinStore:
-    """Pins by model name, persisted in `path`."""
+    """Pins by model name, in the controller's database (table `pins`): one row a pin, written in one
+    transaction (fenced: a controller that lost the lease cannot pin). Alone (no `db`), a store keeps its own
+    SQLite file beside `path` (`pins.json` -> `pins.db`). A `pins.json` of an earlier version is read into the
+    database on start and renamed `pins.json.migrated`."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, db: Database | None = None) -> None:
         self._path = Path(path)
+        self._db: Database = db if db is not None else SqliteDatabase(self._path.with_suffix(".db"))
+        self._tables = False
         self._pins: dict[str, int] = {}
-        if self._path.exists():
-            self._pins = self._read()
+        legacy = self._path if self._path.suffix == ".json" and self._path.exists() else None
+        if legacy is None and isinstance(self._db, SqliteDatabase) and not self._db.exists():
+            return
+        if legacy is not None:
+            self._migrate(legacy, self._read(legacy))
+        self.reload()
 
-    def _read(self) -> dict[str, int]:
+    def _ensure(self) -> Database:
+        if not self._tables:
+            try:
+                with self._db.transaction(fenced=False) as tx:
+                    tx.execute("CREATE TABLE IF NOT EXISTS pins (model VARCHAR(128) PRIMARY KEY, "
+                               "replicas BIGINT NOT NULL)")
+            except StoreError as exc:
+                raise PinStoreError(f"{self._db.name}: cannot write pin table: {exc}") from exc
+            self._tables = True
+        return self._db
+
+    def reload(self) -> None:
+        """Reads the pins again (a standby that now leads). Raises PinStoreError."""
+        db = self._ensure()
         try:
-            data = json.loads(self._path.read_text())
+            self._pins = {str(m): int(n) for m, n in db.query("SELECT model, replicas FROM pins")}
+        except (StoreError, ValueError) as exc:
+            raise PinStoreError(f"{db.name}: unreadable pin table: {exc}") from exc
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, int]:
+        try:
+            data = json.loads(path.read_text())
             if data.get("version") != FORMAT_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {FORMAT_VERSION}")
             pins = data["pins"]
@@ -50,34 +80,42 @@ class PinStore:
                 raise ValueError("pins must map model names to replica counts of 0 or more")
             return dict(pins)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PinStoreError(f"{self._path}: unreadable pin file: {exc}") from exc
+            raise PinStoreError(f"{path}: unreadable pin file: {exc}") from exc
 
-    def _write(self, pins: dict[str, int]) -> None:
+    def _migrate(self, legacy: Path, pins: dict[str, int]) -> None:
+        db = self._ensure()
         try:
-            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(self._path, json.dumps({"version": FORMAT_VERSION, "pins": pins}, indent=1,
-                                                sort_keys=True).encode())
-        except OSError as exc:
-            raise PinStoreError(f"{self._path}: cannot write pin file: {exc}") from exc
+            with db.transaction() as tx:
+                tx.executemany("INSERT OR IGNORE INTO pins VALUES (?, ?)", sorted(pins.items()))
+            legacy.rename(legacy.with_name(legacy.name + ".migrated"))
+        except (OSError, StoreError) as exc:
+            raise PinStoreError(f"{legacy}: cannot move the pin file into {db.name}: {exc}") from exc
+        log.info("moved %d pins from %s into %s", len(pins), legacy, db.name)
 
     @property
-    def path(self) -> Path:
-        return self._path
+    def path(self) -> str:
+        """Where the pins are, for messages."""
+        return self._db.name
 
     def pins(self) -> dict[str, int]:
         return dict(self._pins)
 
     def save(self, model: str, count: int | None) -> None:
-        """Records `model` pinned at `count` (None: back to the load); the file changes before this returns."""
-        pins = dict(self._pins)
-        if count is None:
-            pins.pop(model, None)
-        else:
-            pins[model] = count
-        if pins == self._pins:
+        """Records `model` pinned at `count` (None: back to the load); the database has it before this returns."""
+        if self._pins.get(model) == count:
             return
-        self._write(pins)
-        self._pins = pins
+        db = self._ensure()
+        try:
+            with db.transaction() as tx:
+                tx.execute("DELETE FROM pins WHERE model = ?", (model,))
+                if count is not None:
+                    tx.execute("INSERT INTO pins VALUES (?, ?)", (model, count))
+        except StoreError as exc:
+            raise PinStoreError(f"{db.name}: cannot write pin table: {exc}") from exc
+        if count is None:
+            self._pins.pop(model, None)
+        else:
+            self._pins[model] = count
 
 
 class Pins:
@@ -89,6 +127,14 @@ class Pins:
         self._store = store
         if store is not None:
             self._restore(store)
+
+    def update_catalog(self, models: Sequence[ModelConfig]) -> None:
+        """A reloaded catalog's max_replicas (controller/reload.py); a live pin above a lowered max comes down to
+        it (and is saved so)."""
+        self._max.update((m.name, m.max_replicas) for m in models)
+        for model, count in list(self._pins.items()):
+            if count > self._max.get(model, count):
+                self.set(model, self._max[model])
 
     def check(self, model: str, count: int | None) -> None:
         """Raises KeyError for a model not in the catalog, ValueError for a count outside 0..max_replicas."""

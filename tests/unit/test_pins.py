@@ -1,5 +1,5 @@
 """`slinfer scale` pins: the live Pins (the one owner: the autoscaler reads them, never holds its own), the
-PinStore's file, and across a controller restart the real admin gRPC server, CLI and Autoscaler (Slurm is the
+PinStore's table, and across a controller restart the real admin gRPC server, CLI and Autoscaler (Slurm is the
 in-memory SlurmDouble) before and after a "restart" (new objects on the same folder)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.pins import Pins, PinStore, PinStoreError
 from slinfer.controller.registry import Registry
+from slinfer.controller.store import SqliteDatabase
 from slinfer.v1 import admin_pb2_grpc
 from tests.fakes.slurm_double import Clock, Demand, SlurmDouble
 
@@ -37,19 +38,31 @@ def _autoscaler(clock: Clock, slurm: SlurmDouble, max_replicas: int = 3, names: 
                       lambda m: Demand(in_flight=0), slurm, clock=clock, settle_s=0.0, pins=pins)
 
 
-def test_save_writes_the_file_atomically_private_and_unpin_removes_the_entry(tmp_path: Path) -> None:
+def test_save_writes_one_row_to_a_private_database_and_unpin_removes_it(tmp_path: Path) -> None:
     path = tmp_path / "state" / "pins.json"
     pins = PinStore(path)
-    assert pins.pins() == {} and not path.exists()
+    db = path.with_suffix(".db")
+    assert pins.pins() == {} and not db.exists()  # nothing made before the first pin
     pins.save("tiny", 2)
     pins.save("big", 0)
-    assert json.loads(path.read_text()) == {"version": 1, "pins": {"big": 0, "tiny": 2}}
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert SqliteDatabase(db).query("SELECT model, replicas FROM pins ORDER BY model") == [("big", 0), ("tiny", 2)]
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
     pins.save("tiny", None)
-    assert json.loads(path.read_text())["pins"] == {"big": 0}
-    assert PinStore(path).pins() == {"big": 0}
-    assert [p.name for p in path.parent.iterdir()] == ["pins.json"]  # no temporary file left
+    assert PinStore(path).pins() == {"big": 0}  # a restarted controller reads the database
+    assert not path.exists()
+
+
+def test_pins_share_the_controllers_database_and_an_old_pin_file_moves_into_it(tmp_path: Path) -> None:
+    path = tmp_path / "pins.json"
+    path.write_text(json.dumps({"version": 1, "pins": {"tiny": 2}}))
+    db = SqliteDatabase(tmp_path / "slinfer.db")
+    store = PinStore(path, db)
+    assert store.pins() == {"tiny": 2}
+    assert not path.exists() and (tmp_path / "pins.json.migrated").exists()
+    store.save("big", 1)
+    assert PinStore(path, SqliteDatabase(tmp_path / "slinfer.db")).pins() == {"tiny": 2, "big": 1}
+    assert not (tmp_path / "pins.db").exists()  # the shared database, not a file of its own
 
 
 def test_restore_takes_the_saved_pins_and_drops_what_the_catalog_no_longer_allows(
@@ -65,7 +78,7 @@ def test_restore_takes_the_saved_pins_and_drops_what_the_catalog_no_longer_allow
     assert {s.name: s.pinned for s in scaler.status()} == {"tiny": 2, "small": None}
     assert pins.all() == {"tiny": 2}
     assert store.pins() == {"tiny": 2}
-    assert json.loads(path.read_text())["pins"] == {"tiny": 2}
+    assert PinStore(path).pins() == {"tiny": 2}  # dropped from the database too
     assert "saved pin model=gone count=1 dropped: 'gone' is not a catalog model" in caplog.text
     assert "saved pin model=small count=3 dropped" in caplog.text and "max_replicas" in caplog.text
     assert "restored pin model=tiny count=2" in caplog.text
@@ -91,7 +104,7 @@ def test_an_unwritable_folder_is_an_error_that_names_the_file(tmp_path: Path) ->
     blocker = tmp_path / "file"
     blocker.write_text("")
     pins = PinStore(blocker / "pins.json")
-    with pytest.raises(PinStoreError, match="cannot write pin file"):
+    with pytest.raises(PinStoreError, match="cannot write pin table"):
         pins.save("tiny", 1)
     assert pins.pins() == {}  # nothing recorded that the file does not hold
 
@@ -164,6 +177,6 @@ def test_a_pin_that_cannot_be_saved_still_holds_and_says_so(tmp_path: Path) -> N
     blocker = tmp_path / "file"
     blocker.write_text("")
     pins = Pins(_models(), PinStore(blocker / "pins.json"))
-    with pytest.raises(PinStoreError, match="cannot write pin file"):
+    with pytest.raises(PinStoreError, match="cannot write pin table"):
         pins.set("tiny", 2)
     assert pins.get("tiny") == 2  # the admin API answers "applied, but lost at the next restart"
