@@ -58,6 +58,14 @@ _ID = re.compile(rf"^batch_[0-9a-f]{{{_ID_HEX}}}$")
 SCHEDULE_S = 1.0
 # Lines of the list endpoint's page by default, and at most (OpenAI's).
 LIST_LIMIT, LIST_MAX = 20, 100
+# The ends after which the scheduler requeues the same job (`scontrol requeue`) rather than submitting another:
+# the job failed on its own (its runner, or a step that found no engine) or its node failed. Slurm holds a
+# requeued job for its credential lifetime (120 s by default) so that slurmd has forgotten it and runs the
+# prolog, hence the engine, again: measured on the bed (22.05), a requeued job started at once
+# (`scontrol update StartTime=now`) got "reissued job credential", no prolog and no extern step, so its step
+# found no env file. A job ended on purpose (preempted, cancelled, out of time) is followed by a new job instead,
+# which queues without that hold.
+REQUEUE_AFTER = frozenset({"FAILED", "COMPLETED", "NODE_FAIL"})
 
 
 def window_seconds(window: object) -> int:
@@ -98,6 +106,7 @@ class Batch:
     metadata: dict[str, str] | None = None
     job_id: str = ""
     jobs: list[str] = field(default_factory=list)  # every job submitted for it, the current one last
+    requeues: int = 0  # how often the scheduler requeued the current job (each a run, like a new job)
     slurm_state: str = ""
     slurm_account: str = ""  # the account Slurm charges the job to
     cancel_requested: bool = False
@@ -123,7 +132,7 @@ class Batch:
             "metadata": self.metadata, "model": self.model,
             # slinfer's own, beside OpenAI's: where the batch runs.
             "slurm": {"job_id": self.job_id or None, "state": self.slurm_state or None,
-                      "account": self.slurm_account or None, "jobs": self.jobs},
+                      "account": self.slurm_account or None, "jobs": self.jobs, "requeues": self.requeues},
         }
 
     def move(self, status: str, now: float) -> None:
@@ -335,6 +344,8 @@ class Slurm(Protocol):
 
     async def cancel(self, job_id: str) -> None: ...
 
+    async def requeue(self, job_id: str) -> None: ...
+
 
 class Ledger(Protocol):
     def record(self, key_id: str, key_name: str, account: str, model: str, status: int, meter: Meter) -> None: ...
@@ -348,7 +359,7 @@ class Settings:
     partition: str
     runner: list[str]
     job_name_prefix: str
-    # Jobs one batch may take: a job that ends with lines left is followed by another, which resumes.
+    # Runs one batch may take: a job that ends with lines left is requeued or followed by another, which resumes.
     max_attempts: int = 3
 
     @classmethod
@@ -449,7 +460,21 @@ class Scheduler:
                 await self._finish(batch, "cancelled" if batch.cancel_requested else "expired")
         elif over:
             state = job.job_state.name if job is not None else "gone from Slurm"
-            if len(batch.jobs) < self._settings.max_attempts:
+            runs = len(batch.jobs) + batch.requeues
+            if runs < self._settings.max_attempts and state in REQUEUE_AFTER:
+                try:
+                    await self._slurm.requeue(batch.job_id)
+                except SlurmError as exc:
+                    log.warning("batch %s: scontrol requeue %s refused (%s); a new job follows", batch.id,
+                                batch.job_id, exc.stderr.strip())
+                else:
+                    batch.requeues += 1
+                    self.batches.save(batch)
+                    log.warning("batch %s: Slurm job %s ended (%s) with lines left; requeued it (run %d of %d): "
+                                "it starts again once slurmd has forgotten its last run, and resumes", batch.id,
+                                batch.job_id, state, runs + 1, self._settings.max_attempts)
+                    return
+            if runs < self._settings.max_attempts:
                 # Preempted (CANCEL mode), its node lost, or its engine missing: the lines answered stay, and a
                 # new job answers the rest.
                 log.warning("batch %s: Slurm job %s ended (%s) with lines left; submitting it again (attempt %d "
@@ -460,7 +485,7 @@ class Scheduler:
                 await self._submit(batch)
                 return
             batch.errors.append({"code": "job_failed", "message": f"Slurm job {batch.job_id} ended ({state}) "
-                                 f"before every line was answered, {len(batch.jobs)} jobs tried; see "
+                                 f"before every line was answered, {runs} runs tried; see "
                                  f"{folder / 'job.log'}", "param": None, "line": None})
             await self._finish(batch, "failed")
 
@@ -553,6 +578,11 @@ class SlurmAdapter:
 
     async def cancel(self, job_id: str) -> None:
         await self._client.cancel(job_id)
+
+    async def requeue(self, job_id: str) -> None:
+        if not JOB_ID.match(job_id):
+            raise ValueError(f"{job_id!r} is not a Slurm job id")
+        await self._client.runner.arun(["scontrol", "requeue", job_id])
 
 
 def scheduler(config: Config, slurm: SlurmClient, ledger: Ledger | None,

@@ -202,10 +202,13 @@ def test_a_requeued_batch_job_resumes_and_answers_each_line_once(keys: Keys, slu
     runs = [int(n) for n in re.findall(r"(\d+) lines to answer", log)]
     assert len(runs) == 2 and runs[0] == 200 and runs[1] < 200, log  # the second run only asked what was left
     marker = json.loads((folder(slurm_bed, batch.id) / "finished").read_text())
-    # The requeued job itself resumed (restart 1), or, where its rerun found no engine, a second job did.
-    assert (marker["restart_count"], len(jobs)) in ((1, 1), (0, 2)), (marker, jobs, log)
-    print(f"\nrequeued after {before} lines: the second run asked {runs[1]}; each of 200 answered once; "
-          f"jobs {jobs}, restart count {marker['restart_count']}")
+    # The same job finished the batch, no follow-up. Started at once, its rerun got no prolog from slurmd (the
+    # job's credential still cached), hence no engine, and failed: the scheduler requeued it, Slurm held it until
+    # slurmd forgot it, and its next run (restart 2) got its engine. Where the rerun did get its engine, restart 1.
+    assert jobs == [job_id] and marker["restart_count"] >= 1, (marker, jobs, log)
+    print(f"\nrequeued after {before} lines: the last run asked {runs[1]}; each of 200 answered once; "
+          f"jobs {jobs}, restart count {marker['restart_count']}, requeued again by the scheduler "
+          f"{done.model_extra['slurm'].get('requeues', 0)} times")
 
 
 def test_uploads_refused_bad_lines_another_key_oversize(keys: Keys, slurm_bed: SlurmBed) -> None:

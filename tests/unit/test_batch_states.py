@@ -33,7 +33,9 @@ class FakeSlurm:
         self.submitted: list[tuple[list[str], str]] = []
         self.states: dict[str, str] = {}
         self.cancelled: list[str] = []
+        self.requeued: list[str] = []
         self.refuse_accounts = False
+        self.refuse_requeue = False
 
     async def submit_batch(self, argv: list[str], script: str) -> str:
         if self.refuse_accounts and any(a.startswith("--account=") for a in argv):
@@ -51,6 +53,12 @@ class FakeSlurm:
     async def cancel(self, job_id: str) -> None:
         self.cancelled.append(job_id)
         self.states[job_id] = "CANCELLED"
+
+    async def requeue(self, job_id: str) -> None:
+        if self.refuse_requeue:
+            raise SlurmError(["scontrol", "requeue", job_id], 1, "Requested operation is presently disabled")
+        self.requeued.append(job_id)
+        self.states[job_id] = "PENDING"
 
 
 class FakeLedger:
@@ -240,18 +248,80 @@ async def test_a_job_that_ends_with_lines_left_is_followed_by_another_then_the_b
     b.slurm.states["101"] = "REQUEUED"  # a requeue is not an end
     await b.scheduler.step()
     assert (await b.alice.batches.retrieve(batch.id)).status == "in_progress"
-    # Each job that ends with lines left is followed by another (it resumes), up to max_attempts (3).
+    # Each job ended on purpose with lines left is followed by another (it resumes), up to max_attempts (3).
     for job_id in ("101", "102"):
-        b.slurm.states[job_id] = "PREEMPTED" if job_id == "101" else "FAILED"
+        b.slurm.states[job_id] = "PREEMPTED" if job_id == "101" else "TIMEOUT"
         await b.scheduler.step()
         again = await b.alice.batches.retrieve(batch.id)
         assert again.status == "in_progress" and again.model_extra["slurm"]["job_id"] == str(int(job_id) + 1)
-    assert len(b.slurm.submitted) == 3
-    b.slurm.states["103"] = "FAILED"
+    assert len(b.slurm.submitted) == 3 and b.slurm.requeued == []
+    b.slurm.states["103"] = "CANCELLED"
     await b.scheduler.step()
     ended = await b.alice.batches.retrieve(batch.id)
-    assert ended.status == "failed" and "FAILED" in ended.errors.data[0].message
+    assert ended.status == "failed" and "CANCELLED" in ended.errors.data[0].message
     assert ended.model_extra["slurm"]["jobs"] == ["101", "102", "103"] and len(b.slurm.submitted) == 3
+
+
+async def test_a_requeued_job_restarted_without_its_engine_is_requeued_and_the_same_job_finishes(bed, standins):
+    """The order seen on the bed (22.05): `scontrol requeue` mid-way, the job started again at once
+    (StartTime=now), slurmd ran no prolog for it ("reissued job credential"), its step found no env file and the
+    job FAILED with lines left. The scheduler requeues the same job (Slurm holds it until slurmd forgot it, and
+    the prolog runs), and that job's next run finishes the batch: no second job."""
+    b = bed
+    batch = await create(b)
+    await b.scheduler.step()
+    folder = b.spool / "batches" / batch.id
+    b.slurm.states["101"] = "RUNNING"
+    first = b"".join(batchrun.result_line({"custom_id": f"r{i}"}, 200, {}) for i in range(5))
+    (folder / batchrun.OUTPUT).write_bytes(first)
+    await b.scheduler.step()
+    for state in ("REQUEUED", "PENDING", "RUNNING"):  # the admin's requeue and the restart at once: no end
+        b.slurm.states["101"] = state
+        await b.scheduler.step()
+    b.slurm.states["101"] = "FAILED"  # the restart without its engine
+    await b.scheduler.step()
+    assert b.slurm.requeued == ["101"] and len(b.slurm.submitted) == 1
+    again = await b.alice.batches.retrieve(batch.id)
+    assert again.status == "in_progress" and again.model_extra["slurm"]["jobs"] == ["101"]
+    # Its next run, with its engine: resumes and finishes.
+    b.slurm.states["101"] = "RUNNING"
+    await b.scheduler.step()
+    engine = await standins(api_key="k")
+    counts = await batchrun.run(folder, engine.base_url + "/v1", "k", concurrency=4, wait_s=5)
+    assert counts["asked"] == 7
+    (folder / batchrun.FINISHED).write_text("{}")
+    b.slurm.states["101"] = "COMPLETED"
+    await b.scheduler.step()
+    done = await b.alice.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.model_extra["slurm"]["jobs"] == ["101"]
+    assert len(b.slurm.submitted) == 1 and b.slurm.requeued == ["101"]
+    ids = Counter(json.loads(x)["custom_id"] for x in (await b.alice.files.content(done.output_file_id)).content
+                  .splitlines())
+    assert ids == Counter(f"r{i}" for i in range(12))
+
+
+async def test_requeues_count_as_runs_and_a_refused_requeue_falls_back_to_a_new_job(bed):
+    b = bed
+    batch = await create(b)
+    await b.scheduler.step()
+    b.slurm.states["101"] = "FAILED"
+    await b.scheduler.step()
+    b.slurm.states["101"] = "NODE_FAIL"
+    await b.scheduler.step()
+    assert b.slurm.requeued == ["101", "101"] and len(b.slurm.submitted) == 1
+    b.slurm.states["101"] = "FAILED"  # the third run failed too: max_attempts (3) reached
+    await b.scheduler.step()
+    ended = await b.alice.batches.retrieve(batch.id)
+    assert ended.status == "failed" and "3 runs tried" in ended.errors.data[0].message
+    assert b.slurm.requeued == ["101", "101"] and len(b.slurm.submitted) == 1
+    # A job Slurm will not requeue (purged, or not requeueable) is followed by a new one.
+    b.slurm.refuse_requeue = True
+    other = await create(b)
+    await b.scheduler.step()
+    b.slurm.states["102"] = "FAILED"
+    await b.scheduler.step()
+    got = await b.alice.batches.retrieve(other.id)
+    assert got.status == "in_progress" and got.model_extra["slurm"]["jobs"] == ["102", "103"]
 
 
 async def test_an_account_the_service_may_not_use_falls_back_to_its_own(bed):
