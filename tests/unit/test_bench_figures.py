@@ -76,3 +76,22 @@ def test_busy_fraction_weighs_each_sample_by_the_time_until_the_next() -> None:
     assert busy["busy_fraction"] == 0.75
     assert busy["busy_sample_share"] == 0.2
     assert busy["samples"] == 5 and busy["mean_waiting"] == 0.2
+
+
+def test_vllm_serve_table_averages_each_paths_runs_and_takes_ratios_per_level(tmp_path: Path) -> None:
+    from bench import vllm_serve_table as table
+
+    def row(level: int, path: str, tps: float, ttft: float, failed: int = 0) -> dict[str, object]:
+        return {"level": level, "path": path, "output_throughput": tps, "request_throughput": tps / 16,
+                "mean_ttft_ms": ttft, "p99_ttft_ms": ttft * 2, "failed": failed, "completed": 200 - failed}
+    rows = [row(100, "direct", 1000, 100), row(100, "gateway", 900, 150), row(100, "direct", 1200, 300),
+            row(100, "gateway", 1100, 250, failed=2), row(500, "gateway", 500, 40), row(500, "direct", 1000, 20)]
+    first, second = table.summarise(rows)
+    assert first["level"] == 100 and first["direct_output_throughput"] == 1100
+    assert first["throughput_ratio"] == 1000 / 1100 and first["ttft_ratio"] == 1.0
+    assert first["gateway_failed"] == 1 and first["ttft_added_s"] == 0.0
+    assert second["throughput_ratio"] == 0.5 and second["ttft_ratio"] == 2.0 and second["ttft_added_s"] == 0.02
+    text = table.markdown([first, second])
+    assert "| 100 | 1100 | 1000 | 0.91 |" in text and "| 0 / 1 |" in text
+    table.plot([first, second], tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
