@@ -10,15 +10,18 @@ is given it through vLLM's `/v1/load_lora_adapter`, without a restart (the agent
 with adapters with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).
 It also narrows the balancer's candidates to the engines that have an adapter, where one of them is as free as
 any (`prefer_loaded`).
+When the catalog is reloaded (controller/reload.py) `update` takes the new adapters, and `unload` takes the
+dropped ones (and those whose source changed) off the running engines through vLLM's `/v1/unload_lora_adapter`;
+from then on a request for a dropped adapter is a 404 model_not_found and /v1/models no longer lists it.
 Not responsible for: the engine's flags (agent/launch.py `lora_args`), choosing the engine (the balancer),
-or unloading adapters the catalog dropped (an engine keeps them until it ends: they cost it a few MB).
+or reading the config (reload.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import aiohttp
@@ -52,6 +55,53 @@ class Adapters:
         # One load (or look) per engine and adapter at a time: concurrent first requests wait for the one.
         self._pending: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._session: aiohttp.ClientSession | None = None
+
+    def update(self, catalog: Sequence[ModelConfig]) -> list[tuple[str, str]]:
+        """Takes a reloaded catalog's adapters; returns the (base model, adapter) pairs to unload from running
+        engines: those dropped, and those whose source changed (the engine holds the old weights under the name;
+        the next request loads the new ones)."""
+        new = {a.name: (m, a) for m in catalog for a in m.adapters}
+        gone = [(m.name, name) for name, (m, a) in self._by_name.items()
+                if name not in new or new[name][1].source != a.source or new[name][0].name != m.name]
+        self._by_name = new
+        names = {name for _, name in gone}
+        self._loaded = {pair for pair in self._loaded if pair[1] not in names}
+        return gone
+
+    async def unload(self, gone: Iterable[tuple[str, str]],
+                     replicas: Callable[[str], Iterable[Replica]]) -> dict[str, int]:
+        """Unloads each (base, adapter) of `gone` from every engine `replicas(base)` lists; returns how many
+        engines each adapter left. An engine that never had it (vLLM's 404) counts as done; one that fails is
+        logged and skipped (it still holds a few MB, and no request is routed there for the name)."""
+        done: dict[str, int] = {}
+        for base_name, name in gone:
+            done[name] = 0
+            for replica in replicas(base_name):
+                started = asyncio.get_running_loop().time()
+                try:
+                    status, text = await self._post(replica, "/v1/unload_lora_adapter", {"lora_name": name})
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    log.warning("adapter %s: engine %s (%s) did not answer its unload: %r", name, replica.job_id,
+                                replica.node, exc)
+                    continue
+                self._loaded.discard((replica.job_id, name))
+                if status == 404:
+                    continue  # it never had it
+                if status >= 300:
+                    log.warning("adapter %s: engine %s (%s) refused its unload (%d): %s", name, replica.job_id,
+                                replica.node, status, text[:300])
+                    continue
+                done[name] += 1
+                log.info("adapter %s unloaded from engine %s (%s) in %.0f ms", name, replica.job_id, replica.node,
+                         (asyncio.get_running_loop().time() - started) * 1000)
+        return done
+
+    async def _post(self, replica: Replica, path: str, body: dict[str, str]) -> tuple[int, str]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ENGINE_ASK_TIMEOUT_S))
+        async with self._session.post(f"{replica.base_url.rstrip('/')}{path}", json=body,
+                                      headers={"Authorization": f"Bearer {replica.api_key}"}) as resp:
+            return resp.status, await resp.text()
 
     def base(self, name: str) -> ModelConfig | None:
         """The catalog model whose engines serve adapter `name`; None if it is no adapter."""
@@ -121,7 +171,9 @@ class Adapters:
 
     async def _ensure(self, replica: Replica, name: str) -> None:
         found = self._by_name.get(name)
-        assert found is not None, name
+        if found is None:  # dropped by a reload while this request was on its way
+            raise AdapterLoadFailed(404, f"The model '{name}' does not exist; GET /v1/models lists the models "
+                                    "served here.")
         _, adapter = found
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ENGINE_ASK_TIMEOUT_S))

@@ -176,6 +176,14 @@ class Autoscaler:
         # Decisions acted on, by (model, action); mirrored in metrics.SCALING_DECISIONS.
         self.decisions: dict[tuple[str, str], int] = {}
 
+    def update_catalog(self, models: Sequence[ModelConfig]) -> None:
+        """A reloaded catalog (controller/reload.py: the same models): replica bounds and adapters apply from the
+        next step; the jobs, the load's average and the decisions so far stay."""
+        for config in models:
+            m = self._models[config.name]
+            m.config = config
+            m.status.min_replicas, m.status.max_replicas = config.min_replicas, config.max_replicas
+
     # ---- admin --------------------------------------------------------------------------------------
     def job_name(self, model: str) -> str:
         return f"{self._prefix}-{model}"

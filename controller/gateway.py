@@ -179,6 +179,13 @@ class Gateway:
         # added before the catch-all 404.
         self.extra_routes: list[Callable[[web.UrlDispatcher], None]] = []
 
+    async def update_catalog(self, models: Sequence[ModelConfig]) -> dict[str, int]:
+        """A reloaded catalog (controller/reload.py: the same models, some settings new) routes from now on; the
+        adapters it dropped are unloaded from the running engines (adapters.py). Returns engines left, by adapter."""
+        self._catalog.update((m.name, m) for m in models)
+        self._board.update_catalog(models)
+        return await self._adapters.unload(self._adapters.update(models), self._registry.replicas)
+
     # ---- the autoscaler's view ---------------------------------------------------------------------
     def demand(self, model: str) -> Demand:
         return Demand(in_flight=self._in_flight.model(model), queued=self._queue.depth(model))

@@ -66,6 +66,10 @@ class ModelBoard:
         self._routes_unknown: set[str] = set()  # engines (job ids) that did not say
         self._session: aiohttp.ClientSession | None = None
 
+    def update_catalog(self, catalog: Sequence[ModelConfig]) -> None:
+        """A reloaded catalog's models (controller/reload.py): /v1/models shows their new replica bounds."""
+        self._catalog.update((m.name, m) for m in catalog)
+
     async def close(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
