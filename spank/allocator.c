@@ -1,8 +1,9 @@
 /*
  * Allocator context. Responsible for: refusing a submission whose slinfer options do not go
- * together, and --inference-pool from a user whom pool_users= does not name. Not responsible
- * for: each option's own value check (options.c's callbacks); the agent checks the pool rule
- * again at the prolog, since a user can submit with a plugstack of their own.
+ * together, and --inference-pool from a user whom pool_users= does not name; handing the job's
+ * --inference-lora values to its prolog (job-control environment). Not responsible for: each
+ * option's own value check (options.c's callbacks); the agent checks the pool rule and the
+ * adapters again at the prolog, since a user can submit with a plugstack of their own.
  */
 #include <pwd.h>
 #include <stdlib.h>
@@ -26,13 +27,37 @@ static int user_name(char *out, size_t outlen)
 	return 0;
 }
 
-int slinfer_allocator_check(const struct slinfer_args *args)
+/* The job's adapters into its prolog's environment (SPANK_ + SLINFER_LORAS_ENV). */
+static int pass_loras(spank_t sp, const struct slinfer_options *opts)
+{
+	static char joined[SLINFER_LORA_MAX * SLINFER_LORA_VALUE_MAX];
+	spank_err_t rc;
+
+	if (slinfer_loras_joined(opts, joined, sizeof(joined)) != 0) {
+		slurm_error("slinfer: --inference-lora values do not fit in %zu bytes", sizeof(joined));
+		return -1;
+	}
+	rc = spank_job_control_setenv(sp, SLINFER_LORAS_ENV, joined, 1);
+	if (rc != ESPANK_SUCCESS) {
+		slurm_error("slinfer: cannot pass --inference-lora to the job: %s", spank_strerror(rc));
+		return -1;
+	}
+	return 0;
+}
+
+int slinfer_allocator_check(spank_t sp, const struct slinfer_args *args)
 {
 	const struct slinfer_options *opts = slinfer_options_seen();
 	char user[256];
 
 	if (opts->inference && !opts->model_valid)
 		return -1; /* the option callback printed why */
+	if (opts->lora_refused)
+		return -1; /* likewise */
+	if (opts->nloras > 0 && !opts->inference) {
+		slurm_error("slinfer: --inference-lora needs --inference=MODEL");
+		return -1;
+	}
 	if (opts->pool && !opts->inference) {
 		slurm_error("slinfer: --inference-pool needs --inference=MODEL");
 		return -1;
@@ -51,5 +76,7 @@ int slinfer_allocator_check(const struct slinfer_args *args)
 			return -1;
 		}
 	}
+	if (opts->nloras > 0)
+		return pass_loras(sp, opts);
 	return 0;
 }

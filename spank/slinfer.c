@@ -3,7 +3,7 @@
  * spank_context() to one module per context: allocator.c (sbatch/salloc/srun), prolog.c
  * (slurmd's job prolog and epilog), step.c (slurmstepd).
  *
- * Responsible for: --inference/--inference-pool at submit, running slinfer-hook in the job
+ * Responsible for: --inference/--inference-pool/--inference-lora at submit, running slinfer-hook in the job
  * prolog and epilog, and giving every job step the engine's environment (or failing its tasks
  * with the reason). Not responsible for: starting engines, reading the site catalog, talking to
  * the network; the hook and the node agent do that.
@@ -50,12 +50,11 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
 	spank_context_t ctx = spank_context();
 
-	(void)sp;
 	(void)ac;
 	(void)av;
 	if (ctx != S_CTX_ALLOCATOR && ctx != S_CTX_LOCAL)
 		return 0;
-	return slinfer_allocator_check(&args);
+	return slinfer_allocator_check(sp, &args);
 }
 
 int slurm_spank_job_prolog(spank_t sp, int ac, char **av)

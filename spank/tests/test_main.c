@@ -124,13 +124,14 @@ static void test_model_values(void)
 static void test_options(void)
 {
 	const struct slinfer_options *seen;
-	struct spank_option *inference, *pool;
+	struct spank_option *inference, *pool, *lora;
 
 	fake_reset();
 	CHECK(slinfer_options_register(NULL) == 0);
-	CHECK(fake.nregistered == 2);
+	CHECK(fake.nregistered == 3);
 	inference = &fake.registered[0];
 	pool = &fake.registered[1];
+	lora = &fake.registered[2];
 	CHECK_STR(inference->name, "inference");
 	CHECK_STR(inference->arginfo, "MODEL");
 	CHECK_STR(inference->usage, "Run an LLM inference engine for MODEL inside this job (slinfer)");
@@ -161,10 +162,62 @@ static void test_options(void)
 	CHECK(pool->cb(pool->val, NULL, 0) == 0);
 	CHECK(seen->pool);
 
+	CHECK_STR(lora->name, "inference-lora");
+	CHECK_STR(lora->arginfo, "NAME=PATH");
+	CHECK(lora->has_arg == 1);
+	/* At submit each value is checked and kept; in slurmstepd (remote) nothing is kept. */
+	CHECK(lora->cb(lora->val, "mine=/home/a/adapter", 1) == 0);
+	CHECK(seen->nloras == 0 && !seen->lora_refused);
+	CHECK(lora->cb(lora->val, "mine=/home/a/adapter", 0) == 0);
+	CHECK(lora->cb(lora->val, "two=/home/a/b", 0) == 0);
+	CHECK(seen->nloras == 2 && !seen->lora_refused);
+	CHECK_STR(seen->loras[1], "two=/home/a/b");
+	CHECK(fake.nerrors == 1);
+	CHECK(lora->cb(lora->val, "mine=relative", 0) != 0);
+	CHECK(fake.nerrors == 2 && seen->lora_refused);
+	CHECK_STR(fake.last_error, "slinfer: invalid --inference-lora value \"mine=relative\": the path must be "
+				   "absolute (start with '/')");
+	CHECK(seen->nloras == 2);
+	CHECK(seen->model_valid); /* a refused adapter leaves the model's verdict alone */
+
 	fake_reset();
 	fake.register_rc = ESPANK_BAD_ARG;
 	CHECK(slinfer_options_register(NULL) == -1);
 	CHECK_STR(fake.last_error, "slinfer: cannot register option --inference: fake spank error");
+}
+
+/* ---- --inference-lora values: one job's list ---- */
+
+static void test_lora_list(void)
+{
+	struct slinfer_options o;
+	char value[64], joined[SLINFER_LORA_MAX * SLINFER_LORA_VALUE_MAX];
+
+	memset(&o, 0, sizeof(o));
+	CHECK(slinfer_loras_joined(&o, joined, sizeof(joined)) == 0);
+	CHECK_STR(joined, "");
+	for (int i = 0; i < SLINFER_LORA_MAX; i++) {
+		snprintf(value, sizeof(value), "a%d=/p/%d", i, i);
+		CHECK(slinfer_lora_add(&o, value, err, sizeof(err)) == 0);
+	}
+	CHECK(o.nloras == SLINFER_LORA_MAX);
+	CHECK(slinfer_lora_add(&o, "one-more=/p", err, sizeof(err)) == -1);
+	CHECK_STR(err, "slinfer: --inference-lora is given more than 8 times, at most 8 are allowed");
+	CHECK(slinfer_loras_joined(&o, joined, sizeof(joined)) == 0);
+	CHECK_STR(joined, "a0=/p/0\na1=/p/1\na2=/p/2\na3=/p/3\na4=/p/4\na5=/p/5\na6=/p/6\na7=/p/7");
+	CHECK(slinfer_loras_joined(&o, joined, 10) == -1);
+
+	memset(&o, 0, sizeof(o));
+	CHECK(slinfer_lora_add(&o, "mine=/a", err, sizeof(err)) == 0);
+	/* A name that starts another's is not the same name. */
+	CHECK(slinfer_lora_add(&o, "min=/b", err, sizeof(err)) == 0);
+	CHECK(slinfer_lora_add(&o, "mine2=/b", err, sizeof(err)) == 0);
+	CHECK(slinfer_lora_add(&o, "mine=/c", err, sizeof(err)) == -1);
+	CHECK_STR(err, "slinfer: --inference-lora names adapter \"mine\" twice");
+	CHECK(slinfer_lora_add(&o, "bad name=/c", err, sizeof(err)) == -1);
+	CHECK_STR(err, "slinfer: invalid --inference-lora value \"bad name=/c\": character ' ' is not allowed in "
+		       "the adapter name (use letters, digits, '.', '_', '-')");
+	CHECK(o.nloras == 3);
 }
 
 /* ---- plugstack arguments ---- */
@@ -598,11 +651,12 @@ static void cleanup(void)
 }
 
 /*
- * `test_slinfer --check-models`: the model-name rule as a filter, for tests/unit/test_model_names.py, which
- * runs one table of cases through this and through slinfer/config.py. Reads NUL-terminated values on stdin,
- * prints "ok" or "bad<TAB>message" per value.
+ * `test_slinfer --check-models` / `--check-loras`: the model-name rule or the --inference-lora rule as a
+ * filter, for tests/unit/test_model_names.py and tests/unit/test_inference_lora.py, which run one table of
+ * cases through this and through Python (slinfer/config.py, slinfer/inference_lora.py). Reads NUL-terminated
+ * values on stdin, prints "ok" or "bad<TAB>message" per value.
  */
-static int check_models(void)
+static int check_values(int (*check)(const char *, char *, size_t))
 {
 	static char value[4096];
 	size_t len = 0;
@@ -617,7 +671,7 @@ static int check_models(void)
 		}
 		value[len] = '\0';
 		len = 0;
-		if (slinfer_model_check(value, err, sizeof(err)) == 0)
+		if (check(value, err, sizeof(err)) == 0)
 			printf("ok\n");
 		else
 			printf("bad\t%s\n", err);
@@ -628,13 +682,16 @@ static int check_models(void)
 int main(int argc, char **argv)
 {
 	if (argc == 2 && strcmp(argv[1], "--check-models") == 0)
-		return check_models();
+		return check_values(slinfer_model_check);
+	if (argc == 2 && strcmp(argv[1], "--check-loras") == 0)
+		return check_values(slinfer_lora_check);
 	if (mkdtemp(tmpdir) == NULL) {
 		perror("mkdtemp");
 		return 2;
 	}
 	test_model_values();
 	test_options();
+	test_lora_list();
 	test_args();
 	test_env_parse();
 	test_env_load();
