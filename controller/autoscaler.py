@@ -436,6 +436,9 @@ class Autoscaler:
 
     def _track_tiers(self, m: _Model, jobs: list[SlurmJob], active_ids: set[str], now: float) -> None:
         """Notes preemptions (burst tier backoff) and which active jobs are guaranteed (preemption.py)."""
+        for job_id in m.burst.restore(m.config, [j for j in jobs if j.job_id in active_ids]):
+            log.info("model=%s job %s is in the burst tier (its QOS is %s): it does not count toward min_replicas "
+                     "%d", m.config.name, job_id, m.config.burst_qos, m.config.min_replicas)
         for job_id in m.burst.observe(m.config.name, jobs, now):
             if job_id in active_ids and job_id not in m.draining and job_id not in m.cancelled:
                 # No new request goes to it; its requests finish within the grace, and it is cancelled once

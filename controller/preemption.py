@@ -78,6 +78,24 @@ class BurstTier:
                         model, job.job_id, tier, notice, self.backoff.failures, delay)
         return [j.job_id for j in new]
 
+    def restore(self, cfg: ModelConfig, jobs: Iterable[SlurmJob]) -> list[str]:
+        """Sets each job's tier from its QOS where Slurm said it (`scontrol show job`): a job in the model's
+        `burst_qos` is in the burst tier, one in another QOS is not. A restarted controller adopts its jobs
+        without knowing which tier it had put them in; their QOS says. Returns the ids newly in the burst tier."""
+        if not cfg.burst_qos or cfg.burst_qos == cfg.qos:
+            return []
+        added = []
+        for job in jobs:
+            if not job.qos:
+                continue
+            if job.qos == cfg.burst_qos:
+                if job.job_id not in self.jobs:
+                    self.jobs.add(job.job_id)
+                    added.append(job.job_id)
+            else:
+                self.jobs.discard(job.job_id)
+        return added
+
     def waiting(self, now: float) -> float:
         """Seconds until the burst tier may be asked again; 0 when it may now."""
         return max(self.backoff.retry_at - now, 0.0) if self.backoff.failures else 0.0

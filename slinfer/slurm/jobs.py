@@ -28,6 +28,8 @@ class Job:
     flags: frozenset[str] = frozenset()  # flags beside the base state, where the output listed them
     # When Slurm's preemption notice (the grace time) began, unix seconds; 0 when none (or squeue's listing).
     preempt_time: float = 0.0
+    # The job's QOS, from `scontrol show job`; empty from squeue's listing (its format has no QOS field).
+    qos: str = ""
 
     @property
     def job_state(self) -> JobState:

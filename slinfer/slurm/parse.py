@@ -98,7 +98,8 @@ def scontrol_jobs(out: str) -> list[Job]:
                         reason="" if f.get("Reason", "None") == "None" else f.get("Reason", ""),
                         user=owner.group(1) if owner else "", uid=int(owner.group(2)) if owner else -1,
                         nodes=_host(f.get("NodeList", "")),
-                        preempt_time=seconds(f.get("PreemptTime", ""))))
+                        preempt_time=seconds(f.get("PreemptTime", "")),
+                        qos="" if f.get("QOS", "(null)") in ("", "(null)") else f["QOS"]))
     return jobs
 
 

@@ -174,3 +174,45 @@ def test_the_beds_qos_preempt_scavenger_after_a_grace(tmp_path) -> None:  # type
     assert ["modify", "qos", "high", "set", "Preempt=scavenger"] in modified
     conf = devcluster._slurm_conf(devcluster.Bed(tmp_path, 29900, slurm=""), "host")
     assert "PreemptType=preempt/qos\nPreemptMode=CANCEL\n" in conf
+
+
+@pytest.mark.parametrize("qos_known", [True, False])
+async def test_a_restarted_controller_restores_adopted_jobs_tiers_from_their_qos(
+        qos_known: bool, caplog: pytest.LogCaptureFixture) -> None:
+    bed = Bed(**TWO_TIERS)
+    bed.scaler.pins.set("tiny", 2)
+    await bed.step()
+    guaranteed, burst = bed.slurm.active()
+    bed.ready(guaranteed)
+    bed.ready(burst)
+    await bed.step()
+    # The controller restarts: the new one adopts both jobs; `scontrol show job` says each one's QOS (squeue's
+    # listing does not: without it, qos_known=False, the control).
+    if qos_known:
+        for job_id in (guaranteed, burst):
+            bed.slurm.jobs_[job_id] = replace(bed.slurm.jobs_[job_id], qos=bed.slurm.qos[job_id])
+    bed.scaler = bed.new_scaler(settle_s=0.0)
+    bed.scaler.pins.set("tiny", 2)
+    with caplog.at_level(logging.INFO, "slinfer.controller.autoscaler"):
+        await bed.step()
+        await bed.step()
+    assert len(bed.slurm.submits) == 2, "the adopted jobs were not adopted"
+    # The guaranteed replica's node fails: its replacement goes to the guaranteed QOS only where the adopted
+    # burst job is known to be burst (else it counts toward min_replicas and the replacement is burst).
+    bed.slurm.jobs_[guaranteed] = replace(bed.slurm.jobs_[guaranteed], state="NODE_FAIL")
+    await bed.step()
+    (new,) = [j for j in bed.slurm.active() if j not in (guaranteed, burst)]
+    assert bed.slurm.qos[new] == ("normal" if qos_known else "scavenger")
+    restored = f"job {burst} is in the burst tier (its QOS is scavenger)"
+    assert (restored in caplog.text) is qos_known
+    assert (f"job {guaranteed} is in the burst tier" in caplog.text) is False
+
+
+def test_scontrol_qos_is_parsed() -> None:
+    from slinfer.slurm import parse
+    line = ("JobId=7 JobName=slinfer-tiny UserId=root(0) JobState=RUNNING Reason=None SubmitTime=1800000000 "
+            "QOS=scavenger StartTime=1800000010 EndTime=1800003610 BatchHost=n1 NodeList=n1")
+    (job,) = parse.scontrol_jobs(line)
+    assert job.qos == "scavenger"
+    (unset,) = parse.scontrol_jobs(line.replace("QOS=scavenger", "QOS=(null)"))
+    assert unset.qos == ""
