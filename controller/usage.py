@@ -1,8 +1,11 @@
 """The usage ledger: requests and tokens per client key, model and Slurm account, kept on disk append-only.
 
 Responsible for: counting each answered request of an authenticated key (requests, failed ones, prompt and
-completion tokens), summing them in memory per (UTC day, key, account, model) and appending those sums to
-`STATE_DIR/usage/usage-YYYY-MM-DD.jsonl` every `flush_s` (one line per sum and interval, never rewritten);
+completion tokens), summing them in memory per (UTC day, key, account, model) and appending those sums every
+`flush_s` (one row per sum and interval, never rewritten) to the controller's database (controller/store.py,
+table `usage_sums`, where the daily files of an earlier version are moved on start) or, for a ledger made
+without one, to `FOLDER/usage-YYYY-MM-DD.jsonl`; writing a gateway tier's report at once (`add_rows`), before
+its ack;
 answering how many tokens a key used today (the quota of controller/limits.py) and what was used since a time
 (`slinfer usage`). `Meter` reads the token counts of one answer: the engine's `usage` object of a JSON body or
 of a stream's final chunk (`stream_options.include_usage`), else one completion token per content chunk of
@@ -14,8 +17,9 @@ meters from it alone.
 Not responsible for: refusing requests (limits.py), authenticating keys, or Prometheus metrics.
 
 Memory is bounded by what is pending (sums of at most one flush interval) and one total per key for today,
-whatever the request rate. A crash loses at most the last interval; a write error keeps the sums in memory
-and retries at the next flush.
+whatever the request rate. A crash loses at most the last interval of this process's own gateway (a tier's
+reports are written before they are acknowledged); a write error keeps the sums in memory and retries at the
+next flush.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import msgspec
+
+from slinfer.controller.store import Database, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -266,14 +272,21 @@ def day_of(t: float) -> str:
 class UsageLedger:
     """Per-key usage, summed in memory and appended to daily files under `folder`."""
 
-    def __init__(self, folder: str | Path, flush_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, folder: str | Path, flush_s: float = 10.0, clock: Callable[[], float] = time.time,
+                 db: Database | None = None) -> None:
         self._folder = Path(folder)
         self._flush_s = flush_s
         self._clock = clock
+        # The controller's database (controller/store.py): the sums go into its `usage_sums` table, and the
+        # daily files of an earlier version in `folder` are moved into it on start. None: the daily files.
+        self._db = db
         self._pending: dict[tuple[str, str, str, str], UsageRow] = {}
         self._today = ""
         self._today_tokens: dict[str, int] = {}
         self.write_errors = 0
+        if db is not None:
+            self._db_tables(db)
+            self._db_migrate(db)
         self._roll(self._clock())
 
     # ---- the gateway's side ------------------------------------------------------------------------------
@@ -301,6 +314,23 @@ class UsageLedger:
             tokens = other.prompt_tokens + other.completion_tokens
             self._today_tokens[other.key_id] = self._today_tokens.get(other.key_id, 0) + tokens
 
+    def add_rows(self, rows: list[UsageRow]) -> None:
+        """A gateway tier's report: with a database, written before this returns (one transaction, fenced) so
+        that the ack the gateway gets means the sums are kept, whatever happens to this process next; raises
+        StoreError, and nothing is counted (the gateway keeps them for its next report). Without one, pending
+        as `add_row`."""
+        if self._db is None or not rows:
+            for row in rows:
+                self.add_row(row)
+            return
+        self._db_append(self._db, rows)
+        if day_of(self._clock()) != self._today:
+            self._roll(self._clock())
+        for row in rows:
+            if row.day == self._today:
+                tokens = row.prompt_tokens + row.completion_tokens
+                self._today_tokens[row.key_id] = self._today_tokens.get(row.key_id, 0) + tokens
+
     def totals_today(self) -> tuple[str, dict[str, int]]:
         """(UTC day, tokens per key today): what the gateways enforce quotas from."""
         if day_of(self._clock()) != self._today:
@@ -320,8 +350,17 @@ class UsageLedger:
         """A new UTC day: today's totals start from what today's file already holds (a restarted controller)."""
         self._today = day_of(now)
         totals: dict[str, int] = {}
-        for row in self._read(self._path(self._today)):
-            totals[row.key_id] = totals.get(row.key_id, 0) + row.prompt_tokens + row.completion_tokens
+        if self._db is not None:
+            try:
+                for key_id, tokens in self._db.query(
+                        "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM usage_sums WHERE `day` = ? "
+                        "GROUP BY key_id", (self._today,)):
+                    totals[str(key_id)] = int(tokens or 0)
+            except StoreError as exc:
+                log.error("usage ledger: cannot read today's totals from %s: %s", self._db.name, exc)
+        else:
+            for row in self._read(self._path(self._today)):
+                totals[row.key_id] = totals.get(row.key_id, 0) + row.prompt_tokens + row.completion_tokens
         for row in self._pending.values():
             if row.day == self._today:
                 totals[row.key_id] = totals.get(row.key_id, 0) + row.prompt_tokens + row.completion_tokens
@@ -332,6 +371,15 @@ class UsageLedger:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
+        if self._db is not None:
+            try:
+                self._db_append(self._db, list(pending.values()))
+            except StoreError as exc:
+                self.write_errors += 1
+                log.error("usage ledger: cannot write %d sums to %s (kept in memory, retried in %.0f s): %s",
+                          len(pending), self._db.name, self._flush_s, exc)
+                self._keep(list(pending.values()))
+            return
         by_day: dict[str, list[UsageRow]] = {}
         for row in pending.values():
             by_day.setdefault(row.day, []).append(row)
@@ -349,14 +397,59 @@ class UsageLedger:
                 self.write_errors += 1
                 log.error("usage ledger: cannot append %d sums to %s (kept in memory, retried in %.0f s): %s",
                           len(rows), path, self._flush_s, exc)
-                for row in rows:
-                    slot = (row.day, row.key_id, row.account, row.model)
-                    again = self._pending.get(slot)
-                    if again is None:
-                        self._pending[slot] = row
-                    else:
-                        row.add(again)
-                        self._pending[slot] = row
+                self._keep(rows)
+
+    def _keep(self, rows: list[UsageRow]) -> None:
+        """Sums a write failed to keep go back to pending, merged with what came since."""
+        for row in rows:
+            slot = (row.day, row.key_id, row.account, row.model)
+            again = self._pending.get(slot)
+            if again is not None:
+                row.add(again)
+            self._pending[slot] = row
+
+    # ---- the database ------------------------------------------------------------------------------------
+    @staticmethod
+    def _db_tables(db: Database) -> None:
+        """The `usage_sums` table: one row per flushed sum (append-only, as the files were), indexed by day and
+        key (today's totals) and by start (`slinfer usage --since`)."""
+        columns = ("`day` CHAR(10) NOT NULL, key_id VARCHAR(64) NOT NULL, account VARCHAR(128) NOT NULL, "
+                   "model VARCHAR(128) NOT NULL, requests BIGINT NOT NULL, failed BIGINT NOT NULL, "
+                   "prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, estimated BIGINT NOT NULL, "
+                   "key_name VARCHAR(128) NOT NULL, `start` DOUBLE NOT NULL, `end` DOUBLE NOT NULL")
+        with db.transaction(fenced=False) as tx:
+            if db.dialect == "mysql":
+                tx.execute(f"CREATE TABLE IF NOT EXISTS usage_sums ({columns}, INDEX by_day (`day`, key_id), "
+                           "INDEX by_start (`start`))")
+            else:
+                tx.execute(f"CREATE TABLE IF NOT EXISTS usage_sums ({columns})")
+                tx.execute("CREATE INDEX IF NOT EXISTS usage_by_day ON usage_sums (`day`, key_id)")
+                tx.execute("CREATE INDEX IF NOT EXISTS usage_by_start ON usage_sums (`start`)")
+
+    @staticmethod
+    def _db_append(db: Database, rows: list[UsageRow]) -> None:
+        with db.transaction() as tx:
+            tx.executemany("INSERT INTO usage_sums VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(r.day, r.key_id, r.account, r.model, r.requests, r.failed, r.prompt_tokens,
+                             r.completion_tokens, r.estimated, r.key_name, r.start, r.end) for r in rows])
+
+    def _db_migrate(self, db: Database) -> None:
+        """The daily files of an earlier version go into the table (one transaction), then are renamed
+        `.migrated`; a torn line is skipped as a read skips it."""
+        try:
+            files = sorted(p for p in self._folder.iterdir() if _FILE.match(p.name))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if not files:
+            return
+        rows = [row for path in files for row in self._read(path)]
+        try:
+            self._db_append(db, rows)
+            for path in files:
+                path.rename(path.with_name(path.name + ".migrated"))
+        except OSError as exc:
+            raise StoreError(f"{self._folder}: cannot move the usage files into {db.name}: {exc}") from exc
+        log.info("moved %d usage sums from %d files in %s into %s", len(rows), len(files), self._folder, db.name)
 
     async def run(self) -> None:
         """Flushes every `flush_s` until cancelled, then once more."""
@@ -401,14 +494,34 @@ class UsageLedger:
     def _snapshot(self) -> list[UsageRow]:
         return [UsageRow(**row.__dict__) for row in self._pending.values()]
 
+    def _db_rows(self, db: Database, key_id: str, since: float, until: float) -> list[UsageRow]:
+        """The table's sums per (day, key, account, model), summed by the server (one query, by index)."""
+        where, args = ["`start` >= ?"], [since]
+        if until:
+            where.append("`start` < ?")
+            args.append(until)
+        if key_id:
+            where.append("key_id = ?")
+            args.append(key_id)
+        found = db.query("SELECT `day`, key_id, account, model, SUM(requests), SUM(failed), SUM(prompt_tokens), "
+                         "SUM(completion_tokens), SUM(estimated), MAX(key_name), MIN(`start`), MAX(`end`) "
+                         f"FROM usage_sums WHERE {' AND '.join(where)} GROUP BY `day`, key_id, account, model",
+                         args)
+        return [UsageRow(day=str(r[0]), key_id=str(r[1]), account=str(r[2]), model=str(r[3]),
+                         requests=int(r[4]), failed=int(r[5]), prompt_tokens=int(r[6]), completion_tokens=int(r[7]),
+                         estimated=int(r[8]), key_name=str(r[9]), start=float(r[10]), end=float(r[11]))
+                for r in found]
+
     def _query(self, pending: list[UsageRow], key_id: str, since: float, until: float) -> list[UsageRow]:
         since_day = day_of(since) if since else ""
         until_day = day_of(until) if until else ""
         totals: dict[tuple[str, str, str, str], UsageRow] = {}
         sources: list[UsageRow] = []
+        if self._db is not None:
+            sources.extend(self._db_rows(self._db, key_id, since, until))
         try:
-            paths = sorted(self._folder.iterdir())
-        except FileNotFoundError:
+            paths = sorted(self._folder.iterdir()) if self._db is None else []
+        except (FileNotFoundError, NotADirectoryError):
             paths = []
         for path in paths:
             m = _FILE.match(path.name)
