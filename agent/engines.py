@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import aiohttp
 import psutil
 
-from slinfer.agent import jobfiles, launch, preemption, probes
+from slinfer.agent import jobfiles, launch, lorafiles, preemption, probes
 from slinfer.agent.cgroups import Hierarchy, JobCgroups
 from slinfer.agent.gpu import Gpus
 from slinfer.agent.pagecache import PageCacheWarmer, ReadAhead
@@ -189,6 +189,11 @@ class EngineManager:
             refusal = self._refusal(job, nodes)
             if not refusal and self.checker is not None:
                 refusal = await self.checker.refusal(job)
+            loras = [(a.name, a.path) for a in job.loras]
+            if not refusal and loras:
+                # Read as the job's user, never as root: a user must not serve a folder she cannot read.
+                refusal = await asyncio.to_thread(lorafiles.unreadable, loras, python=self.config.agent.python,
+                                                  uid=job.uid, gid=job.gid, user=job.user)
             if refusal:
                 log.warning("job %s: refused: %s", job.job_id, refusal)
                 return pb.Engine(job_id=job.job_id, model=job.model, state=pb.FAILED, reason=refusal)
@@ -200,7 +205,8 @@ class EngineManager:
                     gpus=list(job.gpus), pool=job.pool, partition=job.partition, work_dir=job.work_dir,
                     host=self.address, port=0 if layout.get("rank") else self._free_port(layout.get("master_port")),
                     api_key=secrets.token_urlsafe(32), state=pb.STARTING, started_at=self.clock(),
-                    scheme="https" if self.config.agent.engine_tls_cert else "http", **layout,
+                    scheme="https" if self.config.agent.engine_tls_cert else "http",
+                    loras=[list(pair) for pair in loras], **layout,
                 )
                 running = self._spawn(record, model)
             except SPAWN_ERRORS as exc:
@@ -252,7 +258,8 @@ class EngineManager:
 
     def _argv(self, record: EngineRecord, model: ModelConfig) -> list[str]:
         argv = launch.engine_command(self.config, model, record.host, record.port, len(record.gpus),
-                                     record.job_id, record.rank) + launch.rank_args(record)
+                                     record.job_id, record.rank, [(n, p) for n, p in record.loras]
+                                     ) + launch.rank_args(record)
         return argv if record.rank > 0 else argv + self._ssl_args(record)
 
     def _ssl_args(self, record: EngineRecord) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from slinfer import config as config_mod
+from slinfer import inference_lora
 from slinfer.agent import jobfiles
 from slinfer.agent.jobfiles import SLURM_JOB_ID
 from slinfer.agent.processes import engine_processes, engine_tag, terminate_engine
@@ -88,7 +89,10 @@ def job_from_environment(job_id: str, model: str, pool: bool) -> engine_pb2.JobS
     return engine_pb2.JobSpec(job_id=job_id, uid=uid, gid=gid, user=env.get("SLURM_JOB_USER", ""), gpus=gpus,
                               partition=env.get("SLURM_JOB_PARTITION", ""), model=model, pool=pool,
                               work_dir=env.get("SLURM_JOB_WORK_DIR", ""),
-                              node_list=env.get("SLURM_JOB_NODELIST", ""))
+                              node_list=env.get("SLURM_JOB_NODELIST", ""),
+                              # --inference-lora, as the plugin put it in the prolog's environment; the agent checks.
+                              loras=[engine_pb2.LoraAdapter(name=name, path=path)
+                                     for name, path in inference_lora.from_environment(env)])
 
 
 def prolog(config: config_mod.Config, args: argparse.Namespace) -> int:

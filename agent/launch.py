@@ -14,6 +14,7 @@ import pwd
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from slinfer import inference_lora
 from slinfer.agent.records import EngineRecord
 from slinfer.config import Config, ModelConfig, model_name_problem, pool_users
 from slinfer.v1 import engine_pb2 as pb
@@ -46,6 +47,12 @@ def refusal(config: Config, job: pb.JobSpec, node_name: str, nodes: list[str] | 
                 f"(controller.user) and agent.pool_users may publish an engine to the shared pool, whose "
                 f"engines read every tenant's prompts; submit without --inference-pool for an engine of "
                 f"your own")
+    if job.loras and "--enable-lora" in model.engine_args:
+        return (f"model '{job.model}' sets its engine's LoRA flags in the catalog (engine_args): --inference-lora "
+                f"cannot add to them; submit without it")
+    if job.loras:
+        served = [model.name, *(a.name for a in model.adapters)]
+        return inference_lora.list_problem([(a.name, a.path) for a in job.loras], served)
     return ""
 
 
@@ -81,10 +88,11 @@ def may_publish(config: Config, uid: int, user: str) -> bool:
 
 
 def engine_command(config: Config, model: ModelConfig, host: str, port: int, gpus: int, job_id: str,
-                   rank: int = 0) -> list[str]:
+                   rank: int = 0, loras: Sequence[tuple[str, str]] = ()) -> list[str]:
     """What an engine of `model` runs, but for its rank's launch flags and TLS: the config's template (the model's
     own, else the agent's; the rank template for a rank > 0) with its placeholders filled, the model's
-    engine_args, its parallel layout. The benchmarks' bare vLLM baseline runs exactly this."""
+    engine_args, its parallel layout, its LoRA flags (the catalog's adapters and the job's own, `loras`, as
+    (name, path)). The benchmarks' bare vLLM baseline runs exactly this."""
     if rank > 0:
         template = config.agent.engine_rank_command
     else:
@@ -96,15 +104,17 @@ def engine_command(config: Config, model: ModelConfig, host: str, port: int, gpu
         for key, value in values.items():
             part = part.replace(key, value)
         argv.append(part)
-    return argv + list(model.engine_args) + parallel_args(model) + lora_args(model)
+    return argv + list(model.engine_args) + parallel_args(model) + lora_args(model, loras)
 
 
-def lora_args(model: ModelConfig) -> list[str]:
-    """vLLM's LoRA flags for an engine of a model with catalog adapters (none where its engine_args set them)."""
-    if not model.adapters or "--enable-lora" in model.engine_args:
+def lora_args(model: ModelConfig, loras: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """vLLM's LoRA flags for an engine of a model with catalog adapters or a job's own (`loras`, as (name, path),
+    from --inference-lora; the rank limit is the catalog's); none where the model's engine_args set them."""
+    if not (model.adapters or loras) or "--enable-lora" in model.engine_args:
         return []
     return ["--enable-lora", "--max-loras", str(model.max_loras), "--max-lora-rank", str(model.max_lora_rank),
-            "--lora-modules", *(f"{a.name}={a.source}" for a in model.adapters)]
+            "--lora-modules", *(f"{a.name}={a.source}" for a in model.adapters),
+            *(inference_lora.module_arg(name, path) for name, path in loras)]
 
 
 def lora_env(model: ModelConfig) -> dict[str, str]:

@@ -51,6 +51,8 @@ class EngineRecord:
     head: str = ""
     master_port: int = 0
     peers: list[str] = field(default_factory=list)
+    # The job's own LoRA adapters (--inference-lora), [name, path] each: a restarted engine serves them too.
+    loras: list[list[str]] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:

@@ -93,10 +93,13 @@ def list_problem(pairs: Sequence[tuple[str, str]], served: Sequence[str]) -> str
 
 def from_environment(env: Mapping[str, str]) -> list[tuple[str, str]]:
     """The job's adapters as the plugin passed them to the prolog: (name, path) per line, unchecked (a value
-    without "=" keeps its whole text as the name and an empty path, which the check refuses)."""
+    without "=" keeps its whole text as the name and an empty path, which the check refuses), valid UTF-8."""
     text = env.get(PROLOG_ENV, "")
     pairs = []
     for line in text.split("\n") if text else []:
+        # Bytes that are not UTF-8 (the plugin passes them) become U+FFFD: a protobuf string must be UTF-8, and
+        # a hook that raised would fail the prolog and drain the node; such a path then names no folder.
+        line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         name, _, path = line.partition("=")
         pairs.append((name, path))
     return pairs
