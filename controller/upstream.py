@@ -10,8 +10,13 @@ closed while idle is replaced by a fresh one transparently, once (by the proxy).
 retry on other engines, or follow redirects.
 
 Pass-through (`relay_to`, for a stream once its first chunk reached the client): the body bytes of each
-read are decoded and written to the client's transport from `data_received` itself, framed for the client
-in one write, with no task switch and no timer per chunk (bench/stream_relay.py measures the difference).
+read are written to the client's transport from `data_received` itself, with no task switch and no timer per
+chunk (bench/stream_relay.py measures the difference). Once the engine's chunked body is at a chunk boundary,
+httptools is left and the framing is followed by a few byte scans per read (`_raw_received`): a read of
+whole chunks, each ending a whole SSE event, with no usage or error event in it, goes to an HTTP/1.1 client
+verbatim, chunk framing and all, in one write of the bytes received (no parse, no copy, no join; issue 35.2,
+bench/relay_cost.py); any other read (a chunk cut across reads, the usage event the client did not ask for,
+the engine's error event, an HTTP/1.0 client) has its chunks' data decoded and handed on as before.
 The caller's task sleeps until the body ends, the engine fails or falls silent for the read timeout (one
 timer per stream that re-arms itself only when it fires), or the client's write buffer passes its limit: then
 the engine's socket is paused until the caller has seen the client drain.
@@ -65,6 +70,10 @@ class UpstreamTimeout(UpstreamError):
 
 # Response headers past this are refused (an engine's are a few hundred bytes).
 MAX_HEAD_BYTES = 65536
+# A chunk-size line (or the last chunk's trailers) past this is malformed: a size line is a few hex digits.
+MAX_FRAME_LINE = 4096
+# The bytes that end an SSE event: a chunk whose data ends with them holds whole events only.
+_EVENT_END = b"\n\n"
 
 
 class EngineConnection(asyncio.Protocol):
@@ -101,6 +110,16 @@ class EngineConnection(asyncio.Protocol):
         self._last = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Raw pass-through: httptools left behind at a chunk boundary, the framing followed by byte scans.
+        # `_chunk_done`: httptools' last chunk event was a chunk's end; `_at_boundary`: the last read ended
+        # there; `_left`: bytes of the current chunk still to come (its data and CRLF); `_frame_carry`: a
+        # size line cut by the read; `_aligned`: the data handed on so far ends an SSE event.
+        self._raw = False
+        self._chunk_done = False
+        self._at_boundary = False
+        self._left = 0
+        self._frame_carry = b""
+        self._aligned = True
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -121,6 +140,9 @@ class EngineConnection(asyncio.Protocol):
         return False  # close our side too
 
     def data_received(self, data: bytes) -> None:
+        if self._raw:
+            self._raw_received(data)
+            return
         if not self._active:
             self._fail("engine sent bytes outside a response")
             return
@@ -136,9 +158,12 @@ class EngineConnection(asyncio.Protocol):
                 if self._head_bytes > MAX_HEAD_BYTES:
                     self._fail("response headers over 64 KiB")
                     return
+            elif self._chunked:
+                self._at_boundary = self._chunk_done and data.endswith(b"\r\n")
         if self._sink is not None:
             self._last = self._loop.time()  # type: ignore[union-attr]
             self._flush()
+            self._go_raw()
             if not (self._done or self._sink_full or self._error is not None):
                 return  # the caller sleeps on: nothing for it to do
         self._wake()
@@ -163,6 +188,12 @@ class EngineConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._push(body)
+
+    def on_chunk_header(self) -> None:
+        self._chunk_done = False
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_done = True  # llhttp says so once the chunk's closing CRLF is in
 
     def on_message_complete(self) -> None:
         self._done = True
@@ -196,6 +227,10 @@ class EngineConnection(asyncio.Protocol):
         """Sends a request; the connection must be idle."""
         self._active = True
         self._headers_done = self._got_bytes = self._done = self._chunked = False
+        self._raw = self._chunk_done = self._at_boundary = False
+        self._left = 0
+        self._frame_carry = b""
+        self._aligned = True
         self.status = 0
         self.content_type = ""
         self.keep_alive = True
@@ -236,6 +271,7 @@ class EngineConnection(asyncio.Protocol):
             if self._body:
                 data = self._body.popleft()
                 self._buffered -= len(data)
+                self._aligned = data.endswith(_EVENT_END)  # the caller's usage filter holds none of it back
                 if self._paused and self._buffered < HIGH_WATER // 2 and self.transport is not None:
                     self._paused = False
                     self.transport.resume_reading()
@@ -256,6 +292,7 @@ class EngineConnection(asyncio.Protocol):
     def finish(self) -> bool:
         """Ends the request; True when the connection can serve another."""
         self._active = False
+        self._raw = False
         self._sink = self._tap = self._filter = None
         self._sink_full = False
         self._pieces.clear()
@@ -274,7 +311,109 @@ class EngineConnection(asyncio.Protocol):
         self._body.clear()
         self._buffered = 0
         self._flush()
+        self._go_raw()
         self._resume()
+
+    def _go_raw(self) -> None:
+        """Leaves httptools for the raw pass-through where the body is chunked and the last read ended a chunk."""
+        if self._at_boundary and not self._done and self._error is None:
+            self._raw = True
+
+    def _raw_received(self, data: bytes) -> None:
+        """A read in raw pass-through: the chunk framing followed with byte scans; whole clean chunks verbatim."""
+        self._last = self._loop.time()  # type: ignore[union-attr]
+        if self._done or self._error is not None:
+            self.keep_alive = False  # bytes past the response's end (or after a failure): not reused
+            return
+        if self._frame_carry:
+            data = self._frame_carry + data
+            self._frame_carry = b""
+        n = len(data)
+        pos = 0
+        end = n  # where the bytes for the client end: the last chunk and a cut size line are not theirs
+        left = self._left
+        # Verbatim only from a chunk boundary, to a client that takes chunks, after whole events.
+        clean = not left and self._sink_chunked and self._aligned
+        payloads: list[bytes] = []
+        while pos < n:
+            if left:
+                stop = pos + left
+                # The chunk's data ends at `stop - 2`, its CRLF at `stop`; either may lie past this read.
+                data_end = stop - 2
+                if min(n, data_end) > pos:
+                    payloads.append(data[pos:min(n, data_end)])
+                lo, hi = max(pos, data_end), min(n, stop)  # this read's part of the CRLF
+                if hi > lo and data[lo:hi] != b"\r\n"[lo - data_end:hi - data_end]:
+                    self._fail("malformed chunk from engine: no CRLF after its data")
+                    return
+                if stop > n:  # the chunk goes on in the next read
+                    self._left = stop - n
+                    self._take(payloads, data, n, False)
+                    return
+                if clean and (left < 4 or not data.startswith(_EVENT_END, stop - 4)):
+                    clean = False
+                pos, left = stop, 0
+                continue
+            i = data.find(b"\r\n", pos)
+            if i < 0:
+                if n - pos > MAX_FRAME_LINE:
+                    self._fail("malformed chunk from engine: a size line over 4 KiB")
+                    return
+                self._frame_carry, end = data[pos:], pos
+                break
+            try:
+                size = int(data[pos:i].split(b";", 1)[0], 16)
+            except ValueError:
+                size = -1
+            if size < 0:
+                self._fail(f"malformed chunk size from engine: {data[pos:i][:40]!r}")
+                return
+            if size:
+                left, pos = size + 2, i + 2
+                continue
+            # The last chunk; its trailers (uvicorn sends none) end at an empty line.
+            if data.startswith(b"\r\n", i + 2):
+                stop = i + 4
+            else:
+                j = data.find(b"\r\n\r\n", i)
+                if j < 0:
+                    if n - pos > MAX_FRAME_LINE:
+                        self._fail("malformed last chunk from engine: trailers over 4 KiB")
+                        return
+                    self._frame_carry, end = data[pos:], pos
+                    break
+                stop = j + 4
+            end, self._done = pos, True
+            if stop < n:
+                self.keep_alive = False  # bytes past the response's end
+            break
+        self._left = left
+        self._take(payloads, data, end, clean)
+
+    def _take(self, payloads: list[bytes], data: bytes, end: int, clean: bool) -> None:
+        """Hands on one raw read: `data[:end]` verbatim where `clean`, else the chunks' data decoded."""
+        usage = self._filter
+        if clean and end and ENGINE_ERROR_EVENT not in data and (usage is None or b'"usage"' not in data):
+            sink = self._sink
+            assert sink is not None
+            if usage is not None:
+                usage.events += data.count(_EVENT_END, 0, end)
+            if sink.is_closing():
+                self._sink_full = True  # the client left: its handler is being cancelled; stop reading
+            else:
+                sink.write(data if end == len(data) else data[:end])
+                if self._tap is not None:
+                    self._tap(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+                if sink.get_write_buffer_size() > SINK_HIGH_WATER:
+                    self._sink_full = True
+            if self._sink_full and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+        elif payloads:
+            self._pieces.extend(payloads)
+            self._flush()
+        if self._done or self._sink_full or self._error is not None:
+            self._wake()
 
     def _flush(self) -> None:
         pieces = self._pieces
@@ -285,6 +424,7 @@ class EngineConnection(asyncio.Protocol):
             return
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
+        self._aligned = data.endswith(_EVENT_END)
         sink = self._sink
         assert sink is not None
         failed_at = data.find(ENGINE_ERROR_EVENT)
