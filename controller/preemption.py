@@ -33,9 +33,21 @@ CALM_S = 600.0
 PREEMPTED = "PREEMPTED"
 
 
+# Why squeue says a requeued job waits until Slurm's hold after a requeue is over (its credential's lifetime,
+# 120 s by default): slinfer submits pool jobs without --begin, so only a requeue gives one this reason.
+REQUEUE_REASON = "BeginTime"
+
+
 def noticed(job: SlurmJob) -> bool:
     """Slurm preempts this job: its grace time began (PreemptTime) or it ended PREEMPTED."""
     return job.preempt_time > 0 or job.job_state.base == PREEMPTED
+
+
+def requeued(job: SlurmJob, ran: bool) -> bool:
+    """The job waits again after it ran (`ran`: seen on a node by this controller) or waits for the hold Slurm
+    puts on a requeued job: PreemptMode=REQUEUE after the grace time, or an administrator's `scontrol requeue`.
+    Its engine is gone, and it would start again only after that hold and a place in the queue."""
+    return job.waiting and (ran or job.reason == REQUEUE_REASON)
 
 
 def tiers(cfg: ModelConfig, guaranteed: int, n: int) -> list[str]:
@@ -52,6 +64,7 @@ class BurstTier:
 
     jobs: set[str] = field(default_factory=set)
     preempted: set[str] = field(default_factory=set)
+    ran: set[str] = field(default_factory=set)  # jobs seen on a node: waiting again means requeued
     backoff: Backoff = field(default_factory=lambda: Backoff.of(PREEMPT_BACKOFF))
     last_preempted_at: float = 0.0
     deferred_logged: bool = False
@@ -63,7 +76,11 @@ class BurstTier:
     def observe(self, model: str, jobs: Iterable[SlurmJob], now: float) -> list[str]:
         """Notes each job of the model newly under Slurm's preemption notice (or PREEMPTED) and backs the burst
         tier off; returns their ids."""
-        new = [j for j in jobs if noticed(j) and j.job_id not in self.preempted]
+        jobs = list(jobs)
+        back = [j for j in jobs if j.job_id not in self.preempted and requeued(j, j.job_id in self.ran)]
+        new = [j for j in jobs if noticed(j) and j.job_id not in self.preempted] + [
+            j for j in back if not noticed(j)]
+        self.ran |= {j.job_id for j in jobs if j.on_node}
         if not new and self.backoff.failures and now - self.last_preempted_at > CALM_S:
             self.backoff.succeeded()
         for job in new:
@@ -72,6 +89,15 @@ class BurstTier:
             delay = self.backoff.failed(now, f"job {job.job_id} preempted")
             self.last_preempted_at = now
             self.deferred_logged = False
+            if job in back:
+                # Not counted as capacity (drained, then cancelled: it has no engine); its tier is refilled
+                # as after any preemption: a new job queues at once, this one would wait out the hold first.
+                log.warning("model=%s job %s (%s tier) was requeued by Slurm (pending again, reason %s, submitted "
+                            "%.0fs ago; preemption in REQUEUE mode or scontrol requeue; %d in a row) -> not "
+                            "capacity: cancel it, no burst submit for %.0fs, guaranteed replicas are resubmitted "
+                            "at once", model, job.job_id, tier, job.reason or "-", now - job.submit_time,
+                            self.backoff.failures, delay)
+                continue
             notice = f"notice {now - job.preempt_time:.1f}s ago" if job.preempt_time else "seen ended"
             log.warning("model=%s job %s (%s tier) is preempted by Slurm (%s, %d in a row) -> drain it, no burst "
                         "submit for %.0fs, guaranteed replicas are resubmitted at once",
@@ -104,3 +130,4 @@ class BurstTier:
         """Drops ids Slurm no longer lists, so the sets do not grow forever."""
         self.jobs &= listed
         self.preempted &= listed
+        self.ran &= listed

@@ -216,3 +216,50 @@ def test_scontrol_qos_is_parsed() -> None:
     assert job.qos == "scavenger"
     (unset,) = parse.scontrol_jobs(line.replace("QOS=scavenger", "QOS=(null)"))
     assert unset.qos == ""
+
+
+@pytest.mark.parametrize("tier", ["guaranteed", "burst"])
+async def test_a_job_requeued_without_a_notice_seen_is_not_capacity_and_is_cancelled(
+        tier: str, caplog: pytest.LogCaptureFixture) -> None:
+    """PreemptMode=REQUEUE (or `scontrol requeue`) without the grace's notice seen: the job waits again, with
+    Slurm's hold after a requeue (reason BeginTime, about 2 minutes) before its queue. Before, it counted as
+    pending capacity all that time and a lost guaranteed replica was not replaced."""
+    bed = Bed(**TWO_TIERS)
+    bed.scaler.pins.set("tiny", 2)
+    await bed.step()
+    guaranteed, burst = bed.slurm.active()
+    bed.ready(guaranteed)
+    bed.ready(burst)
+    await bed.step()
+    job = guaranteed if tier == "guaranteed" else burst
+    bed.slurm.jobs_[job] = replace(bed.slurm.jobs_[job], state="PENDING", node="", start_time=0, end_time=0,
+                                   reason="BeginTime")
+    del bed.engines["n1"][job]
+    with caplog.at_level(logging.INFO, "slinfer.controller.autoscaler"):
+        await bed.step()
+        await bed.step()
+    assert f"job {job} ({tier} tier) was requeued by Slurm (pending again, reason BeginTime" in caplog.text
+    assert bed.slurm.cancels == [job]
+    st = bed.scaler._models["tiny"].status
+    assert st.pending == (1 if tier == "guaranteed" else 0), "the requeued job counted as pending capacity"
+    new = [j for j in bed.slurm.active() if j not in (guaranteed, burst)]
+    # The guaranteed tier is refilled at once, the burst tier after its backoff, as after any preemption.
+    assert [bed.slurm.qos[j] for j in new] == (["normal"] if tier == "guaranteed" else [])
+
+
+async def test_a_waiting_job_that_never_ran_is_capacity_and_a_fresh_controller_knows_a_requeued_one() -> None:
+    bed = Bed(**TWO_TIERS)
+    bed.scaler.pins.set("tiny", 2)
+    await bed.step()
+    guaranteed, burst = bed.slurm.active()
+    bed.ready(guaranteed)
+    for _ in range(5):  # the burst job waits for resources and never ran: capacity on its way (control)
+        await bed.step()
+    assert bed.slurm.cancels == [] and len(bed.slurm.submits) == 2
+    # A restarted controller meets a job already requeued (it never saw it run): Slurm's reason says so.
+    bed.slurm.jobs_[burst] = replace(bed.slurm.jobs_[burst], reason="BeginTime")
+    bed.scaler = bed.new_scaler(settle_s=0.0)
+    bed.scaler.pins.set("tiny", 2)
+    await bed.step()
+    await bed.step()
+    assert bed.slurm.cancels == [burst]
