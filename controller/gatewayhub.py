@@ -32,6 +32,7 @@ from slinfer.controller.gateway import Demand
 from slinfer.controller.keys import KeyInfo, KeyStore
 from slinfer.controller.limits import Limiter
 from slinfer.controller.registry import Registry
+from slinfer.controller.store import StoreError
 from slinfer.controller.usage import UsageLedger, UsageRow
 from slinfer.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -233,11 +234,13 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         g.received = self._clock()
         g.models = {m.model: (m.in_flight, m.queued) for m in request.models}
         g.replicas = {r.job_id: r.outstanding for r in request.replicas}
-        for u in request.usage:
-            self._ledger.add_row(UsageRow(day=u.day, key_id=u.key_id, account=u.account, model=u.model,
-                                          requests=u.requests, failed=u.failed, prompt_tokens=u.prompt_tokens,
-                                          completion_tokens=u.completion_tokens, estimated=u.estimated,
-                                          key_name=u.key_name, start=u.start, end=u.end))
+        try:  # written before the ack (with a database): a controller killed after it loses none of them
+            self._ledger.add_rows([UsageRow(day=u.day, key_id=u.key_id, account=u.account, model=u.model,
+                                            requests=u.requests, failed=u.failed, prompt_tokens=u.prompt_tokens,
+                                            completion_tokens=u.completion_tokens, estimated=u.estimated,
+                                            key_name=u.key_name, start=u.start, end=u.end) for u in request.usage])
+        except StoreError as exc:  # the gateway keeps the sums for its next report
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"usage not recorded: {exc}")
         for name, seen in list(self._gateways.items()):
             if seen.received < self._clock() - 60 * REPORT_STALE_S:
                 del self._gateways[name]

@@ -38,6 +38,7 @@ from slinfer.controller.admin import AdminService, user_server
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.balancer import Balancer
 from slinfer.controller.batches import scheduler as batch_scheduler
+from slinfer.controller.election import DbElection, default_identity
 from slinfer.controller.eventloop import loop_factory
 from slinfer.controller.files import batch_routes
 from slinfer.controller.gateway import Demand, Gateway
@@ -53,6 +54,7 @@ from slinfer.controller.queue import for_gateway as queue_for_gateway
 from slinfer.controller.registry import Registry, RegistryService
 from slinfer.controller.reload import Reloader
 from slinfer.controller.slurm import SlurmClient
+from slinfer.controller.store import Database, StoreError, open_database
 from slinfer.controller.usage import UsageLedger
 from slinfer.kube.api import ClientKubeAPI, KubeError
 from slinfer.kube.leader import LeaderElection
@@ -89,20 +91,32 @@ async def serve(config: Config, stop: asyncio.Event,
     except ConfigError as exc:
         raise StartupError(f"config error: {exc}") from exc
     _warn_insecure(config)
+    # The database of keys, pins and the usage ledger (controller/store.py); with [state].leader_election this
+    # controller waits here, listening on nothing, until it holds the database's lease: a standby.
+    try:
+        db = open_database(config.state.database, config.state.password_file, c.state_dir)
+    except ValueError as exc:
+        raise StartupError(f"config error: {exc}") from exc
+    election = await _lead(config, db, stop) if config.state.leader_election else None
+    if config.state.leader_election and election is None:
+        return  # stopped while a standby
     # Built in one direction: each object is made after everything it reads, so no lambda names one not built yet.
     # The pins first: the one owner of live pins (with `slinfer scale`'s saved ones taken again); the autoscaler,
     # the gateway, the hub and the model board read them.
     try:
-        pins = Pins(config.models, PinStore(Path(c.state_dir) / "pins.json"))
+        pins = Pins(config.models, PinStore(Path(c.state_dir) / "pins.json", db))
     except PinStoreError as exc:
         raise StartupError(str(exc)) from exc
     registry = Registry(agent_timeout_s=c.agent_timeout_s, pool_users=pool_users(config))
     try:
-        keys = KeyStore(Path(c.state_dir) / "keys.json", config.gateway.api_keys)
+        keys = KeyStore(Path(c.state_dir) / "keys.json", config.gateway.api_keys, db=db)
     except KeyStoreError as exc:
         raise StartupError(str(exc)) from exc
     g = config.gateway
-    ledger = UsageLedger(Path(c.state_dir) / "usage", g.usage_flush_s)
+    try:
+        ledger = UsageLedger(Path(c.state_dir) / "usage", g.usage_flush_s, db=db)
+    except StoreError as exc:
+        raise StartupError(f"usage ledger: {exc}") from exc
     limiter = Limiter(KeyLimits(g.key_requests_per_minute, g.key_burst, g.key_tokens_per_day),
                       ledger.tokens_today, accounts=g.accounts, users=g.users,
                       group_tokens=GroupTokens(keys, ledger.tokens_today))
@@ -140,8 +154,8 @@ async def serve(config: Config, stop: asyncio.Event,
 
     # Last, the autoscaler: it reads the load of both gateways, the pins, and writes the job table.
     def is_leader() -> bool:
-        # Without Kubernetes' leader election every controller leads; with it, only the lease holder acts.
-        return kube_sync is None or kube_sync.is_leader
+        # Without leader election every controller leads; with Kubernetes' or the database's, only the holder acts.
+        return (kube_sync is None or kube_sync.is_leader) and (election is None or election.is_leader)
 
     autoscaler = Autoscaler(config.models, registry, demand, slurm, job_name_prefix=c.job_name_prefix,
                             is_leader=is_leader,
@@ -194,6 +208,10 @@ async def serve(config: Config, stop: asyncio.Event,
                                          name="batch-scheduler"))
         if kube_sync is not None:
             tasks.append(asyncio.create_task(kube_sync.run(), name="kubernetes-sync"))
+        lost = asyncio.Event()
+        if election is not None:
+            tasks.append(asyncio.create_task(_hold(election, config.state.renew_interval_s, stop, lost),
+                                             name="database-lease"))
         if hangup is not None:
             reloader = Reloader(config, [autoscaler, pins], gateway.update_catalog)
             tasks.append(asyncio.create_task(_reload_on(hangup, reloader), name="config-reload"))
@@ -206,6 +224,9 @@ async def serve(config: Config, stop: asyncio.Event,
             if result is not None:
                 await result
         await stop.wait()
+        if lost.is_set():
+            raise StartupError("lost the database's lease to another controller: stopped (its supervisor starts "
+                               "it again as a standby)")
         log.info("controller stopping: %d requests in flight, %d queued",
                  sum(gateway.demand(m.name).in_flight for m in config.models),
                  sum(gateway.demand(m.name).queued for m in config.models))
@@ -220,6 +241,8 @@ async def serve(config: Config, stop: asyncio.Event,
         await server.stop(grace=2.0)
         if users is not None:
             await users.stop(grace=2.0)
+        if election is not None:
+            await election.release()  # after the ledger's last write: a standby takes over at once
         log.info("controller stopped")
 
 
@@ -249,6 +272,40 @@ def _kube_sync(config: Config, registry: Registry, slurm: SlurmClient) -> KubeSy
     return KubeSync(api, [m.name for m in config.models], registry, slurm, namespace=k.namespace,
                     leader_election=election, gateway=gateway, gc_grace_s=k.gc_grace_s,
                     interval_s=k.renew_interval_s)
+
+
+async def _lead(config: Config, db: Database, stop: asyncio.Event) -> DbElection | None:
+    """A standby's wait: steps the database election every renew interval until this controller leads (then
+    returns it) or `stop` is set (None)."""
+    s = config.state
+    election = DbElection(db, default_identity(), lease_duration_s=s.lease_duration_s)
+    log.info("standby %s: waiting for the lease in %s (takeover after %.0f s without a renewal)",
+             election.identity, db.name, s.lease_duration_s)
+    while not stop.is_set():
+        try:
+            if await election.step():
+                return election
+        except StoreError as exc:
+            log.warning("standby %s: %s", election.identity, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), s.renew_interval_s)
+    return None
+
+
+async def _hold(election: DbElection, interval_s: float, stop: asyncio.Event, lost: asyncio.Event) -> None:
+    """The leader renews its lease every `interval_s`; once it no longer leads (another took over, or it could
+    not renew in time) it stops, and nothing of its state is written after (the fence)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await election.step()
+        except StoreError as exc:
+            log.warning("database lease: cannot renew: %s", exc)
+        if not election.is_leader:
+            log.error("database lease lost (holder now %r): stopping", election.holder)
+            lost.set()
+            stop.set()
+            return
 
 
 async def _reload_on(hangup: asyncio.Event, reloader: Reloader) -> None:

@@ -342,12 +342,32 @@ class BatchConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """Where the controller keeps client keys, pins and the usage ledger (controller/store.py)."""
+
+    # "sqlite:///PATH" (one host) or "mysql://USER@HOST:PORT/DATABASE" (a database of slinfer's own on the
+    # site's MariaDB or MySQL, which a standby controller on another host shares); empty means
+    # sqlite:///<controller.state_dir>/slinfer.db.
+    database: str = ""
+    # A root-only file holding the database user's password (mysql:// only; never in the URL).
+    password_file: str = ""
+    # Leader election through the database (controller/election.py): a standby controller waits, not
+    # listening, until the leader's lease expires, then takes over with the same keys, pins and ledger.
+    leader_election: bool = False
+    # A standby takes over after seeing no renewal for this long; the leader steps down after 2/3 of it.
+    lease_duration_s: float = 15.0
+    # How often the leader renews its lease (and a standby looks at it).
+    renew_interval_s: float = 3.0
+
+
+@dataclass(frozen=True)
 class Config:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     models: list[ModelConfig] = field(default_factory=list)
     path: str = ""
 
@@ -499,7 +519,7 @@ def _check_shares(gateway: Any) -> None:
 
 def parse(data: dict[str, Any], path: str = "") -> Config:
     """Builds a Config from parsed TOML, or raises ConfigError naming the key."""
-    allowed = {"controller", "gateway", "agent", "kubernetes", "batch", "models"}
+    allowed = {"controller", "gateway", "agent", "kubernetes", "batch", "state", "models"}
     for name in data:
         if name not in allowed:
             raise ConfigError(name, f"unknown section (known: {', '.join(sorted(allowed))})")
@@ -528,6 +548,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         agent=_build(AgentConfig, "agent", data.get("agent", {})),
         kubernetes=_build(KubernetesConfig, "kubernetes", data.get("kubernetes", {})),
         batch=_build(BatchConfig, "batch", data.get("batch", {})),
+        state=_build(StateConfig, "state", data.get("state", {})),
         models=models,
         path=path,
     )
@@ -570,7 +591,23 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     for name in ("max_file_bytes", "max_lines", "max_attempts"):
         if getattr(config.batch, name) <= 0:
             raise ConfigError(f"batch.{name}", "must be above 0")
+    _check_state(config.state)
     return config
+
+
+def _check_state(state: StateConfig) -> None:
+    scheme = state.database.partition("://")[0] if state.database else "sqlite"
+    if scheme not in ("sqlite", "mysql", "mariadb") or (state.database and "://" not in state.database):
+        raise ConfigError("state.database", f"{state.database!r} is neither sqlite:///PATH nor "
+                                            "mysql://USER@HOST:PORT/DATABASE")
+    if state.password_file and scheme == "sqlite":
+        raise ConfigError("state.password_file", "is for a mysql:// database only")
+    if state.leader_election and scheme == "sqlite" and not state.database:
+        raise ConfigError("state.leader_election", "needs a database a standby on another host reaches: "
+                                                   "set state.database to mysql://USER@HOST:PORT/DATABASE")
+    if not 0 < state.renew_interval_s < state.lease_duration_s / 2:
+        raise ConfigError("state.renew_interval_s",
+                          f"must be above 0 and below half of lease_duration_s ({state.lease_duration_s})")
 
 
 def _check_gateway_address(address: str) -> None:
