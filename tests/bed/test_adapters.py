@@ -4,16 +4,25 @@ through the controller's gateway, model=ADAPTER answers with the adapter's outpu
 base's, both from the one engine (its own /v1/models lists both); GET /v1/models/{id} for a model, an adapter
 and an unknown id; Anthropic's /v1/messages plain and streamed through the `anthropic` client with its usage
 in the ledger; an engine's error passed on in OpenAI's shape; and an adapter added to the catalog (the
-controller restarted with it) served by the running engine, loaded at run time without restarting it."""
+controller restarted with it) served by the running engine, loaded at run time without restarting it; and one
+added by a SIGHUP to the controller (a config reload), then dropped by another, unloaded from the same engine
+and a 404 model_not_found."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import anthropic
 import openai
@@ -22,13 +31,15 @@ import pytest
 from slinfer.dev import devcluster, tinylora
 from tests.bed.test_controller import _client, _replicas
 from tests.bed.test_openai_surface import _http
-from tests.fakes.slurmbed import SlurmBed, wait_until
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_until
 
 pytestmark = pytest.mark.bed
 MODEL = "tiny-lora"
 ADAPTER = "tiny-lora-a1"
 # The adapter the catalog gains at run time.
 LATE = "tiny-lora-a2"
+# The adapter a SIGHUP adds and then drops (not LATE: the engine keeps LATE after its test's restart).
+HUP = "tiny-lora-a3"
 PROMPT = "The quick brown fox"
 
 
@@ -168,3 +179,137 @@ def test_an_adapter_added_to_the_catalog_is_loaded_into_the_running_engine(bed: 
     finally:
         bed.bed.config.write_text(original)
         _restart_controller(bed)
+
+
+def _hangup(bed: SlurmBed) -> float:
+    """SIGHUP to the bed's controller (a reload, controller/reload.py); returns when it was sent."""
+    pid = devcluster.daemon_pid(bed.bed, "controller")
+    assert pid, "the bed's controller is not running"
+    os.kill(pid, signal.SIGHUP)
+    return time.monotonic()
+
+
+def test_sighup_adds_then_drops_an_adapter_on_the_running_engine(bed: SlurmBed) -> None:
+    client = _client(bed)
+    base, first = _complete(client, MODEL), _complete(client, ADAPTER)
+    jobs, before = bed.controller_jobs(MODEL), _engine(bed)
+    controller = devcluster.daemon_pid(bed.bed, "controller")
+    source = tinylora.generate(devcluster.tiny_model_path(), bed.bed.state / "adapters" / HUP, seed=3)
+    original = bed.bed.config.read_text()
+    with pytest.raises(openai.NotFoundError):
+        _complete(client, HUP)  # not in the catalog yet (positive control of the 404 after the drop)
+    try:
+        bed.bed.config.write_text(original + f'\n[[models.adapters]]\nname = "{HUP}"\nsource = "{source}"\n')
+        sent, answer = _hangup(bed), ""
+        while not answer:
+            try:
+                answer = _complete(client, HUP)
+            except openai.NotFoundError:
+                assert time.monotonic() - sent < 30, f"{HUP} not served 30 s after the SIGHUP"
+                time.sleep(0.05)
+        added_s = time.monotonic() - sent
+        assert answer not in (base, first)
+        # The same engine (job and address) now lists it, and the same controller process served it.
+        after = _engine(bed)
+        assert bed.controller_jobs(MODEL) == jobs and after["OPENAI_BASE_URL"] == before["OPENAI_BASE_URL"]
+        assert {m["id"]: m.get("parent") for m in after["models"]}[HUP] == MODEL  # type: ignore[union-attr]
+        assert devcluster.daemon_pid(bed.bed, "controller") == controller
+        bed.bed.config.write_text(original)
+        sent = _hangup(bed)
+        wait_until(f"{HUP} unloaded from the engine",
+                   lambda: HUP not in {m["id"] for m in _engine(bed)["models"]}, 30, 0.05)  # type: ignore[union-attr]
+        unloaded_s = time.monotonic() - sent
+        print(f"\nSIGHUP -> {HUP} answering: {added_s:.2f} s; SIGHUP -> unloaded: {unloaded_s:.2f} s")
+        with pytest.raises(openai.NotFoundError) as caught:
+            _complete(client, HUP)
+        assert caught.value.code == "model_not_found"
+        assert HUP not in {m.id for m in client.models.list()}
+        # Still the same engine and controller, and the base and the first adapter answer as before.
+        assert bed.controller_jobs(MODEL) == jobs and _engine(bed)["OPENAI_BASE_URL"] == before["OPENAI_BASE_URL"]
+        assert devcluster.daemon_pid(bed.bed, "controller") == controller
+        assert _complete(client, MODEL) == base and _complete(client, ADAPTER) == first
+    finally:
+        if bed.bed.config.read_text() != original:
+            bed.bed.config.write_text(original)
+            _hangup(bed)
+
+
+def _sbatch_refused(bed: SlurmBed, *args: str) -> str:
+    """sbatch as Alice, which must refuse at submit (no job): its stderr."""
+    done = bed.as_user(devcluster.BED_USERS[0], "sbatch", "--parsable", *args, "--wrap", "echo SCRIPT_RAN")
+    assert done.returncode != 0 and not done.stdout.strip(), (done.stdout, done.stderr)
+    return done.stderr
+
+
+def test_a_users_own_adapter_in_her_private_job(bed: SlurmBed) -> None:
+    """`--inference-lora=NAME=PATH`: Alice makes an adapter in her home as herself and serves it on her own
+    tiny-lora job's engine, where model=NAME answers differently from the base; her job's key reaches it, no
+    other key does, and the gateway does not route it. A malformed value is refused by sbatch naming the problem;
+    a folder she cannot read (Bob's, 0700, which root reads) fails her job with the reason, no engine, no drain."""
+    alice, bob = devcluster.BED_USERS
+    began = time.monotonic()
+    home = Path(f"/home/{alice}")
+    mine = home / f"slinfer-test-lora-{os.getpid()}"
+    scratch = Path(tempfile.mkdtemp(prefix="slinfer-test-lora-"))
+    scratch.chmod(0o755)
+    theirs = scratch / "bob-private"
+    jobs: list[str] = []
+    try:
+        made = bed.as_user(alice, sys.executable, "-m", "slinfer.dev.tinylora", str(devcluster.tiny_model_path()),
+                           str(mine), timeout=120)
+        assert made.returncode == 0 and mine.stat().st_uid == mine.parent.stat().st_uid, made.stderr
+        tinylora.generate(devcluster.tiny_model_path(), theirs, seed=4)
+        subprocess.run(["chown", "-R", f"{bob}:{bob}", str(theirs)], check=True)
+        theirs.chmod(0o700)
+        assert (theirs / "adapter_config.json").read_bytes(), "root reads Bob's folder (the control)"
+        assert bed.as_user(alice, "cat", str(theirs / "adapter_config.json")).returncode != 0
+
+        # Refused at submit, naming the problem; the plugin's rule is tests/unit/test_inference_lora.py's table.
+        err = _sbatch_refused(bed, f"--inference={MODEL}", "--gres=gpu:1", "--inference-lora=mine=adapter")
+        assert ('slinfer: invalid --inference-lora value "mine=adapter": the path must be absolute '
+                "(start with '/')") in err, err
+        err = _sbatch_refused(bed, f"--inference={MODEL}", "--gres=gpu:1", f"--inference-lora=a;b={mine}")
+        assert "character ';' is not allowed in the adapter name" in err, err
+        err = _sbatch_refused(bed, f"--inference={MODEL}", "--gres=gpu:1", f"--inference-lora=x={mine}",
+                              f"--inference-lora=x={mine}")
+        assert 'slinfer: --inference-lora names adapter "x" twice' in err, err
+        assert "slinfer: --inference-lora needs --inference=MODEL" in _sbatch_refused(
+            bed, f"--inference-lora=x={mine}")
+
+        script = "slinfer wait-ready --timeout 300 && echo READY && sleep 600"
+        refused = bed.sbatch(f"--inference={MODEL}", "--gres=gpu:1", f"--inference-lora=theirs={theirs}",
+                             script="echo SCRIPT_RAN")
+        served = bed.sbatch(f"--inference={MODEL}", "--gres=gpu:1", f"--inference-lora=mine={mine}",
+                            f"--inference-lora=mine2={mine}", script=script)
+        jobs += [refused, served]
+        assert bed.wait_state(refused, {"FAILED", "COMPLETED"}, 60) == "FAILED"
+        out = bed.output(refused)
+        assert (f"slinfer: --inference-lora theirs={theirs}: {alice} cannot read it (Permission denied: "
+                f"{theirs}/adapter_config.json)") in out, out
+        assert "SCRIPT_RAN" not in out and engine_pids(refused) == []
+        assert "drain" not in bed.node_state().lower() and not bed.node_reason().strip()
+
+        bed.wait_output(served, r"READY", 300)
+        env = bed.env_file(served)
+        engine = openai.OpenAI(base_url=env["OPENAI_BASE_URL"], api_key=env["OPENAI_API_KEY"], max_retries=0)
+        listed = {m.id: m.model_extra for m in engine.models.list()}
+        assert listed["mine"]["parent"] == MODEL and listed["mine2"]["parent"] == MODEL, listed  # type: ignore[index]
+        base, adapted = _complete(engine, MODEL), _complete(engine, "mine")
+        print(f"\nprivate job: base {base!r}, her adapter {adapted!r}; "
+              f"sbatch checks + failed job + start + answers: {time.monotonic() - began:.1f} s")
+        assert base and adapted and adapted != base
+        assert _complete(engine, "mine") == adapted and _complete(engine, "mine2") == adapted
+        # Her job's key only: another key is refused by the engine; the gateway does not route her adapter.
+        with pytest.raises(openai.AuthenticationError):
+            _complete(openai.OpenAI(base_url=env["OPENAI_BASE_URL"], api_key="not-her-key", max_retries=0), "mine")
+        with pytest.raises(openai.NotFoundError):
+            _complete(_client(bed), "mine")
+    finally:
+        for job in jobs:
+            bed.run("scancel", job, check=False)
+        shutil.rmtree(mine, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    for job in jobs:
+        bed.wait_state(job, {"CANCELLED", "FAILED", "COMPLETED"}, 60)
+        wait_until(f"no engine of job {job} left", lambda job=job: not engine_pids(job), 60)
+    print(f"whole test: {time.monotonic() - began:.1f} s")
