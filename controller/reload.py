@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # The keys of a catalog model a reload applies to the running controller; any other change needs a restart.
 RUNTIME_MODEL_KEYS = frozenset({"adapters", "min_replicas", "max_replicas"})
 # The sections compared key by key; `path` (where the file was read from) is no setting.
-SECTIONS = ("controller", "gateway", "agent", "kubernetes", "batch")
+SECTIONS = ("controller", "gateway", "agent", "kubernetes", "batch", "state")
 
 
 class CatalogHolder(Protocol):
