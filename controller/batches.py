@@ -23,6 +23,7 @@ import secrets
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,9 @@ LIST_LIMIT, LIST_MAX = 20, 100
 # found no env file. A job ended on purpose (preempted, cancelled, out of time) is followed by a new job instead,
 # which queues without that hold.
 REQUEUE_AFTER = frozenset({"FAILED", "COMPLETED", "NODE_FAIL"})
+# Tasks of one array at most: Slurm's default MaxArraySize (1001) allows indices 0-1000; a file that would need
+# more gets longer slices instead.
+MAX_TASKS = 1000
 
 
 def window_seconds(window: object) -> int:
@@ -107,6 +111,10 @@ class Batch:
     job_id: str = ""
     jobs: list[str] = field(default_factory=list)  # every job submitted for it, the current one last
     requeues: int = 0  # how often the scheduler requeued the current job (each a run, like a new job)
+    # A job array: its tasks (0 for one job) and the lines each answers; requeues per task ("3": 1).
+    tasks: int = 0
+    lines_per_task: int = 0
+    task_requeues: dict[str, int] = field(default_factory=dict)
     slurm_state: str = ""
     slurm_account: str = ""  # the account Slurm charges the job to
     cancel_requested: bool = False
@@ -131,7 +139,7 @@ class Batch:
             "request_counts": {"total": self.total, "completed": completed, "failed": failed},
             "metadata": self.metadata, "model": self.model,
             # slinfer's own, beside OpenAI's: where the batch runs.
-            "slurm": {"job_id": self.job_id or None, "state": self.slurm_state or None,
+            "slurm": {"job_id": self.job_id or None, "state": self.slurm_state or None, "tasks": self.tasks or None,
                       "account": self.slurm_account or None, "jobs": self.jobs, "requeues": self.requeues},
         }
 
@@ -190,8 +198,11 @@ class BatchStore:
                 yield batch
 
     def counts(self, batch: Batch) -> tuple[int, int]:
-        """(completed, failed) lines so far: the runner's output and error files, counted."""
+        """(completed, failed) lines so far: the runner's output and error files (each task's), counted."""
         folder = self.folder(batch.id)
+        if batch.tasks:
+            names = [batchrun.task_names(k) for k in range(batch.tasks)]
+            return (sum(_lines(folder / n[0]) for n in names), sum(_lines(folder / n[1]) for n in names))
         return tuple(_lines(folder / name) for name in (batchrun.OUTPUT, batchrun.ERRORS))  # type: ignore[return-value]
 
     def public(self, batch: Batch) -> dict[str, object]:
@@ -325,6 +336,19 @@ class BatchesApi:
         return web.json_response(self.batches.public(batch))
 
 
+def array_spec(tasks: list[int]) -> str:
+    """Task indices as sbatch --array writes them: runs compressed ([0, 1, 2, 5] -> "0-2,5")."""
+    parts: list[str] = []
+    for task in sorted(tasks):
+        if parts and "-" not in parts[-1].split(",")[-1] and int(parts[-1]) == task - 1:
+            parts[-1] = f"{parts[-1]}-{task}"
+        elif parts and "-" in parts[-1] and int(parts[-1].rpartition("-")[2]) == task - 1:
+            parts[-1] = f"{parts[-1].rpartition('-')[0]}-{task}"
+        else:
+            parts.append(str(task))
+    return ",".join(parts)
+
+
 def _first_other_url(path: Path, endpoint: str) -> int:
     """The number of the first line whose url is not `endpoint`, 0 when none."""
     with path.open("rb") as f:
@@ -346,6 +370,8 @@ class Slurm(Protocol):
 
     async def requeue(self, job_id: str) -> None: ...
 
+    async def records(self, job_id: str) -> list[Job]: ...
+
 
 class Ledger(Protocol):
     def record(self, key_id: str, key_name: str, account: str, model: str, status: int, meter: Meter) -> None: ...
@@ -361,6 +387,8 @@ class Settings:
     job_name_prefix: str
     # Runs one batch may take: a job that ends with lines left is requeued or followed by another, which resumes.
     max_attempts: int = 3
+    # A file of more lines runs as a job array of tasks of this many lines.
+    lines_per_task: int = 5000
 
     @classmethod
     def of(cls, config: Config) -> Settings:
@@ -368,7 +396,8 @@ class Settings:
         qos = config.batch.qos or (first.burst_qos if first else "")
         return cls(qos=qos, partition=config.batch.partition,
                    runner=list(config.batch.runner_command) or [sys.executable, "-m", "slinfer.batchrun"],
-                   job_name_prefix=config.controller.job_name_prefix, max_attempts=config.batch.max_attempts)
+                   job_name_prefix=config.controller.job_name_prefix, max_attempts=config.batch.max_attempts,
+                   lines_per_task=config.batch.lines_per_task)
 
 
 class Scheduler:
@@ -389,15 +418,19 @@ class Scheduler:
         self._clock = clock
         self._over: set[str] = set()
 
-    def submit_argv(self, batch: Batch, account: str) -> list[str]:
+    def submit_argv(self, batch: Batch, account: str, tasks: list[int] | None = None) -> list[str]:
+        """sbatch's argv; for a job array, its tasks (all of them by default)."""
         model = self._models[batch.model]
         folder = self.batches.folder(batch.id)
         argv = ["sbatch", "--parsable", f"--inference={model.name}", "--requeue",
                 f"--job-name={self._settings.job_name_prefix}-batch-{batch.id[6:18]}",
-                f"--comment=slinfer-batch:{batch.id}", f"--output={folder / 'job.log'}",
+                f"--comment=slinfer-batch:{batch.id}",
+                f"--output={folder / ('job-%a.log' if batch.tasks else 'job.log')}",
                 # A requeued run appends: the log tells each run's story (how many lines it had left).
                 "--open-mode=append",
                 f"--time={slurm_time(max(60, batch.expires_at - int(self._clock())))}"]
+        if batch.tasks:
+            argv.append("--array=" + array_spec(tasks if tasks is not None else list(range(batch.tasks))))
         if model.gpus > 0:
             argv.append(f"--gres=gpu:{model.gpus}")
         partition = self._settings.partition or model.partition
@@ -412,7 +445,15 @@ class Scheduler:
 
     def script(self, batch: Batch) -> str:
         folder = self.batches.folder(batch.id)
-        return "#!/bin/sh\nexec " + shlex.join([*self._settings.runner, "--dir", str(folder)]) + "\n"
+        task = ["--lines-per-task", str(batch.lines_per_task)] if batch.tasks else []
+        return "#!/bin/sh\nexec " + shlex.join([*self._settings.runner, "--dir", str(folder), *task]) + "\n"
+
+    def split(self, batch: Batch) -> None:
+        """Makes a batch of more lines than lines_per_task a job array (before its first submit)."""
+        per = max(self._settings.lines_per_task, -(-batch.total // MAX_TASKS))
+        if batch.total > per:
+            batch.lines_per_task = per
+            batch.tasks = -(-batch.total // per)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -441,7 +482,11 @@ class Scheduler:
             if batch.cancel_requested:
                 await self._finish(batch, "cancelled")
                 return
+            self.split(batch)
             await self._submit(batch)
+            return
+        if batch.tasks:
+            await self._advance_array(batch, now)
             return
         finished = (folder / batchrun.FINISHED).exists()
         job = await self._slurm.job(batch.job_id)
@@ -489,11 +534,68 @@ class Scheduler:
                                  f"{folder / 'job.log'}", "param": None, "line": None})
             await self._finish(batch, "failed")
 
-    async def _submit(self, batch: Batch) -> None:
+    async def _advance_array(self, batch: Batch, now: float) -> None:
+        """A job array's look: each task resumes, is requeued or resubmitted on its own; the batch is completed
+        once every task's marker is there, cancelled or expired as one job (scancel of the array)."""
+        folder = self.batches.folder(batch.id)
+        done = {k for k in range(batch.tasks) if (folder / batchrun.task_names(k)[2]).exists()}
+        records = await self._slurm.records(batch.job_id)
+        by_task = {int(r.job_id.rpartition("_")[2]): r for r in records if r.job_id.rpartition("_")[2].isdigit()}
+        shown = Counter(r.job_state.name for r in records)
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(shown.items()))
+        if summary != batch.slurm_state:
+            batch.slurm_state = summary
+            self.batches.save(batch)
+        over = all(r.job_state.phase is Phase.OVER for r in records)
+        if len(done) == batch.tasks and not batch.cancel_requested:
+            await self._finish(batch, "completed")
+            return
+        if batch.cancel_requested or now >= batch.expires_at:
+            if not over and not batch.scancelled:
+                await self._slurm.cancel(batch.job_id)
+                batch.scancelled = True
+                self.batches.save(batch)
+            if over:
+                await self._finish(batch, "cancelled" if batch.cancel_requested else "expired")
+            return
+        requeued = set()
+        for task, record in sorted(by_task.items()):
+            state = record.job_state.name
+            runs = len(batch.jobs) + batch.task_requeues.get(str(task), 0)
+            if (task in done or record.job_state.phase is not Phase.OVER or state not in REQUEUE_AFTER
+                    or runs >= self._settings.max_attempts):
+                continue
+            try:
+                await self._slurm.requeue(record.job_id)
+            except SlurmError as exc:
+                log.warning("batch %s: scontrol requeue %s refused (%s)", batch.id, record.job_id, exc.stderr.strip())
+                continue
+            requeued.add(task)
+            batch.task_requeues[str(task)] = batch.task_requeues.get(str(task), 0) + 1
+            self.batches.save(batch)
+            log.warning("batch %s: array task %s ended (%s) with lines left; requeued it (run %d of %d)", batch.id,
+                        record.job_id, state, runs + 1, self._settings.max_attempts)
+        if not over or requeued:
+            return
+        left = [k for k in range(batch.tasks) if k not in done]
+        if len(batch.jobs) < self._settings.max_attempts:
+            log.warning("batch %s: Slurm array job %s ended (%s) with tasks %s unfinished; submitting them again "
+                        "(attempt %d of %d)", batch.id, batch.job_id, summary or "gone from Slurm", array_spec(left),
+                        len(batch.jobs) + 1, self._settings.max_attempts)
+            with contextlib.suppress(SlurmError):
+                await self._slurm.cancel(batch.job_id)
+            await self._submit(batch, left)
+            return
+        batch.errors.append({"code": "job_failed", "message": f"Slurm array job {batch.job_id} ended ({summary}) "
+                             f"with tasks {array_spec(left)} unfinished, {len(batch.jobs)} jobs tried; see "
+                             f"{folder}/job-N.log", "param": None, "line": None})
+        await self._finish(batch, "failed")
+
+    async def _submit(self, batch: Batch, tasks: list[int] | None = None) -> None:
         script = self.script(batch)
         account = batch.account
         try:
-            job_id = await self._slurm.submit_batch(self.submit_argv(batch, account), script)
+            job_id = await self._slurm.submit_batch(self.submit_argv(batch, account, tasks), script)
         except SlurmError as exc:
             if not account or "account" not in exc.stderr.lower():
                 batch.errors.append({"code": "submit_failed", "message": exc.stderr.strip()[:500], "param": None,
@@ -505,20 +607,23 @@ class Scheduler:
             log.warning("batch %s: sbatch --account=%s refused (%s); submitting under the service's account",
                         batch.id, account, exc.stderr.strip())
             account = ""
-            job_id = await self._slurm.submit_batch(self.submit_argv(batch, account), script)
+            job_id = await self._slurm.submit_batch(self.submit_argv(batch, account, tasks), script)
         batch.job_id = job_id
         batch.jobs.append(job_id)
         batch.slurm_account = account or "(the service's default)"
         batch.move("in_progress", self._clock())
         self.batches.save(batch)
-        log.info("batch %s (%d lines of %s for %s/%s) is Slurm job %s", batch.id, batch.total, batch.model,
-                 batch.user or batch.key_name, batch.account or "-", job_id)
+        log.info("batch %s (%d lines of %s for %s/%s) is Slurm job %s%s", batch.id, batch.total, batch.model,
+                 batch.user or batch.key_name, batch.account or "-", job_id,
+                 f" (array of {batch.tasks} tasks of {batch.lines_per_task} lines)" if batch.tasks else "")
 
     async def _finish(self, batch: Batch, status: str) -> None:
         """finalizing: the output and error files become the key's Files, their usage goes to the ledger."""
         now = self._clock()
         batch.move("finalizing", now)
         folder = self.batches.folder(batch.id)
+        if batch.tasks:
+            batchrun.merge(folder, batch.tasks)
         for name in (batchrun.OUTPUT, batchrun.ERRORS):
             batchrun.cut_torn_tail(folder / name)
         outputs = list(batchrun.answered(folder / batchrun.OUTPUT))
@@ -583,6 +688,10 @@ class SlurmAdapter:
         if not JOB_ID.match(job_id):
             raise ValueError(f"{job_id!r} is not a Slurm job id")
         await self._client.runner.arun(["scontrol", "requeue", job_id])
+
+    async def records(self, job_id: str) -> list[Job]:
+        """Every record Slurm shows for a job: an array's tasks (J_K), pending ones perhaps as one (J_[3-5])."""
+        return await self._client.jobs_by_id([job_id])
 
 
 def scheduler(config: Config, slurm: SlurmClient, ledger: Ledger | None,

@@ -46,6 +46,23 @@ ERRORS = "errors.jsonl"
 FINISHED = "finished"
 
 
+def task_names(task: int | None) -> tuple[str, str, str]:
+    """(output, errors, finished marker) of the whole batch (task None) or of one array task: a task answers
+    its slice of the input into files of its own, so that tasks on several nodes never append to one file
+    (O_APPEND is not atomic across the nodes of a parallel filesystem); the scheduler merges them."""
+    if task is None:
+        return OUTPUT, ERRORS, FINISHED
+    return f"output.{task}.jsonl", f"errors.{task}.jsonl", f"{FINISHED}.{task}"
+
+
+def input_lines(folder: Path, task: int | None = None, per_task: int = 0) -> list[dict[str, object]]:
+    """The input's lines, or array task `task`'s slice of `per_task` lines (the task-th, in input order)."""
+    lines = [json.loads(raw) for raw in (folder / INPUT).read_bytes().split(b"\n") if raw.strip()]
+    if task is None:
+        return lines
+    return lines[task * per_task:(task + 1) * per_task]
+
+
 def cut_torn_tail(path: Path) -> None:
     """Cuts a last line that a kill left without its newline (it is asked again, and written whole)."""
     try:
@@ -68,18 +85,39 @@ def answered(path: Path) -> Iterator[dict[str, object]]:
             yield json.loads(raw)
 
 
-def done_ids(folder: Path) -> set[str]:
-    """The custom_ids already written to the output or the error file."""
-    return {str(x["custom_id"]) for name in (OUTPUT, ERRORS) for x in answered(folder / name)}
+def done_ids(folder: Path, task: int | None = None) -> set[str]:
+    """The custom_ids already written to the output or the error file (of the batch, or of one task)."""
+    return {str(x["custom_id"]) for name in task_names(task)[:2] for x in answered(folder / name)}
 
 
-def todo(folder: Path) -> list[dict[str, object]]:
-    """The input lines not yet answered, in input order; cuts torn tails first."""
-    for name in (OUTPUT, ERRORS):
+def todo(folder: Path, task: int | None = None, per_task: int = 0) -> list[dict[str, object]]:
+    """The input lines (of the batch, or of one array task's slice) not yet answered, in input order; cuts torn
+    tails first."""
+    for name in task_names(task)[:2]:
         cut_torn_tail(folder / name)
-    done = done_ids(folder)
-    lines = [json.loads(raw) for raw in (folder / INPUT).read_bytes().split(b"\n") if raw.strip()]
-    return [x for x in lines if x["custom_id"] not in done]
+    done = done_ids(folder, task)
+    return [x for x in input_lines(folder, task, per_task) if x["custom_id"] not in done]
+
+
+def merge(folder: Path, tasks: int) -> tuple[int, int]:
+    """Writes output.jsonl and errors.jsonl from the array tasks' files, each in the input's order of
+    custom_ids; returns their line counts. Torn tails are cut first; a line seen twice is kept once."""
+    order = {str(x["custom_id"]): i for i, x in enumerate(input_lines(folder))}
+    counts = []
+    for kind in (0, 1):
+        seen: dict[str, bytes] = {}
+        for task in range(tasks):
+            path = folder / task_names(task)[kind]
+            cut_torn_tail(path)
+            for x in answered(path):
+                seen.setdefault(str(x["custom_id"]), json.dumps(x, separators=(",", ":")).encode() + b"\n")
+        ordered = sorted(seen, key=lambda c: order.get(c, len(order)))
+        tmp = folder / (task_names(None)[kind] + ".merging")
+        tmp.write_bytes(b"".join(seen[c] for c in ordered))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, folder / task_names(None)[kind])
+        counts.append(len(ordered))
+    return counts[0], counts[1]
 
 
 def result_line(line: dict[str, object], status: int, body: object, error: object = None) -> bytes:
@@ -124,10 +162,12 @@ async def wait_for_engine(session: aiohttp.ClientSession, root: str, wait_s: flo
 
 
 async def run(folder: Path, base: str, api_key: str, concurrency: int = DEFAULT_CONCURRENCY,
-              wait_s: float = ENGINE_WAIT_S) -> dict[str, int]:
-    """Answers every line not yet answered; returns counts of this run."""
-    lines = todo(folder)
-    output, errors = Appender(folder / OUTPUT), Appender(folder / ERRORS)
+              wait_s: float = ENGINE_WAIT_S, task: int | None = None, per_task: int = 0) -> dict[str, int]:
+    """Answers every line (of the batch, or of array task `task`'s slice) not yet answered; returns counts of
+    this run."""
+    lines = todo(folder, task, per_task)
+    out_name, err_name, _ = task_names(task)
+    output, errors = Appender(folder / out_name), Appender(folder / err_name)
     base = base.rstrip("/")
     root = base[:-3] if base.endswith("/v1") else base
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -187,20 +227,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     parser.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", ""))
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
+    parser.add_argument("--lines-per-task", type=int, default=0,
+                        help="an array task's slice: task SLURM_ARRAY_TASK_ID answers lines [id*N, (id+1)*N)")
     args = parser.parse_args(argv)
     if not args.base_url:
         print("batchrun: no engine: OPENAI_BASE_URL is not set (submit with --inference=MODEL)", file=sys.stderr)
         return 2
+    task: int | None = None
+    if args.lines_per_task > 0:
+        raw = os.environ.get("SLURM_ARRAY_TASK_ID", "")
+        if not raw.isdigit():
+            print("batchrun: --lines-per-task needs SLURM_ARRAY_TASK_ID (an array task)", file=sys.stderr)
+            return 2
+        task = int(raw)
     folder = Path(args.dir)
     started = time.monotonic()
-    counts = asyncio.run(run(folder, args.base_url, args.api_key, args.concurrency))
-    left = todo(folder)
+    counts = asyncio.run(run(folder, args.base_url, args.api_key, args.concurrency, task=task,
+                             per_task=args.lines_per_task))
+    left = todo(folder, task, args.lines_per_task)
     if left:
         print(f"batchrun: {len(left)} lines still unanswered", file=sys.stderr)
         return 1
     marker = {**counts, "seconds": round(time.monotonic() - started, 3), "finished_at": time.time(),
-              "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
-    (folder / FINISHED).write_text(json.dumps(marker))
+              "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+              **({"task": task} if task is not None else {})}
+    (folder / task_names(task)[2]).write_text(json.dumps(marker))
     print(f"batchrun: done {json.dumps(marker)}", flush=True)
     return 0
 

@@ -339,6 +339,11 @@ class BatchConfig:
     # Slurm jobs one batch may take: a job that ends with lines left (preempted, its node lost) is followed by
     # another, which answers only what is left; after this many the batch is failed.
     max_attempts: int = 3
+    # A file of more lines than this runs as a Slurm job array (`sbatch --array=0-K`), each task answering this
+    # many lines with an engine of its own; the outputs are merged in the file's order. 5,000 lines of a
+    # typical chat request keep a task to minutes on one GPU, while a file of OpenAI's 50,000 lines spreads
+    # over 10 GPUs where the cluster has them free.
+    lines_per_task: int = 5000
 
 
 @dataclass(frozen=True)
@@ -588,7 +593,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     if kube.gc_grace_s < 0:
         raise ConfigError("kubernetes.gc_grace_s", "must be 0 or more")
     _check_gateway_address(kube.gateway_address)
-    for name in ("max_file_bytes", "max_lines", "max_attempts"):
+    for name in ("max_file_bytes", "max_lines", "max_attempts", "lines_per_task"):
         if getattr(config.batch, name) <= 0:
             raise ConfigError(f"batch.{name}", "must be above 0")
     _check_state(config.state)

@@ -43,8 +43,17 @@ class FakeSlurm:
                              "account/partition combination specified")
         self.submitted.append((argv, script))
         job_id = str(100 + len(self.submitted))
-        self.states[job_id] = "PENDING"
+        array = [a.split("=", 1)[1] for a in argv if a.startswith("--array=")]
+        if not array:
+            self.states[job_id] = "PENDING"
+        for part in array[0].split(",") if array else ():
+            first, _, last = part.partition("-")
+            for task in range(int(first), int(last or first) + 1):
+                self.states[f"{job_id}_{task}"] = "PENDING"
         return job_id
+
+    async def records(self, job_id: str) -> list[Job]:
+        return [Job(k, "", "", v, "", 0, 0, 0) for k, v in self.states.items() if k.startswith(f"{job_id}_")]
 
     async def job(self, job_id: str) -> Job | None:
         state = self.states.get(job_id)
@@ -52,7 +61,9 @@ class FakeSlurm:
 
     async def cancel(self, job_id: str) -> None:
         self.cancelled.append(job_id)
-        self.states[job_id] = "CANCELLED"
+        for key in [k for k in self.states if k == job_id or k.startswith(f"{job_id}_")]:
+            if self.states[key] not in ("COMPLETED", "FAILED", "PREEMPTED"):
+                self.states[key] = "CANCELLED"
 
     async def requeue(self, job_id: str) -> None:
         if self.refuse_requeue:
@@ -343,3 +354,84 @@ async def test_create_refuses_another_keys_file_and_a_wrong_endpoint(bed):
         await b.alice.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
     with pytest.raises(openai.BadRequestError, match="completion_window"):
         await b.alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="1y")
+
+
+async def test_a_file_above_lines_per_task_runs_as_a_job_array_merged_in_the_files_order(bed, standins):
+    b = bed
+    b.scheduler._settings.lines_per_task = 4
+    batch = await create(b, n=10)
+    await b.scheduler.step()
+    ((argv, script),) = b.slurm.submitted
+    assert "--array=0-2" in argv and any(a.endswith("/job-%a.log") for a in argv)
+    assert script.endswith(f"--dir {b.spool}/batches/{batch.id} --lines-per-task 4\n")
+    got = await b.alice.batches.retrieve(batch.id)
+    assert got.model_extra["slurm"]["tasks"] == 3
+    folder = b.spool / "batches" / batch.id
+    engine = await standins(api_key="k")
+    asked = {}
+    for task in (2, 0, 1):  # the tasks run in any order, each its own slice
+        b.slurm.states[f"101_{task}"] = "RUNNING"
+        counts = await batchrun.run(folder, engine.base_url + "/v1", "k", concurrency=3, wait_s=5, task=task,
+                                    per_task=4)
+        asked[task] = counts["asked"]
+        ids = [json.loads(x)["custom_id"] for x in (folder / f"output.{task}.jsonl").read_text().splitlines()]
+        assert sorted(ids, key=lambda c: int(c[1:])) == [f"r{i}" for i in range(4 * task, min(10, 4 * task + 4))]
+        await b.scheduler.step()
+        assert (await b.alice.batches.retrieve(batch.id)).status == "in_progress"
+    assert asked == {2: 2, 0: 4, 1: 4}
+    assert (await b.alice.batches.retrieve(batch.id)).request_counts.completed == 10
+    for task in range(3):
+        (folder / f"finished.{task}").write_text("{}")
+        if task < 2:
+            await b.scheduler.step()
+            assert (await b.alice.batches.retrieve(batch.id)).status == "in_progress", "completed before every task"
+    await b.scheduler.step()
+    done = await b.alice.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 10
+    content = (await b.alice.files.content(done.output_file_id)).content
+    assert [json.loads(x)["custom_id"] for x in content.splitlines()] == [f"r{i}" for i in range(10)]
+    assert len(b.ledger.rows) == 10 and len(b.slurm.submitted) == 1
+
+
+async def test_array_tasks_are_requeued_resubmitted_and_cancelled_each_on_its_own(bed):
+    b = bed
+    b.scheduler._settings.lines_per_task = 4
+    batch = await create(b, n=10)
+    await b.scheduler.step()
+    folder = b.spool / "batches" / batch.id
+    b.slurm.states.update({"101_0": "RUNNING", "101_1": "FAILED", "101_2": "RUNNING"})
+    await b.scheduler.step()
+    assert b.slurm.requeued == ["101_1"] and len(b.slurm.submitted) == 1  # only the failed task, the same job
+    # Task 0 finishes; task 1 is preempted; task 2 finishes: the array is over with task 1 left.
+    (folder / "finished.0").write_text("{}")
+    (folder / "finished.2").write_text("{}")
+    b.slurm.states.update({"101_0": "COMPLETED", "101_1": "PREEMPTED", "101_2": "COMPLETED"})
+    await b.scheduler.step()
+    assert len(b.slurm.submitted) == 2 and "--array=1" in b.slurm.submitted[1][0]
+    got = await b.alice.batches.retrieve(batch.id)
+    assert got.status == "in_progress" and got.model_extra["slurm"]["jobs"] == ["101", "102"]
+    # Cancel: the array's scancel, then cancelled with what was answered.
+    b.slurm.states["102_1"] = "RUNNING"
+    await b.alice.batches.cancel(batch.id)
+    await b.scheduler.step()
+    assert b.slurm.cancelled[-1] == "102" and b.slurm.states["102_1"] == "CANCELLED"
+    await b.scheduler.step()
+    assert (await b.alice.batches.retrieve(batch.id)).status == "cancelled"
+
+
+def test_a_file_of_at_most_lines_per_task_stays_one_job_and_huge_files_keep_under_max_tasks(bed):
+    from slinfer.controller.batches import MAX_TASKS, Batch, array_spec
+    b = bed
+    b.scheduler._settings.lines_per_task = 4
+    one = Batch(id="batch_" + "0" * 24, owner="k", key_name="", user="", account="", input_file_id="f",
+                endpoint="/v1/chat/completions", completion_window="24h", model="tiny", total=4, created_at=0,
+                expires_at=0)
+    b.scheduler.split(one)
+    assert (one.tasks, one.lines_per_task) == (0, 0)
+    one.total = 5
+    b.scheduler.split(one)
+    assert (one.tasks, one.lines_per_task) == (2, 4)
+    one.total, one.tasks = 4 * MAX_TASKS * 3, 0
+    b.scheduler.split(one)
+    assert one.tasks <= MAX_TASKS and one.tasks * one.lines_per_task >= one.total
+    assert array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and array_spec([3]) == "3"
