@@ -143,9 +143,9 @@ class KeyLoad(Load):
         await client.close()
 
 
-def _served(url: str, secret: str) -> bool:
+def _served(url: str, secret: str, timeout: float = 120) -> bool:
     """One request with `secret` answered through the tier; False while the tier does not know the key yet."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, timeout=120, max_retries=0)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, timeout=timeout, max_retries=0)
     try:
         answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     except openai.AuthenticationError:
@@ -156,7 +156,8 @@ def _served(url: str, secret: str) -> bool:
 def test_the_standby_takes_over_with_the_same_keys_and_counts_every_request_once(pair: Pair) -> None:
     bed, url = pair.bed, pair.url
     key_id, secret = _key(bed, "before-the-kill")
-    _wait("the key answered through the tier (a scale from zero)", lambda: _served(url, secret), 300, 0.2)
+    # A scale from zero: the request waits in the tier's queue while tiny starts (minutes on a loaded machine).
+    _wait("the key answered through the tier", lambda: _served(url, secret, timeout=600), 600, 0.2)
     answered = 1
     load = KeyLoad(url, 16, secret).start()
     try:
