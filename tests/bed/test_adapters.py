@@ -13,11 +13,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import anthropic
 import openai
@@ -26,7 +31,7 @@ import pytest
 from slinfer.dev import devcluster, tinylora
 from tests.bed.test_controller import _client, _replicas
 from tests.bed.test_openai_surface import _http
-from tests.fakes.slurmbed import SlurmBed, wait_until
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_until
 
 pytestmark = pytest.mark.bed
 MODEL = "tiny-lora"
@@ -227,3 +232,84 @@ def test_sighup_adds_then_drops_an_adapter_on_the_running_engine(bed: SlurmBed) 
             bed.bed.config.write_text(original)
             _hangup(bed)
 
+
+def _sbatch_refused(bed: SlurmBed, *args: str) -> str:
+    """sbatch as Alice, which must refuse at submit (no job): its stderr."""
+    done = bed.as_user(devcluster.BED_USERS[0], "sbatch", "--parsable", *args, "--wrap", "echo SCRIPT_RAN")
+    assert done.returncode != 0 and not done.stdout.strip(), (done.stdout, done.stderr)
+    return done.stderr
+
+
+def test_a_users_own_adapter_in_her_private_job(bed: SlurmBed) -> None:
+    """`--inference-lora=NAME=PATH`: Alice makes an adapter in her home as herself and serves it on her own
+    tiny-lora job's engine, where model=NAME answers differently from the base; her job's key reaches it, no
+    other key does, and the gateway does not route it. A malformed value is refused by sbatch naming the problem;
+    a folder she cannot read (Bob's, 0700, which root reads) fails her job with the reason, no engine, no drain."""
+    alice, bob = devcluster.BED_USERS
+    began = time.monotonic()
+    home = Path(f"/home/{alice}")
+    mine = home / f"slinfer-test-lora-{os.getpid()}"
+    scratch = Path(tempfile.mkdtemp(prefix="slinfer-test-lora-"))
+    scratch.chmod(0o755)
+    theirs = scratch / "bob-private"
+    jobs: list[str] = []
+    try:
+        made = bed.as_user(alice, sys.executable, "-m", "slinfer.dev.tinylora", str(devcluster.tiny_model_path()),
+                           str(mine), timeout=120)
+        assert made.returncode == 0 and mine.stat().st_uid == mine.parent.stat().st_uid, made.stderr
+        tinylora.generate(devcluster.tiny_model_path(), theirs, seed=4)
+        subprocess.run(["chown", "-R", f"{bob}:{bob}", str(theirs)], check=True)
+        theirs.chmod(0o700)
+        assert (theirs / "adapter_config.json").read_bytes(), "root reads Bob's folder (the control)"
+        assert bed.as_user(alice, "cat", str(theirs / "adapter_config.json")).returncode != 0
+
+        # Refused at submit, naming the problem; the plugin's rule is tests/unit/test_inference_lora.py's table.
+        err = _sbatch_refused(bed, f"--inference={MODEL}", "--gres=gpu:1", "--inference-lora=mine=adapter")
+        assert ('slinfer: invalid --inference-lora value "mine=adapter": the path must be absolute '
+                "(start with '/')") in err, err
+        err = _sbatch_refused(bed, f"--inference={MODEL}", "--gres=gpu:1", f"--inference-lora=a;b={mine}")
+        assert "character ';' is not allowed in the adapter name" in err, err
+        err = _sbatch_refused(bed, f"--inference={MODEL}", "--gres=gpu:1", f"--inference-lora=x={mine}",
+                              f"--inference-lora=x={mine}")
+        assert 'slinfer: --inference-lora names adapter "x" twice' in err, err
+        assert "slinfer: --inference-lora needs --inference=MODEL" in _sbatch_refused(
+            bed, f"--inference-lora=x={mine}")
+
+        script = "slinfer wait-ready --timeout 300 && echo READY && sleep 600"
+        refused = bed.sbatch(f"--inference={MODEL}", "--gres=gpu:1", f"--inference-lora=theirs={theirs}",
+                             script="echo SCRIPT_RAN")
+        served = bed.sbatch(f"--inference={MODEL}", "--gres=gpu:1", f"--inference-lora=mine={mine}",
+                            f"--inference-lora=mine2={mine}", script=script)
+        jobs += [refused, served]
+        assert bed.wait_state(refused, {"FAILED", "COMPLETED"}, 60) == "FAILED"
+        out = bed.output(refused)
+        assert (f"slinfer: --inference-lora theirs={theirs}: {alice} cannot read it (Permission denied: "
+                f"{theirs}/adapter_config.json)") in out, out
+        assert "SCRIPT_RAN" not in out and engine_pids(refused) == []
+        state = bed.node_state()
+        assert "drain" not in state and "down" not in state, bed.node_reason()
+
+        bed.wait_output(served, r"READY", 300)
+        env = bed.env_file(served)
+        engine = openai.OpenAI(base_url=env["OPENAI_BASE_URL"], api_key=env["OPENAI_API_KEY"], max_retries=0)
+        listed = {m.id: m.model_extra for m in engine.models.list()}
+        assert listed["mine"]["parent"] == MODEL and listed["mine2"]["parent"] == MODEL, listed  # type: ignore[index]
+        base, adapted = _complete(engine, MODEL), _complete(engine, "mine")
+        print(f"\nprivate job: base {base!r}, her adapter {adapted!r}; "
+              f"sbatch checks + failed job + start + answers: {time.monotonic() - began:.1f} s")
+        assert base and adapted and adapted != base
+        assert _complete(engine, "mine") == adapted and _complete(engine, "mine2") == adapted
+        # Her job's key only: another key is refused by the engine; the gateway does not route her adapter.
+        with pytest.raises(openai.AuthenticationError):
+            _complete(openai.OpenAI(base_url=env["OPENAI_BASE_URL"], api_key="not-her-key", max_retries=0), "mine")
+        with pytest.raises(openai.NotFoundError):
+            _complete(_client(bed), "mine")
+    finally:
+        for job in jobs:
+            bed.run("scancel", job, check=False)
+        shutil.rmtree(mine, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    for job in jobs:
+        bed.wait_state(job, {"CANCELLED", "FAILED", "COMPLETED"}, 60)
+        wait_until(f"no engine of job {job} left", lambda job=job: not engine_pids(job), 60)
+    print(f"whole test: {time.monotonic() - began:.1f} s")
