@@ -83,3 +83,25 @@ def test_main_without_an_engine_says_so(tmp_path, monkeypatch, capsys):
     assert batchrun.main(["--dir", str(tmp_path)]) == 2
     assert "OPENAI_BASE_URL" in capsys.readouterr().err
     assert not (tmp_path / batchrun.FINISHED).exists()
+
+
+def test_an_array_task_answers_its_slice_and_the_merge_keeps_the_files_order(tmp_path, monkeypatch, capsys):
+    ids = write_input(tmp_path, 7)
+    # Outside an array task (no SLURM_ARRAY_TASK_ID) --lines-per-task is refused, nothing is written.
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    assert batchrun.main(["--dir", str(tmp_path), "--base-url", "http://127.0.0.1:9/v1",
+                          "--lines-per-task", "3"]) == 2
+    assert "SLURM_ARRAY_TASK_ID" in capsys.readouterr().err
+    assert [x["custom_id"] for x in batchrun.todo(tmp_path, 2, 3)] == ["r6"]
+    assert [x["custom_id"] for x in batchrun.todo(tmp_path, 1, 3)] == ["r3", "r4", "r5"]
+    # Tasks' answers in completion order, one torn tail, one line twice: merged once each, in the file's order.
+    for task, order in ((0, [2, 0, 1]), (1, [5, 3, 4]), (2, [6])):
+        with (tmp_path / f"output.{task}.jsonl").open("wb") as f:
+            for i in order:
+                f.write(batchrun.result_line({"custom_id": ids[i]}, 200, {}))
+    (tmp_path / "errors.1.jsonl").write_bytes(b'{"custom_id": "r')  # torn by a kill
+    with (tmp_path / "output.1.jsonl").open("ab") as f:
+        f.write(batchrun.result_line({"custom_id": "r5"}, 200, {}))
+    assert batchrun.merge(tmp_path, 3) == (7, 0)
+    assert [x["custom_id"] for x in batchrun.answered(tmp_path / batchrun.OUTPUT)] == ids
+    assert (tmp_path / batchrun.ERRORS).read_bytes() == b""
