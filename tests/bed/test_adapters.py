@@ -6,7 +6,8 @@ and an unknown id; Anthropic's /v1/messages plain and streamed through the `anth
 in the ledger; an engine's error passed on in OpenAI's shape; and an adapter added to the catalog (the
 controller restarted with it) served by the running engine, loaded at run time without restarting it; and one
 added by a SIGHUP to the controller (a config reload), then dropped by another, unloaded from the same engine
-and a 404 model_not_found."""
+and a 404 model_not_found; /v1/embeddings from the bed's pooling model (tiny with vLLM's --convert embed), its
+usage in the ledger, and its engine's refusal of chat as an OpenAI 404 naming what it serves."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ ADAPTER = "tiny-lora-a1"
 LATE = "tiny-lora-a2"
 # The adapter a SIGHUP adds and then drops (not LATE: the engine keeps LATE after its test's restart).
 HUP = "tiny-lora-a3"
+# The bed's pooling model: tiny served by vLLM with --convert embed.
+EMBED = "tiny-embed"
 PROMPT = "The quick brown fox"
 
 
@@ -51,8 +54,10 @@ def bed(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
     folder = slurm_bed.bed.state / "adapters"
     folder.mkdir(mode=0o755, exist_ok=True)
     tinylora.generate(devcluster.tiny_model_path(), folder / ADAPTER)
+    # The pooling model's engine starts now, while the first tests use tiny-lora's (they mostly wait).
+    slurm_bed.admin("scale", EMBED, "1")
     yield slurm_bed
-    slurm_bed.retire_models(MODEL)
+    slurm_bed.retire_models(MODEL, EMBED)
 
 
 def _complete(client: openai.OpenAI, model: str) -> str:
@@ -179,6 +184,32 @@ def test_an_adapter_added_to_the_catalog_is_loaded_into_the_running_engine(bed: 
     finally:
         bed.bed.config.write_text(original)
         _restart_controller(bed)
+
+def test_embeddings_from_a_pooling_model_with_usage_in_the_ledger_and_no_chat(bed: SlurmBed) -> None:
+    created = bed.run("slinfer", "keys", "create", "embeddings-test").stdout
+    key_id = re.search(r"key id: (\S+)", created).group(1)  # type: ignore[union-attr]
+    secret = re.search(r"secret: (\S+)", created).group(1)  # type: ignore[union-attr]
+    client = openai.OpenAI(base_url=bed.bed.env()["SLINFER_GATEWAY_URL"], api_key=secret, timeout=300,
+                           max_retries=0)
+    began = time.monotonic()
+    reply = client.embeddings.create(model=EMBED, input=[PROMPT, "Slurm"])
+    print(f"\nfirst embeddings (engine start included): {time.monotonic() - began:.1f} s, usage {reply.usage}")
+    # One vector per input, of tiny's hidden size (128), and the two inputs' vectors differ.
+    assert [len(d.embedding) for d in reply.data] == [128, 128]
+    assert reply.data[0].embedding != reply.data[1].embedding and reply.usage.prompt_tokens > 0
+    rows = {r["model"]: r for r in json.loads(bed.run("slinfer", "usage", "--key", key_id, "--format",
+                                                      "json").stdout)}
+    assert rows[EMBED]["requests"] == 1 and rows[EMBED]["estimated"] == 0, rows
+    assert (rows[EMBED]["prompt_tokens"], rows[EMBED]["completion_tokens"]) == (reply.usage.prompt_tokens, 0), rows
+    # The engine serves no chat: its router's bare 404 becomes OpenAI's, naming the routes it does serve.
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model=EMBED, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    message = str(caught.value.body["message"])  # type: ignore[index]
+    print(f"chat on {EMBED}: {message}")
+    assert caught.value.code == "not_found" and message.startswith(
+        f"The engine of model '{EMBED}' does not serve POST /v1/chat/completions; it serves: ")
+    assert "POST /v1/embeddings" in message and "POST /v1/chat/completions" not in message.split("serves: ")[1]
+    bed.admin("scale", EMBED, "0")  # its engine is done: the node's CPUs and GPUs go back to the next tests
 
 def _hangup(bed: SlurmBed) -> float:
     """SIGHUP to the bed's controller (a reload, controller/reload.py); returns when it was sent."""

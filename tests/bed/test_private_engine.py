@@ -94,7 +94,7 @@ def test_model_not_in_catalog_fails_the_job_with_the_reason_and_the_node_stays_i
     assert slurm_bed.wait_state(job, {"FAILED", "COMPLETED"}, 60) == "FAILED"
     out = slurm_bed.output(job)
     assert ("model 'no-such-model' is not in this cluster's catalog "
-            "(known: tiny, smollm2, tiny-tp2, tiny-2node, tiny-lora)") in out
+            "(known: tiny, smollm2, tiny-tp2, tiny-2node, tiny-embed, tiny-lora)") in out
     assert "SCRIPT_RAN" not in out
     assert slurm_bed.wait_node_idle() == "idle"
     assert engine_pids(job) == []

@@ -13,7 +13,8 @@ from tests.fakes.slurmbed import SlurmBed
 pytestmark = pytest.mark.bed
 
 CHECKS = ["config", "plugin", "plugin-version", "hook", "agent", "tls", "controller", "engine-hop", "engine tiny",
-          "engine smollm2", "engine tiny-tp2", "engine tiny-2node", "engine tiny-lora",
+          "engine smollm2", "engine tiny-tp2", "engine tiny-2node", "engine tiny-embed",
+          "engine tiny-lora",
           "containment", "engine-python", "pool", "munge"]
 # The bed's engines serve plain HTTP on loopback: doctor says so on a NOTE line, which does not fail it.
 NOTES = {"engine-hop"}
