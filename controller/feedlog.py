@@ -57,21 +57,33 @@ class FeedLog:
 
     def publish(self, replicas: Iterable[ReplicaRow], keys: Mapping[bytes, gateway_pb2.ClientKey | None],
                 zero: Iterable[str], day: str, totals: Mapping[str, int],
-                gateways: int) -> gateway_pb2.RouteTable | None:
+                gateways: int, removed_replicas: Iterable[str] | None = None) -> gateway_pb2.RouteTable | None:
         """Compares what the controller holds now with what was published; the delta (a new version), or None
-        when nothing changed. `replicas` and `totals` are complete; `keys` holds only keys that may have
-        changed (None: gone). Totals only grow within a day: a new day starts them from nothing."""
+        when nothing changed. `replicas` and `totals` are complete, unless `removed_replicas` is given: then
+        `replicas` holds only the rows that may have changed and `removed_replicas` those that may be gone (the
+        cost is what changed, not the cluster). `keys` holds only keys that may have changed (None: gone).
+        Totals only grow within a day: a new day starts them from nothing."""
         delta = gateway_pb2.RouteTable(epoch=self.epoch, base_version=self.version, day=day, gateways=gateways)
         changed = False
-        now_replicas = {row[0]: row for row in replicas}
-        for job_id, row in now_replicas.items():
-            if self._replicas.get(job_id) != row:
-                delta.replicas.append(_replica_msg(row))
-        removed = [job_id for job_id in self._replicas if job_id not in now_replicas]
-        delta.removed_replicas.extend(removed)
-        if delta.replicas or removed:
-            self._replicas = now_replicas
-            changed = True
+        if removed_replicas is not None:
+            for row in replicas:
+                if self._replicas.get(row[0]) != row:
+                    self._replicas[row[0]] = row
+                    delta.replicas.append(_replica_msg(row))
+            for job_id in removed_replicas:
+                if self._replicas.pop(job_id, None) is not None:
+                    delta.removed_replicas.append(job_id)
+            changed = bool(delta.replicas) or bool(delta.removed_replicas)
+        else:
+            now_replicas = {row[0]: row for row in replicas}
+            for job_id, row in now_replicas.items():
+                if self._replicas.get(job_id) != row:
+                    delta.replicas.append(_replica_msg(row))
+            removed = [job_id for job_id in self._replicas if job_id not in now_replicas]
+            delta.removed_replicas.extend(removed)
+            if delta.replicas or removed:
+                self._replicas = now_replicas
+                changed = True
         for digest, key in keys.items():
             if key is None:
                 if self._keys.pop(digest, None) is not None:

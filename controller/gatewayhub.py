@@ -22,7 +22,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -80,9 +80,15 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         # Keys that changed since the last publication (every key before the first).
         self._dirty_keys: set[bytes] = set()
         self._all_keys = True
+        # Replicas that changed since the last publication (every replica before the first), and the nodes
+        # published as silent: a publication reads those, not the whole registry (issue 35.7).
+        self._dirty_replicas: set[str] = set()
+        self._all_replicas = True
+        self._silent: set[str] = set()
         self._change = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
         registry.subscribe(lambda _model: self.changed())
+        registry.subscribe_replicas(lambda job_id: self._dirty_replicas.add(job_id))
         keys.subscribe(self._key_changed)
 
     def changed(self) -> None:
@@ -130,11 +136,27 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
 
     def publish(self) -> gateway_pb2.RouteTable | None:
         """Publishes what changed since the last publication as one delta, and wakes every watcher for it."""
-        alive = {a.node for a in self._registry.agents() if self._registry.agent_alive(a.node)}
-        # Only the shared pool: a private engine's key stays with its job and the controller (issue 27).
-        replicas: list[ReplicaRow] = [(r.job_id, r.model, r.node, r.base_url, r.api_key, r.state, r.pool,
-                                       r.draining, r.node in alive)
-                                      for r in self._registry.replicas() if r.pool]
+        # Whose agents fell silent or spoke again since the last publication: their replicas' rows changed.
+        silent = set(self._registry.silent_agents())
+        for node in silent ^ self._silent:
+            self._dirty_replicas.update(self._registry.job_ids(node))
+        self._silent = silent
+        if self._all_replicas:
+            self._all_replicas = False
+            self._dirty_replicas.clear()
+            dirty: Iterable[str] = [r.job_id for r in self._registry.replicas()]
+        else:
+            dirty, self._dirty_replicas = self._dirty_replicas, set()
+        replicas: list[ReplicaRow] = []
+        removed: list[str] = []
+        for job_id in dirty:
+            r = self._registry.get(job_id)
+            # Only the shared pool: a private engine's key stays with its job and the controller (issue 27).
+            if r is None or not r.pool:
+                removed.append(job_id)
+            else:
+                replicas.append((r.job_id, r.model, r.node, r.base_url, r.api_key, r.state, r.pool, r.draining,
+                                 r.node not in silent))
         keys: dict[bytes, gateway_pb2.ClientKey | None] = {}
         if self._all_keys:
             self._all_keys = False
@@ -147,7 +169,7 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
                 keys[digest] = None if info is None else self._key_message(digest, info)
         day, totals = self._ledger.totals_today()
         delta = self.feed.publish(replicas, keys, [m for m in self._models if self._scaled_to_zero(m)], day,
-                                  totals, max(1, len(self._watchers)))
+                                  totals, max(1, len(self._watchers)), removed_replicas=removed)
         if delta is not None:
             for event in self._wakeups:
                 event.set()

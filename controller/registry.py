@@ -87,6 +87,12 @@ class Registry:
         self._replicas: dict[str, Replica] = {}
         self._by_model: dict[str, list[Replica]] = {}
         self._listeners: list[Callable[[str], None]] = []
+        # `listener(job_id)` for every replica whose routed fields changed, that appeared or that went: the
+        # gateway feed publishes those rows only, not the whole registry per change (issue 35.7).
+        self._replica_listeners: list[Callable[[str], None]] = []
+        # Nodes in the order they last reported (a report moves its node to the end): the silent ones are at
+        # the front, so finding them costs what they number, not what the cluster does.
+        self._by_seen: dict[str, None] = {}
 
     # ---- reads -------------------------------------------------------------------------------------
     def replicas(self, model: str | None = None) -> list[Replica]:
@@ -112,6 +118,25 @@ class Registry:
         agent = self._agents.get(node)
         return agent is not None and agent.last_seen >= self._clock() - self._timeout
 
+    def silent_agents(self) -> list[str]:
+        """The nodes whose agents were not heard from within the timeout (their engines are not routed); costs
+        what they number, plus one, however many agents report in time."""
+        oldest = self._clock() - self._timeout
+        silent = []
+        for node in self._by_seen:
+            agent = self._agents.get(node)
+            if agent is None:
+                continue
+            if agent.last_seen >= oldest:
+                break
+            silent.append(node)
+        return silent
+
+    def job_ids(self, node: str) -> list[str]:
+        """The engines a node's agent reported last."""
+        agent = self._agents.get(node)
+        return list(agent.job_ids) if agent is not None else []
+
     # ---- writes ------------------------------------------------------------------------------------
     def set_draining(self, job_id: str, draining: bool = True) -> bool:
         replica = self._replicas.get(job_id)
@@ -120,7 +145,9 @@ class Registry:
         if replica.draining != draining:
             log.info("replica %s (%s on %s) draining=%s, outstanding=%d",
                      job_id, replica.model, replica.node, draining, replica.outstanding)
-        replica.draining = draining
+        if replica.draining != draining:
+            replica.draining = draining
+            self._replica_changed(job_id)
         if not draining:
             self._notify(replica.model)
         return True
@@ -128,6 +155,11 @@ class Registry:
     def subscribe(self, listener: Callable[[str], None]) -> None:
         """`listener(model)` is called whenever a replica of `model` may have become routable."""
         self._listeners.append(listener)
+
+    def subscribe_replicas(self, listener: Callable[[str], None]) -> None:
+        """`listener(job_id)` is called whenever that replica appeared, went, or changed its node, address, key,
+        state, pool flag or drain (not its load, which changes on every report)."""
+        self._replica_listeners.append(listener)
 
     def report(self, report: controller_pb2.AgentReport) -> None:
         """Applies one heartbeat: the report lists every engine of the agent, so absent ones are gone."""
@@ -145,6 +177,8 @@ class Registry:
         agent.address = report.address
         agent.agent_id = report.agent_id
         agent.last_seen = now
+        self._by_seen.pop(node, None)
+        self._by_seen[node] = None
         agent.connected = True
         agent.host = report.host if report.HasField("host") else None
         agent.gpus = list(report.gpus)
@@ -188,6 +222,7 @@ class Registry:
             fresh[new.job_id] = new
             if not was and self._routable_now(new, now):
                 woke.add(new.model)
+        changed = set(self._replicas) | set(fresh)
         self._replicas = fresh
         self._by_model = {}
         for replica in fresh.values():
@@ -197,6 +232,9 @@ class Registry:
                                      last_seen=now if n in alive_nodes else -math.inf,
                                      job_ids=sorted(r.job_id for r in fresh.values() if r.node == n))
                         for n in nodes}
+        self._by_seen = dict.fromkeys(sorted(nodes, key=lambda n: self._agents[n].last_seen))
+        for job_id in changed:
+            self._replica_changed(job_id)
         for model in woke:
             self._notify(model)
 
@@ -220,6 +258,7 @@ class Registry:
                     if replica is not None and replica.node == node:
                         self._remove(job_id)
                 del self._agents[node]
+                self._by_seen.pop(node, None)
 
     # ---- internals ---------------------------------------------------------------------------------
     def _pool(self, node: str, engine: engine_pb2.Engine) -> bool:
@@ -249,7 +288,11 @@ class Registry:
             log.info("replica %s (%s on %s) appeared, state %s, pool=%s",
                      engine.job_id, engine.model, node, replica.state_name, pool)
             was_routable = False
+            self._replica_changed(engine.job_id)
         else:
+            if (replica.node, replica.base_url, replica.api_key, replica.state, replica.pool) != (
+                    node, engine.base_url, engine.api_key, engine.state, pool):
+                self._replica_changed(engine.job_id)
             was_routable = (replica.state == READY and replica.pool
                             and replica.last_seen >= now - self._timeout)
             if replica.state != engine.state:
@@ -274,6 +317,7 @@ class Registry:
         replica = self._replicas.pop(job_id, None)
         if replica is None:
             return
+        self._replica_changed(job_id)
         reps = self._by_model.get(replica.model)
         if reps is not None:
             reps[:] = [r for r in reps if r is not replica]
@@ -283,6 +327,10 @@ class Registry:
     def _notify(self, model: str) -> None:
         for listener in self._listeners:
             listener(model)
+
+    def _replica_changed(self, job_id: str) -> None:
+        for listener in self._replica_listeners:
+            listener(job_id)
 
 
 class RegistryService(controller_pb2_grpc.RegistryServicer):
