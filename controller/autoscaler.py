@@ -264,8 +264,10 @@ class Autoscaler:
         now = self._clock()
         by_model: dict[str, list[SlurmJob]] = {name: [] for name in self._models}
         mine: dict[str, tuple[str, SlurmJob]] = {}
+        # One lookup a job (owner() scans the catalog: jobs x models a step).
+        owners = {(self.job_name(name), self.comment(name)): name for name in self._models}
         for job in jobs:
-            owner = self.owner(job)
+            owner = owners.get((job.name, job.comment))
             if owner is not None:
                 by_model[owner].append(job)
                 mine[job.job_id] = (owner, job)
@@ -419,7 +421,8 @@ class Autoscaler:
                          "%.0fs (the lead)", m.config.name, job.job_id, why, lead)
                 self._note(m, f"job {job.job_id} leaves its node ({why})")
             out.append(with_handover_limit(job, m.leaving[job.job_id], lead))
-        for job_id in [j for j in m.leaving if j not in {job.job_id for job in active}]:
+        active_ids = {job.job_id for job in active}
+        for job_id in [j for j in m.leaving if j not in active_ids]:
             del m.leaving[job_id]
         return out
 

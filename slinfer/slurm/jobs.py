@@ -6,9 +6,17 @@ states.py). Not responsible for: reading it from Slurm (parse.py, queries.py).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from slinfer.slurm.states import JobState
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(state: str) -> JobState:
+    """A state word parsed once: an autoscaler step reads each of its jobs' states several times, and parsing
+    was half of a step's CPU at 8,000 jobs (bench/control_plane_scale.py); Slurm prints few distinct words."""
+    return JobState.parse(state)
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,7 @@ class Job:
 
     @property
     def job_state(self) -> JobState:
-        parsed = JobState.parse(self.state)
+        parsed = _parsed(self.state)
         return JobState(parsed.base, parsed.flags | self.flags) if self.flags else parsed
 
     @property

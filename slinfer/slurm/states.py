@@ -8,6 +8,7 @@ Not responsible for: reading Slurm (parse.py) or acting on a state (the autoscal
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -64,7 +65,7 @@ class JobState:
             return cls("UNKNOWN")
         return cls(bases[0] if bases else "", flags)
 
-    @property
+    @functools.cached_property  # immutable, and read several times a job per autoscaler step
     def name(self) -> str:
         """The one word Slurm's text output shows for this state."""
         for flag in SHOWN_FLAGS:
@@ -72,7 +73,7 @@ class JobState:
                 return flag
         return self.base or min(self.flags, default="UNKNOWN")
 
-    @property
+    @functools.cached_property  # immutable, and read several times a job per autoscaler step
     def phase(self) -> Phase:
         return PHASES.get(self.name, Phase.OVER)
 
