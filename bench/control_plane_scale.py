@@ -1,0 +1,568 @@
+"""The control plane at a site's scale (issue 35.4 and 35.7): the real controller process against N nodes.
+
+Each point starts `python -m slinfer.controller.main` (TLS on its gRPC port, certificates from
+slinfer.tls.CertificateAuthority, no Slurm: its bin dir is empty, so the autoscaler submits nothing) with K client
+keys already in its key database (written through the KeyStore's own schema in one transaction: the admin API
+makes them one fsync each). In this process, over real gRPC and TLS:
+- N simulated agents (8 READY pool engines each, host and GPU telemetry, as agent/reporter.py sends them), one
+  Report stream each, every `--interval` seconds (the agents' heartbeat), spread over the interval;
+- W simulated gateways watching the feed (GatewayFeed.Watch, one channel each, as gateway processes do);
+- the admin API (CreateKey, Status) with the controller's token.
+Measured per point, with the controller's process CPU time (user + system, psutil), not wall time, so the
+others' load on the 2 shared cores matters less:
+- CPU per agent report: (CPU over a reporting window - the idle rate of a window with the agents quiet) / acks;
+  and the projection to every node reporting once a second (cores);
+- resident memory (RSS) at the end of the steady window;
+- feed bytes/s per watcher in the steady window (nothing but reports changing);
+- p99 of the time for a change (a key made through the admin API) to reach every watcher, over `--changes`;
+- admin API latency: CreateKey and Status, p50 and p99;
+- the autoscaler's step: CPU of `Autoscaler.step()` in this process, against a Registry holding the same N x 8
+  replicas and a stand-in Slurm that lists them at no cost (the real process would fork `scontrol show job` once
+  per known job per step: see the note printed at the end).
+Then the growth exponent of each figure (the slope of log(figure) against log(N)) over each sweep: nodes (at
+1,000 keys, 1 watcher), keys (at 10 nodes) and watchers (at 100 nodes), and the corner of all three largest.
+
+    .venv/bin/python bench/control_plane_scale.py [--quick] [--seconds 4] [--out bench/results/control_plane]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import socket
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from slinfer import tls  # noqa: E402
+from slinfer.config import parse  # noqa: E402
+from slinfer.controller.autoscaler import COMMENT_MARK, Autoscaler  # noqa: E402
+from slinfer.controller.gateway import Demand  # noqa: E402
+from slinfer.controller.keys import KeyInfo, KeyStore  # noqa: E402
+from slinfer.controller.registry import Registry  # noqa: E402
+from slinfer.controller.slurm import SlurmJob  # noqa: E402
+from slinfer.v1 import (  # noqa: E402
+    admin_pb2,
+    admin_pb2_grpc,
+    controller_pb2,
+    controller_pb2_grpc,
+    engine_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+)
+
+TOKEN = "bench-control-plane-token"
+# Engines per node: a node of 8 GPUs, one engine each (the issue's shape).
+ENGINES = 8
+# Catalog models; engine e of every node serves model e % MODELS, so each model has N x 8 / MODELS replicas.
+MODELS = 8
+# Agents per client channel: many streams share a connection, as agents behind one NAT would not; it keeps this
+# process's own connections few (the controller's cost per stream is the same).
+AGENTS_PER_CHANNEL = 250
+# The full points of the issue; --quick keeps the smallest of each.
+NODES = (10, 100, 1000, 5000)
+KEYS = (1000, 20000, 100000)
+WATCHERS = (1, 8, 32)
+# The sweeps' fixed values.
+BASE_KEYS, BASE_WATCHERS, KEYS_NODES, WATCHERS_NODES = 1000, 1, 10, 100
+# Goals of issue 35.4.
+GOAL_CORES_2000 = 0.5
+GOAL_CHANGE_P99_MS = 100.0
+GOAL_FEED_BPS = 10_000.0
+GOAL_RSS_MB = 1024.0
+
+
+@dataclass(frozen=True)
+class Point:
+    nodes: int
+    keys: int
+    watchers: int
+    sweep: str
+
+
+@dataclass
+class _Watcher:
+    bytes: int = 0
+    messages: int = 0
+    full: asyncio.Event = field(default_factory=asyncio.Event)
+    seen: dict[str, float] = field(default_factory=dict)  # key name -> when it arrived
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def points(quick: bool) -> list[Point]:
+    nodes, keys, watchers = (NODES[:2], KEYS[:1], WATCHERS[:2]) if quick else (NODES, KEYS, WATCHERS)
+    out = [Point(n, BASE_KEYS, BASE_WATCHERS, "nodes") for n in nodes]
+    out += [Point(KEYS_NODES, k, BASE_WATCHERS, "keys") for k in keys]
+    out += [Point(WATCHERS_NODES, BASE_KEYS, w, "watchers") for w in watchers]
+    if not quick:
+        out.append(Point(NODES[-1], KEYS[-1], WATCHERS[-1], "corner"))
+    return out
+
+
+def fill_keys(path: Path, n: int) -> None:
+    """n client keys in the controller's key database, in one transaction, through the store's own schema."""
+    store = KeyStore(path)
+    store.create("bench-seed", account="bench")  # makes the database and its tables
+    now = time.time()
+    rows = [KeyStore._row(hashlib.sha256(b"bench-key-%d" % i).digest(),
+                          KeyInfo(key_id=f"b{i:011x}", name=f"user{i}", account=f"acct{i % 50}", created_at=now))
+            for i in range(n - 1)]
+    db = sqlite3.connect(store.path)
+    with db:
+        db.executemany("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    db.close()
+
+
+def write_config(tmp: Path, grpc_port: int, http_port: int, pki: dict[str, str], heartbeat_s: float = 1.0) -> Path:
+    models = "".join(f'[[models]]\nname = "m{i}"\nsource = "/bench"\n\n' for i in range(MODELS))
+    path = tmp / "slinfer.toml"
+    path.write_text(
+        f'[controller]\nlisten = "127.0.0.1:{grpc_port}"\nstate_dir = "{tmp}/state"\ntoken = "{TOKEN}"\n'
+        f'slurm_bin_dir = "{tmp}/no-slurm"\nlog_level = "warning"\nagent_timeout_s = 60.0\n'
+        f'heartbeat_s = {heartbeat_s}\n'
+        f'tls_cert = "{pki["cert"]}"\ntls_key = "{pki["key"]}"\ntls_ca = "{pki["ca"]}"\n\n'
+        f'[gateway]\nlisten = "127.0.0.1:{http_port}"\n\n' + models)
+    return path
+
+
+def _pki(folder: Path) -> dict[str, str]:
+    ca = tls.CertificateAuthority(folder)
+    server = ca.issue("server", ["127.0.0.1", "localhost"])
+    return {"ca": str(ca.cert_path), "cert": str(server.cert), "key": str(server.key)}
+
+
+def agent_report(node: int) -> controller_pb2.AgentReport:
+    """What one node's agent sends on each heartbeat (agent/reporter.py's fields), 8 READY pool engines."""
+    engines = [engine_pb2.Engine(job_id=str(100000 + node * ENGINES + e), model=f"m{e % MODELS}",
+                                 state=engine_pb2.READY, pool=True, user="slinfer",
+                                 base_url=f"http://10.{node // 250}.{node % 250}.1:{8000 + e}",
+                                 api_key=hashlib.sha256(b"%d-%d" % (node, e)).hexdigest()[:43],
+                                 started_at=1.7e9, ready_at=1.7e9 + 30,
+                                 load=engine_pb2.EngineLoad(running=3, waiting=1, kv_cache_usage=0.4))
+               for e in range(ENGINES)]
+    gpus = [controller_pb2.GpuTelemetry(index=str(g), name="NVIDIA H100 80GB HBM3", utilization=0.9,
+                                        memory_used_bytes=70 << 30, memory_total_bytes=80 << 30)
+            for g in range(ENGINES)]
+    return controller_pb2.AgentReport(
+        node=f"node{node:05d}", address=f"10.{node // 250}.{node % 250}.1", agent_id=f"agent-{node}",
+        engines=engines, gpus=gpus, token=TOKEN,
+        host=controller_pb2.HostTelemetry(load1=8.0, cpu_percent=40.0, memory_used_bytes=200 << 30,
+                                          memory_total_bytes=512 << 30), sent_at=time.time())
+
+
+class Agents:
+    """N agents' Report streams; each sends its report every `interval` s while `running` is set."""
+
+    def __init__(self, address: str, config: Any, nodes: int, interval: float) -> None:
+        self._address, self._config, self._nodes, self._interval = address, config, nodes, interval
+        self.acks = 0
+        self.registered = 0
+        self.errors: dict[str, int] = {}  # streams that ended, by gRPC status
+        self._seen: set[str] = set()
+        self.running = asyncio.Event()
+        self.running.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._channels: list[grpc.aio.Channel] = []
+
+    async def start(self) -> None:
+        for first in range(0, self._nodes, AGENTS_PER_CHANNEL):
+            channel = tls.aio_channel(self._address, self._config)
+            self._channels.append(channel)
+            stub = controller_pb2_grpc.RegistryStub(channel)
+            for node in range(first, min(first + AGENTS_PER_CHANNEL, self._nodes)):
+                self._tasks.append(asyncio.create_task(self._one(stub, node)))
+
+    async def _one(self, stub: controller_pb2_grpc.RegistryStub, node: int) -> None:
+        # Spread over the interval, as agents that started at different times are.
+        await asyncio.sleep(self._interval * node / self._nodes)
+        report = agent_report(node)
+        delay = 0.5
+        while True:
+            try:
+                await self._reports(stub, report)
+            except grpc.aio.AioRpcError as exc:
+                # As agent/reporter.py does: a stream the server refused or ended is opened again, with backoff.
+                why = f"{exc.code().name}: {exc.details()}"[:80]
+                self.errors[why] = self.errors.get(why, 0) + 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _reports(self, stub: controller_pb2_grpc.RegistryStub, report: controller_pb2.AgentReport) -> None:
+        call = stub.Report()
+        next_at = time.monotonic()
+        while True:
+            await self.running.wait()
+            await call.write(report)
+            await call.read()
+            self.acks += 1
+            if report.node not in self._seen:
+                self._seen.add(report.node)
+                self.registered += 1
+            next_at = max(next_at + self._interval, time.monotonic())
+            await asyncio.sleep(next_at - time.monotonic())
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for channel in self._channels:
+            await channel.close()
+
+
+async def _watch(address: str, config: Any, i: int, w: _Watcher) -> None:
+    options = [("grpc.max_receive_message_length", 1 << 30)]
+    creds = tls.channel_credentials(config)
+    assert creds is not None
+    async with grpc.aio.secure_channel(address, creds, options=options) as channel:
+        stub = gateway_pb2_grpc.GatewayFeedStub(channel)
+        async for m in stub.Watch(gateway_pb2.WatchRequest(gateway=f"bench-gw{i}", token=TOKEN)):
+            w.bytes += m.ByteSize()
+            w.messages += 1
+            at = time.monotonic()
+            for k in m.keys:
+                if k.name.startswith("change-"):
+                    w.seen.setdefault(k.name, at)
+            if m.full:
+                w.full.set()
+
+
+def _cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+@contextlib.asynccontextmanager
+async def controller(config_path: Path, log: Path, in_process: bool) -> AsyncIterator[psutil.Process]:
+    """The controller: its own process (the benchmark), or a task in this one (the unit test's smoke run)."""
+    if in_process:
+        from slinfer.config import load
+        from slinfer.controller.main import serve
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(serve(load(config_path), stop, lambda _g, _h: ready.set()))
+        await asyncio.wait({task, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+        try:
+            yield psutil.Process()
+        finally:
+            stop.set()
+            await task
+        return
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "slinfer.controller.main", "--config",
+                                                    str(config_path), stdout=out, stderr=out, cwd=ROOT)
+    try:
+        yield psutil.Process(proc.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        await proc.wait()
+
+
+async def _until(check: Callable[[], bool], limit_s: float, what: str,
+                 progress: Callable[[], str] | None = None) -> float:
+    start = last = time.monotonic()
+    while not check():
+        if time.monotonic() - start > limit_s:
+            raise TimeoutError(f"{what}: not within {limit_s:.0f} s")
+        if progress is not None and time.monotonic() - last > 10:
+            last = time.monotonic()
+            print(f"  ... {progress()}", file=sys.stderr, flush=True)
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+def _say(p: Point, what: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {p.nodes} nodes, {p.keys} keys, {p.watchers} watchers: {what}",
+          file=sys.stderr, flush=True)
+
+
+async def run_point(p: Point, seconds: float, changes: int, interval: float = 1.0, min_rate: float = 0.0,
+                    in_process: bool = False, heartbeat_s: float = 1.0) -> dict[str, Any]:
+    # A few nodes at 1 Hz give too few reports for CPU time's 10 ms ticks: they report faster instead.
+    if min_rate > 0:
+        interval = min(interval, p.nodes / min_rate)
+    with tempfile.TemporaryDirectory(prefix="slinfer-bench-cp-") as name:
+        tmp = Path(name)
+        pki = _pki(tmp / "pki")
+        (tmp / "state").mkdir(mode=0o700)
+        fill_keys(tmp / "state" / "keys.json", p.keys)
+        grpc_port = _free_port()
+        config_path = write_config(tmp, grpc_port, _free_port(), pki, heartbeat_s)
+        client_config = parse({"controller": {"token": TOKEN, "tls_ca": pki["ca"], "tls_cert": pki["cert"],
+                                              "tls_key": pki["key"]}})
+        address = f"127.0.0.1:{grpc_port}"
+        async with controller(config_path, tmp / "controller.log", in_process) as proc:
+            admin_channel = tls.aio_channel(address, client_config)
+            admin = admin_pb2_grpc.AdminStub(admin_channel)
+            auth = (("authorization", f"Bearer {TOKEN}"),)
+            await _until_up(admin, auth, proc, tmp / "controller.log")
+            agents = Agents(address, client_config, p.nodes, interval)
+            watchers = [_Watcher() for _ in range(p.watchers)]
+            watch_tasks = [asyncio.create_task(_watch(address, client_config, i, w)) for i, w in enumerate(watchers)]
+            try:
+                await agents.start()
+                _say(p, "controller up; agents and watchers connecting")
+                register_s = await _until(lambda: agents.registered == p.nodes, 120 + p.nodes / 20,
+                                          "every agent registered",
+                                          lambda: f"{agents.registered} registered, streams failed: {agents.errors}")
+                await _until(lambda: all(w.full.is_set() for w in watchers), 60, "every watcher's full state")
+                _say(p, f"{p.nodes} agents registered in {register_s:.1f} s; every watcher has the full state")
+                await asyncio.sleep(min(interval, 1.0))  # the first round of reports settles
+                # The reporting window.
+                acks, cpu, at = agents.acks, _cpu(proc), time.monotonic()
+                fed = [w.bytes for w in watchers]
+                await asyncio.sleep(seconds)
+                busy_cpu, busy_s, reports = _cpu(proc) - cpu, time.monotonic() - at, agents.acks - acks
+                feed_bps = statistics.mean((w.bytes - b) / busy_s for w, b in zip(watchers, fed, strict=True))
+                rss = proc.memory_info().rss
+                # A quiet window: what the controller spends with no report (feed heartbeats, sweeps, loops).
+                agents.running.clear()
+                await asyncio.sleep(min(interval, 1.0) + 0.1)  # reports in flight land
+                cpu, at = _cpu(proc), time.monotonic()
+                await asyncio.sleep(seconds / 2)
+                idle_rate = (_cpu(proc) - cpu) / (time.monotonic() - at)
+                agents.running.set()
+                _say(p, f"{reports / busy_s:.0f} reports/s; timing {changes} changes")
+                # Changes: one key each through the admin API, until every watcher has it.
+                create_ms, status_ms, change_ms = [], [], []
+                for i in range(changes):
+                    started = time.monotonic()
+                    await admin.CreateKey(admin_pb2.CreateKeyRequest(name=f"change-{i}", account="bench"),
+                                          metadata=auth)
+                    create_ms.append(1e3 * (time.monotonic() - started))
+                    await _until(lambda i=i: all(f"change-{i}" in w.seen for w in watchers), 30,
+                                 f"change {i} at every watcher")
+                    change_ms.append(1e3 * (max(w.seen[f"change-{i}"] for w in watchers) - started))
+                    started = time.monotonic()
+                    await admin.Status(admin_pb2.StatusRequest(), metadata=auth)
+                    status_ms.append(1e3 * (time.monotonic() - started))
+                    await asyncio.sleep(0.05)
+            finally:
+                for t in watch_tasks:
+                    t.cancel()
+                await asyncio.gather(*watch_tasks, return_exceptions=True)
+                await agents.close()
+                await admin_channel.close()
+    per_report = max(busy_cpu - idle_rate * busy_s, 0.0) / max(reports, 1)
+    return {"nodes": p.nodes, "keys": p.keys, "watchers": p.watchers, "sweep": p.sweep,
+            "register_s": register_s, "interval_s": interval,
+            "stream_errors": sum(agents.errors.values()), "load_avg_1m": os.getloadavg()[0], "reports_per_s": reports / busy_s,
+            "cpu_per_report_us": 1e6 * per_report, "idle_cores": idle_rate,
+            "cores_at_1hz": idle_rate + per_report * p.nodes,
+            "rss_mb": rss / 2**20, "feed_bps": feed_bps,
+            "change_p50_ms": statistics.median(change_ms), "change_p99_ms": _pct(change_ms, 99),
+            "create_key_p50_ms": statistics.median(create_ms), "create_key_p99_ms": _pct(create_ms, 99),
+            "status_p50_ms": statistics.median(status_ms), "status_p99_ms": _pct(status_ms, 99)}
+
+
+async def _until_up(admin: admin_pb2_grpc.AdminStub, auth: tuple[tuple[str, str], ...], proc: psutil.Process,
+                    log: Path) -> None:
+    for _ in range(300):
+        if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+            raise RuntimeError(f"the controller exited: {log.read_text()[-2000:] if log.exists() else ''}")
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await admin.Status(admin_pb2.StatusRequest(), metadata=auth, timeout=1.0)
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("the controller did not answer within 30 s")
+
+
+class _ListingSlurm:
+    """A Slurm that lists the given jobs at no cost, and is never asked to submit or cancel (min = max)."""
+
+    def __init__(self, jobs: list[SlurmJob]) -> None:
+        self._jobs = jobs
+
+    async def submit(self, model: Any, job_name: str, comment: str) -> str:
+        raise AssertionError("the bench's autoscaler holds min = max replicas: it submits nothing")
+
+    async def jobs(self, names: Any = ()) -> list[SlurmJob]:
+        return self._jobs
+
+    async def cancel(self, job_id: str) -> None:
+        raise AssertionError("the bench's autoscaler holds min = max replicas: it cancels nothing")
+
+
+def autoscaler_step_ms(nodes: int, steps: int = 3) -> float:
+    """CPU ms of one Autoscaler.step() over N x 8 replicas that are all its READY jobs (median of `steps`)."""
+    per_model = nodes * ENGINES // MODELS
+    config = parse({"models": [{"name": f"m{i}", "source": "/bench", "min_replicas": per_model,
+                                "max_replicas": per_model} for i in range(MODELS)]})
+    now = time.time()
+    registry = Registry(agent_timeout_s=60.0)
+    for node in range(nodes):
+        registry.report(agent_report(node))
+    jobs = [SlurmJob(job_id=r.job_id, name=f"slinfer-{r.model}", comment=f"{COMMENT_MARK} model={r.model}",
+                     state="RUNNING", node=r.node, submit_time=now - 600, start_time=now - 590,
+                     end_time=now + 86400, nodes=r.node) for r in registry.replicas()]
+    scaler = Autoscaler(config.models, registry, lambda _m: Demand(in_flight=10, queued=0), _ListingSlurm(jobs),
+                        settle_s=0.0)
+    times = []
+
+    async def go() -> None:
+        for _ in range(steps + 1):
+            started = time.process_time()
+            await scaler.step()
+            times.append(time.process_time() - started)
+
+    asyncio.run(go())
+    return 1e3 * statistics.median(times[1:])  # the first step adopts every job (logged once each)
+
+
+def exponent(xs: list[float], ys: list[float]) -> float:
+    """The least-squares slope of log(y) against log(x): 1 grows linearly, 2 quadratically, 0 not at all."""
+    pairs = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
+    if len(pairs) < 2:
+        return float("nan")
+    mx = statistics.mean(p[0] for p in pairs)
+    my = statistics.mean(p[1] for p in pairs)
+    var = sum((p[0] - mx) ** 2 for p in pairs)
+    return sum((p[0] - mx) * (p[1] - my) for p in pairs) / var if var else float("nan")
+
+
+FIGURES = (("cpu_per_report_us", "CPU per report (us)"), ("cores_at_1hz", "cores at 1 report/node/s"),
+           ("rss_mb", "RSS (MB)"), ("autoscaler_step_ms", "autoscaler step (ms CPU)"),
+           ("feed_bps", "feed B/s per watcher"), ("change_p99_ms", "change to all watchers p99 (ms)"),
+           ("create_key_p99_ms", "admin CreateKey p99 (ms)"), ("status_p99_ms", "admin Status p99 (ms)"))
+SWEEP_X = {"nodes": "nodes", "keys": "keys", "watchers": "watchers"}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| sweep | nodes | keys | watchers | reports/s | CPU/report | idle cores | cores at 1 Hz | RSS | "
+            "autoscaler step | feed per watcher | change p50 / p99 | CreateKey p50 / p99 | Status p50 / p99 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {r['sweep']} | {r['nodes']} | {r['keys']} | {r['watchers']} | {r['reports_per_s']:.0f} "
+        f"| {r['cpu_per_report_us']:.0f} us | {r['idle_cores']:.3f} | {r['cores_at_1hz']:.2f} "
+        f"| {r['rss_mb']:.0f} MB | {r['autoscaler_step_ms']:.1f} ms | {r['feed_bps']:.0f} B/s "
+        f"| {r['change_p50_ms']:.1f} / {r['change_p99_ms']:.1f} ms "
+        f"| {r['create_key_p50_ms']:.1f} / {r['create_key_p99_ms']:.1f} ms "
+        f"| {r['status_p50_ms']:.1f} / {r['status_p99_ms']:.1f} ms |\n" for r in rows)
+
+
+def exponents(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for sweep, x in SWEEP_X.items():
+        sel = [r for r in rows if r["sweep"] == sweep]
+        if len(sel) >= 2:
+            out[sweep] = {k: exponent([r[x] for r in sel], [r[k] for r in sel]) for k, _ in FIGURES}
+    return out
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    from bench import plots  # matplotlib (Agg) as the other figures use it
+    plt = plots.plt
+    sweeps = [s for s in SWEEP_X if sum(r["sweep"] == s for r in rows) >= 2]
+    fig, axes = plt.subplots(len(FIGURES), len(sweeps), figsize=(4 * len(sweeps), 2.2 * len(FIGURES)),
+                             squeeze=False)
+    for j, sweep in enumerate(sweeps):
+        sel = [r for r in rows if r["sweep"] == sweep]
+        x = [r[SWEEP_X[sweep]] for r in sel]
+        for i, (key, label) in enumerate(FIGURES):
+            ax = axes[i][j]
+            ax.loglog(x, [max(r[key], 1e-3) for r in sel], "o-")
+            ax.set_xlabel(sweep)
+            ax.set_ylabel(label, fontsize=7)
+            ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=plots.DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+def goals(rows: list[dict[str, Any]], exps: dict[str, dict[str, float]]) -> list[str]:
+    lines = []
+    node_rows = [r for r in rows if r["sweep"] in ("nodes", "corner")]
+    if node_rows:
+        per = statistics.median(r["cpu_per_report_us"] for r in node_rows if r["nodes"] >= 100) \
+            if any(r["nodes"] >= 100 for r in node_rows) else node_rows[-1]["cpu_per_report_us"]
+        idle = max(r["idle_cores"] for r in node_rows)
+        cores = per * 1e-6 * 2000 + idle
+        lines.append(f"2,000 nodes at 1 report/s: {per:.0f} us x 2000 + {idle:.3f} idle = {cores:.2f} cores "
+                     f"(goal <= {GOAL_CORES_2000}): {'met' if cores <= GOAL_CORES_2000 else 'NOT met'}")
+    w32 = [r for r in rows if r["watchers"] >= 32]
+    if w32:
+        worst = max(r["change_p99_ms"] for r in w32)
+        lines.append(f"change to 32 watchers p99 {worst:.1f} ms (goal <= {GOAL_CHANGE_P99_MS:.0f}): "
+                     f"{'met' if worst <= GOAL_CHANGE_P99_MS else 'NOT met'}")
+    k100 = [r for r in rows if r["keys"] >= 100000]
+    if k100:
+        worst = max(r["feed_bps"] for r in k100)
+        lines.append(f"steady feed at 100,000 keys {worst:.0f} B/s per watcher (goal <= {GOAL_FEED_BPS:.0f}): "
+                     f"{'met' if worst <= GOAL_FEED_BPS else 'NOT met'}")
+    corner = [r for r in rows if r["sweep"] == "corner"]
+    if corner:
+        rss = corner[0]["rss_mb"]
+        lines.append(f"RSS at 5,000 nodes and 100,000 keys {rss:.0f} MB (goal <= {GOAL_RSS_MB:.0f}): "
+                     f"{'met' if rss <= GOAL_RSS_MB else 'NOT met'}")
+    worst_exp = [(e, s, k) for s, d in exps.items() for k, e in d.items() if not math.isnan(e)]
+    if worst_exp:
+        e, s, k = max(worst_exp)
+        lines.append(f"largest growth exponent {e:.2f} ({k} against {s}; goal <= 1, a measured figure near 0 "
+                     "is noise-dominated)")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer points: 10 and 100 nodes, 1,000 keys, 1 and 8 "
+                        "watchers")
+    parser.add_argument("--seconds", type=float, default=4.0, help="the reporting window of each point")
+    parser.add_argument("--changes", type=int, default=30, help="changes timed per point (p99 over them)")
+    parser.add_argument("--interval", type=float, default=1.0, help="each agent's report interval (s)")
+    parser.add_argument("--min-rate", type=float, default=500.0, help="reports/s at least: fewer nodes than "
+                        "this report more often than --interval, so the CPU per report has enough reports")
+    parser.add_argument("--out", type=Path, default=None, help="a folder for results.json, table.md and the plot")
+    args = parser.parse_args()
+    rows = []
+    for p in points(args.quick):
+        r = asyncio.run(run_point(p, args.seconds, args.changes, args.interval, args.min_rate))
+        r["autoscaler_step_ms"] = autoscaler_step_ms(p.nodes)
+        rows.append(r)
+        print(table([r]).splitlines()[-1], flush=True)
+    exps = exponents(rows)
+    text = table(rows) + "\nGrowth exponents (log-log slope against the sweep's variable):\n\n"
+    text += "| figure | " + " | ".join(exps) + " |\n|---|" + "---|" * len(exps) + "\n"
+    text += "".join(f"| {label} | " + " | ".join(f"{exps[s][k]:.2f}" for s in exps) + " |\n"
+                    for k, label in FIGURES)
+    text += "\n" + "\n".join(f"- {line}" for line in goals(rows, exps)) + "\n"
+    print("\n" + text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps({"rows": rows, "exponents": exps}, indent=1))
+        (args.out / "table.md").write_text(text)
+        plot(rows, args.out / "control_plane_scale.png")
+        print(f"wrote {args.out}/results.json, table.md, control_plane_scale.png")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    main()

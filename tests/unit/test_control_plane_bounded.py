@@ -1,0 +1,193 @@
+"""Bounded work per step (issue 35.7): the feed's publication reads what changed, not the whole registry; the
+autoscaler's step parses each Slurm state word once; and a smoke run of bench/control_plane_scale.py's smallest
+point against a real controller (in this process, over gRPC and TLS).
+
+Work is counted (calls to the registry, to the state parser), never timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bench import control_plane_scale as bench
+from slinfer.backoff import BackoffPolicy
+from slinfer.config import parse
+from slinfer.controller import main as controller_main
+from slinfer.controller.autoscaler import Autoscaler
+from slinfer.controller.feedlog import FeedMirror
+from slinfer.controller.gateway import Demand
+from slinfer.controller.gatewayhub import GatewayHub
+from slinfer.controller.keys import KeyStore
+from slinfer.controller.limits import KeyLimits, Limiter
+from slinfer.controller.registry import Registry
+from slinfer.controller.usage import UsageLedger
+from slinfer.slurm import jobs as slurm_jobs
+from slinfer.slurm.states import JobState
+from slinfer.v1 import engine_pb2
+
+NODES = 50
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _CountingDict(dict):  # type: ignore[type-arg]
+    gets = 0
+
+    def get(self, key, default=None):  # type: ignore[no-untyped-def]
+        type(self).gets += 1
+        return super().get(key, default)
+
+
+def _hub(tmp_path: Path, registry: Registry) -> tuple[GatewayHub, KeyStore]:
+    keys = KeyStore(tmp_path / "keys.json")
+    ledger = UsageLedger(tmp_path / "usage", 60.0)
+    hub = GatewayHub(registry, keys, Limiter(KeyLimits(), ledger.tokens_today), ledger, "t", lambda m: False,
+                     ["m0"], warmup_s=0.0)
+    return hub, keys
+
+
+def _world(tmp_path: Path) -> tuple[Registry, _Clock, GatewayHub, KeyStore, dict[str, int]]:
+    clock = _Clock()
+    registry = Registry(agent_timeout_s=5.0, clock=clock)
+    for node in range(NODES):
+        registry.report(bench.agent_report(node))
+    hub, keys = _hub(tmp_path, registry)
+    calls = {"get": 0, "replicas": 0}
+    get, replicas = registry.get, registry.replicas
+
+    def counted_get(job_id: str):  # type: ignore[no-untyped-def]
+        calls["get"] += 1
+        return get(job_id)
+
+    def counted_replicas(model: str | None = None):  # type: ignore[no-untyped-def]
+        calls["replicas"] += 1
+        return replicas(model)
+
+    registry.get = counted_get  # type: ignore[method-assign]
+    registry.replicas = counted_replicas  # type: ignore[method-assign]
+    return registry, clock, hub, keys, calls
+
+
+def _fresh_state(tmp_path: Path, registry: Registry, keys: KeyStore, hub: GatewayHub) -> None:
+    """The incremental feed's state equals what a new hub computes from everything (the full scan)."""
+    fresh = GatewayHub(registry, keys, hub._limiter, hub._ledger, "t", lambda m: False, ["m0"], warmup_s=0.0)
+    a, b = FeedMirror(), FeedMirror()
+    a.apply(hub.feed.snapshot())
+    b.apply(fresh.table())
+    assert a.state() == b.state()
+
+
+def test_a_publication_reads_only_the_replicas_that_changed(tmp_path: Path) -> None:
+    registry, _clock, hub, keys, calls = _world(tmp_path)
+    first = hub.publish()
+    # Positive control: the first publication is the whole registry.
+    assert first is not None and len(first.replicas) == NODES * bench.ENGINES and calls["replicas"] == 1
+    calls.update(get=0, replicas=0)
+
+    keys.create("newcomer")
+    delta = hub.publish()
+    assert delta is not None and [k.name for k in delta.keys] == ["newcomer"] and not delta.replicas
+    assert calls == {"get": 0, "replicas": 0}  # a key's change reads no replica
+
+    report = bench.agent_report(3)
+    for e in report.engines:
+        e.load.running += 7  # load changes on every report; it is not in the feed
+    registry.report(report)
+    assert hub.publish() is None and calls == {"get": 0, "replicas": 0}
+
+    report.engines[0].state = engine_pb2.STOPPING
+    registry.report(report)
+    delta = hub.publish()
+    assert delta is not None and [r.job_id for r in delta.replicas] == [report.engines[0].job_id]
+    assert delta.replicas[0].state == engine_pb2.STOPPING and calls["get"] == 1 and calls["replicas"] == 0
+
+    del report.engines[1]  # gone from its agent's report
+    registry.report(report)
+    delta = hub.publish()
+    assert delta is not None and list(delta.removed_replicas) == [bench.agent_report(3).engines[1].job_id]
+    registry.set_draining(report.engines[2].job_id)
+    delta = hub.publish()
+    assert delta is not None and [r.draining for r in delta.replicas] == [True]
+    assert calls["replicas"] == 0
+    _fresh_state(tmp_path, registry, keys, hub)
+
+
+def test_a_silent_agent_costs_its_own_replicas_not_the_cluster(tmp_path: Path) -> None:
+    registry, clock, hub, keys, calls = _world(tmp_path)
+    hub.publish()
+    clock.now += 6.0  # past the timeout: every agent but node 7 reports again
+    for node in range(NODES):
+        if node != 7:
+            registry.report(bench.agent_report(node))
+    calls.update(get=0, replicas=0)
+    counting = _CountingDict(registry._agents)
+    registry._agents = counting
+    delta = hub.publish()
+    silent = {e.job_id for e in bench.agent_report(7).engines}
+    assert delta is not None and {r.job_id for r in delta.replicas} == silent
+    assert all(not r.agent_alive for r in delta.replicas)
+    assert calls == {"get": bench.ENGINES, "replicas": 0}
+    assert _CountingDict.gets <= 2 + 1  # the silent agent, the first one heard in time, and its job ids
+    _fresh_state(tmp_path, registry, keys, hub)
+
+    registry.report(bench.agent_report(7))  # it speaks again
+    delta = hub.publish()
+    assert delta is not None and {r.job_id for r in delta.replicas} == silent
+    assert all(r.agent_alive for r in delta.replicas)
+    assert hub.publish() is None  # and nothing more
+
+
+def test_an_autoscaler_step_parses_each_state_word_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = []
+    original = JobState.parse
+
+    def counted(value: object) -> JobState:
+        parsed.append(value)
+        return original(value)
+
+    slurm_jobs._parsed.cache_clear()
+    monkeypatch.setattr(JobState, "parse", staticmethod(counted))
+    nodes = 20
+    per_model = nodes * bench.ENGINES // bench.MODELS
+    config = parse({"models": [{"name": f"m{i}", "source": "/b", "min_replicas": per_model,
+                                "max_replicas": per_model} for i in range(bench.MODELS)]})
+    registry = Registry(agent_timeout_s=60.0)
+    for node in range(nodes):
+        registry.report(bench.agent_report(node))
+    jobs = [bench.SlurmJob(job_id=r.job_id, name=f"slinfer-{r.model}", comment=f"slinfer:autoscaler model={r.model}",
+                           state="RUNNING", node=r.node, submit_time=1.0, start_time=2.0, end_time=9e9, nodes=r.node)
+            for r in registry.replicas()]
+    scaler = Autoscaler(config.models, registry, lambda _m: Demand(0, 0), bench._ListingSlurm(jobs), settle_s=0.0)
+
+    asyncio.run(scaler.step())
+    statuses = scaler.status()
+    # Positive control: the step did read every job (each model holds its READY replicas, all adopted).
+    assert sum(s.ready for s in statuses) == len(jobs) == nodes * bench.ENGINES
+    assert parsed == ["RUNNING"]
+    slurm_jobs._parsed.cache_clear()
+
+
+def test_the_benchmark_smallest_point_runs_against_a_real_controller(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The hub's first table waits for agents to re-register after a start; a smoke run need not.
+    monkeypatch.setattr(controller_main, "AGENT_RECONNECT", BackoffPolicy(initial_s=0.01, max_s=0.01))
+    point = bench.Point(nodes=2, keys=20, watchers=2, sweep="nodes")
+    r = asyncio.run(bench.run_point(point, seconds=0.3, changes=2, interval=0.05, in_process=True,
+                                    heartbeat_s=0.05))
+    assert r["nodes"] == 2 and r["reports_per_s"] > 5
+    assert r["change_p99_ms"] > 0 and r["create_key_p99_ms"] > 0 and r["status_p99_ms"] > 0
+    assert r["rss_mb"] > 10
+    assert r["feed_bps"] < bench.GOAL_FEED_BPS  # nothing changed but load: the feed carries next to nothing
+    rows = [dict(r, nodes=n, autoscaler_step_ms=n * 0.1, cpu_per_report_us=100.0) for n in (10, 100)]
+    exps = bench.exponents(rows)
+    assert exps["nodes"]["autoscaler_step_ms"] == pytest.approx(1.0)
+    assert exps["nodes"]["cpu_per_report_us"] == pytest.approx(0.0)
+    assert "| nodes | 10 |" in bench.table(rows)
