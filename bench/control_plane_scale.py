@@ -375,7 +375,8 @@ async def run_point(p: Point, seconds: float, changes: int, interval: float = 1.
     per_report = max(busy_cpu - idle_rate * busy_s, 0.0) / max(reports, 1)
     return {"nodes": p.nodes, "keys": p.keys, "watchers": p.watchers, "sweep": p.sweep,
             "register_s": register_s, "interval_s": interval,
-            "stream_errors": sum(agents.errors.values()), "load_avg_1m": os.getloadavg()[0], "reports_per_s": reports / busy_s,
+            "stream_errors": sum(agents.errors.values()), "load_avg_1m": os.getloadavg()[0],
+            "reports_per_s": reports / busy_s,
             "cpu_per_report_us": 1e6 * per_report, "idle_cores": idle_rate,
             "cores_at_1hz": idle_rate + per_report * p.nodes,
             "rss_mb": rss / 2**20, "feed_bps": feed_bps,
