@@ -123,12 +123,19 @@ class DbElection:
                 tx.execute("CREATE TABLE IF NOT EXISTS leader_lease (name VARCHAR(64) PRIMARY KEY, "
                            "holder VARCHAR(255) NOT NULL, generation BIGINT NOT NULL, renewals BIGINT NOT NULL, "
                            "duration_s DOUBLE NOT NULL)")
+            # In a transaction of its own: an INSERT IGNORE's shared lock on the row, upgraded by the FOR UPDATE
+            # below in the same transaction, deadlocks two candidates that do both at once (MariaDB 1213).
+            with self._db.transaction(fenced=False) as tx:
+                tx.execute("INSERT OR IGNORE INTO leader_lease VALUES (?, '', 0, 0, ?)",
+                           (self._name, self._duration))
             self._table = True
         with self._db.transaction(fenced=False) as tx:
-            tx.execute("INSERT OR IGNORE INTO leader_lease VALUES (?, '', 0, 0, ?)", (self._name, self._duration))
-            holder, generation, renewals, duration = tx.query(
-                f"SELECT holder, generation, renewals, duration_s FROM leader_lease WHERE name = ?{self._lock()}",
-                (self._name,))[0]
+            rows = tx.query(f"SELECT holder, generation, renewals, duration_s FROM leader_lease WHERE name = ?"
+                            f"{self._lock()}", (self._name,))
+            if not rows:  # the row deleted by hand: made again at the next step
+                self._table = False
+                raise StoreError(f"{self._db.name}: no lease row {self._name!r}")
+            holder, generation, renewals, duration = rows[0]
             generation, renewals, self.holder = int(generation), int(renewals), str(holder)
             if self._leader:
                 if (holder, generation) == (self.identity, self.generation):

@@ -28,8 +28,8 @@ from tests.bed.test_gateway_tier import MESSAGES, MODEL, Load, _get
 from tests.fakes.slurmbed import SlurmBed, wait_until
 
 pytestmark = pytest.mark.bed
-# The tier's port on the bed: clear of the bed's own and of test_gateway_tier's (port_base + 82).
-TIER_OFFSET = 84
+# The tier's port on the bed: clear of the bed's own and of the other modules' tiers (port_base + 82, 84, 86, 87).
+TIER_OFFSET = 85
 # slinfer's own database on the bed's MariaDB, and its user (slurmdbd's are `slurm` and slurm_acct_db_*).
 DATABASE = "slinfer_state"
 DB_USER = "slinfer"
