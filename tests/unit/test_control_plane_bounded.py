@@ -191,3 +191,34 @@ def test_the_benchmark_smallest_point_runs_against_a_real_controller(monkeypatch
     assert exps["nodes"]["autoscaler_step_ms"] == pytest.approx(1.0)
     assert exps["nodes"]["cpu_per_report_us"] == pytest.approx(0.0)
     assert "| nodes | 10 |" in bench.table(rows)
+
+
+class _Name(str):
+    """A node name that counts its comparisons."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        type(self).compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_a_gateway_mirror_groups_replicas_by_node_in_one_pass() -> None:
+    source = Registry(agent_timeout_s=60.0)
+    for node in range(NODES):
+        source.report(bench.agent_report(node))
+    replicas = source.replicas()
+    for r in replicas:
+        r.node = _Name(r.node)
+    alive = {r.node for r in replicas}
+    mirror = Registry(agent_timeout_s=60.0)
+    _Name.compared = 0
+    mirror.mirror(replicas, alive)
+    # Each replica's node is looked up twice (is its agent alive, which node's list); a scan of every replica
+    # per node compared NODES x replicas times (20,000 here).
+    assert _Name.compared <= 2 * len(replicas)
+    agents = {a.node: a.job_ids for a in mirror.agents()}
+    assert len(agents) == NODES
+    assert agents["node00003"] == sorted(e.job_id for e in bench.agent_report(3).engines)
