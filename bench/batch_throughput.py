@@ -4,6 +4,9 @@ through the online gateway, in one run; and the time from `create` to the first 
     SLINFER_API_KEY=... python bench/batch_throughput.py --url http://127.0.0.1:PORT/v1 \\
         --spool STATE/controller/batch [--lines 1000] [--max-tokens 64] [--concurrency 256] [--model tiny]
 
+The per-line overhead: `--lines 10000 --max-tokens 1` (2.4 MB of lines, one job: the bed's [batch] has
+max_file_bytes 4 MiB and lines_per_task 10,000).
+
 Online: the lines as chat requests through the gateway, `--concurrency` in flight (after one warm-up request,
 so a replica is up). Batch: the same lines uploaded and run as a batch; its tokens/s end to end (from create
 to completed: Slurm, the engine's start, the answers) and while answering (the runner's own figure, read
@@ -142,6 +145,9 @@ def main() -> int:
     print(f"batch   : {b['tokens'] / b['total_s']:8.0f} tokens/s end to end (create -> completed {b['total_s']:.1f} s, "
           f"the job's engine start {b['engine_wait_s']:.1f} s)")
     print(f"create -> first line done: {b['first_s']:.1f} s")
+    # Per line: what each line costs beyond its tokens, with max_tokens 1 (the figure the issue asks at 10,000).
+    print(f"per line: {1000 * b['answer_s'] / args.lines:.2f} ms in the batch while answering, "
+          f"{1000 * seconds / args.lines:.2f} ms online ({args.lines} lines, {args.concurrency} in flight)")
     if args.bare:
         r = bare(args.config, args.model, lines, args.bare_cpu)
         print(f"run_batch: {r['tokens'] / r['wall_s']:8.0f} tokens/s end to end ({r['tokens']:.0f} tokens in "

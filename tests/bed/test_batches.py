@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from slinfer.dev import devcluster
 from tests.fakes.slurmbed import SlurmBed, wait_until
 
 pytestmark = pytest.mark.bed
@@ -211,6 +212,50 @@ def test_a_requeued_batch_job_resumes_and_answers_each_line_once(keys: Keys, slu
           f"{done.model_extra['slurm'].get('requeues', 0)} times")
 
 
+def _controller_with(bed: SlurmBed, config: str) -> None:
+    """The controller restarted on `config` (the bed's file rewritten), once its start check passed."""
+    offset = (bed.bed.logs / "controller.out").stat().st_size
+    bed.bed.config.write_text(config)
+    devcluster.stop_daemon(bed.bed, "controller")
+    devcluster.start_controller(bed.bed)
+    wait_until("the restarted controller's start check", lambda: "may submit every model's jobs" in
+               (bed.bed.logs / "controller.out").read_text()[offset:], 60)
+
+
+# The array test's file: two tasks of 50 lines (two engines at once, the least that is an array).
+ARRAY_LINES, PER_TASK = 100, 50
+
+
+def test_a_file_above_lines_per_task_runs_as_a_job_array_merged_in_order(keys: Keys, slurm_bed: SlurmBed) -> None:
+    original = slurm_bed.bed.config.read_text()
+    assert "\n[batch]\n" in original, "the bed's config no longer has a [batch] section"
+    _controller_with(slurm_bed, original.replace("\n[batch]\n", f"\n[batch]\nlines_per_task = {PER_TASK}\n", 1))
+    try:
+        began = time.monotonic()
+        f = keys.alice.files.create(file=("in.jsonl", lines(ARRAY_LINES, 4, "a")), purpose="batch")
+        batch = keys.alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                          completion_window="1h")
+        done = until_over(keys.alice, batch.id)
+        took = time.monotonic() - began
+    finally:
+        _controller_with(slurm_bed, original)
+    assert done.status == "completed", done
+    slurm = done.model_extra["slurm"]
+    assert slurm["tasks"] == 2 and slurm["jobs"] == [slurm["job_id"]], slurm
+    # The merged output: every line once, in the file's order (the tasks ran side by side).
+    content = keys.alice.files.content(done.output_file_id).content.splitlines()
+    assert [json.loads(x)["custom_id"] for x in content] == [f"a{i}" for i in range(ARRAY_LINES)]
+    assert done.request_counts.completed == ARRAY_LINES
+    # Slurm ran it as an array of two tasks, each its own engine and its own slice.
+    job_id = slurm["job_id"]
+    acct = slurm_bed.run("sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State").stdout.split()
+    assert sorted(acct) == [f"{job_id}_0|COMPLETED", f"{job_id}_1|COMPLETED"], acct
+    for task in (0, 1):
+        log = (folder(slurm_bed, batch.id) / f"job-{task}.log").read_text()
+        assert f"{PER_TASK} lines to answer" in log, log
+    print(f"\narray of 2 tasks of {PER_TASK} lines: create -> completed {took:.1f} s (two engines' starts)")
+
+
 def test_uploads_refused_bad_lines_another_key_oversize(keys: Keys, slurm_bed: SlurmBed) -> None:
     good = lines(6, 4)
     bad = good.splitlines()
@@ -223,8 +268,8 @@ def test_uploads_refused_bad_lines_another_key_oversize(keys: Keys, slurm_bed: S
         keys.bob.files.content(mine.id)
     with pytest.raises(openai.NotFoundError):
         keys.bob.batches.create(input_file_id=mine.id, endpoint="/v1/chat/completions", completion_window="1h")
-    big = b"".join(lines(1, 4, f"b{i}-") for i in range(8000))
-    assert 1 << 20 < len(big) < 2 << 20  # the bed's [batch].max_file_bytes is 1 MiB
+    big = b"".join(lines(1, 4, f"b{i}-") for i in range(25000))
+    assert 4 << 20 < len(big) < 5 << 20  # the bed's [batch].max_file_bytes is 4 MiB
     with pytest.raises(openai.APIStatusError) as over:
         keys.alice.files.create(file=("big.jsonl", big), purpose="batch")
     assert over.value.status_code == 413
