@@ -182,12 +182,13 @@ class Proxy:
         # aiohttp waits for a paused client here: bounded too (one timer per stream, not per chunk).
         try:
             async with asyncio.timeout(self._client_timeout):
-                held = usage.finish() if usage is not None else b""
-                if held:
-                    await out.write(held)
+                # The body's last read and what the usage filter held, with the terminator in one write.
+                last = conn.take_tail() + (usage.finish() if usage is not None else b"")
                 if error:
-                    await out.write(error)
-                await out.write_eof()
+                    if last:
+                        await out.write(last)
+                    last = error
+                await out.write_eof(last)
         except ConnectionResetError:
             # The client closed as soon as it had the stream's last event (the openai client does): the answer
             # was whole, so this is no failure of the request.

@@ -74,6 +74,8 @@ MAX_HEAD_BYTES = 65536
 MAX_FRAME_LINE = 4096
 # The bytes that end an SSE event: a chunk whose data ends with them holds whole events only.
 _EVENT_END = b"\n\n"
+# How a chunk holding one streamed token's event ends: its choices, an array of objects, close the event.
+_TOKEN_END = b"}]}\n\n\r\n"
 
 
 class EngineConnection(asyncio.Protocol):
@@ -120,6 +122,8 @@ class EngineConnection(asyncio.Protocol):
         self._left = 0
         self._frame_carry = b""
         self._aligned = True
+        # The data of the read that ended the body, held for the caller's last write (`take_tail`).
+        self._tail = b""
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -231,6 +235,7 @@ class EngineConnection(asyncio.Protocol):
         self._left = 0
         self._frame_carry = b""
         self._aligned = True
+        self._tail = b""
         self.status = 0
         self.content_type = ""
         self.keep_alive = True
@@ -296,6 +301,7 @@ class EngineConnection(asyncio.Protocol):
         self._sink = self._tap = self._filter = None
         self._sink_full = False
         self._pieces.clear()
+        self._tail = b""
         if self._paused and self.transport is not None and not self.closed:
             self._paused = False
             self.transport.resume_reading()
@@ -325,6 +331,37 @@ class EngineConnection(asyncio.Protocol):
         if self._done or self._error is not None:
             self.keep_alive = False  # bytes past the response's end (or after a failure): not reused
             return
+        # The common read (vLLM's: one token's event, one chunk, one read), told by checks that read a few
+        # bytes each: one size line and the whole chunk; one event (its only blank line at the end), not the
+        # engine's error event; and a choice in it (it ends with `}]}`), so not the usage-only event, whose
+        # choices are empty. No scan of the whole read for a marker.
+        if not self._left and self._aligned and self._sink_chunked and not self._frame_carry \
+                and data.endswith(_TOKEN_END):
+            n = len(data)
+            i = data.find(b"\r\n")
+            try:
+                whole = i + int(data[:i], 16) + 4 == n
+            except ValueError:
+                whole = False
+            if whole and data.find(_EVENT_END, i) == n - 4 and not data.startswith(ENGINE_ERROR_EVENT, i + 2):
+                sink = self._sink
+                assert sink is not None
+                if self._filter is not None:
+                    self._filter.events += 1
+                if sink.is_closing():
+                    self._sink_full = True
+                else:
+                    sink.write(data)
+                    if self._tap is not None:
+                        self._tap(data[i + 2:-2])
+                    if sink.get_write_buffer_size() <= SINK_HIGH_WATER:
+                        return
+                    self._sink_full = True
+                if not self._paused and self.transport is not None:
+                    self._paused = True
+                    self.transport.pause_reading()
+                self._wake()
+                return
         if self._frame_carry:
             data = self._frame_carry + data
             self._frame_carry = b""
@@ -400,6 +437,11 @@ class EngineConnection(asyncio.Protocol):
                 usage.events += data.count(_EVENT_END, 0, end)
             if sink.is_closing():
                 self._sink_full = True  # the client left: its handler is being cancelled; stop reading
+            elif self._done:
+                # The body's last read: its data goes with the terminator, in the caller's one last write.
+                self._tail = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+                if self._tap is not None:
+                    self._tap(self._tail)
             else:
                 sink.write(data if end == len(data) else data[:end])
                 if self._tap is not None:
@@ -445,15 +487,26 @@ class EngineConnection(asyncio.Protocol):
             # The client left; its handler is being cancelled, which ends this request. Stop reading meanwhile.
             self._sink_full = True
         else:
-            sink.write(b"%x\r\n%b\r\n" % (len(data), data) if self._sink_chunked else data)
+            if self._raw and self._done:
+                self._tail += data  # the body's last read: the caller writes it with the terminator
+            else:
+                sink.write(b"%x\r\n%b\r\n" % (len(data), data) if self._sink_chunked else data)
             if self._tap is not None:
                 self._tap(data)
+            if self._done:
+                return
             if sink.get_write_buffer_size() <= SINK_HIGH_WATER:
                 return
             self._sink_full = True
         if not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
+
+    def take_tail(self) -> bytes:
+        """The data of the body's last read (raw pass-through), not yet written: the caller writes it with the
+        stream's end, so that the last event and the terminator leave in one write."""
+        tail, self._tail = self._tail, b""
+        return tail
 
     def _resume(self) -> None:
         self._sink_full = False

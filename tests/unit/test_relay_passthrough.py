@@ -106,10 +106,13 @@ async def relay(reads: list[bytes], chunked_client: bool = True, usage: UsageFil
     return conn, sink, first
 
 
-def client_body(sink: Sink, first: bytes, usage: UsageFilter | None, chunked: bool = True) -> bytes:
+def client_body(conn: EngineConnection, sink: Sink, first: bytes, usage: UsageFilter | None,
+                chunked: bool = True) -> bytes:
+    """What the client gets: the proxy's first write, the relay's, then the last read's data and what the usage
+    filter held (the proxy writes these with the terminator)."""
     written = b"".join(sink.writes)
     held = usage.finish() if usage is not None else b""
-    return first + (dechunk(written) if chunked else written) + held
+    return first + (dechunk(written) if chunked else written) + conn.take_tail() + held
 
 
 async def test_vllm_framing_goes_verbatim_and_the_usage_event_is_taken_out():
@@ -121,7 +124,7 @@ async def test_vllm_framing_goes_verbatim_and_the_usage_event_is_taken_out():
     assert conn._raw and conn._done and conn._error is None and conn.keep_alive
     # Each token's read left as it came, framing and all, with nothing added: no parse, no copy.
     assert sink.writes == [frame(e) for e in evs[1:-2]] + [frame(evs[-1])]
-    assert client_body(sink, first, usage) == b"".join(evs[:-2]) + evs[-1]
+    assert client_body(conn, sink, first, usage) == b"".join(evs[:-2]) + evs[-1]
     assert (meter.prompt_tokens, meter.completion_tokens, meter.reported, meter.estimated) == (9, 20, True, False)
 
 
@@ -144,7 +147,7 @@ async def test_without_a_usage_event_the_estimate_counts_the_verbatim_events():
     usage = UsageFilter(meter)
     conn, sink, first = await relay(reads, usage=usage)
     assert conn._raw
-    assert client_body(sink, first, usage) == b"".join(evs)
+    assert client_body(conn, sink, first, usage) == b"".join(evs)
     # 22 events: the role chunk and [DONE] carry no token.
     assert (meter.completion_tokens, meter.estimated) == (20, True)
 
@@ -154,7 +157,20 @@ async def test_an_http_1_0_client_gets_the_data_unframed():
     reads = [HEAD + frame(evs[0])] + [frame(e) for e in evs[1:]] + [b"0\r\n\r\n"]
     conn, sink, first = await relay(reads, chunked_client=False)
     assert conn._done
-    assert first + b"".join(sink.writes) == b"".join(evs)
+    assert first + b"".join(sink.writes) + conn.take_tail() == b"".join(evs)
+
+
+async def test_the_last_event_and_the_terminator_in_one_read_leave_in_the_callers_one_last_write():
+    evs = events()
+    del evs[-2]
+    reads = [HEAD + frame(evs[0])] + [frame(e) for e in evs[1:-1]] + [frame(evs[-1]) + b"0\r\n\r\n"]
+    meter = Meter()
+    conn, sink, _first = await relay(reads, tap=meter)
+    assert conn._raw and conn._done
+    assert sink.writes == [frame(e) for e in evs[1:-1]]  # [DONE] not written here...
+    assert conn.take_tail() == evs[-1]  # ...but held for the write with the terminator
+    assert conn.take_tail() == b""
+    assert (meter.completion_tokens, meter.estimated) == (20, True)  # the tap saw it
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -175,7 +191,7 @@ def test_any_chunking_and_any_reads_give_the_same_body_and_the_exact_usage(data)
     usage = UsageFilter(meter)
     conn, sink, first = asyncio.run(relay(reads, usage=usage))
     assert conn._done and conn._error is None
-    assert client_body(sink, first, usage) == body.replace(evs[-2], b"")
+    assert client_body(conn, sink, first, usage) == body.replace(evs[-2], b"")
     assert (meter.prompt_tokens, meter.completion_tokens, meter.reported) == (9, 20, True)
 
 
@@ -186,7 +202,7 @@ async def test_the_engines_error_event_ends_the_stream_in_raw_mode_too():
     conn, sink, first = await relay(reads, usage=UsageFilter(Meter()))
     assert conn._raw
     assert isinstance(conn._error, UpstreamError) and "engine core died" in str(conn._error)
-    assert first + dechunk(b"".join(sink.writes)) == b"".join(evs[:5])  # nothing from the error on
+    assert first + dechunk(b"".join(sink.writes)) + conn.take_tail() == b"".join(evs[:5])  # nothing after it
     assert not conn.keep_alive
 
 
@@ -209,3 +225,18 @@ async def test_bytes_after_the_last_chunk_keep_the_connection_from_reuse():
     # The positive control: the same stream ending cleanly is reused.
     conn, _sink, _first = await relay([*reads[:2], b"0\r\n\r\n"])
     assert conn._done and conn.keep_alive and conn.finish()
+
+
+async def test_a_usage_event_with_its_choices_last_is_taken_out_too():
+    """The read-by-read shortcut knows a token's event by its end (`}]}`): a usage-only event ending with its
+    empty choices instead (`[]}`) goes the long way and is still taken out."""
+    evs = events()
+    evs[-2] = b"data: " + json.dumps({"id": "x", "usage": USAGE, "choices": []}).encode() + b"\n\n"
+    reads = [HEAD + frame(evs[0])] + [frame(e) for e in evs[1:]] + [b"0\r\n\r\n"]
+    meter = Meter()
+    usage = UsageFilter(meter)
+    conn, sink, first = await relay(reads, usage=usage)
+    assert conn._raw
+    assert sink.writes == [frame(e) for e in evs[1:-2]] + [frame(evs[-1])]
+    assert client_body(conn, sink, first, usage) == b"".join(evs[:-2]) + evs[-1]
+    assert (meter.prompt_tokens, meter.completion_tokens, meter.reported) == (9, 20, True)
