@@ -13,7 +13,7 @@ set -euo pipefail
 
 python=$1 src=$2 destdir=$3 prefix=$4
 stage="$destdir$prefix"
-extras="gpu,kubernetes,fast"
+extras="gpu,kubernetes,fast,mysql"
 
 rm -rf "$stage"
 "$python" -m venv "$stage"
