@@ -4,6 +4,7 @@ the warm and the cold path (a table of cases)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -378,3 +379,40 @@ def test_the_switch_is_on_by_default_and_a_wrong_value_names_the_key() -> None:
     assert parse({"agent": {"warm_start": False}}).agent.warm_start is False
     with pytest.raises(ConfigError, match=r"^agent\.warm_start"):
         parse({"agent": {"warm_start": "yes"}})
+
+
+class _HealthTemplate(_FakeTemplate):
+    """Spawns an HTTP server on the engine's port whose GET /health answers 200: an engine that serves at once."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(True)
+        self.folder = folder
+
+    def spawn(self, args: list[str], **kwargs: object) -> WarmProcess:
+        self.requests.append({"args": args, **kwargs})
+        (self.folder / "health").write_text("ok")
+        port = args[args.index("--port") + 1]
+        proc = subprocess.Popen([sys.executable, "-m", "http.server", port, "--bind", "127.0.0.1", "--directory",
+                                 str(self.folder)], start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        return WarmProcess(proc.pid, ProcessIdentity.of(proc.pid), Path("/nonexistent"))
+
+
+async def test_a_starting_engine_is_probed_often_whatever_the_health_interval(tmp_path: Path) -> None:
+    agent = AgentConfig(address="127.0.0.1", python="/bin/sleep", run_dir=str(tmp_path / "run"),
+                        health_interval_s=30, engine_command=list(DEFAULT_ENGINE_COMMAND))
+    config = Config(agent=agent, models=[ModelConfig(name="m", source="/x", gpus=1)])
+    async with aiohttp.ClientSession() as http:
+        manager = EngineManager(config, RecordStore(tmp_path / "run" / "engines"), http, Gpus(),
+                                template=_HealthTemplate(tmp_path))  # type: ignore[arg-type]
+        began = time.monotonic()
+        engine = await manager.start(pb.JobSpec(job_id="9", model="m", uid=os.getuid(), gid=os.getgid(),
+                                                user="", gpus=["0"]))
+        try:
+            assert engine.state == pb.STARTING
+            while manager.store.load_all()[0].state != pb.READY:
+                # With health_interval_s between the probes of a STARTING engine, READY would take 30 s.
+                assert time.monotonic() - began < 5, "the starting engine was not probed within 5 s"
+                await asyncio.sleep(0.05)
+        finally:
+            await manager.stop("9")
