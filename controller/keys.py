@@ -122,9 +122,9 @@ class KeyStore:
     def _load(self) -> None:
         """(Re)reads every key from the database, after moving an earlier version's key file into it."""
         legacy = self._path if self._path != self._db_path and self._path.exists() else None
-        # The previous version's SQLite file, when the keys now live elsewhere (MariaDB).
-        old_db = (self._db_path if self._db_path.exists() and not isinstance(self._db, SqliteDatabase)
-                  else None)
+        # The previous version's SQLite file, when the keys now live elsewhere (MariaDB, another SQLite file).
+        old_db = (self._db_path if self._db_path.exists()
+                  and Path(getattr(self._db, "path", "")).resolve() != self._db_path.resolve() else None)
         if (legacy is None and old_db is None and isinstance(self._db, SqliteDatabase)
                 and not self._db.exists()):
             return

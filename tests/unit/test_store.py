@@ -101,12 +101,7 @@ def test_an_earlier_versions_key_files_move_into_the_database(connect: Callable[
     old_id, old_secret = old.create("from-db")
     legacy = {"keys": [{"sha256": "ab" * 32, "key_id": "fromjson", "name": "from-json", "account": "chem"}]}
     (tmp_path / "keys.json").write_text(json.dumps(legacy))
-    db = connect()
-    store = KeyStore(tmp_path / "keys.json", db=db)
-    if isinstance(db, SqliteDatabase):
-        # The default database is another file than keys.db here: the key file alone moves.
-        assert {k.key_id for k in store.list()} == {"fromjson"}
-        return
+    store = KeyStore(tmp_path / "keys.json", db=connect())
     assert {k.key_id for k in store.list()} == {old_id, "fromjson"}
     assert store.verify(old_secret) is not None
     assert (tmp_path / "keys.db.migrated").exists() and (tmp_path / "keys.json.migrated").exists()
