@@ -597,6 +597,8 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         if getattr(config.batch, name) <= 0:
             raise ConfigError(f"batch.{name}", "must be above 0")
     _check_state(config.state)
+    if config.state.leader_election and kube.enabled and kube.leader_election:
+        raise ConfigError("state.leader_election", "and kubernetes.leader_election are both on: choose one")
     return config
 
 

@@ -277,3 +277,23 @@ def test_candidates_stepping_at_once_never_deadlock(connect: Callable[[], Databa
         t.join()
     assert errors == []
     assert elections[0].is_leader and not elections[1].is_leader  # the positive control: it kept renewing
+
+
+@pytest.mark.parametrize("state, key, why", [
+    ('database = "postgres://x@h/db"', "state.database", "neither sqlite"),
+    ('password_file = "/etc/pw"', "state.password_file", "mysql:// database only"),
+    ("leader_election = true", "state.leader_election", "standby on another host"),
+    ("renew_interval_s = 8.0", "state.renew_interval_s", "below half of lease_duration_s"),
+    ('database = "mysql://u@h/db"\nleader_election = true\n[kubernetes]\nenabled = true\nleader_election = true',
+     "state.leader_election", "choose one"),
+])
+def test_the_state_sections_errors_name_their_key(state: str, key: str, why: str) -> None:
+    import tomllib
+
+    from slinfer.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=why) as info:
+        parse(tomllib.loads(f'[controller]\nuser = "slinfer"\n[state]\n{state}\n'))
+    assert info.value.key == key
+    parse(tomllib.loads('[controller]\nuser = "slinfer"\n[state]\ndatabase = "mysql://u@h/db"\n'
+                        'leader_election = true\n'))  # the positive control: a valid standby's section
