@@ -85,6 +85,8 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         self._dirty_replicas: set[str] = set()
         self._all_replicas = True
         self._silent: set[str] = set()
+        # The full state of the current version, built once for every gateway that connects at that version.
+        self._snapshot: gateway_pb2.RouteTable | None = None
         self._change = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
         registry.subscribe(lambda _model: self.changed())
@@ -178,7 +180,16 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
     def table(self) -> gateway_pb2.RouteTable:
         """The whole state as a gateway that connects now gets it."""
         self.publish()
-        return self.feed.snapshot()
+        return self.snapshot()
+
+    def snapshot(self) -> gateway_pb2.RouteTable:
+        """The full state at the current version, one message per version: the gateways that connect together
+        (every worker, after a controller restart) share it; one each took the controller past 1 GB with 32
+        watchers and 100,000 keys (bench/control_plane_scale.py)."""
+        snap = self._snapshot
+        if snap is None or snap.epoch != self.feed.epoch or snap.version != self.feed.version:
+            snap = self._snapshot = self.feed.snapshot()
+        return snap
 
     async def _publish_loop(self) -> None:
         while True:
@@ -211,7 +222,7 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
             log.info("gateway %s watching (%d gateways), %s", name, len(self._watchers),
                      "full state" if resume is None else f"resuming at version {request.version}")
             if resume is None:
-                first = self.feed.snapshot()
+                first = self.snapshot()
                 sent = first.version
                 yield first
             else:
@@ -227,7 +238,7 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
                 wakeup.clear()  # a publication from here on wakes this stream again
                 deltas = self.feed.since(self.feed.epoch, sent)
                 if deltas is None:  # this stream fell behind what the log keeps
-                    message = self.feed.snapshot()
+                    message = self.snapshot()
                     sent = message.version
                     yield message
                 elif deltas:

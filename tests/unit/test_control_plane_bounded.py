@@ -222,3 +222,25 @@ def test_a_gateway_mirror_groups_replicas_by_node_in_one_pass() -> None:
     agents = {a.node: a.job_ids for a in mirror.agents()}
     assert len(agents) == NODES
     assert agents["node00003"] == sorted(e.job_id for e in bench.agent_report(3).engines)
+
+
+def test_gateways_that_connect_at_one_version_share_one_full_state(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _registry, _clock, hub, keys, _calls = _world(tmp_path)
+    built = []
+    snapshot = hub.feed.snapshot
+
+    def counted():  # type: ignore[no-untyped-def]
+        built.append(hub.feed.version)
+        return snapshot()
+
+    monkeypatch.setattr(hub.feed, "snapshot", counted)
+    first = hub.table()
+    for _ in range(31):  # the other 31 workers of a site, after a controller restart
+        assert hub.snapshot() is first
+    assert len(built) == 1 and len(first.replicas) == NODES * bench.ENGINES
+    keys.create("newcomer")
+    hub.publish()
+    later = hub.snapshot()  # a new version: a new full state, with the change
+    assert len(built) == 2 and later.version == first.version + 1
+    assert "newcomer" in {k.name for k in later.keys}
