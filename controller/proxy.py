@@ -4,7 +4,8 @@ One keep-alive connection pool per engine (`upstream.EnginePool`, keyed by base 
 is gone. The request body goes upstream unchanged with the engine's own key in place of the client's. A
 non-streaming answer is read whole and returned; an SSE answer is relayed as it arrives: its first chunk
 through aiohttp (with the headers), the rest passed through from the engine's socket to the client's
-(`EngineConnection.relay_to`), what arrived in one read framed into one write. If the engine fails before
+(`EngineConnection.relay_to`): a token's read as it came, chunk framing and all, in one write; the last read
+with the terminator, in aiohttp's one `write_eof`. If the engine fails before
 any byte reached the client (refused connection, reset, death before its first chunk), `EngineFailed` says
 so and the caller may try another engine; after that, a stream is ended with an OpenAI-shaped error event,
 never silently. A client whose buffer passes its limit holds the engine's socket paused, for at most the
