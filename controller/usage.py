@@ -37,7 +37,7 @@ from pathlib import Path
 
 import msgspec
 
-from slinfer.controller.store import Database, StoreError
+from slinfer.controller.store import Database, SqliteDatabase, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +284,10 @@ class UsageLedger:
         self._today = ""
         self._today_tokens: dict[str, int] = {}
         self.write_errors = 0
+        # The table is made at the first write (or a read of a database that exists): a controller that fails
+        # to start leaves no file behind.
+        self._tables = False
         if db is not None:
-            self._db_tables(db)
             self._db_migrate(db)
         self._roll(self._clock())
 
@@ -323,7 +325,7 @@ class UsageLedger:
             for row in rows:
                 self.add_row(row)
             return
-        self._db_append(self._db, rows)
+        self._db_append(rows)
         if day_of(self._clock()) != self._today:
             self._roll(self._clock())
         for row in rows:
@@ -352,7 +354,8 @@ class UsageLedger:
         totals: dict[str, int] = {}
         if self._db is not None:
             try:
-                for key_id, tokens in self._db.query(
+                db = self._readable()
+                for key_id, tokens in [] if db is None else db.query(
                         "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM usage_sums WHERE `day` = ? "
                         "GROUP BY key_id", (self._today,)):
                     totals[str(key_id)] = int(tokens or 0)
@@ -373,7 +376,7 @@ class UsageLedger:
         pending, self._pending = self._pending, {}
         if self._db is not None:
             try:
-                self._db_append(self._db, list(pending.values()))
+                self._db_append(list(pending.values()))
             except StoreError as exc:
                 self.write_errors += 1
                 log.error("usage ledger: cannot write %d sums to %s (kept in memory, retried in %.0f s): %s",
@@ -409,10 +412,19 @@ class UsageLedger:
             self._pending[slot] = row
 
     # ---- the database ------------------------------------------------------------------------------------
-    @staticmethod
-    def _db_tables(db: Database) -> None:
+    def _readable(self) -> Database | None:
+        """The database to read, None while it has nothing (a SQLite file not made yet)."""
+        db = self._db
+        if db is None or (not self._tables and isinstance(db, SqliteDatabase) and not db.exists()):
+            return None
+        self._db_tables(db)
+        return db
+
+    def _db_tables(self, db: Database) -> None:
         """The `usage_sums` table: one row per flushed sum (append-only, as the files were), indexed by day and
         key (today's totals) and by start (`slinfer usage --since`)."""
+        if self._tables:
+            return
         columns = ("`day` CHAR(10) NOT NULL, key_id VARCHAR(64) NOT NULL, account VARCHAR(128) NOT NULL, "
                    "model VARCHAR(128) NOT NULL, requests BIGINT NOT NULL, failed BIGINT NOT NULL, "
                    "prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, estimated BIGINT NOT NULL, "
@@ -425,9 +437,12 @@ class UsageLedger:
                 tx.execute(f"CREATE TABLE IF NOT EXISTS usage_sums ({columns})")
                 tx.execute("CREATE INDEX IF NOT EXISTS usage_by_day ON usage_sums (`day`, key_id)")
                 tx.execute("CREATE INDEX IF NOT EXISTS usage_by_start ON usage_sums (`start`)")
+        self._tables = True
 
-    @staticmethod
-    def _db_append(db: Database, rows: list[UsageRow]) -> None:
+    def _db_append(self, rows: list[UsageRow]) -> None:
+        db = self._db
+        assert db is not None
+        self._db_tables(db)
         with db.transaction() as tx:
             tx.executemany("INSERT INTO usage_sums VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            [(r.day, r.key_id, r.account, r.model, r.requests, r.failed, r.prompt_tokens,
@@ -444,7 +459,7 @@ class UsageLedger:
             return
         rows = [row for path in files for row in self._read(path)]
         try:
-            self._db_append(db, rows)
+            self._db_append(rows)
             for path in files:
                 path.rename(path.with_name(path.name + ".migrated"))
         except OSError as exc:
@@ -517,8 +532,9 @@ class UsageLedger:
         until_day = day_of(until) if until else ""
         totals: dict[tuple[str, str, str, str], UsageRow] = {}
         sources: list[UsageRow] = []
-        if self._db is not None:
-            sources.extend(self._db_rows(self._db, key_id, since, until))
+        db = self._readable()
+        if db is not None:
+            sources.extend(self._db_rows(db, key_id, since, until))
         try:
             paths = sorted(self._folder.iterdir()) if self._db is None else []
         except (FileNotFoundError, NotADirectoryError):

@@ -297,3 +297,15 @@ def test_the_state_sections_errors_name_their_key(state: str, key: str, why: str
     assert info.value.key == key
     parse(tomllib.loads('[controller]\nuser = "slinfer"\n[state]\ndatabase = "mysql://u@h/db"\n'
                         'leader_election = true\n'))  # the positive control: a valid standby's section
+
+
+def test_a_controller_that_writes_nothing_leaves_no_database_file(tmp_path: Path) -> None:
+    db = open_database("", "", tmp_path / "state")
+    PinStore(tmp_path / "state" / "pins.json", db)
+    KeyStore(tmp_path / "state" / "keys.json", db=db)
+    ledger = UsageLedger(tmp_path / "state" / "usage", clock=Clock(), db=db)
+    assert ledger.query() == [] and ledger.tokens_today("k") == 0
+    assert not (tmp_path / "state").exists()  # a start that fails later (a port in use) leaves nothing
+    ledger.record("k", "n", "", "m", 200, _used(1, 1))
+    ledger.flush()
+    assert (tmp_path / "state" / "slinfer.db").exists() and ledger.query()[0].requests == 1
