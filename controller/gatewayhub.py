@@ -80,8 +80,9 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         # Keys that changed since the last publication (every key before the first).
         self._dirty_keys: set[bytes] = set()
         self._all_keys = True
-        # Replicas that changed since the last publication (every replica before the first), and the nodes
-        # published as silent: a publication reads those, not the whole registry (issue 35.7).
+        # Replicas that changed since the last publication, and the nodes published as silent: a publication reads
+        # those, not the whole registry (issue 35.7). With no watcher (before the first, after the last) nothing
+        # is tracked, and the next publication compares every replica once.
         self._dirty_replicas: set[str] = set()
         self._all_replicas = True
         self._silent: set[str] = set()
@@ -90,12 +91,16 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         self._change = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
         registry.subscribe(lambda _model: self.changed())
-        registry.subscribe_replicas(lambda job_id: self._dirty_replicas.add(job_id))
+        registry.subscribe_replicas(self._replica_changed)
         keys.subscribe(self._key_changed)
 
     def changed(self) -> None:
         """Something the feed shows changed (a replica READY, a drain, a key): it is published now."""
         self._change.set()
+
+    def _replica_changed(self, job_id: str) -> None:
+        if not self._all_replicas:
+            self._dirty_replicas.add(job_id)
 
     def _key_changed(self, digest: bytes) -> None:
         self._dirty_keys.add(digest)
@@ -143,19 +148,21 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         for node in silent ^ self._silent:
             self._dirty_replicas.update(self._registry.job_ids(node))
         self._silent = silent
+        replicas: list[ReplicaRow] = []
+        removed: list[str] | None = []
         if self._all_replicas:
             self._all_replicas = False
             self._dirty_replicas.clear()
             dirty: Iterable[str] = [r.job_id for r in self._registry.replicas()]
+            removed = None  # a complete table: the feed compares it with what it published, gone ones too
         else:
             dirty, self._dirty_replicas = self._dirty_replicas, set()
-        replicas: list[ReplicaRow] = []
-        removed: list[str] = []
         for job_id in dirty:
             r = self._registry.get(job_id)
             # Only the shared pool: a private engine's key stays with its job and the controller (issue 27).
             if r is None or not r.pool:
-                removed.append(job_id)
+                if removed is not None:
+                    removed.append(job_id)
             else:
                 replicas.append((r.job_id, r.model, r.node, r.base_url, r.api_key, r.state, r.pool, r.draining,
                                  r.node not in silent))
@@ -197,6 +204,14 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
                 await asyncio.wait_for(self._change.wait(), TABLE_INTERVAL_S)
             self._change.clear()
             self.publish()
+
+    def _no_watchers(self) -> None:
+        """The last watcher left: nothing publishes until one comes, so changes are not tracked meanwhile."""
+        if self._publisher is not None:
+            self._publisher.cancel()
+            self._publisher = None
+        self._all_replicas = True
+        self._dirty_replicas.clear()
 
     def _authorized(self, token: str) -> bool:
         return not self._token or hmac.compare_digest(token.encode(), self._token)
@@ -250,9 +265,8 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         finally:
             self._watchers.remove(name)
             self._wakeups.discard(wakeup)
-            if not self._watchers and self._publisher is not None:
-                self._publisher.cancel()
-                self._publisher = None
+            if not self._watchers:
+                self._no_watchers()
             self.changed()
             log.info("gateway %s stopped watching (%d gateways)", name, len(self._watchers))
 

@@ -180,7 +180,7 @@ def test_the_benchmark_smallest_point_runs_against_a_real_controller(monkeypatch
     # The hub's first table waits for agents to re-register after a start; a smoke run need not.
     monkeypatch.setattr(controller_main, "AGENT_RECONNECT", BackoffPolicy(initial_s=0.01, max_s=0.01))
     point = bench.Point(nodes=2, keys=20, watchers=2, sweep="nodes")
-    r = asyncio.run(bench.run_point(point, seconds=0.3, changes=2, interval=0.05, in_process=True,
+    r = asyncio.run(bench.run_point(point, seconds=0.2, changes=2, interval=0.05, in_process=True,
                                     heartbeat_s=0.05))
     assert r["nodes"] == 2 and r["reports_per_s"] > 5
     assert r["change_p99_ms"] > 0 and r["create_key_p99_ms"] > 0 and r["status_p99_ms"] > 0
@@ -244,3 +244,21 @@ def test_gateways_that_connect_at_one_version_share_one_full_state(tmp_path: Pat
     later = hub.snapshot()  # a new version: a new full state, with the change
     assert len(built) == 2 and later.version == first.version + 1
     assert "newcomer" in {k.name for k in later.keys}
+
+
+def test_with_no_watcher_nothing_is_tracked_and_the_next_publication_compares_everything(tmp_path: Path) -> None:
+    registry, _clock, hub, _keys, calls = _world(tmp_path)
+    hub.publish()
+    hub._no_watchers()  # the last gateway left
+    for node in range(NODES):
+        report = bench.agent_report(node)
+        report.engines[0].state = engine_pb2.STOPPING  # a change on every node while nobody watches
+        if node == 5:
+            del report.engines[1]  # and one replica gone
+        registry.report(report)
+    assert not hub._dirty_replicas  # nothing accumulates without a watcher
+    calls.update(get=0, replicas=0)
+    delta = hub.publish()
+    assert delta is not None and calls["replicas"] == 1
+    assert len(delta.replicas) == NODES and list(delta.removed_replicas) == [bench.agent_report(5).engines[1].job_id]
+    _fresh_state(tmp_path, registry, _keys, hub)
