@@ -3,15 +3,21 @@ and, where a server is given, on MariaDB; and the database election (controller/
 clock: lease expiry, takeover, release, and the fence that refuses a stale leader's write (positive control: the
 current leader's write lands).
 
-MariaDB runs only with SLINFER_TEST_MYSQL=mysql://USER@HOST:PORT/PREFIX (and SLINFER_TEST_MYSQL_PASSWORD_FILE):
-each test gets a database PREFIX_<random> of its own, dropped after; the bed test tests/bed/test_standby.py
-runs the MariaDB path on the bed's server in any case."""
+MariaDB: the server SLINFER_TEST_MYSQL=mysql://USER@HOST:PORT/PREFIX names (with SLINFER_TEST_MYSQL_PASSWORD_FILE),
+or else, as root where Debian's mariadbd is installed (CI), a private server of the session's own started as the
+bed starts one (slinfer.dev.accounting); each test gets a database PREFIX_<random> of its own, dropped after.
+Without either the MariaDB cases skip, and fail where SLINFER_REQUIRE_ARTEFACTS=1 or in CI."""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +30,8 @@ from slinfer.controller.store import Database, Fenced, MysqlDatabase, SqliteData
 from slinfer.controller.usage import DAY_S, Meter, UsageLedger, UsageRow
 
 MYSQL = os.environ.get("SLINFER_TEST_MYSQL", "")
+# The private server's test user may make and drop the tests' databases, and nothing else.
+TEST_DB_PREFIX = "slinfer_t"
 T0 = 1728000000.0  # 2024-10-04 00:00:00 UTC
 
 
@@ -33,6 +41,54 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[tuple[str, str]]:
+    """(url, password file) of a MariaDB for the MariaDB cases: SLINFER_TEST_MYSQL's, or a private one."""
+    if MYSQL:
+        yield MYSQL, os.environ.get("SLINFER_TEST_MYSQL_PASSWORD_FILE", "")
+        return
+    if os.geteuid() != 0 or not shutil.which("mariadbd"):
+        why = "no MariaDB: neither SLINFER_TEST_MYSQL nor root with Debian's mariadbd"
+        if os.environ.get("SLINFER_REQUIRE_ARTEFACTS") == "1" or os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    from slinfer.dev import accounting
+
+    folder = Path(tempfile.mkdtemp(prefix="slinfer-test-mysql-"))
+    folder.chmod(0o755)  # mariadbd runs as mysql and must reach its folder below this one
+    paths = accounting.Paths(folder / "db")
+    accounting.install_db(paths)
+    port = _free_port()
+    server = subprocess.Popen(accounting.mariadbd_argv(paths, port), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not paths.socket.exists():
+            assert server.poll() is None, f"mariadbd exited {server.returncode}: {paths.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "mariadbd did not listen within 60 s"
+            time.sleep(0.1)
+        secret = secrets.token_hex(12)
+        accounting.sql(paths, f"CREATE USER 'slinfer'@'127.0.0.1' IDENTIFIED BY '{secret}'; "
+                              f"GRANT ALL PRIVILEGES ON `{TEST_DB_PREFIX}\\_%`.* TO 'slinfer'@'127.0.0.1';")
+        password_file = folder / "password"
+        password_file.write_text(secret + "\n")
+        yield f"mysql://slinfer@127.0.0.1:{port}/{TEST_DB_PREFIX}", str(password_file)
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "mysql"])
@@ -45,11 +101,10 @@ def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable
             return made[-1]
         yield one
     else:
-        if not MYSQL:
-            pytest.skip("no MariaDB given (SLINFER_TEST_MYSQL); the bed test runs this path")
+        url, password_file = request.getfixturevalue("mysql_server")
         import pymysql
 
-        base = open_database(MYSQL, os.environ.get("SLINFER_TEST_MYSQL_PASSWORD_FILE", ""), tmp_path)
+        base = open_database(url, password_file, tmp_path)
         assert isinstance(base, MysqlDatabase)
         args = dict(base._args)
         name = f"{args['database']}_{secrets.token_hex(4)}"
