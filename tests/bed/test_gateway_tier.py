@@ -57,6 +57,8 @@ class Load:
 
     url: str
     concurrency: int
+    key: str = devcluster.DEV_API_KEY
+    max_tokens: int = 32
     outcomes: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -68,13 +70,13 @@ class Load:
         return self
 
     async def _run(self) -> None:
-        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=devcluster.DEV_API_KEY, timeout=240,
-                                    max_retries=0)
+        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.key, timeout=240, max_retries=0)
 
         async def worker() -> None:
             while not self._stop.is_set():
                 try:
-                    await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=32)
+                    await client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                         max_tokens=self.max_tokens)
                     outcome = "ok"
                 except openai.APIStatusError as exc:
                     outcome = f"http {exc.status_code}"

@@ -7,7 +7,6 @@ Positive control: before the kill the standby submitted nothing and the leader d
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import os
@@ -116,33 +115,6 @@ def _ledger(bed: SlurmBed, key_id: str) -> tuple[int, int]:
     return sum(int(r["requests"]) for r in rows), sum(int(r["failed"]) for r in rows)
 
 
-class KeyLoad(Load):
-    """test_gateway_tier's closed-loop load, with a key of the test's own (its ledger rows are the test's alone)."""
-
-    def __init__(self, url: str, concurrency: int, key: str) -> None:
-        super().__init__(url, concurrency)
-        self.key = key
-
-    async def _run(self) -> None:
-        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.key, timeout=240, max_retries=0)
-
-        async def worker() -> None:
-            while not self._stop.is_set():
-                try:
-                    await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16)
-                    outcome = "ok"
-                except openai.APIStatusError as exc:
-                    outcome = f"http {exc.status_code}"
-                    self.errors.append(f"{exc.status_code}: {exc.message}")
-                except openai.APIConnectionError as exc:
-                    outcome = "connection"
-                    self.errors.append(f"connection: {exc!r}")
-                self.outcomes[outcome] += 1
-
-        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
-        await client.close()
-
-
 def _served(url: str, secret: str, timeout: float = 120) -> bool:
     """One request with `secret` answered through the tier; False while the tier does not know the key yet."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, timeout=timeout, max_retries=0)
@@ -159,7 +131,8 @@ def test_the_standby_takes_over_with_the_same_keys_and_counts_every_request_once
     # A scale from zero: the request waits in the tier's queue while tiny starts (minutes on a loaded machine).
     _wait("the key answered through the tier", lambda: _served(url, secret, timeout=600), 600, 0.2)
     answered = 1
-    load = KeyLoad(url, 16, secret).start()
+    # A key of the test's own: its ledger rows are the test's alone.
+    load = Load(url, 16, key=secret, max_tokens=16).start()
     try:
         time.sleep(5)
         # The positive control: the leader scaled (it submitted), the standby, alive and watching, did nothing.
