@@ -1,14 +1,17 @@
 """The controller's hands on Slurm: `sbatch`, the query for its own jobs, and `scancel`, run as argv lists.
 
 Responsible for: building the `sbatch` command of a catalog model's pool job (the batch script only holds the
-job while the agent's engine serves), asking Slurm about the controller's own jobs only, so that slurmctld's
-cost does not grow with the cluster's queue, and cancelling a job. Measured on 22.05 with 5,000 foreign jobs
-(bench/slurm_polling.py): listing a user's jobs (`squeue --user`, REQUEST_JOB_USER_INFO) still walks the whole
-job table (0.43 -> 1.71 ms of slurmctld time a call), while one job by id (`scontrol show job ID`,
-REQUEST_JOB_INFO_SINGLE) is a hash lookup. So the user's listing runs only when this process's view may miss a
-job (at start, to find a previous controller's; after a failed sbatch, which may have submitted all the same;
-after a pause longer than STALE_S, such as a standby that leads again), and every other step asks about each
-known job by id.
+job while the agent's engine serves), asking Slurm about the controller's own jobs only, with a bounded number of
+calls a step whatever the number of jobs, and cancelling a job. Measured on 22.05 with 5,000 foreign jobs
+(bench/slurm_polling.py): listing a user's jobs (`squeue --user`, REQUEST_JOB_USER_INFO) walks the whole job
+table (0.43 -> 1.71 ms of slurmctld time a call), while one job by id (`scontrol show job ID`,
+REQUEST_JOB_INFO_SINGLE) is a hash lookup; but each client run costs the controller a fork (0.54 ms CPU, 2.5 ms
+wall), so asking by id costs a step 22 s of CPU at 40,000 jobs (bench/control_plane_scale.py). So a step asks by
+id while the controller knows at most BY_ID_MAX jobs of its own, and otherwise lists them in one `squeue` whose
+--Format carries every field the controller reads (QOS and PreemptTime included: slinfer.slurm.parse): at most
+BY_ID_MAX calls a step. It also lists when its view may miss a job (at start, to find a previous controller's;
+after a failed sbatch, which may have submitted all the same; after a pause longer than STALE_S, such as a standby
+that leads again).
 Not responsible for: deciding what to submit or cancel (the autoscaler), recognising which of its user's jobs
 are the autoscaler's (the caller matches name and comment), or running and parsing Slurm's clients
 (slinfer.slurm). Submission goes through `sbatch` because only it passes SPANK options such as `--inference` to
@@ -39,6 +42,10 @@ NODE_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 # A view of the jobs last refreshed longer ago than this is not trusted (the autoscaler asks every 2 s; a
 # standby that leads again, or a stalled loop, may have missed another controller's submissions): list again.
 STALE_S = 30.0
+# Up to this many known jobs a step asks about each by id (a hash lookup in slurmctld, no walk of a large queue);
+# beyond, one listing costs less than the forks (one client run ~ 2.5 ms wall against a walk of ~ 2 ms at 5,000
+# foreign jobs), so a step never runs more than this many clients whatever the number of jobs.
+BY_ID_MAX = 4
 
 
 def pool_flags(model: ModelConfig) -> list[str]:
@@ -77,6 +84,7 @@ class SlurmClient:
         # Jobs this client knows to be its own and not over: submitted by it or found by the last listing.
         self._known: set[str] = set()
         self.listings = 0
+        self.by_id_max = BY_ID_MAX
 
     def batch_script(self) -> str:
         return "#!/bin/sh\nexec " + shlex.join(self._job_command) + "\n"
@@ -116,13 +124,14 @@ class SlurmClient:
         return job_id
 
     async def jobs(self, names: Sequence[str] = ()) -> list[SlurmJob]:
-        """The controller's own jobs: its user's jobs of `names` (all its user's jobs without names) when its
-        view may miss one (see the module docstring), otherwise the jobs it knows, by id. A job is listed once
-        more after it is over, then forgotten."""
+        """The controller's own jobs: its user's jobs of `names` (all its user's jobs without names), in one
+        listing when its view may miss one or it knows more than BY_ID_MAX (see the module docstring), otherwise
+        the jobs it knows, by id. Asked by id, a job is listed once more after it is over, then forgotten; a
+        listing shows it while Slurm keeps it (MinJobAge)."""
         now = self._clock()
         stale = now - self._asked_at > STALE_S
         self._asked_at = now
-        if not self._listed or stale:
+        if not self._listed or stale or len(self._known) > self.by_id_max:
             query = queries.user_jobs(self.user, names)
             try:
                 found = await self.runner.aget(query)

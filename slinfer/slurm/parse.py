@@ -1,6 +1,6 @@
 """Parsers of what Slurm's text clients print, the same on 22.05, 24.11 and 26.05.
 
-Responsible for: squeue lines in slinfer's own `--format` (SQUEUE_FORMAT), `scontrol -o show job|node` records,
+Responsible for: squeue lines in slinfer's own `--Format` (SQUEUE_FORMAT), `scontrol -o show job|node` records,
 `sinfo -V` / `slurmctld -V` versions, and times (unix seconds under SLURM_TIME_FORMAT=%s, or ISO local time).
 Text output is used rather than `--json`: its shape has not changed across these releases and its filters are
 honoured on every one (22.05's `--json` ignores them), while the JSON schema changed in every release.
@@ -18,10 +18,13 @@ from slinfer.slurm.states import JobState
 # Fields are separated by the ASCII unit separator, which no job name or comment a user types contains; the
 # free-text fields (name, comment) come last, so that even a separator inside them cannot shift the others.
 SEP = "\x1f"
-# %i job id (array jobs as 12_3), %T state, %u user, %U uid, %B batch host, %N node list, %V submit, %S start,
-# %e end (time limit's end while running), %r reason, %j name, %k comment.
-SQUEUE_FIELDS = ("%i", "%T", "%u", "%U", "%B", "%N", "%V", "%S", "%e", "%r", "%j", "%k")
-SQUEUE_FORMAT = SEP.join(SQUEUE_FIELDS)
+# squeue's --Format (-O) fields, each printed whole (size 0) and followed by SEP: everything the controller reads
+# in one listing, QOS and PreemptTime included, which --format's letters cannot all give (no letter for
+# PreemptTime). JobArrayID is %i (array tasks as 12_3); EndTime is the time limit's end while running; the same
+# names on 22.05, 24.11 and 26.05 (checked against each release's squeue(1) and real output).
+SQUEUE_FIELDS = ("JobArrayID", "State", "UserName", "UserID", "BatchHost", "NodeList", "SubmitTime", "StartTime",
+                 "EndTime", "Reason", "QOS", "PreemptTime", "Name", "Comment")
+SQUEUE_FORMAT = ",".join(f"{field}:0{SEP}" for field in SQUEUE_FIELDS)
 # A key of an `scontrol -o` record: capitalised, so that "model=tiny" inside a comment is not taken for one.
 _KEY = re.compile(r"(?:^|(?<=\s))([A-Z][A-Za-z0-9_:/.]*)=")
 _VERSION = re.compile(r"\b(\d+)\.(\d+)\.(\d+)\b")
@@ -47,23 +50,25 @@ def _host(value: str) -> str:
 
 
 def squeue(out: str) -> list[Job]:
-    """The jobs in `squeue --noheader --format=SQUEUE_FORMAT` output."""
+    """The jobs in `squeue --noheader --Format=SQUEUE_FORMAT` output (every field ends in SEP)."""
     jobs = []
     n = len(SQUEUE_FIELDS)
     for line in out.splitlines():
         if not line.strip():
             continue
-        parts = line.split(SEP, n - 1)
-        if len(parts) != n:
-            raise ValueError(f"squeue line has {len(parts)} fields, not {n}: {line!r}")
-        job_id, state, user, uid, batch, nodes, submit, start, end, reason, name, comment = parts
+        parts = line.removesuffix(SEP).split(SEP, n - 1)
+        if len(parts) != n or not line.endswith(SEP):
+            raise ValueError(f"squeue line has {len(parts)} fields, not {n} each ending in the separator: {line!r}")
+        job_id, state, user, uid, batch, nodes, submit, start, end, reason, qos, preempt, name, comment = parts
         parsed = JobState.parse(state)
         jobs.append(Job(job_id=job_id.strip(), name=name, comment="" if comment == "(null)" else comment,
                         state=parsed.name, node=_host(batch) or _host(nodes),
                         submit_time=seconds(submit), start_time=seconds(start) if not parsed.waiting else 0.0,
                         end_time=seconds(end) if not parsed.waiting else 0.0,
                         reason="" if reason.strip() == "None" else reason.strip(), user=user.strip(),
-                        uid=int(uid) if uid.strip().isdigit() else -1, nodes=_host(nodes)))
+                        uid=int(uid) if uid.strip().isdigit() else -1, nodes=_host(nodes),
+                        preempt_time=seconds(preempt),
+                        qos="" if qos.strip() in ("", "(null)") else qos.strip()))
     return jobs
 
 

@@ -19,7 +19,7 @@ from slinfer.slurm.runner import Query
 
 def user_jobs(user: str, names: Sequence[str] = ()) -> Query[list[Job]]:
     """`user`'s jobs (with `names`, only those), finished ones included while Slurm keeps them (MinJobAge)."""
-    argv = ["squeue", "--noheader", f"--user={user}", "--states=all", f"--format={parse.SQUEUE_FORMAT}"]
+    argv = ["squeue", "--noheader", f"--user={user}", "--states=all", f"--Format={parse.SQUEUE_FORMAT}"]
     if names:
         argv.append("--name=" + ",".join(names))
     return Query(tuple(argv), parse.squeue)
@@ -27,7 +27,7 @@ def user_jobs(user: str, names: Sequence[str] = ()) -> Query[list[Job]]:
 
 def all_jobs() -> Query[list[Job]]:
     """Every job in the queue: for the bed's own teardown only, never for a service's polling."""
-    return Query(("squeue", "--noheader", f"--format={parse.SQUEUE_FORMAT}"), parse.squeue)
+    return Query(("squeue", "--noheader", f"--Format={parse.SQUEUE_FORMAT}"), parse.squeue)
 
 
 def job(job_id: str) -> Query[list[Job]]:

@@ -43,6 +43,9 @@ def test_squeue_own_jobs(release: str) -> None:
             e["name"], e["state"], manifest["comment"], "root", manifest["uid"]), kind
         assert job.submit_time > 1.6e9
     running, held, ended = (jobs[expected[k]["id"]] for k in ("running", "held", "ended"))
+    # The listing carries each job's QOS and its preemption notice (squeue --Format's QOS and PreemptTime).
+    assert (running.qos, held.qos, ended.qos) == ("normal", "normal", "normal")
+    assert running.preempt_time == held.preempt_time == ended.preempt_time == 0.0
     assert running.running and running.active and running.on_node and running.node == manifest["node"]
     assert running.start_time >= running.submit_time
     assert held.waiting and held.active and not held.on_node
@@ -51,14 +54,26 @@ def test_squeue_own_jobs(release: str) -> None:
 
 
 @pytest.mark.parametrize("release", RELEASES)
+def test_squeue_listing_shows_a_preemption_notice(release: str) -> None:
+    manifest, folder = load(release)
+    jobs = {j.job_id: j for j in parse.squeue((folder / "squeue-user.txt").read_text())}
+    e = manifest["jobs"]["preempted"]  # type: ignore[index]
+    job = jobs[e["id"]]
+    assert job.running and job.qos == e["qos"] == "scavenger"
+    # Slurm's notice began after the job started (the high job came later), within the capture's minute.
+    assert job.start_time <= job.preempt_time <= job.start_time + 60
+
+
+@pytest.mark.parametrize("release", RELEASES)
 def test_scontrol_job_matches_squeue(release: str) -> None:
     manifest, folder = load(release)
     from_squeue = {j.job_id: j for j in parse.squeue((folder / "squeue-user.txt").read_text())}
-    for kind in ("running", "held", "ended"):
+    for kind in ("running", "held", "ended", "preempted"):
         (job,) = parse.scontrol_jobs((folder / f"scontrol-job-{kind}.txt").read_text())
         other = from_squeue[job.job_id]
-        assert (job.name, job.state, job.comment, job.uid, job.user) == (
-            other.name, other.state, other.comment, other.uid, other.user), kind
+        assert (job.name, job.state, job.comment, job.uid, job.user, job.qos, job.preempt_time, job.nodes) == (
+            other.name, other.state, other.comment, other.uid, other.user, other.qos, other.preempt_time,
+            other.nodes), kind
         assert job.submit_time == other.submit_time and job.start_time == other.start_time
     (running,) = parse.scontrol_jobs((folder / "scontrol-job-running.txt").read_text())
     assert running.nodes == manifest["node"] and running.on_node
