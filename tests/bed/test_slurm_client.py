@@ -186,3 +186,17 @@ async def test_asks_only_about_its_own_jobs(cleanup: list[str], slurm_bed: Slurm
     clock[0] += 2
     await slurm.jobs(["slinfer-t"])
     assert slurm.listings == 3
+
+
+async def test_many_jobs_one_listing_a_step_with_qos_from_squeue(cleanup: list[str]) -> None:
+    # More known jobs than BY_ID_MAX (forced to 0 here, so one held job is enough): every step is one squeue on
+    # the real Slurm, no scontrol, and the listing says the job's QOS (what scontrol said before).
+    slurm = SlurmClient("", ENV, job_command=["sleep", "60"])
+    slurm.by_id_max = 0
+    mine = await slurm.submit(model(gpus=4, time_limit="2", sbatch_args=["--hold"]), "slinfer-t", "c")
+    cleanup.append(mine)
+    for step in range(3):
+        calls, listings = slurm.runner.calls, slurm.listings
+        found = {j.job_id: j for j in await slurm.jobs(["slinfer-t"])}
+        assert slurm.runner.calls == calls + 1 and slurm.listings == listings + 1, step
+        assert found[mine].waiting and found[mine].qos == "normal" and found[mine].preempt_time == 0.0
