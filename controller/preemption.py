@@ -78,7 +78,10 @@ class BurstTier:
         tier off; returns their ids."""
         jobs = list(jobs)
         back = [j for j in jobs if j.job_id not in self.preempted and requeued(j, j.job_id in self.ran)]
-        new = [j for j in jobs if noticed(j) and j.job_id not in self.preempted] + [
+        # A job already over counts by its PreemptTime only if this controller saw it on a node (a grace shorter
+        # than a step): a restarted controller's listing shows ended jobs with the notice a previous one handled.
+        new = [j for j in jobs if noticed(j) and j.job_id not in self.preempted and (
+            j.active or j.job_id in self.ran or j.job_state.base == PREEMPTED)] + [
             j for j in back if not noticed(j)]
         self.ran |= {j.job_id for j in jobs if j.on_node}
         if not new and self.backoff.failures and now - self.last_preempted_at > CALM_S:

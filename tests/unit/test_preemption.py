@@ -263,3 +263,21 @@ async def test_a_waiting_job_that_never_ran_is_capacity_and_a_fresh_controller_k
     await bed.step()
     await bed.step()
     assert bed.slurm.cancels == [burst]
+
+
+def test_a_restarted_controller_does_not_count_the_old_notice_of_an_ended_job() -> None:
+    # squeue's listing carries PreemptTime (issue 35.7): after a restart it shows jobs that ended under a notice
+    # the previous controller already handled. Counting them would back the burst tier off again (the bed's
+    # everything-preempted test waited 240 s instead of 60 s).
+    from slinfer.slurm.jobs import Job
+    ended = Job(job_id="7", name="slinfer-tiny", comment="c", state="CANCELLED", node="n1", submit_time=1.0,
+                start_time=2.0, end_time=3.0, preempt_time=2.5)
+    restarted = BurstTier()
+    assert restarted.observe("tiny", [ended], now=100.0) == [] and not restarted.backoff.failures
+    # Controls: a job this controller saw on a node that ended under a notice (a grace shorter than a step)
+    # counts; so does a job under notice still running, seen for the first time; so does a PREEMPTED end.
+    live = BurstTier()
+    assert live.observe("tiny", [replace(ended, state="RUNNING", preempt_time=0.0)], now=10.0) == []
+    assert live.observe("tiny", [ended], now=12.0) == ["7"] and live.backoff.failures == 1
+    assert BurstTier().observe("tiny", [replace(ended, state="RUNNING")], now=5.0) == ["7"]
+    assert BurstTier().observe("tiny", [replace(ended, state="PREEMPTED")], now=5.0) == ["7"]
