@@ -9,6 +9,7 @@ Not responsible for: running the commands (runner.py) or choosing their filters 
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime
 
@@ -49,6 +50,13 @@ def _host(value: str) -> str:
     return "" if value.strip().lower() in ("", "n/a", "(null)", "none") else value.strip()
 
 
+@functools.lru_cache(maxsize=256)
+def _state(word: str) -> tuple[str, bool]:
+    """A state word's name and whether it waits, parsed once: a listing of 40,000 jobs repeats a few words."""
+    parsed = JobState.parse(word)
+    return parsed.name, parsed.waiting
+
+
 def squeue(out: str) -> list[Job]:
     """The jobs in `squeue --noheader --Format=SQUEUE_FORMAT` output (every field ends in SEP)."""
     jobs = []
@@ -60,11 +68,11 @@ def squeue(out: str) -> list[Job]:
         if len(parts) != n or not line.endswith(SEP):
             raise ValueError(f"squeue line has {len(parts)} fields, not {n} each ending in the separator: {line!r}")
         job_id, state, user, uid, batch, nodes, submit, start, end, reason, qos, preempt, name, comment = parts
-        parsed = JobState.parse(state)
+        state_name, waiting = _state(state)
         jobs.append(Job(job_id=job_id.strip(), name=name, comment="" if comment == "(null)" else comment,
-                        state=parsed.name, node=_host(batch) or _host(nodes),
-                        submit_time=seconds(submit), start_time=seconds(start) if not parsed.waiting else 0.0,
-                        end_time=seconds(end) if not parsed.waiting else 0.0,
+                        state=state_name, node=_host(batch) or _host(nodes),
+                        submit_time=seconds(submit), start_time=seconds(start) if not waiting else 0.0,
+                        end_time=seconds(end) if not waiting else 0.0,
                         reason="" if reason.strip() == "None" else reason.strip(), user=user.strip(),
                         uid=int(uid) if uid.strip().isdigit() else -1, nodes=_host(nodes),
                         preempt_time=seconds(preempt),
