@@ -2,9 +2,10 @@
 took one of its replicas back.
 
 Responsible for: the tier of each submit (the guaranteed replicas, `min_replicas`, in the model's `qos`; those
-beyond in its `burst_qos`); noticing that Slurm preempts one of a model's jobs (`PreemptTime` set in
-`scontrol show job` from the grace start on, or its state PREEMPTED, listed once after its end) and the backoff
-before the burst tier is asked again, with the decision's numbers. The autoscaler drains a noticed replica.
+beyond in its `burst_qos`); noticing that Slurm preempts one of a model's jobs (`PreemptTime` set in its
+record, squeue's listing or `scontrol show job`, from the grace start on, or its state PREEMPTED after its end)
+and the backoff before the burst tier is asked again, with the decision's numbers. The autoscaler drains a
+noticed replica.
 Not responsible for: how many replicas a model wants (scaling_policy.decide), submitting (the autoscaler),
 draining a preempted replica (the gateway stops routing to an engine that is gone; see
 docs/admin/preemption.md for what Slurm does to the engine at the grace start).
@@ -108,7 +109,7 @@ class BurstTier:
         return [j.job_id for j in new]
 
     def restore(self, cfg: ModelConfig, jobs: Iterable[SlurmJob]) -> list[str]:
-        """Sets each job's tier from its QOS where Slurm said it (`scontrol show job`): a job in the model's
+        """Sets each job's tier from its QOS where Slurm said it (squeue or `scontrol show job`): a job in the model's
         `burst_qos` is in the burst tier, one in another QOS is not. A restarted controller adopts its jobs
         without knowing which tier it had put them in; their QOS says. Returns the ids newly in the burst tier."""
         if not cfg.burst_qos or cfg.burst_qos == cfg.qos:

@@ -34,9 +34,9 @@ class Job:
     uid: int = -1  # the owner's uid, where Slurm printed it
     nodes: str = ""  # the allocation's node list, compressed (node[1-3])
     flags: frozenset[str] = frozenset()  # flags beside the base state, where the output listed them
-    # When Slurm's preemption notice (the grace time) began, unix seconds; 0 when none (or squeue's listing).
+    # When Slurm's preemption notice (the grace time) began, unix seconds; 0 when none.
     preempt_time: float = 0.0
-    # The job's QOS, from `scontrol show job`; empty from squeue's listing (its format has no QOS field).
+    # The job's QOS (squeue's listing and `scontrol show job` both say it); empty where Slurm printed none.
     qos: str = ""
 
     @property

@@ -186,8 +186,8 @@ async def test_a_restarted_controller_restores_adopted_jobs_tiers_from_their_qos
     bed.ready(guaranteed)
     bed.ready(burst)
     await bed.step()
-    # The controller restarts: the new one adopts both jobs; `scontrol show job` says each one's QOS (squeue's
-    # listing does not: without it, qos_known=False, the control).
+    # The controller restarts: the new one adopts both jobs; Slurm's record says each one's QOS (without it,
+    # qos_known=False, the control).
     if qos_known:
         for job_id in (guaranteed, burst):
             bed.slurm.jobs_[job_id] = replace(bed.slurm.jobs_[job_id], qos=bed.slurm.qos[job_id])
