@@ -17,8 +17,8 @@ others' load on the 2 shared cores matters less:
 - p99 of the time for a change (a key made through the admin API) to reach every watcher, over `--changes`;
 - admin API latency: CreateKey and Status, p50 and p99;
 - the autoscaler's step: CPU of `Autoscaler.step()` in this process, against a Registry holding the same N x 8
-  replicas and a stand-in Slurm that lists them at no cost (the real process would fork `scontrol show job` once
-  per known job per step: see the note printed at the end).
+  replicas and a stand-in Slurm that lists them at no cost (the real client's one `squeue` listing a step is
+  measured by bench/slurm_step_cost.py).
 Then the growth exponent of each figure (the slope of log(figure) against log(N)) over each sweep: nodes (at
 1,000 keys, 1 watcher), keys (at 10 nodes) and watchers (at 100 nodes), and the corner of all three largest.
 
