@@ -5,10 +5,14 @@ model (min_replicas 1, burst_qos scavenger) for its own time and restores it aft
 
 Measured and printed (the note's figures): Slurm's notice (PreemptTime) to the replica out of the gateway's
 routing; requests failed, split into not-started and in-flight; the batch job's wait for its GPUs.
+
+The scavenger QOS runs the bed's PreemptMode=CANCEL (CI); SLINFER_TEST_PREEMPT_MODE=requeue runs the module
+under REQUEUE by hand, with one more test: an administrator's `scontrol requeue` of the burst replica.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -37,6 +41,9 @@ MARGIN_S = 40.0
 # The batch job holds its GPUs this long, then the burst capacity may come back.
 BATCH_S = 20
 MESSAGES = [{"role": "user", "content": "count"}]
+# The scavenger QOS's PreemptMode for this module: the bed's `cancel` (what CI runs and the docs recommend), or
+# `requeue` by hand (SLINFER_TEST_PREEMPT_MODE=requeue), to show that the controller serves that mode as well.
+PREEMPT_MODE = os.environ.get("SLINFER_TEST_PREEMPT_MODE", "cancel").lower()
 COMPLETE, CUT = "complete", "cut: engine_failed"
 
 
@@ -126,6 +133,11 @@ def two_tiers(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
     # The service's user may use the burst tier's QOS (the bed's catalog names none).
     grant = ["sacctmgr", "-i", "modify", "user", "root", "where", "account=slinfer", "set"]
     slurm_bed.run(*grant, "qos+=scavenger")
+    mode = ["sacctmgr", "-i", "modify", "qos", "scavenger", "set"]
+    if PREEMPT_MODE != "cancel":
+        slurm_bed.run(*mode, f"PreemptMode={PREEMPT_MODE}")
+    shown = slurm_bed.run("sacctmgr", "-n", "-P", "show", "qos", "scavenger", "format=PreemptMode").stdout.strip()
+    assert shown == PREEMPT_MODE, f"scavenger's PreemptMode is {shown!r}, not {PREEMPT_MODE!r}"
     _two_tier_catalog(slurm_bed, original, 1)
     slurm_bed.original_catalog = original  # type: ignore[attr-defined]
     try:
@@ -135,6 +147,8 @@ def two_tiers(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
         _restart_controller(slurm_bed)
         slurm_bed.retire_models(TINY)
         slurm_bed.run(*grant, "qos-=scavenger", check=False)
+        if PREEMPT_MODE != "cancel":
+            slurm_bed.run(*mode, "PreemptMode=cancel", check=False)
         slurm_bed.cleanup_jobs()
 
 
@@ -163,6 +177,7 @@ def _start_time(bed: SlurmBed, job: str) -> float:
 
 def test_preemption_under_load_costs_no_request_that_had_not_started(two_tiers: SlurmBed) -> None:
     bed = two_tiers
+    log_at = (bed.bed.logs / "controller.out").stat().st_size
     bed.admin("scale", TINY, "2")
     wait_until("two READY replicas of tiny", lambda: bed.ready_replicas(TINY) >= 2, READY_TIMEOUT)
     jobs = {_qos(bed, j): j for j in bed.controller_jobs(TINY)}
@@ -213,6 +228,36 @@ def test_preemption_under_load_costs_no_request_that_had_not_started(two_tiers: 
     back = {_qos(bed, j): j for j in bed.controller_jobs(TINY)}
     assert back.get("normal") == guaranteed and back.get("scavenger") not in (None, burst), back
     print(f"burst capacity back {time.time() - submitted:.0f}s after the batch submit")
+    _cancelled_by_the_controller(bed, burst, log_at)
+
+
+def _runs(bed: SlurmBed, job: str) -> list[list[str]]:
+    """Each run of a job in the accounting (a requeued job has one row per run): [state, elapsed]. A job
+    cancelled while pending has a row too, with its Start set to its end: 00:00:00 elapsed."""
+    out = bed.run("sacct", "-j", job, "--duplicates", "-X", "-n", "-P", "-o", "State,Elapsed").stdout
+    return [line.split("|") for line in out.splitlines() if line.strip()]
+
+
+def _cancelled_by_the_controller(bed: SlurmBed, burst: str, log_at: int) -> None:
+    """The preempted burst job was a decision of the controller, logged with its numbers, that took it out of the
+    capacity (drained at the notice, or not capacity once requeued) and cancelled it; it ran once and cannot run
+    again by itself (CANCELLED is final; under PreemptMode=REQUEUE Slurm would otherwise start it again after
+    its BeginTime hold, two minutes on)."""
+    said = (bed.bed.logs / "controller.out").read_text(errors="replace")[log_at:].splitlines()
+    decided = [line for line in said if f"job {burst} (" in line and ("is preempted by Slurm" in line or
+                                                                      "was requeued by Slurm" in line)]
+    cancelled = [line for line in said if f"-> cancel drained job {burst} " in line or f"cancel job {burst}" in line]
+    print(f"PreemptMode={PREEMPT_MODE}: the controller's decisions on {burst}:", *decided, *cancelled, sep="\n  ")
+    assert decided, f"no preemption decision on {burst} in the controller's log"
+    assert cancelled, f"the controller never cancelled {burst}"
+    # Out of the capacity before it was cancelled: drained at the notice, or not capacity once requeued.
+    assert any("-> drain it" in line or "-> not capacity" in line for line in decided), decided
+    wait_until(f"{burst} final in the accounting", lambda: _runs(bed, burst)[-1][0].startswith("CANCELLED"), 30)
+    runs = _runs(bed, burst)
+    started = [run for run in runs if run[1] != "00:00:00"]
+    print(f"{burst} in sacct --duplicates: {runs}")
+    assert len(started) == 1, runs
+    assert bed.state(burst) not in ("PENDING", "RUNNING"), bed.state(burst)
 
 
 def test_an_admins_scancel_of_a_replica_under_load_fails_no_request_that_had_not_started(two_tiers: SlurmBed) -> None:
@@ -286,3 +331,36 @@ def test_everything_preempted_holds_requests_and_answers_them_when_capacity_retu
     finally:
         bed.retire_models(TINY)
         _two_tier_catalog(bed, bed.original_catalog, 1)  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(PREEMPT_MODE != "requeue", reason="the REQUEUE run by hand (SLINFER_TEST_PREEMPT_MODE=requeue)")
+def test_a_requeued_replica_is_not_capacity_and_is_cancelled(two_tiers: SlurmBed) -> None:
+    """An administrator's `scontrol requeue` of the burst replica under load: the job is PENDING again (Slurm's
+    BeginTime hold) after it ran, with no engine. The controller counts it as no capacity, cancels it (the
+    decision logged with its numbers), and the job never runs again; requests that had not started fail none."""
+    bed = two_tiers
+    bed.admin("scale", TINY, "2")
+    wait_until("two READY replicas of tiny", lambda: bed.ready_replicas(TINY) >= 2, 60 + READY_TIMEOUT)
+    burst = {_qos(bed, j): j for j in bed.controller_jobs(TINY)}["scavenger"]
+    log_at = (bed.bed.logs / "controller.out").stat().st_size
+
+    def said() -> list[str]:
+        return [line for line in (bed.bed.logs / "controller.out").read_text(errors="replace")[log_at:].splitlines()
+                if burst in line]
+
+    with StreamLoad(bed) as load:
+        wait_until("streams completing through both replicas", lambda: load.outcomes()[COMPLETE] >= STREAMS, 120)
+        requeued = time.time()
+        bed.run("scontrol", "requeue", burst)
+        wait_until(f"{burst} pending again", lambda: bed.state(burst) in ("PENDING", "CANCELLED"), 30)
+        wait_until("the controller's decision", lambda: any("was requeued by Slurm" in line for line in said()), 30)
+        decided = time.time()
+        wait_until(f"{burst} cancelled", lambda: bed.state(burst) in ("CANCELLED", ""), 30)
+        after = time.time()
+        wait_until("streams completing after the requeue", lambda: load.outcomes(after)[COMPLETE] >= STREAMS, 120)
+    outcomes = load.outcomes()
+    print(f"\nscontrol requeue of {burst} under load: the controller's decision {decided - requeued:.1f}s after it; "
+          f"requests {dict(outcomes)}", *said(), sep="\n  ")
+    assert sum(n for o, n in outcomes.items() if o.startswith("refused")) == 0, outcomes
+    assert set(outcomes) <= {COMPLETE, CUT}, outcomes
+    _cancelled_by_the_controller(bed, burst, log_at)
