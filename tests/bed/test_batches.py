@@ -229,7 +229,12 @@ ARRAY_LINES, PER_TASK = 100, 50
 def test_a_file_above_lines_per_task_runs_as_a_job_array_merged_in_order(keys: Keys, slurm_bed: SlurmBed) -> None:
     original = slurm_bed.bed.config.read_text()
     assert "\n[batch]\n" in original, "the bed's config no longer has a [batch] section"
-    _controller_with(slurm_bed, original.replace("\n[batch]\n", f"\n[batch]\nlines_per_task = {PER_TASK}\n", 1))
+    # The bed's [batch] names its own lines_per_task: this test's replaces it (a second one is invalid TOML, and
+    # every hook that read the file would fail).
+    ours = f"lines_per_task = {PER_TASK}"
+    changed = (re.sub(r"(?m)^lines_per_task = \d+$", ours, original, count=1) if re.search(
+        r"(?m)^lines_per_task = ", original) else original.replace("\n[batch]\n", f"\n[batch]\n{ours}\n", 1))
+    _controller_with(slurm_bed, changed)
     try:
         began = time.monotonic()
         f = keys.alice.files.create(file=("in.jsonl", lines(ARRAY_LINES, 4, "a")), purpose="batch")
