@@ -30,7 +30,7 @@ import openai
 import pytest
 
 from slinfer.dev import devcluster, tinylora
-from tests.bed.test_controller import _client, _replicas
+from tests.bed.test_controller import _client
 from tests.bed.test_openai_surface import _http
 from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_until
 
@@ -66,8 +66,9 @@ def _complete(client: openai.OpenAI, model: str) -> str:
 
 
 def _engine(bed: SlurmBed) -> dict[str, object]:
-    """The one READY engine of MODEL: its env file and its own /v1/models listing."""
-    for replica in _replicas(bed):
+    """The one READY engine of MODEL: its env file and its own /v1/models listing (only MODEL's jobs: the env file
+    of tiny-embed's job, cancelled after its test, names an engine that is gone)."""
+    for replica in ({"job": job, **bed.env_file(job)} for job in bed.controller_jobs(MODEL) if bed.env_file(job)):
         base, key = str(replica["OPENAI_BASE_URL"]), str(replica["OPENAI_API_KEY"])
         request = urllib.request.Request(f"{base}/models", headers={"Authorization": f"Bearer {key}"})
         with urllib.request.urlopen(request, timeout=30) as response:
