@@ -7,7 +7,7 @@ Measured and printed (the note's figures): Slurm's notice (PreemptTime) to the r
 routing; requests failed, split into not-started and in-flight; the batch job's wait for its GPUs.
 
 The scavenger QOS runs the bed's PreemptMode=CANCEL (CI); SLINFER_TEST_PREEMPT_MODE=requeue runs the module
-under REQUEUE by hand, with one more test: an administrator's `scontrol requeue` of the burst replica.
+under REQUEUE by hand. An administrator's `scontrol requeue` of the burst replica runs in both.
 """
 
 from __future__ import annotations
@@ -333,11 +333,13 @@ def test_everything_preempted_holds_requests_and_answers_them_when_capacity_retu
         _two_tier_catalog(bed, bed.original_catalog, 1)  # type: ignore[attr-defined]
 
 
-@pytest.mark.skipif(PREEMPT_MODE != "requeue", reason="the REQUEUE run by hand (SLINFER_TEST_PREEMPT_MODE=requeue)")
 def test_a_requeued_replica_is_not_capacity_and_is_cancelled(two_tiers: SlurmBed) -> None:
     """An administrator's `scontrol requeue` of the burst replica under load: the job is PENDING again (Slurm's
     BeginTime hold) after it ran, with no engine. The controller counts it as no capacity, cancels it (the
-    decision logged with its numbers), and the job never runs again; requests that had not started fail none."""
+    decision logged with its numbers), and the job never runs again; requests that had not started fail none.
+    The same job state as REQUEUE's past the grace, in any PreemptMode. Last in the module: the burst tier's
+    backoff it sets would hold up the next test's burst replica (90 s in CI); the test before it ends with a
+    controller restart, so its two replicas start at once."""
     bed = two_tiers
     bed.admin("scale", TINY, "2")
     wait_until("two READY replicas of tiny", lambda: bed.ready_replicas(TINY) >= 2, 60 + READY_TIMEOUT)
