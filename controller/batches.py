@@ -497,12 +497,7 @@ class Scheduler:
         if finished and not batch.cancel_requested:
             await self._finish(batch, "completed")
         elif batch.cancel_requested or now >= batch.expires_at:
-            if not over and not batch.scancelled:
-                await self._slurm.cancel(batch.job_id)
-                batch.scancelled = True
-                self.batches.save(batch)
-            if over:
-                await self._finish(batch, "cancelled" if batch.cancel_requested else "expired")
+            await self._cancel_or_expire(batch, over)
         elif over:
             state = job.job_state.name if job is not None else "gone from Slurm"
             runs = len(batch.jobs) + batch.requeues
@@ -551,12 +546,7 @@ class Scheduler:
             await self._finish(batch, "completed")
             return
         if batch.cancel_requested or now >= batch.expires_at:
-            if not over and not batch.scancelled:
-                await self._slurm.cancel(batch.job_id)
-                batch.scancelled = True
-                self.batches.save(batch)
-            if over:
-                await self._finish(batch, "cancelled" if batch.cancel_requested else "expired")
+            await self._cancel_or_expire(batch, over)
             return
         requeued = set()
         for task, record in sorted(by_task.items()):
@@ -616,6 +606,15 @@ class Scheduler:
         log.info("batch %s (%d lines of %s for %s/%s) is Slurm job %s%s", batch.id, batch.total, batch.model,
                  batch.user or batch.key_name, batch.account or "-", job_id,
                  f" (array of {batch.tasks} tasks of {batch.lines_per_task} lines)" if batch.tasks else "")
+
+    async def _cancel_or_expire(self, batch: Batch, over: bool) -> None:
+        """A cancelled or expired batch: `scancel` its job (or array) once, and end it once Slurm has."""
+        if not over and not batch.scancelled:
+            await self._slurm.cancel(batch.job_id)
+            batch.scancelled = True
+            self.batches.save(batch)
+        if over:
+            await self._finish(batch, "cancelled" if batch.cancel_requested else "expired")
 
     async def _finish(self, batch: Batch, status: str) -> None:
         """finalizing: the output and error files become the key's Files, their usage goes to the ledger."""
