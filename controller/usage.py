@@ -404,12 +404,7 @@ class UsageLedger:
 
     def _keep(self, rows: list[UsageRow]) -> None:
         """Sums a write failed to keep go back to pending, merged with what came since."""
-        for row in rows:
-            slot = (row.day, row.key_id, row.account, row.model)
-            again = self._pending.get(slot)
-            if again is not None:
-                row.add(again)
-            self._pending[slot] = row
+        merge_back(self._pending, rows)
 
     # ---- the database ------------------------------------------------------------------------------------
     def _readable(self) -> Database | None:
@@ -560,3 +555,14 @@ class UsageLedger:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.flush()
+
+
+def merge_back(pending: dict[tuple[str, str, str, str], UsageRow], rows: list[UsageRow]) -> None:
+    """Puts sums that were taken out (for a write or a report that failed) back into `pending`, each merged with
+    what its (day, key, account, model) gathered since."""
+    for row in rows:
+        slot = (row.day, row.key_id, row.account, row.model)
+        again = pending.get(slot)
+        if again is not None:
+            row.add(again)
+        pending[slot] = row

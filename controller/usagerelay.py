@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from slinfer.controller.usage import Meter, UsageRow, day_of
+from slinfer.controller.usage import Meter, UsageRow, day_of, merge_back
 
 
 class UsageRelay:
@@ -39,12 +39,7 @@ class UsageRelay:
         return rows
 
     def put_back(self, rows: list[UsageRow]) -> None:
-        for row in rows:
-            slot = (row.day, row.key_id, row.account, row.model)
-            again = self._pending.get(slot)
-            if again is not None:
-                row.add(again)
-            self._pending[slot] = row
+        merge_back(self._pending, rows)
 
     def reported(self, rows: list[UsageRow], day: str, totals: dict[str, int]) -> None:
         """A report of `rows` was accepted; `totals` (the ack's) include them."""
