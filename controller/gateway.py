@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -178,6 +178,9 @@ class Gateway:
         # Routes of other APIs served on this port (/v1/files, /v1/batches), each a `register(router)`;
         # added before the catch-all 404.
         self.extra_routes: list[Callable[[web.UrlDispatcher], None]] = []
+        # The gateway tier's miss path (keywait.KeyWait.verify): a key its table does not hold yet is waited for
+        # a moment before 401, as a key the controller made an instant ago is on its way. None: answered at once.
+        self.verify_late: Callable[[str], Awaitable[KeyInfo | None]] | None = None
 
     async def update_catalog(self, models: Sequence[ModelConfig]) -> dict[str, int]:
         """A reloaded catalog (controller/reload.py: the same models, some settings new) routes from now on; the
@@ -287,13 +290,15 @@ class Gateway:
             self._adapters.forget(r.job_id for r in self._registry.replicas())
 
     # ---- handlers ----------------------------------------------------------------------------------
-    def _authenticate(self, request: web.Request) -> KeyInfo | None:
+    async def _authenticate(self, request: web.Request) -> KeyInfo | None:
         header = request.headers.get("Authorization", "")
         if not header and (api_key := request.headers.get("x-api-key", "")):
             header = f"Bearer {api_key}"  # Anthropic's clients send the key so (/v1/messages)
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
+        if self.verify_late is not None:
+            return await self.verify_late(token.strip())
         return self._keys.verify(token.strip())
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -330,7 +335,7 @@ class Gateway:
                      meter: Meter) -> tuple[web.StreamResponse, str]:
         """The response and the model label to count it under ("" unless the model is known: user input
         never becomes a label)."""
-        key = self._authenticate(request)
+        key = await self._authenticate(request)
         if key is None:
             return error_response(401, "Missing or invalid API key (send 'Authorization: Bearer KEY')",
                                   "invalid_request_error", "invalid_api_key"), ""
@@ -581,14 +586,14 @@ class Gateway:
         return child
 
     async def _models(self, request: web.Request) -> web.Response:
-        if not self._authenticate(request):
+        if not await self._authenticate(request):
             return error_response(401, "Missing or invalid API key (send 'Authorization: Bearer KEY')",
                                   "invalid_request_error", "invalid_api_key")
         return web.json_response({"object": "list", "data": await self._model_entries()})
 
     async def _model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{id}: one model's (or adapter's) entry of /v1/models."""
-        if not self._authenticate(request):
+        if not await self._authenticate(request):
             return error_response(401, "Missing or invalid API key (send 'Authorization: Bearer KEY')",
                                   "invalid_request_error", "invalid_api_key")
         wanted = request.match_info["id"]

@@ -32,6 +32,7 @@ from slinfer.controller.eventloop import loop_factory
 from slinfer.controller.files import batch_routes
 from slinfer.controller.gateway import Gateway
 from slinfer.controller.keys import KeyStore
+from slinfer.controller.keywait import KeyWait
 from slinfer.controller.limits import GroupTokens, KeyLimits, Limiter
 from slinfer.controller.main import SHUTDOWN_GRACE_S, split_listen
 from slinfer.controller.modelstatus import ModelBoard
@@ -84,6 +85,9 @@ async def serve_worker(config: Config, listen: str, name: str, stop: asyncio.Eve
                       instance=instance or name)
     gateway.extra_routes.extend(batch_routes(config, keys.verify))
     feed = RouteFeed(config, name, registry, keys, relay, models, gateway.demand, gateway.outstanding)
+    late = KeyWait(keys.verify, lambda: feed is not None and feed.connected)
+    feed.on_applied = late.fed
+    gateway.verify_late = late.verify
     feeding = asyncio.create_task(feed.run(), name="route-feed")
     try:
         started = time.monotonic()

@@ -61,6 +61,8 @@ class RouteFeed:
         self._table_at = 0.0  # unix seconds the last table was received
         self._lost_at = time.time()
         self._last_error = "not connected yet"
+        # Called after each message applied (keywait.KeyWait.fed: a request with a key not held yet looks again).
+        self.on_applied: Callable[[], None] | None = None
 
     # ---- what the gateway reads --------------------------------------------------------------------------
     def scaled_to_zero(self, model: str) -> bool:
@@ -120,6 +122,8 @@ class RouteFeed:
         self._table_at = time.time()
         self.tables += 1
         self.first_table.set()
+        if self.on_applied is not None:
+            self.on_applied()
         return True
 
     # ---- the two loops -----------------------------------------------------------------------------------

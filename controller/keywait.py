@@ -1,0 +1,72 @@
+"""A gateway tier worker's miss path for client keys: a key made a moment ago works at once.
+
+A key made through the admin API reaches the tier with the controller's feed, tens of ms after the admin call
+answered: a client that makes a key and uses it at once would meet a worker that does not know it yet. A key
+that is not in the worker's table is therefore not refused at once: the worker waits for the feed's next
+messages, checking the key after each, until it appears or `KEY_WAIT_S` passed, and only then answers 401.
+
+Responsible for: that bounded wait (woken by every message the feed applies, never by polling), answering at
+once where waiting cannot help (the watch of the controller is down: no message is coming), and bounding what
+unknown keys cost: at most `MAX_WAITERS` requests wait at once per worker, the others are refused at once.
+The wait asks the controller nothing, so random keys add no load to it, however many are sent.
+Not responsible for: the keys themselves (keys.KeyStore, fed by routefeed.RouteFeed), the 401 answer
+(gateway.py), or the built-in gateway, whose keys are the controller's own and never late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from slinfer.controller.keys import KeyInfo
+
+# The feed brings a new key to every worker in 20-25 ms (bench/feed_scale.py, 32 watchers); a second leaves room
+# for a busy controller and still answers a wrong key within a second, as a login prompt's delay would.
+KEY_WAIT_S = 1.0
+# Unknown keys waiting at once per worker; beyond it a miss is answered at once (401), so a flood of random keys
+# holds at most this many coroutines and sockets in the wait.
+MAX_WAITERS = 256
+
+
+class KeyWait:
+    def __init__(self, verify: Callable[[str], KeyInfo | None], connected: Callable[[], bool],
+                 wait_s: float | None = None, max_waiters: int | None = None) -> None:
+        self._verify = verify
+        self._connected = connected
+        self._wait_s = KEY_WAIT_S if wait_s is None else wait_s
+        self._max_waiters = MAX_WAITERS if max_waiters is None else max_waiters
+        self._fed = asyncio.Event()
+        self.waiting = 0
+        # What the misses came to, for tests and logs: found after a wait, refused after one, refused at once.
+        self.found_late = 0
+        self.refused_after_wait = 0
+        self.refused_at_once = 0
+
+    def fed(self) -> None:
+        """The feed applied a message: every waiter checks its key again."""
+        event, self._fed = self._fed, asyncio.Event()
+        event.set()
+
+    async def verify(self, presented: str) -> KeyInfo | None:
+        info = self._verify(presented)
+        if info is not None:
+            return info
+        if not self._connected() or self.waiting >= self._max_waiters:
+            self.refused_at_once += 1
+            return None
+        deadline = time.monotonic() + self._wait_s
+        self.waiting += 1
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._fed.wait(), left)
+                info = self._verify(presented)
+                if info is not None:
+                    self.found_late += 1
+                    return info
+        finally:
+            self.waiting -= 1
+        self.refused_after_wait += 1
+        return None
