@@ -43,6 +43,7 @@ from slinfer.controller.eventloop import loop_factory
 from slinfer.controller.files import batch_routes
 from slinfer.controller.gateway import Demand, Gateway
 from slinfer.controller.gatewayhub import GatewayHub
+from slinfer.controller.gatewayhub import add_to_server as add_feed_to_server
 from slinfer.controller.identity import OwnKeys
 from slinfer.controller.jobtable import JobTable
 from slinfer.controller.keys import KeyStore, KeyStoreError
@@ -60,7 +61,7 @@ from slinfer.kube.api import ClientKubeAPI, KubeError
 from slinfer.kube.leader import LeaderElection
 from slinfer.kube.objects import GatewayEndpoint
 from slinfer.kube.sync import KubeSync
-from slinfer.v1 import admin_pb2_grpc, controller_pb2_grpc, gateway_pb2_grpc
+from slinfer.v1 import admin_pb2_grpc, controller_pb2_grpc
 
 log = logging.getLogger("slinfer.controller")
 
@@ -166,7 +167,7 @@ async def serve(config: Config, stop: asyncio.Event,
     own_keys = OwnKeys(keys, slurm.runner, munge_socket=c.munge_socket, keys_per_user=g.keys_per_user)
     server = grpc.aio.server()
     controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, c.token, c.heartbeat_s), server)
-    gateway_pb2_grpc.add_GatewayFeedServicer_to_server(hub, server)
+    add_feed_to_server(hub, server)  # its full state pre-serialized, in pages
     admin = AdminService(autoscaler=autoscaler, registry=registry, keys=keys, token=c.token, usage=ledger,
                          pins=pins, own_keys=own_keys)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
@@ -189,11 +190,14 @@ async def serve(config: Config, stop: asyncio.Event,
         log.info("users' key port on %s (`slinfer key`, munge-proven)", c.user_listen)
     tasks: list[asyncio.Task[None]] = []
     try:
-        host, port = split_listen(config.gateway.listen)
+        # [controller].gateway_listen: the built-in gateway beside a slinfer-gateway that serves [gateway].listen.
+        listen, listen_key = ((c.gateway_listen, "controller.gateway_listen") if c.gateway_listen
+                              else (config.gateway.listen, "gateway.listen"))
+        host, port = split_listen(listen)
         try:
             gateway_port = await gateway.start(host, port, SHUTDOWN_GRACE_S)
         except OSError as exc:
-            raise StartupError(f"gateway.listen: cannot listen on {config.gateway.listen}: {exc}") from exc
+            raise StartupError(f"{listen_key}: cannot listen on {listen}: {exc}") from exc
         log.info("controller up: registry/admin gRPC on %s (%s), gateway on %s:%d, %d catalog models (%s), "
                  "agent timeout %.1f s, autoscale every %.1f s", c.listen,
                  ("mutual TLS" if c.tls_client_auth else "TLS") if credentials is not None else "PLAINTEXT",

@@ -124,6 +124,9 @@ class ControllerConfig:
     user_listen: str = ""
     # Where the CLI's `slinfer key` reaches the controller; empty: address.
     user_address: str = ""
+    # Where the controller's built-in gateway listens; empty: on [gateway].listen (a one-process site). Where
+    # slinfer-gateway serves [gateway].listen on this host (the packages' default), a loopback-only port here.
+    gateway_listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -561,6 +564,8 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     _check_listen("gateway.listen", config.gateway.listen)
     if config.controller.user_listen:
         _check_listen("controller.user_listen", config.controller.user_listen)
+    if config.controller.gateway_listen:
+        _check_listen("controller.gateway_listen", config.controller.gateway_listen)
     for name in ("key_requests_per_minute", "key_burst", "key_tokens_per_day"):
         if getattr(config.gateway, name) < 0:
             raise ConfigError(f"gateway.{name}", "must be 0 (no limit) or more")
