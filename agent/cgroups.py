@@ -24,6 +24,8 @@ from pathlib import Path
 
 import psutil
 
+from slinfer.agent import stepd
+
 log = logging.getLogger(__name__)
 
 # Slurm starts a job's extern step only after its prolog, from which the engine was started: measured on the
@@ -137,12 +139,12 @@ class JobCgroups:
         none: a child of `slurmstepd: [J.STEP]`, in exactly that step's cgroups."""
         wanted = f"slurmstepd: [{job_id}.{step}]"
         candidates = []
-        for stepd in psutil.process_iter(["cmdline"]):
+        for daemon in psutil.process_iter(["cmdline"]):
             # slurmstepd rewrites its argv[0] with spaces in it, which /proc may give back split or whole.
-            if " ".join(stepd.info["cmdline"] or []) != wanted:
+            if " ".join(daemon.info["cmdline"] or []) != wanted:
                 continue
             try:
-                candidates.extend(child.pid for child in stepd.children())
+                candidates.extend(child.pid for child in daemon.children())
             except psutil.Error:
                 continue
         if len(candidates) > 1:
@@ -235,6 +237,31 @@ class JobCgroups:
                  job_id, root_pid, len(descendants), len(targets), targets[0].path,
                  (time.monotonic() - began) * 1000)
         return targets
+
+    def contain_extern(self, job_id: str, root_pid: int, targets: list[Hierarchy]) -> tuple[list[Hierarchy], bool]:
+        """Puts root_pid and its descendants into the job's extern step; returns the cgroups they are in and
+        whether slurmstepd adopted root_pid. First the step's slurmstepd is asked to adopt it (stepd.py): its
+        plugins then put it into the step's cgroups and account for it as a task (sacct counts the engine on
+        24.11 and 26.05, where jobacct_gather counts a step's own tasks only); its descendants forked before
+        follow into the cgroups it went to. Where the stepd refuses or is not reachable, that is a WARNING with
+        its reason and the pids are written into `targets` by hand (contain): containment is never lost, only
+        the accounting of releases after 22.05. A hierarchy of `targets` that the adopted pid is not in is
+        joined by hand too. Raises OSError when a move is refused."""
+        if not targets:
+            return [], False
+        try:
+            path = stepd.find_socket(self.node_name, job_id, self.proc)
+            version = stepd.adopt(path, job_id, root_pid)
+        except stepd.StepdError as exc:
+            log.warning("%s; writing the engine's pids into the extern step's cgroups instead (contained, but "
+                        "Slurm after 22.05 will not count its CPU and memory in the job's accounting)", exc)
+            return self.contain(job_id, root_pid, targets), False
+        mounted = mounts((self.proc / "self" / "mounts").read_text())
+        adopted = [h for h in hierarchies(self._read(root_pid), mounted) if is_job_cgroup(h, job_id)]
+        log.info("job %s: engine pid %d adopted by its extern step's slurmstepd (protocol %s) into %d cgroups",
+                 job_id, root_pid, stepd.version_name(version), len(adopted))
+        joined = {h.mountpoint for h in adopted}
+        return self.contain(job_id, root_pid, adopted + [t for t in targets if t.mountpoint not in joined]), True
 
     def oom_kills(self, targets: list[Hierarchy]) -> int:
         """How many processes the kernel has killed for the memory limit of these cgroups (v1 memory.oom_control,

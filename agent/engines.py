@@ -362,9 +362,14 @@ class EngineManager:
             # (agent/preemption.py); any other, or one whose batch step is not here, to the extern step.
             targets = (await preemption.wait_for_batch(self.cgroups, rec.job_id)
                        if rec.pool and rec.rank == 0 else [])
-            in_batch = bool(targets)
-            targets = targets or await self.cgroups.wait_for_job(rec.job_id)
-            targets = await asyncio.to_thread(self.cgroups.contain, rec.job_id, rec.pid, targets)
+            in_batch, adopted = bool(targets), False
+            if in_batch:
+                targets = await asyncio.to_thread(self.cgroups.contain, rec.job_id, rec.pid, targets)
+            else:
+                # The extern step's slurmstepd adopts the engine (so 24.11 and 26.05 account for it too), else the
+                # pids are written into the step's cgroups (cgroups.JobCgroups.contain_extern).
+                targets, adopted = await asyncio.to_thread(self.cgroups.contain_extern, rec.job_id, rec.pid,
+                                                           await self.cgroups.wait_for_job(rec.job_id))
         except OSError as exc:
             if rec.state in (pb.STARTING, pb.READY) and self._alive(running):
                 await self._fail(running, f"could not move the engine into job {rec.job_id}'s cgroups: {exc}")
@@ -373,6 +378,10 @@ class EngineManager:
         if not targets:
             log.warning("job %s: no extern step cgroup on this node (Slurm without PrologFlags=Contain and "
                         "proctrack/cgroup?): the engine is not contained by the job's limits", rec.job_id)
+            return
+        if adopted:
+            # slurmstepd's plugins put the engine into every hierarchy of the step at once; a second look would
+            # compare it with the extern task's cgroups and could move it out of the task Slurm accounts.
             return
         # A hierarchy that Slurm gives the step later still (a slow node) is joined too, once.
         await asyncio.sleep(CONTAIN_RECHECK_S)

@@ -1,0 +1,135 @@
+"""Asks a job's extern-step slurmstepd to adopt a process, as pam_slurm_adopt does.
+
+Responsible for: finding the unix socket of a job's extern step on this node (the one slurmstepd listens on,
+`<SlurmdSpoolDir>/<NodeName>_<job>.4294967292`), and the one request over it that makes the step adopt a pid:
+slurmstepd then adds the pid to its proctrack, task and jobacct_gather plugins, so that the job's limits bind it
+and Slurm accounts for it as one of the step's tasks (sacct's TotalCPU and MaxRSS count it on 22.05, 24.11 and
+26.05 alike; a pid written into the step's cgroups by hand is counted on 22.05 only). Every reply is checked; each
+failure is a StepdError naming the job, the pid and the socket.
+Not responsible for: which pids to adopt or what to do when the stepd refuses (cgroups.JobCgroups.contain_extern
+falls back to writing the cgroups itself), the pid's descendants (born inside once it is adopted; those forked
+before are moved by cgroups.py), the batch step.
+
+The wire protocol, read in src/common/stepd_api.c (stepd_connect, stepd_add_extern_pid) and
+src/slurmd/slurmstepd/req.c (_handle_accept, _handle_add_extern_pid) at slurm-22-05-8-1, slurm-24-11-5-1 and
+slurm-26-05-3-1, identical in all three: native-endian C ints on a SOCK_STREAM unix socket.
+  client -> int protocol version   stepd -> int its own protocol version (> 0), or -1 (SLURM_ERROR) and close
+  client -> int REQUEST_ADD_EXTERN_PID (22), pid_t pid
+  stepd  -> int rc: 0 adopted, -1 refused (a caller other than root or SlurmUser up to 24.11, a pid its plugins
+            could not add); 26.05 closes the socket without a reply for a caller it does not authorize and for a
+            step that is ending.
+slurmstepd knows its caller's uid by SO_PEERCRED; the agent runs as root.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+import psutil
+
+# Slurm's SLURM_EXTERN_CONT (0xfffffffc): the extern step's id, the last part of its socket's name.
+EXTERN_STEP_ID = 0xFFFFFFFC
+# step_msg_t's REQUEST_ADD_EXTERN_PID: the 23rd entry (22) of the enum in 22.05, 24.11 and 26.05.
+REQUEST_ADD_EXTERN_PID = 22
+# The protocol version the agent says it speaks: 26.05's (MAKE_SLURM_VER(45) = 45 << 8). slurmstepd only checks
+# that it is at least its own minimum (20.11's on 22.05, 23.02's on 24.11, 25.05's-3 on 26.05) and uses it for
+# nothing else in this request, so the newest of the three is accepted by all of them.
+CLIENT_PROTOCOL_VERSION = 45 << 8
+# Slurm's SLURM_SUCCESS.
+SLURM_SUCCESS = 0
+# A C int and pid_t on Linux: 4 bytes, the host's byte order (slurmstepd reads them with read(2) as they are).
+_INT = struct.Struct("=i")
+# How long one exchange may take: slurmstepd answers from a thread of its own within milliseconds; a stepd that
+# hangs must not hold the engine's containment (the caller falls back to the cgroup write).
+SOCKET_TIMEOUT_S = 5.0
+
+
+class StepdError(Exception):
+    """The extern step's slurmstepd did not adopt the pid; the message names the job, the pid and why."""
+
+
+def socket_name(node_name: str, job_id: str) -> str:
+    """The name slurmstepd gives its extern step's socket in SlurmdSpoolDir (stepd_api.c's _step_connect)."""
+    return f"{node_name}_{job_id}.{EXTERN_STEP_ID}"
+
+
+def listening_paths(net_unix_text: str) -> list[str]:
+    """The paths of the unix sockets in a /proc/PID/net/unix table (abstract and unnamed ones left out)."""
+    paths = []
+    for line in net_unix_text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 8 and parts[7].startswith("/"):
+            paths.append(parts[7])
+    return list(dict.fromkeys(paths))
+
+
+def extern_stepd_pids(job_id: str) -> list[int]:
+    """The pids of `slurmstepd: [J.extern]` processes on this host (several where several slurmd share it)."""
+    wanted = f"slurmstepd: [{job_id}.extern]"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        # slurmstepd rewrites its argv[0] with spaces in it, which /proc may give back split or whole.
+        if " ".join(process.info["cmdline"] or []) == wanted:
+            found.append(process.pid)
+    return found
+
+
+def find_socket(node_name: str, job_id: str, proc: Path = Path("/proc")) -> Path:
+    """The extern step's socket of this job on this node: the path its slurmstepd bound, read from the kernel's
+    table of unix sockets as that process sees it (its network namespace), so that SlurmdSpoolDir need not be
+    parsed out of slurm.conf (`%n`, `%h`, Include files) and the bed's release roots, which bind /tmp at the same
+    path, need nothing of their own. Raises StepdError when there is none (no PrologFlags=Contain, the step
+    not started yet or ended)."""
+    name = socket_name(node_name, job_id)
+    stepds = extern_stepd_pids(job_id)
+    for pid in stepds:
+        try:
+            table = (proc / str(pid) / "net" / "unix").read_text()
+        except OSError:
+            continue
+        for path in listening_paths(table):
+            if path.rsplit("/", 1)[-1] == name:
+                return Path(path)
+    raise StepdError(f"job {job_id}: no socket {name} of its extern step on node {node_name} "
+                     f"({len(stepds)} `slurmstepd: [{job_id}.extern]` process(es) on this host)")
+
+
+def _read_int(conn: socket.socket, what: str) -> int:
+    data = b""
+    while len(data) < _INT.size:
+        chunk = conn.recv(_INT.size - len(data))
+        if not chunk:
+            raise ConnectionError(f"slurmstepd closed the socket before {what} ({len(data)} of {_INT.size} bytes)")
+        data += chunk
+    return int(_INT.unpack(data)[0])
+
+
+def adopt(path: Path, job_id: str, pid: int, timeout_s: float = SOCKET_TIMEOUT_S) -> int:
+    """Asks the extern step listening on `path` to adopt `pid`; returns the stepd's protocol version. Raises
+    StepdError (naming the job, the pid and the socket) for a refusal, a closed socket or any socket error."""
+    where = f"job {job_id}: the extern step's slurmstepd ({path}) did not adopt pid {pid}"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout_s)
+            conn.connect(str(path))
+            conn.sendall(_INT.pack(CLIENT_PROTOCOL_VERSION))
+            version = _read_int(conn, "its protocol version")
+            if version <= 0:
+                raise StepdError(f"{where}: it refused the connection (answered {version} to protocol version "
+                                 f"{CLIENT_PROTOCOL_VERSION}; see slurmd's log)")
+            conn.sendall(_INT.pack(REQUEST_ADD_EXTERN_PID) + _INT.pack(pid))
+            rc = _read_int(conn, "its answer")
+    except StepdError:
+        raise
+    except (OSError, ConnectionError) as exc:
+        raise StepdError(f"{where}: {exc}") from exc
+    if rc != SLURM_SUCCESS:
+        raise StepdError(f"{where}: it refused (rc {rc}; its reason is in slurmd's log)")
+    return version
+
+
+def version_name(version: int) -> str:
+    """A Slurm protocol version in words: 45 << 8 is "45.0" (26.05), 42 << 8 "42.0" (24.11), 38 << 8 (22.05)."""
+    return f"{version >> 8}.{version & 0xFF}"

@@ -1,0 +1,259 @@
+"""The agent's request to a job's extern-step slurmstepd to adopt an engine (agent/stepd.py), against a fake
+stepd, and the fallback to the cgroup write when it refuses (cgroups.JobCgroups.contain_extern). The real stepd
+answers on the bed (tests/bed/test_accounting.py's private-engine test on 22.05, 24.11 and 26.05)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from unittest import mock
+
+import psutil
+import pytest
+
+from slinfer.agent import stepd
+from slinfer.agent.cgroups import Hierarchy, JobCgroups
+
+INT = struct.Struct("=i")
+# What 22.05's slurmstepd answers to the handshake: its SLURM_PROTOCOL_VERSION, 38 << 8.
+STEPD_22_05 = 38 << 8
+
+
+class FakeStepd:
+    """A FAKE extern-step slurmstepd: one thread on a unix socket speaking the protocol of src/slurmd/slurmstepd/
+    req.c as the real one does (an int protocol version in, its own version or -1 out; then an int request and
+    a pid_t in, an int rc out), recording what it was sent and the caller's uid from SO_PEERCRED. `mode`:
+    "adopt" (rc 0, then `on_adopt(pid)` as the real stepd's plugins would move the pid), "refuse" (rc -1, as
+    for a pid its plugins could not add), "close" (the request read, the socket closed with no reply: 26.05
+    for a step that is ending or a caller it does not authorize), "handshake" (-1 to the protocol version)."""
+
+    def __init__(self, path: Path, mode: str, on_adopt: Callable[[int], None] | None = None) -> None:
+        self.path, self.mode, self.on_adopt = path, mode, on_adopt
+        self.received: list[int] = []
+        self.peer_uid = -1
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _read(self, conn: socket.socket) -> int:
+        data = b""
+        while len(data) < INT.size:
+            chunk = conn.recv(INT.size - len(data))
+            assert chunk, "the client closed early"
+            data += chunk
+        value = int(INT.unpack(data)[0])
+        self.received.append(value)
+        return value
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            self.peer_uid = struct.unpack("3i", creds)[1]
+            self._read(conn)
+            if self.mode == "handshake":
+                conn.sendall(INT.pack(-1))
+                return
+            conn.sendall(INT.pack(STEPD_22_05))
+            request, pid = self._read(conn), self._read(conn)
+            if self.mode == "close":
+                return
+            rc = 0 if self.mode == "adopt" and request == stepd.REQUEST_ADD_EXTERN_PID else -1
+            if rc == 0 and self.on_adopt is not None:
+                self.on_adopt(pid)
+            conn.sendall(INT.pack(rc))
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # A unix socket's path must fit in 108 bytes; pytest's tmp_path may not.
+    folder = Path(tempfile.mkdtemp(prefix="stepd-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _socket(folder: Path) -> Path:
+    return folder / stepd.socket_name("node1", "42")
+
+
+def test_the_stepd_adopts_the_pid_sent_as_the_real_protocol_says(short_dir: Path) -> None:
+    fake = FakeStepd(_socket(short_dir), "adopt")
+    try:
+        version = stepd.adopt(fake.path, "42", 4242)
+    finally:
+        fake.close()
+    # The wire: the protocol version, REQUEST_ADD_EXTERN_PID (22 in 22.05, 24.11, 26.05), the pid.
+    assert fake.received == [45 << 8, 22, 4242]
+    assert version == STEPD_22_05 and stepd.version_name(version) == "38.0"
+    # The stepd checks its caller by SO_PEERCRED: it sees the agent's own uid.
+    assert fake.peer_uid == os.geteuid()
+    assert fake.path.name == "node1_42.4294967292"
+
+
+@pytest.mark.parametrize(("mode", "said"), [
+    ("refuse", "it refused (rc -1"),
+    ("close", "slurmstepd closed the socket before its answer"),
+    ("handshake", "it refused the connection (answered -1 to protocol version 11520"),
+])
+def test_a_refusal_or_a_closed_socket_is_an_error_naming_the_job_and_the_pid(short_dir: Path, mode: str,
+                                                                              said: str) -> None:
+    fake = FakeStepd(_socket(short_dir), mode)
+    try:
+        with pytest.raises(stepd.StepdError) as caught:
+            stepd.adopt(fake.path, "42", 4242)
+    finally:
+        fake.close()
+    message = str(caught.value)
+    assert message.startswith(f"job 42: the extern step's slurmstepd ({fake.path}) did not adopt pid 4242: ")
+    assert said in message, message
+    # The fault happened where it was forced: the handshake refused before any request, the others after it.
+    assert fake.received == ([45 << 8] if mode == "handshake" else [45 << 8, 22, 4242])
+
+
+def test_no_stepd_listening_is_an_error_too(short_dir: Path) -> None:
+    with pytest.raises(stepd.StepdError, match=r"^job 42: .* did not adopt pid 7: .*No such file"):
+        stepd.adopt(_socket(short_dir), "42", 7)
+
+
+NET_UNIX = """\
+Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 4711 /tmp/bed/slurmd/node2/node2_42.4294967292
+0000000000000000: 00000002 00000000 00010000 0001 01 4712 /tmp/bed/slurmd/node1/node1_42.4294967291
+0000000000000000: 00000002 00000000 00010000 0001 01 4713 /tmp/bed/slurmd/node1/node1_42.4294967292
+0000000000000000: 00000002 00000000 00010000 0001 01 4714 @/abstract/node1_42.4294967292
+0000000000000000: 00000003 00000000 00000000 0001 03 4715
+"""
+
+
+def test_the_socket_is_the_one_the_nodes_extern_stepd_bound(tmp_path: Path) -> None:
+    (tmp_path / "123" / "net").mkdir(parents=True)
+    (tmp_path / "123" / "net" / "unix").write_text(NET_UNIX)
+    with mock.patch.object(stepd, "extern_stepd_pids", return_value=[123]):
+        # Not node2's (several slurmd on one host), not the batch step's (.4294967291), not an abstract name.
+        assert stepd.find_socket("node1", "42", tmp_path) == Path("/tmp/bed/slurmd/node1/node1_42.4294967292")
+        assert stepd.find_socket("node2", "42", tmp_path) == Path("/tmp/bed/slurmd/node2/node2_42.4294967292")
+        with pytest.raises(stepd.StepdError, match=r"^job 43: no socket node1_43\.4294967292 .* \(1 `slurmstepd"):
+            stepd.find_socket("node1", "43", tmp_path)
+    # No extern slurmstepd of that job runs here at all.
+    with pytest.raises(stepd.StepdError, match=r"0 `slurmstepd: \[999999999\.extern\]` process"):
+        stepd.find_socket("node1", "999999999")
+
+
+def _engine() -> tuple[subprocess.Popen[bytes], int]:
+    """A process with a child, as an engine with its engine core."""
+    engine = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & wait"])
+    for _ in range(200):
+        children = psutil.Process(engine.pid).children()
+        if children:
+            return engine, children[0].pid
+        time.sleep(0.01)
+    raise AssertionError("the engine's child did not start")
+
+
+def _node(tmp_path: Path, engine_pid: int) -> tuple[Path, list[Hierarchy]]:
+    cg = tmp_path / "cg"
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "mounts").write_text(
+        f"cgroup {cg}/memory cgroup rw,memory 0 0\ncgroup {cg}/freezer cgroup rw,freezer 0 0\n"
+        f"cgroup {cg}/devices cgroup rw,devices 0 0\n")
+    (proc / str(engine_pid)).mkdir()
+    (proc / str(engine_pid) / "cgroup").write_text("5:memory:/\n4:freezer:/\n3:devices:/\n")
+    step = "slurm_node1/uid_1001/job_42/step_extern"
+    targets = [Hierarchy(cg / name, f"/{step}") for name in ("memory", "freezer", "devices")]
+    return proc, targets
+
+
+def _writes() -> tuple[list[tuple[str, int]], Callable[..., int]]:
+    """Records the pids written into cgroup.procs files (the fake hierarchies are plain folders); any other
+    write (the fake stepd's plugins rewriting /proc/PID/cgroup) goes through."""
+    written: list[tuple[str, int]] = []
+    real_write = Path.write_text
+
+    def write(path: Path, text: str, *args: object, **kwargs: object) -> int:
+        if path.name != "cgroup.procs":
+            return real_write(path, text)
+        written.append((str(path.parent), int(text)))
+        return len(text)
+    return written, write
+
+
+def test_an_adopted_engine_is_where_the_stepd_put_it_and_its_children_follow(tmp_path: Path,
+                                                                             short_dir: Path) -> None:
+    engine, child = _engine()
+    proc, targets = _node(tmp_path, engine.pid)
+    cg = tmp_path / "cg"
+    step = "/slurm_node1/uid_1001/job_42/step_extern"
+
+    def plugins(pid: int) -> None:
+        # What the real stepd's plugins do (22.05, v1): memory and the accounting into the task, freezer the
+        # step; devices is left out here, so the agent must join that one by hand.
+        (proc / str(pid) / "cgroup").write_text(f"5:memory:{step}/task_0\n4:freezer:{step}\n3:devices:/\n")
+
+    fake = FakeStepd(_socket(short_dir), "adopt", plugins)
+    written, write = _writes()
+    try:
+        with mock.patch.object(stepd, "find_socket", return_value=fake.path), \
+                mock.patch.object(Path, "write_text", write):
+            found, adopted = JobCgroups("node1", proc=proc).contain_extern("42", engine.pid, targets)
+    finally:
+        fake.close()
+        engine.kill()
+        engine.wait()
+    assert adopted and fake.received == [45 << 8, 22, engine.pid]
+    assert sorted((h.mountpoint.name, h.path) for h in found) == [
+        ("devices", step), ("freezer", step), ("memory", f"{step}/task_0")]
+    # The engine's child, forked before the adoption, follows it into the task's memory cgroup.
+    assert (str(cg / "memory" / step.lstrip("/") / "task_0"), child) in written
+    assert (str(cg / "devices" / step.lstrip("/")), engine.pid) in written
+    # Nothing went to the step's own memory folder (outside the task Slurm accounts).
+    assert not [w for w in written if w[0] == str(cg / "memory" / step.lstrip("/"))]
+
+
+def test_a_refusing_stepd_leaves_the_engine_contained_by_hand_with_a_warning(tmp_path: Path, short_dir: Path,
+                                                                            caplog: pytest.LogCaptureFixture
+                                                                            ) -> None:
+    engine, child = _engine()
+    proc, targets = _node(tmp_path, engine.pid)
+    fake = FakeStepd(_socket(short_dir), "refuse")
+    written, write = _writes()
+    try:
+        with mock.patch.object(stepd, "find_socket", return_value=fake.path), \
+                mock.patch.object(Path, "write_text", write), caplog.at_level(logging.WARNING):
+            found, adopted = JobCgroups("node1", proc=proc).contain_extern("42", engine.pid, targets)
+    finally:
+        fake.close()
+        engine.kill()
+        engine.wait()
+    # The refusal happened (the request reached the stepd and was answered -1) ...
+    assert fake.received == [45 << 8, 22, engine.pid]
+    assert not adopted and found == targets
+    # ... and containment was not lost: the engine and its child are in every hierarchy of the step.
+    for target in targets:
+        assert (str(target.directory), engine.pid) in written and (str(target.directory), child) in written
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    assert f"job 42: the extern step's slurmstepd ({fake.path}) did not adopt pid {engine.pid}: it refused " \
+           "(rc -1" in warning[0].getMessage()
+    assert "writing the engine's pids into the extern step's cgroups instead" in warning[0].getMessage()
+
+
+def test_no_extern_step_means_no_request_and_nothing_contained() -> None:
+    with mock.patch.object(stepd, "adopt") as adopt:
+        assert JobCgroups("node1").contain_extern("42", os.getpid(), []) == ([], False)
+    adopt.assert_not_called()
