@@ -24,6 +24,10 @@ pytestmark = pytest.mark.bed
 
 ALICE, BOB = devcluster.BED_USERS
 READY_TIMEOUT = 300
+# The model whose memory the memory tests count: a warm-forked engine shares the engine template's imported
+# pages (frozen, so never copied) and charges its job only what it allocates itself; smollm2's 540 MB of float32
+# weights are that engine's own, tiny's few MB are not enough to tell an engine from none.
+HEAVY_MODEL = "smollm2"
 # Several of the agent's health intervals: long enough for a re-adopted dead engine to be restarted.
 AGENT_SUPERVISION_S = 10
 # Cgroup v1 hierarchies whose limits bind a job: memory and cores, devices, and the freezer Slurm kills through.
@@ -76,8 +80,8 @@ def _opened_by(bed: SlurmBed, user: str, paths: list[Path]) -> dict[str, str]:
     return {line.split(" ")[1]: line.split(" ")[0] for line in done.stdout.splitlines()}
 
 
-def _serving_job(bed: SlurmBed, user: str) -> str:
-    job = bed.sbatch("--inference=tiny", "--gres=gpu:1", user=user,
+def _serving_job(bed: SlurmBed, user: str, model: str = "tiny") -> str:
+    job = bed.sbatch(f"--inference={model}", "--gres=gpu:1", user=user,
                      script=f"slinfer wait-ready --timeout {READY_TIMEOUT - 20} && python -c \"{ASK}\" "
                             "&& sleep 900")
     bed.wait_output(job, r"ANSWER \d+", READY_TIMEOUT + 30)
@@ -101,7 +105,7 @@ def _end(bed: SlurmBed, job: str) -> None:
 
 def test_the_engine_is_the_jobs_users_and_lives_in_the_jobs_cgroups(slurm_bed: SlurmBed) -> None:
     alice = pwd.getpwnam(ALICE)
-    job = _serving_job(slurm_bed, ALICE)
+    job = _serving_job(slurm_bed, ALICE, HEAVY_MODEL)
     try:
         slurm_job = slurm_bed.job(job)
         assert slurm_job is not None and slurm_job.user == ALICE, slurm_job
@@ -181,7 +185,7 @@ def test_another_user_is_kept_out_of_the_engine(slurm_bed: SlurmBed) -> None:
 
 
 def test_the_jobs_memory_limit_stops_its_engine_and_the_job_says_why(slurm_bed: SlurmBed) -> None:
-    job = slurm_bed.sbatch("--inference=tiny", "--gres=gpu:1", "--mem=300M", user=ALICE,
+    job = slurm_bed.sbatch(f"--inference={HEAVY_MODEL}", "--gres=gpu:1", "--mem=300M", user=ALICE,
                            script=f"slinfer wait-ready --timeout {READY_TIMEOUT} || {{ echo WAIT_FAILED; exit 3; }}")
     assert slurm_bed.wait_state(job, {"COMPLETED", "FAILED"}, READY_TIMEOUT + 60) == "FAILED", slurm_bed.output(job)
     out = slurm_bed.output(job)

@@ -52,6 +52,10 @@ time.sleep(120)
 # Preloaded by the template: a string built at run time, so it lives in the template's heap as a key would.
 CANARY_MODULE = "CANARY = '-'.join(['slinfer', 'canary', str(6 * 7)])\n"
 THREAD_STARTER = "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n"
+# A preloaded module with a heap of its own: 50,000 lists, each an object the collector tracks.
+BIG_HEAP = "HEAP = [[i] for i in range(50_000)]\n"
+# A stand-in engine that reports how many objects it inherited frozen, then exits.
+GC_REPORT = "import gc, sys\nopen(sys.argv[1], 'w').write(str(gc.get_freeze_count()))\n"
 
 
 def _start_template(folder: Path, *preload: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -76,6 +80,8 @@ def folder() -> Iterator[Path]:
     (path / "threadstarter.py").write_text(THREAD_STARTER)
     (path / "sleeper.py").write_text(SLEEPER)
     (path / "canary.py").write_text(CANARY_MODULE)
+    (path / "bigheap.py").write_text(BIG_HEAP)
+    (path / "gcreport.py").write_text(GC_REPORT)
     yield path
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
@@ -226,6 +232,24 @@ def test_what_the_preloaded_imports_set_reaches_the_child_unless_the_job_says_ot
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_child_inherits_the_preloaded_heap_frozen_so_that_its_collections_skip_it(folder: Path) -> None:
+    frozen = {}
+    for preload in (("json",), ("json", "bigheap")):
+        proc, sock = _start_template(folder, *preload)
+        try:
+            assert call(sock, {"op": "ping"})["frozen"] > 0
+            pid = _spawn(sock, folder, 0, os.getuid(), os.getgid(), {"PATH": "/bin"}, module="gcreport")
+            assert _wait_exit(sock, pid)["code"] == 0
+            frozen[preload] = int((folder / "out.json").read_text())
+        finally:
+            proc.kill()
+            proc.wait()
+            sock.unlink()  # the next template's start waits for its own socket
+    # The 50,000 lists the preloaded module made are in the child's permanent generation; without the freeze
+    # neither child would have any frozen object.
+    assert frozen[("json", "bigheap")] - frozen[("json",)] >= 50_000
 
 
 def test_an_unknown_pid_and_bad_requests_are_answered_not_fatal(template: Path) -> None:
