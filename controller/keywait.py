@@ -4,6 +4,7 @@ A key made through the admin API reaches the tier with the controller's feed, te
 answered: a client that makes a key and uses it at once would meet a worker that does not know it yet. A key
 that is not in the worker's table is therefore not refused at once: the worker waits for the feed's next
 messages, checking the key after each, until it appears or `KEY_WAIT_S` passed, and only then answers 401.
+A key the feed revoked is refused at once: nothing more can come for it.
 
 Responsible for: that bounded wait (woken by every message the feed applies, never by polling), answering at
 once where waiting cannot help (the watch of the controller is down: no message is coming), and bounding what
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from slinfer.controller.keys import KeyInfo
 
@@ -28,6 +30,9 @@ KEY_WAIT_S = 1.0
 # Unknown keys waiting at once per worker; beyond it a miss is answered at once (401), so a flood of random keys
 # holds at most this many coroutines and sockets in the wait.
 MAX_WAITERS = 256
+# Revoked keys remembered per worker (their SHA-256, 32 bytes each: 128 KiB), so that a revoked key gets its 401 at
+# once; the oldest is forgotten first, and a forgotten one only waits KEY_WAIT_S as an unknown key does.
+MAX_GONE = 4096
 
 
 class KeyWait:
@@ -38,14 +43,21 @@ class KeyWait:
         self._wait_s = KEY_WAIT_S if wait_s is None else wait_s
         self._max_waiters = MAX_WAITERS if max_waiters is None else max_waiters
         self._fed = asyncio.Event()
+        self._gone: dict[bytes, None] = {}  # digests of revoked keys, oldest first
         self.waiting = 0
         # What the misses came to, for tests and logs: found after a wait, refused after one, refused at once.
         self.found_late = 0
         self.refused_after_wait = 0
         self.refused_at_once = 0
 
-    def fed(self) -> None:
-        """The feed applied a message: every waiter checks its key again."""
+    def fed(self, removed: Iterable[bytes] = ()) -> None:
+        """The feed applied a message, which revoked the keys with these digests: every waiter checks its key
+        again."""
+        for digest in removed:
+            self._gone.pop(digest, None)
+            self._gone[digest] = None
+            if len(self._gone) > MAX_GONE:
+                del self._gone[next(iter(self._gone))]
         event, self._fed = self._fed, asyncio.Event()
         event.set()
 
@@ -53,7 +65,8 @@ class KeyWait:
         info = self._verify(presented)
         if info is not None:
             return info
-        if not self._connected() or self.waiting >= self._max_waiters:
+        if (not self._connected() or self.waiting >= self._max_waiters
+                or hashlib.sha256(presented.encode()).digest() in self._gone):
             self.refused_at_once += 1
             return None
         deadline = time.monotonic() + self._wait_s

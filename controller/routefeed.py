@@ -61,8 +61,9 @@ class RouteFeed:
         self._table_at = 0.0  # unix seconds the last table was received
         self._lost_at = time.time()
         self._last_error = "not connected yet"
-        # Called after each message applied (keywait.KeyWait.fed: a request with a key not held yet looks again).
-        self.on_applied: Callable[[], None] | None = None
+        # Called after each message applied with the digests of the keys it revoked (keywait.KeyWait.fed: a
+        # request with a key not held yet looks again).
+        self.on_applied: Callable[[list[bytes]], None] | None = None
 
     # ---- what the gateway reads --------------------------------------------------------------------------
     def scaled_to_zero(self, model: str) -> bool:
@@ -99,6 +100,8 @@ class RouteFeed:
             log.warning("gateway %s: feed delta %s -> %s does not follow version %d; asking for the full state",
                         self.name, table.base_version, table.version, self.mirror.version)
             return False
+        if applied.pending:  # a page of a full state: the routes held serve until its last page
+            return True
         if applied.replicas:
             rows = self.mirror.replicas.values()
             replicas = [Replica(job_id=r.job_id, model=r.model, node=r.node, base_url=r.base_url,
@@ -123,7 +126,7 @@ class RouteFeed:
         self.tables += 1
         self.first_table.set()
         if self.on_applied is not None:
-            self.on_applied()
+            self.on_applied(list(applied.removed_keys))
         return True
 
     # ---- the two loops -----------------------------------------------------------------------------------
@@ -141,7 +144,8 @@ class RouteFeed:
         while True:
             # Resume from the version held: the controller sends what changed since, or the full state.
             request = gateway_pb2.WatchRequest(gateway=self.name, token=self._config.controller.token,
-                                               epoch=self.mirror.epoch, version=self.mirror.version)
+                                               epoch=self.mirror.epoch, version=self.mirror.version,
+                                               pages=True)
             gap = False
             try:
                 call = stub.Watch(request)

@@ -5,6 +5,7 @@ reach the controller."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 
@@ -66,6 +67,28 @@ async def test_a_wrong_key_is_refused_at_the_bound_and_at_once_when_no_feed_can_
     assert time.monotonic() - began < 0.05 and away.refused_at_once == 1
 
 
+async def test_a_revoked_key_is_refused_at_once_and_the_memory_of_revocations_is_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    store, known = _store()
+    late = KeyWait(store.verify, lambda: True, wait_s=0.5)
+    known["old"] = INFO
+    assert await late.verify("old") is INFO
+    del known["old"]
+    late.fed([hashlib.sha256(b"old").digest()])  # the feed's delta that revoked it
+    began = time.monotonic()
+    assert await late.verify("old") is None
+    assert time.monotonic() - began < 0.05 and late.refused_at_once == 1
+    # Control: a key never seen still waits for the feed.
+    began = time.monotonic()
+    assert await late.verify("never") is None
+    assert time.monotonic() - began >= 0.5 and late.refused_after_wait == 1
+    # Only the last MAX_GONE revocations are kept: the oldest then waits as an unknown key does.
+    monkeypatch.setattr(keywait, "MAX_GONE", 3)
+    late.fed([hashlib.sha256(f"k{i}".encode()).digest() for i in range(4)])
+    assert len(late._gone) == 3 and hashlib.sha256(b"k0").digest() not in late._gone
+    assert hashlib.sha256(b"k3").digest() in late._gone
+
+
 async def test_a_flood_of_random_keys_holds_at_most_max_waiters() -> None:
     store, _ = _store()
     late = KeyWait(store.verify, lambda: True, wait_s=0.3, max_waiters=64)
@@ -115,6 +138,23 @@ async def test_a_key_made_and_used_at_once_works_through_the_tier(tier: Tier,  #
         _, secret = tier.keys.create("bob")
         status, _ = await _models(http, url, secret)
         assert status == 401
+
+
+async def test_a_revoked_key_gets_its_401_at_once_through_the_tier(tier: Tier) -> None:  # noqa: F811
+    key_id, secret = tier.keys.create("carol")
+    async with worker(tier, "gw-a") as url, aiohttp.ClientSession() as http:
+        assert (await _models(http, url, secret))[0] == 200
+        tier.keys.revoke(key_id)
+        for _ in range(100):
+            status, took = await _models(http, url, secret)
+            if status == 401:
+                break
+        assert status == 401 and took < 0.2, f"the first 401 after {took:.2f} s"
+        status, took = await _models(http, url, secret)
+        assert status == 401 and took < 0.1, f"a revoked key waited {took:.2f} s"
+        # Control: a key the worker never saw waits for the feed before its 401.
+        status, took = await _models(http, url, "never-made")
+        assert status == 401 and took >= keywait.KEY_WAIT_S
 
 
 async def test_random_keys_ask_the_controller_nothing(tier: Tier, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
