@@ -83,8 +83,9 @@ lint: venv
 check-spank:
 	$(MAKE) -C spank check
 
-# Brings up the local Slurm bed with the controller, and asks smollm2 through the gateway with the official openai
-# client, streaming the answer; while the controller's job and engine start, it shows their states.
+# Brings up the local Slurm bed with the controller and the gateway tier (SLINFER_BED_GATEWAY=builtin: the
+# controller's own gateway instead), and asks smollm2 through it with the official openai client, streaming the
+# answer; while the controller's job and engine start, it shows their states.
 demo: install
 	$(VENV)/bin/slinfer dev-cluster up
 	source <($(VENV)/bin/slinfer dev-cluster env) && $(PY) examples/ask.py "What is the capital of France? Answer in one sentence."

@@ -63,6 +63,13 @@ BED_USERS = ("slinfer-alice", "slinfer-bob")
 # The bed's controller runs as root, so root's jobs are the service's: the only ones the shared pool takes
 # ([controller].user, and the plugstack's pool_users=).
 BED_SERVICE_USER = "root"
+# Which gateway serves the bed's gateway port (Bed.gateway_port, $SLINFER_GATEWAY_URL): "tier", the default, is what
+# a site runs (slinfer-gateway, fed by the controller; the controller's built-in gateway on a port of its own);
+# "builtin" serves it from the controller's built-in gateway, with no tier.
+GATEWAY_ENV = "SLINFER_BED_GATEWAY"
+GATEWAY_MODES = ("tier", "builtin")
+# The bed's own tier: one worker (a site runs one per core; the bed's machine has two, shared by everything).
+TIER_WORKERS = 1
 # A bed takes the ports port_base..+99, so the next bed's FirstJobId (port_base * 10) is at least this far on.
 JOB_ID_SPAN = 1000
 # Fake GPUs are character devices of the memory driver at minors it does not use: each needs its own number,
@@ -79,6 +86,12 @@ class Bed:
     slurm: str = field(default_factory=lambda: os.environ.get("SLINFER_SLURM", ""))
     # Compute nodes: 1 runs on loopback in the host's namespaces; 2 or more get a namespace each (netns.py).
     nodes: int = 1
+    # What serves gateway_port: GATEWAY_MODES, from $SLINFER_BED_GATEWAY.
+    gateway: str = field(default_factory=lambda: os.environ.get(GATEWAY_ENV, "") or "tier")
+
+    def __post_init__(self) -> None:
+        if self.gateway not in GATEWAY_MODES:
+            raise ValueError(f"{GATEWAY_ENV}={self.gateway!r}: must be one of {', '.join(GATEWAY_MODES)}")
 
     @property
     def network(self) -> BedNetwork | None:
@@ -184,7 +197,13 @@ class Bed:
 
     @property
     def gateway_port(self) -> int:
+        """The clients' port: the tier's, or the built-in gateway's with SLINFER_BED_GATEWAY=builtin."""
         return self.port_base + 80
+
+    @property
+    def builtin_gateway_port(self) -> int:
+        """The controller's built-in gateway: its own port beside the tier, else the clients' port."""
+        return self.port_base + 81 if self.gateway == "tier" else self.gateway_port
 
     @property
     def first_job_id(self) -> int:
@@ -350,6 +369,8 @@ def _slinfer_toml(bed: Bed, node: str, token: str, ca: Path, server: Issued, cli
         controller=f"{bed.head_address}:{bed.controller_port}", token=token, server_cert=server.cert,
         server_key=server.key, ca=ca, state=bed.state, service_user=BED_SERVICE_USER,
         slinfer_bin=_bin_dir() / "slinfer", gateway_port=bed.gateway_port, api_key=DEV_API_KEY, run=run,
+        builtin_gateway=(f'gateway_listen = "127.0.0.1:{bed.builtin_gateway_port}"' if bed.gateway == "tier"
+                         else "# no gateway_listen: the built-in gateway serves [gateway].listen (no tier)"),
         address=bed.node_address(node), node=node, slurm_conf=bed.conf, python=engine_python(), logs=bed.logs,
         log_name="agent.log" if bed.nodes == 1 else f"agent-{node}.log", client_cert=client.cert,
         client_key=client.key, port_low=bed.port_base + 1000, port_high=bed.port_base + 1999,
@@ -645,6 +666,8 @@ def up(bed: Bed, controller: bool = True) -> None:
         start_agent(bed, node)
     if controller:
         start_controller(bed)
+        if bed.gateway == "tier":
+            start_tier(bed)
 
 
 def start_accounting(bed: Bed) -> None:
@@ -720,7 +743,16 @@ def restart_agent(bed: Bed) -> int:
 
 def start_controller(bed: Bed) -> int:
     pid = launch(bed, "controller", [str(_bin_dir() / "slinfer-controller"), "--config", str(bed.config)])
-    _wait_for("the controller's gateway", lambda: _port_open(bed.gateway_port), 30)
+    _wait_for("the controller's gateway", lambda: _port_open(bed.builtin_gateway_port), 30)
+    return pid
+
+
+def start_tier(bed: Bed) -> int:
+    """The bed's own gateway tier (daemon "tier") on the clients' port, as a site runs it beside the controller.
+    Tests that start a tier of their own (start_gateway, daemon "gateway") do so beside it."""
+    pid = launch(bed, "tier", [str(_bin_dir() / "slinfer-gateway"), "--config", str(bed.config),
+                               "--listen", f"127.0.0.1:{bed.gateway_port}", "--workers", str(TIER_WORKERS)])
+    _wait_for("the bed's gateway tier", lambda: _port_open(bed.gateway_port), 90)
     return pid
 
 
@@ -779,7 +811,7 @@ def down(bed: Bed) -> list[int]:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and _queued(bed):
                 time.sleep(0.5)
-    names = ["controller", *(bed.daemon_name(d, node) for d in ("agent", "slurmd") for node in bed.node_names)]
+    names = ["tier", "controller", *(bed.daemon_name(d, node) for d in ("agent", "slurmd") for node in bed.node_names)]
     for name in (*names, "slurmctld", "slurmdbd", "mariadb", "munged"):
         stop_daemon(bed, name, grace=30.0 if name == "mariadb" else 10.0)
     # The cluster, accounts, QOS and associations go with the database (a fresh `up` makes them again).
@@ -845,7 +877,7 @@ def _kill_engines_left(bed: Bed) -> None:
 
 def status(bed: Bed) -> dict[str, object]:
     names = ["munged", "mariadb", "slurmdbd", "slurmctld",
-             *(bed.daemon_name(d, node) for node in bed.node_names for d in ("slurmd", "agent")), "controller"]
+             *(bed.daemon_name(d, node) for node in bed.node_names for d in ("slurmd", "agent")), "controller", "tier"]
     daemons = {name: daemon_pid(bed, name) for name in names}
     root = bed.slurm_root
     slurm = f"{root.version} in {root.root}" if root else f"system Slurm {bed.release()}"

@@ -119,7 +119,7 @@ def test_scale_from_zero_through_a_separate_gateway(tier: SlurmBed) -> None:
 
     def watch() -> None:  # when the controller, then the tier, first lists a READY replica
         while not stop.is_set():
-            for name, base in (("controller", f"http://127.0.0.1:{tier.bed.gateway_port}"), ("tier", url)):
+            for name, base in (("controller", f"http://127.0.0.1:{tier.bed.builtin_gateway_port}"), ("tier", url)):
                 if name not in seen:
                     try:
                         if _ready(base) >= 1:

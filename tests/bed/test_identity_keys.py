@@ -174,7 +174,7 @@ def test_a_user_cannot_list_or_revoke_anothers_keys_and_a_revoked_key_is_refused
     assert made.returncode == 0, made.stderr
     key_id, secret = _made(made.stdout)
     tier = f"http://127.0.0.1:{bed.bed.port_base + TIER_OFFSET}"
-    direct = f"http://127.0.0.1:{bed.bed.gateway_port}"
+    direct = f"http://127.0.0.1:{bed.bed.builtin_gateway_port}"  # the controller's own gateway
     wait_until("the tier knowing the new key", lambda: _status(tier, secret) == 200, 30, 0.05)
     bobs = users.key(BOB, "list")
     assert bobs.returncode == 0 and key_id not in bobs.stdout

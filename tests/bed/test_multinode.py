@@ -34,7 +34,8 @@ CLIENT_TIMEOUT_S = 20.0
 
 
 def _gateway_metrics(bed: SlurmBed) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{bed.bed.gateway_port}/metrics", timeout=5) as response:
+    # The controller's own gateway: its registry's replica states.
+    with urllib.request.urlopen(f"http://127.0.0.1:{bed.bed.builtin_gateway_port}/metrics", timeout=5) as response:
         return response.read().decode()
 
 

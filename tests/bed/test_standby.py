@@ -89,7 +89,7 @@ def pair(slurm_bed: SlurmBed) -> Iterator[Pair]:
     url = f"http://127.0.0.1:{bed.port_base + TIER_OFFSET}"
     try:
         _start(bed, "a", configs["a"])
-        _wait("controller a serving", lambda: _port_open(bed.gateway_port), 60)
+        _wait("controller a serving", lambda: _port_open(bed.builtin_gateway_port), 60)
         _start(bed, "b", configs["b"])
         _wait("controller b on standby", lambda: "waiting for the lease" in logs["b"].read_text(), 30)
         devcluster.start_gateway(bed, bed.port_base + TIER_OFFSET, workers=1)
@@ -145,7 +145,7 @@ def test_the_standby_takes_over_with_the_same_keys_and_counts_every_request_once
         _wait("the tier seeing a gone", lambda: _get(f"{url}/healthz")["controller"] == "unreachable", 10, 0.05)
         _wait("b leading", lambda: "leads (generation 2)" in pair.logs["b"].read_text(), 60, 0.05)
         lead = time.monotonic() - killed
-        _wait("b serving", lambda: _port_open(bed.bed.gateway_port), 60, 0.05)
+        _wait("b serving", lambda: _port_open(bed.bed.builtin_gateway_port), 60, 0.05)
         up = time.monotonic() - killed
         _wait("the tier connected to b", lambda: _get(f"{url}/healthz")["controller"] == "connected", 90, 0.05)
         tier = time.monotonic() - killed

@@ -17,9 +17,9 @@ CA = Path("/state/tls/ca.pem")
 SERVER = Issued(Path("/state/tls/controller.pem"), Path("/state/tls/controller.key"))
 CLIENT = Issued(Path("/state/tls/agent.pem"), Path("/state/tls/agent.key"))
 HOOK = "/usr/libexec/slinfer-hook"
-CASES = {"one": devcluster.Bed(Path("/state"), 16800, slurm=""),
-         "two": devcluster.Bed(Path("/state"), 30400, gpus=2, slurm="", nodes=2),
-         "one-2411": devcluster.Bed(Path("/state"), 16900, slurm="/opt/slurm/24.11")}
+CASES = {"one": devcluster.Bed(Path("/state"), 16800, slurm="", gateway="tier"),
+         "two": devcluster.Bed(Path("/state"), 30400, gpus=2, slurm="", nodes=2, gateway="tier"),
+         "one-2411": devcluster.Bed(Path("/state"), 16900, slurm="/opt/slurm/24.11", gateway="tier")}
 
 
 @pytest.fixture(autouse=True)
