@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import sqlite3
 import statistics
@@ -238,14 +239,15 @@ async def _watch(address: str, config: Any, i: int, w: _Watcher) -> None:
     assert creds is not None
     async with grpc.aio.secure_channel(address, creds, options=options) as channel:
         stub = gateway_pb2_grpc.GatewayFeedStub(channel)
-        async for m in stub.Watch(gateway_pb2.WatchRequest(gateway=f"bench-gw{i}", token=TOKEN)):
+        # As a gateway process asks (routefeed.py): the full state in pages.
+        async for m in stub.Watch(gateway_pb2.WatchRequest(gateway=f"bench-gw{i}", token=TOKEN, pages=True)):
             w.bytes += m.ByteSize()
             w.messages += 1
             at = time.monotonic()
             for k in m.keys:
                 if k.name.startswith("change-"):
                     w.seen.setdefault(k.name, at)
-            if m.full:
+            if m.full and not m.more:
                 w.full.set()
 
 
@@ -257,6 +259,80 @@ def _cpu(proc: psutil.Process) -> float:
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+# --heap: SIGUSR1 (sent where the RSS is read) makes the controller append a heap count to this file: what the
+# feed holds (the Watch streams' locals, the delta log, the cached full state, by serialized bytes; an in-memory
+# protobuf message takes ~3.4x its serialized size, bench/results/control_plane/heap.md) and glibc's malloc
+# totals (in use, and freed but kept by the process). Protobuf's arenas are C memory, which tracemalloc misses.
+HEAP_OUT = ""
+HEAP_PROBE = """
+import ctypes, gc, os, runpy, signal, sys, psutil
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+def size(v):
+    if isinstance(v, bytes):
+        return 1, len(v)
+    if hasattr(v, "ByteSize"):
+        return 1, v.ByteSize()
+    if isinstance(v, list) and v and (isinstance(v[0], bytes) or hasattr(v[0], "ByteSize")):
+        return len(v), sum(size(x)[1] for x in v)
+    return 0, 0
+import time
+pauses, started = [], [0.0]
+def timed(phase, info):
+    if phase == "start":
+        started[0] = time.perf_counter()
+    else:
+        pauses.append((info["generation"], time.perf_counter() - started[0]))
+gc.callbacks.append(timed)
+def dump(_sig, _frame):
+    held, hub, streams = {}, None, 0
+    for o in gc.get_objects():
+        code = getattr(o, "ag_code", None)
+        if code is not None and code.co_name == "Watch" and o.ag_frame is not None:
+            streams += 1
+            hub = o.ag_frame.f_locals.get("self", hub)
+            for name, v in o.ag_frame.f_locals.items():
+                n, b = size(v)
+                if b:
+                    c = held.setdefault("Watch stream local " + name, [0, 0, set()])
+                    c[0] += n
+                    c[1] += b
+                    c[2].add(id(v))
+    m = libc.mallinfo2()
+    with open(os.environ["SLINFER_BENCH_HEAP_OUT"], "a") as out:
+        mb = lambda n: f"{n / 2**20:.0f} MB"
+        out.write(f"RSS {mb(psutil.Process().memory_info().rss)}; malloc: in use {mb(m.uordblks)} + mmapped "
+                  f"{mb(m.hblkhd)} ({m.hblks} blocks), freed but kept {mb(m.fordblks)}\\n")
+        gen2 = sorted((p for g, p in pauses if g == 2), reverse=True)
+        out.write(f"garbage collections since the last count: {len(pauses)}, of them {len(gen2)} full, "
+                  f"longest full {1e3 * (gen2[0] if gen2 else 0):.0f} ms, full total {1e3 * sum(gen2):.0f} ms; "
+                  f"objects tracked {len(gc.get_objects())}\\n")
+        pauses.clear()
+        out.write(f"{streams} Watch streams\\n")
+        for k, (n, b, ids) in sorted(held.items(), key=lambda kv: -kv[1][1]):
+            out.write(f"  {k}: {n} messages/pages, {b / 2**20:.1f} MB serialized, {len(ids)} distinct objects\\n")
+        if hub is not None:
+            feed = hub.feed
+            log_bytes = sum(d.ByteSize() for d in feed._log)
+            out.write(f"  feed log: {len(feed._log)} deltas, {log_bytes / 2**20:.1f} MB serialized\\n")
+            snap = getattr(hub, "_snapshot", None)
+            if snap is not None:
+                out.write(f"  hub's cached full state: {snap.ByteSize() / 2**20:.1f} MB serialized\\n")
+            pages = getattr(feed, "_pages", None)
+            if pages:
+                total = sum(len(p) for ps in pages.values() for p in ps)
+                out.write(f"  feed's cached pages: {total / 2**20:.1f} MB\\n")
+            out.write(f"  feed holds {len(feed._keys)} keys ({type(next(iter(feed._keys.values()), None)).__name__}),"
+                      f" {len(feed._replicas)} replicas, version {feed.version}\\n")
+signal.signal(signal.SIGUSR1, dump)
+sys.argv = ["slinfer-controller", *sys.argv[1:]]
+runpy.run_module("slinfer.controller.main", run_name="__main__")
+"""
 
 
 @contextlib.asynccontextmanager
@@ -277,8 +353,10 @@ async def controller(config_path: Path, log: Path, in_process: bool) -> AsyncIte
             await task
         return
     with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "slinfer.controller.main", "--config",
-                                                    str(config_path), stdout=out, stderr=out, cwd=ROOT)
+        start = ["-c", HEAP_PROBE] if HEAP_OUT else ["-m", "slinfer.controller.main"]
+        env = {**os.environ, "SLINFER_BENCH_HEAP_OUT": HEAP_OUT} if HEAP_OUT else None
+        proc = await asyncio.create_subprocess_exec(sys.executable, *start, "--config",
+                                                    str(config_path), stdout=out, stderr=out, cwd=ROOT, env=env)
     try:
         yield psutil.Process(proc.pid)
     finally:
@@ -348,6 +426,8 @@ async def run_point(p: Point, seconds: float, changes: int, interval: float = 1.
                 busy_cpu, busy_s, reports = _cpu(proc) - cpu, time.monotonic() - at, agents.acks - acks
                 feed_bps = statistics.mean((w.bytes - b) / busy_s for w, b in zip(watchers, fed, strict=True))
                 rss = proc.memory_info().rss
+                if HEAP_OUT:
+                    proc.send_signal(signal.SIGUSR1)
                 # A quiet window: what the controller spends with no report (feed heartbeats, sweeps, loops).
                 agents.running.clear()
                 await asyncio.sleep(min(interval, 1.0) + 0.1)  # reports in flight land
@@ -371,6 +451,9 @@ async def run_point(p: Point, seconds: float, changes: int, interval: float = 1.
                     status_ms.append(1e3 * (time.monotonic() - started))
                     await asyncio.sleep(0.05)
                 rss_end = proc.memory_info().rss
+                if HEAP_OUT:
+                    proc.send_signal(signal.SIGUSR1)
+                    await asyncio.sleep(2.0)  # its count is written before the controller stops
             finally:
                 for t in watch_tasks:
                     t.cancel()
@@ -387,7 +470,8 @@ async def run_point(p: Point, seconds: float, changes: int, interval: float = 1.
             "rss_mb": rss / 2**20, "rss_end_mb": rss_end / 2**20, "feed_bps": feed_bps,
             "change_p50_ms": statistics.median(change_ms), "change_p99_ms": _pct(change_ms, 99),
             "create_key_p50_ms": statistics.median(create_ms), "create_key_p99_ms": _pct(create_ms, 99),
-            "status_p50_ms": statistics.median(status_ms), "status_p99_ms": _pct(status_ms, 99)}
+            "status_p50_ms": statistics.median(status_ms), "status_p99_ms": _pct(status_ms, 99),
+            "change_ms": [round(x, 1) for x in change_ms], "create_key_ms": [round(x, 1) for x in create_ms]}
 
 
 async def _until_up(admin: admin_pb2_grpc.AdminStub, auth: tuple[tuple[str, str], ...], proc: psutil.Process,
@@ -561,8 +645,12 @@ def main() -> None:
                         "report less often than --interval (0: no cap)")
     parser.add_argument("--only", choices=("nodes", "keys", "watchers", "corner"), nargs="+", default=None,
                         help="run only these sweeps' points")
+    parser.add_argument("--heap", default="", help="append the controller's heap count (what the feed holds, "
+                        "malloc's totals) at the RSS reading to this file")
     parser.add_argument("--out", type=Path, default=None, help="a folder for results.json, table.md and the plot")
     args = parser.parse_args()
+    global HEAP_OUT
+    HEAP_OUT = str(Path(args.heap).resolve()) if args.heap else ""
     rows = []
     for p in points(args.quick):
         if args.only and p.sweep not in args.only:

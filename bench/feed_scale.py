@@ -24,6 +24,7 @@ import grpc
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slinfer.controller import gatewayhub
 from slinfer.controller.gatewayhub import GatewayHub
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.limits import KeyLimits, Limiter
@@ -54,7 +55,7 @@ async def one(keys_n: int, watchers: int, seconds: float) -> dict[str, float]:
         hub = GatewayHub(registry, keys, Limiter(KeyLimits(), ledger.tokens_today), ledger, TOKEN, lambda m: False,
                          ["m"], warmup_s=0.0)
         server = grpc.aio.server()
-        gateway_pb2_grpc.add_GatewayFeedServicer_to_server(hub, server)
+        gatewayhub.add_to_server(hub, server)  # pre-serialized pages
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         received: list[list[tuple[float, int, gateway_pb2.RouteTable]]] = [[] for _ in range(watchers)]

@@ -22,6 +22,18 @@ from slinfer.v1 import gateway_pb2
 
 # Deltas kept for gateways that resume: a few minutes of steady change at a site, a few hundred KB at most.
 LOG_KEEP = 1024
+# A delta larger than this is not kept for resuming (the first publication is the whole state, 11 MB at 100,000 keys
+# and 40,000 replicas): a gateway behind it gets the full state, which costs the same to send, and the log holds no
+# second copy of the state (issue 35.4).
+LOG_MAX_DELTA_BYTES = 256 * 1024
+# The full state goes out in pages of about this size to gateways that ask for pages: 32 gateways connecting at
+# once then hold gRPC's send buffers to a page each, not to a copy of the whole state each (issue 35.4).
+PAGE_BYTES = 256 * 1024
+# A page size no state reaches: the full state as one message (to a gateway that does not take pages).
+ONE_MESSAGE = 1 << 62
+# Today's totals are serialized this many to a fragment of a page (a map entry each, ~20 bytes): a fragment stays
+# small beside a page.
+TOTALS_PER_FRAGMENT = 256
 
 # A replica's row as the feed compares it: (job_id, model, node, base_url, api_key, state, pool, draining,
 # agent_alive).
@@ -30,6 +42,24 @@ ReplicaRow = tuple[str, str, str, str, str, int, bool, bool, bool]
 
 def replica_row(r: gateway_pb2.RoutedReplica) -> ReplicaRow:
     return (r.job_id, r.model, r.node, r.base_url, r.api_key, r.state, r.pool, r.draining, r.agent_alive)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# RouteTable's `replicas` (1) and `keys` (2) as length-delimited fields (wire type 2): a fragment is one element of
+# the repeated field, serialized once, so a full state is the concatenation of fragments the log already holds.
+_REPLICA_TAG, _KEY_TAG = b"\x0a", b"\x12"
+
+
+def _fragment(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
 
 
 def _replica_msg(row: ReplicaRow) -> gateway_pb2.RoutedReplica:
@@ -48,12 +78,19 @@ class FeedLog:
         self.version = 0
         self._wall = wall
         self._replicas: dict[str, ReplicaRow] = {}
-        self._keys: dict[bytes, gateway_pb2.ClientKey] = {}
+        # Each replica's and each key's serialized fragment of a full state (not a message each: 100,000 ClientKey
+        # messages took 64 MB, their fragments 15).
+        self._replica_frags: dict[str, bytes] = {}
+        self._keys: dict[bytes, bytes] = {}
         self._zero: tuple[str, ...] = ()
         self._day = ""
         self._totals: dict[str, int] = {}
         self._gateways = 0
         self._log: deque[gateway_pb2.RouteTable] = deque(maxlen=keep)
+        # The full state at `_pages_version`, serialized, by page size (a gateway that takes pages, one that does not).
+        self._pages: dict[int, list[bytes]] = {}
+        self._pages_version = -1
+        self.pages_built = 0  # full states serialized (one per version asked for, whatever the number of gateways)
 
     def publish(self, replicas: Iterable[ReplicaRow], keys: Mapping[bytes, gateway_pb2.ClientKey | None],
                 zero: Iterable[str], day: str, totals: Mapping[str, int],
@@ -68,28 +105,30 @@ class FeedLog:
         if removed_replicas is not None:
             for row in replicas:
                 if self._replicas.get(row[0]) != row:
-                    self._replicas[row[0]] = row
-                    delta.replicas.append(_replica_msg(row))
+                    self._set_replica(row, delta)
             for job_id in removed_replicas:
                 if self._replicas.pop(job_id, None) is not None:
+                    del self._replica_frags[job_id]
                     delta.removed_replicas.append(job_id)
             changed = bool(delta.replicas) or bool(delta.removed_replicas)
         else:
             now_replicas = {row[0]: row for row in replicas}
             for job_id, row in now_replicas.items():
                 if self._replicas.get(job_id) != row:
-                    delta.replicas.append(_replica_msg(row))
+                    self._set_replica(row, delta)
             removed = [job_id for job_id in self._replicas if job_id not in now_replicas]
+            for job_id in removed:
+                del self._replicas[job_id], self._replica_frags[job_id]
             delta.removed_replicas.extend(removed)
-            if delta.replicas or removed:
-                self._replicas = now_replicas
-                changed = True
+            changed = bool(delta.replicas) or bool(removed)
         for digest, key in keys.items():
             if key is None:
                 if self._keys.pop(digest, None) is not None:
                     delta.removed_keys.append(digest)
-            elif self._keys.get(digest) != key:
-                self._keys[digest] = key
+                continue
+            fragment = _fragment(_KEY_TAG, key.SerializeToString(deterministic=True))
+            if self._keys.get(digest) != fragment:
+                self._keys[digest] = fragment
                 delta.keys.append(key)
         changed = changed or bool(delta.keys) or bool(delta.removed_keys)
         zero_now = tuple(sorted(zero))
@@ -112,16 +151,62 @@ class FeedLog:
         self.version += 1
         delta.version = self.version
         delta.sent_at = self._wall()
-        self._log.append(delta)
+        if delta.ByteSize() > LOG_MAX_DELTA_BYTES:
+            self._log.clear()  # whoever is behind this version gets the full state
+        else:
+            self._log.append(delta)
         return delta
 
+    def _set_replica(self, row: ReplicaRow, delta: gateway_pb2.RouteTable) -> None:
+        msg = _replica_msg(row)
+        self._replicas[row[0]] = row
+        self._replica_frags[row[0]] = _fragment(_REPLICA_TAG, msg.SerializeToString())
+        delta.replicas.append(msg)
+
+    def pages(self, page_bytes: int | None = None) -> list[bytes]:
+        """The whole published state at the current version as serialized RouteTable pages of about `page_bytes`
+        each (one page for a small state). Built once per version and page size from the fragments held: every
+        gateway that connects at this version is sent the same bytes. Concatenated, the pages parse as one
+        full RouteTable; `ONE_MESSAGE` makes the one page a gateway that does not take pages is sent."""
+        page_bytes = page_bytes or PAGE_BYTES
+        if self._pages_version != self.version:
+            self._pages, self._pages_version = {}, self.version  # the previous version's go before new ones are built
+        cached = self._pages.get(page_bytes)
+        if cached is not None:
+            return cached
+        pages = self._build(page_bytes)
+        self._pages[page_bytes] = pages
+        self.pages_built += 1
+        return pages
+
+    def _build(self, page_bytes: int) -> list[bytes]:
+        sent_at = self._wall()
+        first = gateway_pb2.RouteTable(full=True, epoch=self.epoch, version=self.version, base_version=0,
+                                       scaled_to_zero=list(self._zero), scaled_to_zero_set=True, day=self._day,
+                                       gateways=self._gateways, sent_at=sent_at).SerializeToString()
+        later = gateway_pb2.RouteTable(full=True, epoch=self.epoch, version=self.version,
+                                       sent_at=sent_at).SerializeToString()
+        totals = list(self._totals.items())
+        fragments = [*self._replica_frags.values(), *self._keys.values(),
+                     *(gateway_pb2.RouteTable(tokens_today=dict(totals[i:i + TOTALS_PER_FRAGMENT])).SerializeToString()
+                       for i in range(0, len(totals), TOTALS_PER_FRAGMENT))]
+        pages: list[bytes] = []
+        part: list[bytes] = [first]
+        size = len(first)
+        for fragment in fragments:
+            if size + len(fragment) > page_bytes and len(part) > 1:
+                part.append(gateway_pb2.RouteTable(page=len(pages), more=True).SerializeToString())
+                pages.append(b"".join(part))
+                part, size = [later], len(later)
+            part.append(fragment)
+            size += len(fragment)
+        part.append(gateway_pb2.RouteTable(page=len(pages)).SerializeToString())
+        pages.append(b"".join(part))
+        return pages
+
     def snapshot(self) -> gateway_pb2.RouteTable:
-        """The whole published state at the current version."""
-        return gateway_pb2.RouteTable(
-            full=True, epoch=self.epoch, version=self.version, base_version=0,
-            replicas=[_replica_msg(row) for row in self._replicas.values()], keys=list(self._keys.values()),
-            scaled_to_zero=list(self._zero), scaled_to_zero_set=True, day=self._day,
-            tokens_today=self._totals, gateways=self._gateways, sent_at=self._wall())
+        """The whole published state at the current version, as one message (not kept)."""
+        return gateway_pb2.RouteTable.FromString(self._build(ONE_MESSAGE)[0])
 
     def heartbeat(self) -> gateway_pb2.RouteTable:
         """An empty delta at the current version: the stream is alive, nothing changed."""
@@ -144,6 +229,7 @@ class Applied:
     """What one message changed in a gateway's copy (what the gateway must act on)."""
 
     full: bool = False
+    pending: bool = False  # a page of a full state that continues: nothing changed yet, the gateway waits
     replicas: bool = False
     keys: list[bytes] = field(default_factory=list)  # added or changed
     removed_keys: list[bytes] = field(default_factory=list)
@@ -164,10 +250,27 @@ class FeedMirror:
         self.day = ""
         self.totals: dict[str, int] = {}
         self.gateways = 0
+        self._paged: gateway_pb2.RouteTable | None = None  # a full state's pages so far, until the last
 
     def apply(self, msg: gateway_pb2.RouteTable) -> Applied | None:
         """Applies the full state or the delta that follows the held version; None for a delta that does not
-        (a gap, or another epoch): the caller must ask for the full state, and nothing was changed."""
+        (a gap, or another epoch): the caller must ask for the full state, and nothing was changed. A full
+        state in pages is gathered aside (Applied.pending) and replaces the copy at its last page; a page out of
+        order is a gap too."""
+        if msg.full and (msg.more or msg.page):
+            paged = self._paged
+            if msg.page == 0:
+                paged = self._paged = gateway_pb2.RouteTable()
+            elif paged is None or (paged.epoch, paged.version, paged.page + 1) != (msg.epoch, msg.version, msg.page):
+                self._paged = None
+                return None
+            paged.MergeFrom(msg)
+            if msg.more:
+                return Applied(pending=True)
+            self._paged = None
+            msg = paged
+        elif msg.full:
+            self._paged = None
         if msg.full:
             self.epoch, self.version = msg.epoch, msg.version
             self.replicas = {r.job_id: r for r in msg.replicas}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from slinfer.controller import feedlog
 from slinfer.controller.feedlog import FeedLog, ReplicaRow
 from slinfer.controller.gateway import Demand
 from slinfer.controller.keys import KeyInfo, KeyStore
@@ -48,6 +49,27 @@ REPORT_STALE_S = 3.0
 # A drained engine's requests elsewhere are known only from reports made after the gateways saw the drain:
 # one table interval, one report interval (gateway.REPORT_INTERVAL_S) and a margin for a busy host.
 DRAIN_SEEN_S = 2.0
+
+
+def _route_table_bytes(message: gateway_pb2.RouteTable | bytes) -> bytes:
+    """The Watch stream's serializer: a full state's pages are serialized once per version (FeedLog.pages) and
+    sent as they are to every gateway; deltas and heartbeats are messages."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_to_server(hub: GatewayHub, server: grpc.aio.Server) -> None:
+    """Registers the feed as gateway_pb2_grpc.add_GatewayFeedServicer_to_server does, with a Watch serializer
+    that sends pre-serialized pages as they are."""
+    handlers = {
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            hub.Watch, request_deserializer=gateway_pb2.WatchRequest.FromString,
+            response_serializer=_route_table_bytes),
+        "Report": grpc.unary_unary_rpc_method_handler(
+            hub.Report, request_deserializer=gateway_pb2.GatewayReport.FromString,
+            response_serializer=gateway_pb2.GatewayAck.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("slinfer.v1.GatewayFeed", handlers),))
+    server.add_registered_method_handlers("slinfer.v1.GatewayFeed", handlers)
 
 
 @dataclass
@@ -216,8 +238,13 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
     def _authorized(self, token: str) -> bool:
         return not self._token or hmac.compare_digest(token.encode(), self._token)
 
+    def full_state(self, paged: bool) -> tuple[int, list[bytes]]:
+        """The full state at the current version, serialized: in pages for a gateway that takes pages, else as one
+        message; the same bytes for every gateway at this version."""
+        return self.feed.version, self.feed.pages(None if paged else feedlog.ONE_MESSAGE)
+
     async def Watch(self, request: gateway_pb2.WatchRequest,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.RouteTable]:
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.RouteTable | bytes]:
         if not self._authorized(request.token):
             log.warning("gateway watch from %r (peer %s) rejected: wrong token", request.gateway, context.peer())
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing controller token")
@@ -232,14 +259,20 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         wakeup = asyncio.Event()
         self._wakeups.add(wakeup)
         try:
-            self.publish()  # the rate share changed; this stream starts from the state as it is now
+            # The rate share changed: the next periodic publication sends it (within TABLE_INTERVAL_S). Gateways
+            # that connect together (every worker, after a controller restart) so share one version's full state,
+            # serialized once, instead of each publishing a version of its own and being sent a state built for
+            # it (issue 35.4: 32 of them, 11 MB each).
+            if self.feed.version == 0:
+                self.publish()
             resume = self.feed.since(request.epoch, request.version)
             log.info("gateway %s watching (%d gateways), %s", name, len(self._watchers),
                      "full state" if resume is None else f"resuming at version {request.version}")
             if resume is None:
-                first = self.snapshot()
-                sent = first.version
-                yield first
+                sent, pages = self.full_state(request.pages)
+                for page in pages:
+                    yield page
+                del pages, page  # this stream holds no copy of the state once sent
             else:
                 sent = request.version
                 for message in resume:
@@ -253,9 +286,10 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
                 wakeup.clear()  # a publication from here on wakes this stream again
                 deltas = self.feed.since(self.feed.epoch, sent)
                 if deltas is None:  # this stream fell behind what the log keeps
-                    message = self.snapshot()
-                    sent = message.version
-                    yield message
+                    sent, pages = self.full_state(request.pages)
+                    for page in pages:
+                        yield page
+                    del pages, page
                 elif deltas:
                     for message in deltas:
                         sent = message.version

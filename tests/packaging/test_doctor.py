@@ -329,12 +329,12 @@ def test_gateway_host_line_checks_the_feed_token_and_migrate_req(tmp_path: Path,
 
     import grpc
 
+    from slinfer.controller import gatewayhub
     from slinfer.controller.gatewayhub import GatewayHub
     from slinfer.controller.keys import KeyStore
     from slinfer.controller.limits import KeyLimits, Limiter
     from slinfer.controller.registry import Registry
     from slinfer.controller.usage import UsageLedger
-    from slinfer.v1 import gateway_pb2_grpc
 
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -346,7 +346,7 @@ def test_gateway_host_line_checks_the_feed_token_and_migrate_req(tmp_path: Path,
         hub = GatewayHub(Registry(), KeyStore(tmp_path / "keys.json"), Limiter(KeyLimits(), ledger.tokens_today),
                          ledger, "feed-token", lambda m: False, [], warmup_s=0.0)
         server = grpc.aio.server()
-        gateway_pb2_grpc.add_GatewayFeedServicer_to_server(hub, server)
+        gatewayhub.add_to_server(hub, server)  # pre-serialized pages
         port.append(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         server_box.append(server)

@@ -201,7 +201,7 @@ async def hub(tmp_path: Path):
     hub = GatewayHub(registry, keys, Limiter(KeyLimits(), ledger.tokens_today), ledger, TOKEN, lambda m: False,
                      ["m"], warmup_s=0.0)
     server = grpc.aio.server()
-    gateway_pb2_grpc.add_GatewayFeedServicer_to_server(hub, server)
+    gatewayhub.add_to_server(hub, server)  # pre-serialized pages
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

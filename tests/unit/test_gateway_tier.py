@@ -26,7 +26,7 @@ from slinfer.controller.limits import KeyLimits, Limiter
 from slinfer.controller.registry import Registry, Replica
 from slinfer.controller.usage import Meter, UsageLedger
 from slinfer.controller.usagerelay import UsageRelay
-from slinfer.v1 import controller_pb2, engine_pb2, gateway_pb2_grpc
+from slinfer.v1 import controller_pb2, engine_pb2
 
 TOKEN = "hub-token"
 
@@ -101,7 +101,7 @@ async def tier(tmp_path: Path) -> AsyncIterator[Tier]:
     limiter = Limiter(KeyLimits(), ledger.tokens_today)
     hub = GatewayHub(registry, keys, limiter, ledger, TOKEN, lambda m: False, ["m"], warmup_s=0.0)
     server = grpc.aio.server()
-    gateway_pb2_grpc.add_GatewayFeedServicer_to_server(hub, server)
+    gatewayhub.add_to_server(hub, server)  # pre-serialized pages
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     config = Config(controller=ControllerConfig(address=f"127.0.0.1:{port}", token=TOKEN, insecure=False),
