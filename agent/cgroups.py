@@ -238,30 +238,31 @@ class JobCgroups:
                  (time.monotonic() - began) * 1000)
         return targets
 
-    def contain_extern(self, job_id: str, root_pid: int, targets: list[Hierarchy]) -> tuple[list[Hierarchy], bool]:
+    def contain_extern(self, job_id: str, root_pid: int, targets: list[Hierarchy]
+                       ) -> tuple[list[Hierarchy], Path | None]:
         """Puts root_pid and its descendants into the job's extern step; returns the cgroups they are in and
-        whether slurmstepd adopted root_pid. First the step's slurmstepd is asked to adopt it (stepd.py): its
-        plugins then put it into the step's cgroups and account for it as a task (sacct counts the engine on
-        24.11 and 26.05, where jobacct_gather counts a step's own tasks only); its descendants forked before
-        follow into the cgroups it went to. Where the stepd refuses or is not reachable, that is a WARNING with
-        its reason and the pids are written into `targets` by hand (contain): containment is never lost, only
-        the accounting of releases after 22.05. A hierarchy of `targets` that the adopted pid is not in is
-        joined by hand too. Raises OSError when a move is refused."""
+        the socket of the slurmstepd that adopted root_pid (None where it did not). First the step's slurmstepd
+        is asked to adopt it (stepd.py): its plugins then put it into the step's cgroups and account for it as
+        a task (sacct counts the engine on 24.11 and 26.05, where jobacct_gather counts a step's own tasks
+        only); its descendants forked before follow into the cgroups it went to. Where the stepd refuses or is
+        not reachable, that is a WARNING with its reason and the pids are written into `targets` by hand
+        (contain): containment is never lost, only the accounting of releases after 22.05. A hierarchy of
+        `targets` that the adopted pid is not in is joined by hand too. Raises OSError when a move is refused."""
         if not targets:
-            return [], False
+            return [], None
         try:
             path = stepd.find_socket(self.node_name, job_id, self.proc)
             version = stepd.adopt(path, job_id, root_pid)
         except stepd.StepdError as exc:
             log.warning("%s; writing the engine's pids into the extern step's cgroups instead (contained, but "
                         "Slurm after 22.05 will not count its CPU and memory in the job's accounting)", exc)
-            return self.contain(job_id, root_pid, targets), False
+            return self.contain(job_id, root_pid, targets), None
         mounted = mounts((self.proc / "self" / "mounts").read_text())
         adopted = [h for h in hierarchies(self._read(root_pid), mounted) if is_job_cgroup(h, job_id)]
         log.info("job %s: engine pid %d adopted by its extern step's slurmstepd (protocol %s) into %d cgroups",
                  job_id, root_pid, stepd.version_name(version), len(adopted))
         joined = {h.mountpoint for h in adopted}
-        return self.contain(job_id, root_pid, adopted + [t for t in targets if t.mountpoint not in joined]), True
+        return self.contain(job_id, root_pid, adopted + [t for t in targets if t.mountpoint not in joined]), path
 
     def oom_kills(self, targets: list[Hierarchy]) -> int:
         """How many processes the kernel has killed for the memory limit of these cgroups (v1 memory.oom_control,

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import aiohttp
 import psutil
 
-from slinfer.agent import jobfiles, launch, lorafiles, preemption, probes
+from slinfer.agent import jobfiles, launch, lorafiles, preemption, probes, stepd
 from slinfer.agent.cgroups import Hierarchy, JobCgroups
 from slinfer.agent.gpu import Gpus
 from slinfer.agent.pagecache import PageCacheWarmer, ReadAhead
@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 STATE_NAMES = {v: k for k, v in pb.EngineState.items()}
 # After the engine joined its job's cgroups, look once more this much later for any that came late.
 CONTAIN_RECHECK_S = 5.0
+# How often the extern step's slurmstepd is asked to poll an adopted engine's usage (stepd.poll): Slurm kills the
+# engine at the job's end before its own next poll (every JobAcctGatherFrequency, 30 s by default), so what the
+# engine used since the last poll is lost to sacct; each poll costs the stepd a read of the step's /proc entries
+# and cgroup files (milliseconds).
+STEPD_POLL_S = 2.0
 # How often a STARTING engine's /health is asked (a refused connection costs a millisecond): a warm start is READY
 # in about 3 s, and health_interval_s (0.5 s on the bed) added 0.25 s on average to it (bench/warmstart.py).
 STARTING_PROBE_S = 0.1
@@ -90,6 +95,10 @@ class _Running:
     cgroups: list[Hierarchy] = field(default_factory=list)
     oom_kills: int = 0
     containing: asyncio.Task[None] | None = None
+    # The socket of the extern step's slurmstepd that adopted the engine (None: written into its cgroups by hand),
+    # and when it was last asked to poll the engine's usage.
+    stepd_socket: Path | None = None
+    polled_at: float = 0.0
     # The read-ahead of the model's files that runs beside the engine's own start.
     reading: asyncio.Task[ReadAhead | None] | None = None
 
@@ -368,8 +377,9 @@ class EngineManager:
             else:
                 # The extern step's slurmstepd adopts the engine (so 24.11 and 26.05 account for it too), else the
                 # pids are written into the step's cgroups (cgroups.JobCgroups.contain_extern).
-                targets, adopted = await asyncio.to_thread(self.cgroups.contain_extern, rec.job_id, rec.pid,
-                                                           await self.cgroups.wait_for_job(rec.job_id))
+                targets, running.stepd_socket = await asyncio.to_thread(
+                    self.cgroups.contain_extern, rec.job_id, rec.pid, await self.cgroups.wait_for_job(rec.job_id))
+                adopted = running.stepd_socket is not None
         except OSError as exc:
             if rec.state in (pb.STARTING, pb.READY) and self._alive(running):
                 await self._fail(running, f"could not move the engine into job {rec.job_id}'s cgroups: {exc}")
@@ -428,6 +438,7 @@ class EngineManager:
             if rec.state == pb.STARTING:
                 if healthy:
                     rec.state, rec.ready_at, rec.reason = pb.READY, self.clock(), ""
+                    running.polled_at = 0.0  # its start-up is most of a short job's CPU: have Slurm poll it now
                     log.info("job %s: engine READY %.1fs after start", rec.job_id, rec.ready_at - rec.started_at)
                     self._changed(running)
                 elif self.clock() - rec.started_at > self.config.agent.ready_timeout_s:
@@ -435,6 +446,19 @@ class EngineManager:
                                               f"{self._log_tail(running)}")
             elif rec.state == pb.READY and rec.rank == 0:
                 await self._read_load(running)
+            await self._poll_usage(running)
+
+    async def _poll_usage(self, running: _Running) -> None:
+        """Asks the slurmstepd that adopted the engine to poll its usage, every STEPD_POLL_S and when it has just
+        become READY (its start-up is most of a short job's CPU). A failure is no error: the step ends with the job."""
+        path, now = running.stepd_socket, time.monotonic()
+        if path is None or now - running.polled_at < STEPD_POLL_S:
+            return
+        running.polled_at = now
+        try:
+            await asyncio.to_thread(stepd.poll, path, running.record.job_id)
+        except stepd.StepdError as exc:
+            log.debug("%s", exc)
 
     def _lost_ranks(self, running: _Running) -> str:
         """Which ranks of an engine across nodes are not connected to this one, in words; empty when all are.

@@ -6,6 +6,7 @@ slurmstepd then adds the pid to its proctrack, task and jobacct_gather plugins, 
 and Slurm accounts for it as one of the step's tasks (sacct's TotalCPU and MaxRSS count it on 22.05, 24.11 and
 26.05 alike; a pid written into the step's cgroups by hand is counted on 22.05 only). Every reply is checked; each
 failure is a StepdError naming the job, the pid and the socket.
+Also asks it to poll its tasks' usage (`poll`), so that what an adopted engine used up to its end is counted.
 Not responsible for: which pids to adopt or what to do when the stepd refuses (cgroups.JobCgroups.contain_extern
 falls back to writing the cgroups itself), the pid's descendants (born inside once it is adopted; those forked
 before are moved by cgroups.py), the batch step.
@@ -33,6 +34,10 @@ import psutil
 EXTERN_STEP_ID = 0xFFFFFFFC
 # step_msg_t's REQUEST_ADD_EXTERN_PID: the 23rd entry (22) of the enum in 22.05, 24.11 and 26.05.
 REQUEST_ADD_EXTERN_PID = 22
+# step_msg_t's REQUEST_STEP_STAT (17 in all three): what sstat sends; slurmstepd polls its tasks' usage first.
+REQUEST_STEP_STAT = 17
+# The most a stat reply's packed jobacctinfo may be: a few hundred bytes per TRES; more is not a stepd talking.
+STAT_REPLY_MAX = 1 << 20
 # The protocol version the agent says it speaks: 26.05's (MAKE_SLURM_VER(45) = 45 << 8). slurmstepd only checks
 # that it is at least its own minimum (20.11's on 22.05, 23.02's on 24.11, 25.05's-3 on 26.05) and uses it for
 # nothing else in this request, so the newest of the three is accepted by all of them.
@@ -123,11 +128,51 @@ def adopt(path: Path, job_id: str, pid: int, timeout_s: float = SOCKET_TIMEOUT_S
             rc = _read_int(conn, "its answer")
     except StepdError:
         raise
-    except (OSError, ConnectionError) as exc:
+    except OSError as exc:
         raise StepdError(f"{where}: {exc}") from exc
     if rc != SLURM_SUCCESS:
         raise StepdError(f"{where}: it refused (rc {rc}; its reason is in slurmd's log)")
     return version
+
+
+def poll(path: Path, job_id: str, timeout_s: float = SOCKET_TIMEOUT_S) -> int:
+    """Asks the extern step listening on `path` for its usage (REQUEST_STEP_STAT, as sstat does), which makes
+    slurmstepd poll its tasks now; returns its number of tasks. The reply is read whole and dropped: the point is
+    the poll. jobacct_gather reads an adopted pid's usage only while it lives, at each JobAcctGatherFrequency
+    (default 30 s) and at such a request; Slurm kills the engine at the job's end before any further poll, so
+    what it used since the last poll is not the job's (a warm engine that answers for 5 s was 00:00 on 26.05).
+    The wire (_handle_stat_jobacct, all three releases): request int 17; reply int len, len bytes of packed
+    jobacctinfo, int number of tasks (1 for the extern step). Raises StepdError naming the job and the socket."""
+    where = f"job {job_id}: the extern step's slurmstepd ({path}) did not report its usage"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout_s)
+            conn.connect(str(path))
+            conn.sendall(_INT.pack(CLIENT_PROTOCOL_VERSION))
+            version = _read_int(conn, "its protocol version")
+            if version <= 0:
+                raise StepdError(f"{where}: it refused the connection (answered {version})")
+            conn.sendall(_INT.pack(REQUEST_STEP_STAT))
+            length = _read_int(conn, "the length of its usage")
+            if not 0 <= length <= STAT_REPLY_MAX:
+                raise StepdError(f"{where}: its usage is {length} bytes long")
+            _read_exactly(conn, length)
+            tasks = _read_int(conn, "its number of tasks")
+    except StepdError:
+        raise
+    except OSError as exc:
+        raise StepdError(f"{where}: {exc}") from exc
+    return tasks
+
+
+def _read_exactly(conn: socket.socket, length: int) -> bytes:
+    data = b""
+    while len(data) < length:
+        chunk = conn.recv(min(length - len(data), 65536))
+        if not chunk:
+            raise ConnectionError(f"slurmstepd closed the socket after {len(data)} of {length} bytes of its usage")
+        data += chunk
+    return data
 
 
 def version_name(version: int) -> str:

@@ -5,6 +5,7 @@ account, QOS and the CPU time their engines used)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -92,6 +93,12 @@ def test_sacct_lists_a_private_inference_job_with_account_qos_and_cpu_time(slurm
     cpu = _seconds(top[5])
     print(f"\nsacct {job}: {rows}")
     assert cpu > 5.0, rows
+    # It is the extern step's: its slurmstepd adopted the engine (agent/stepd.py), so jobacct_gather counts it as
+    # a task of that step on every release (24.11 and 26.05 count a step's own tasks only: an engine written into
+    # the step's cgroups by hand was 00:00 there).
+    assert _seconds(rows[f"{job}.extern"][5]) > 5.0, rows
+    logged = (slurm_bed.bed.logs / "agent.log").read_text()
+    assert re.search(rf"job {job}: engine pid \d+ adopted by its extern step's slurmstepd", logged), logged[-3000:]
 
 
 def test_sacct_lists_the_services_jobs_under_the_catalogs_account_and_qos(slurm_bed: SlurmBed) -> None:

@@ -31,10 +31,12 @@ STEPD_22_05 = 38 << 8
 class FakeStepd:
     """A FAKE extern-step slurmstepd: one thread on a unix socket speaking the protocol of src/slurmd/slurmstepd/
     req.c as the real one does (an int protocol version in, its own version or -1 out; then an int request and
-    a pid_t in, an int rc out), recording what it was sent and the caller's uid from SO_PEERCRED. `mode`:
+    a pid_t in, an int rc out; REQUEST_STEP_STAT in, its usage out), recording what it was sent and the caller's
+    uid from SO_PEERCRED. `mode`:
     "adopt" (rc 0, then `on_adopt(pid)` as the real stepd's plugins would move the pid), "refuse" (rc -1, as
     for a pid its plugins could not add), "close" (the request read, the socket closed with no reply: 26.05
-    for a step that is ending or a caller it does not authorize), "handshake" (-1 to the protocol version)."""
+    for a step that is ending or a caller it does not authorize), "handshake" (-1 to the protocol version),
+    "cut" (a stat reply that stops half-way)."""
 
     def __init__(self, path: Path, mode: str, on_adopt: Callable[[int], None] | None = None) -> None:
         self.path, self.mode, self.on_adopt = path, mode, on_adopt
@@ -66,7 +68,16 @@ class FakeStepd:
                 conn.sendall(INT.pack(-1))
                 return
             conn.sendall(INT.pack(STEPD_22_05))
-            request, pid = self._read(conn), self._read(conn)
+            request = self._read(conn)
+            if request == stepd.REQUEST_STEP_STAT:
+                # _handle_stat_jobacct: int len, len bytes of packed jobacctinfo, int number of tasks.
+                usage = bytes(range(200))
+                if self.mode == "cut":
+                    conn.sendall(INT.pack(len(usage)) + usage[:50])
+                    return
+                conn.sendall(INT.pack(len(usage)) + usage + INT.pack(1))
+                return
+            pid = self._read(conn)
             if self.mode == "close":
                 return
             rc = 0 if self.mode == "adopt" and request == stepd.REQUEST_ADD_EXTERN_PID else -1
@@ -123,6 +134,25 @@ def test_a_refusal_or_a_closed_socket_is_an_error_naming_the_job_and_the_pid(sho
     assert said in message, message
     # The fault happened where it was forced: the handshake refused before any request, the others after it.
     assert fake.received == ([45 << 8] if mode == "handshake" else [45 << 8, 22, 4242])
+
+
+def test_a_poll_reads_the_stepds_whole_usage_reply_and_a_cut_one_is_an_error(short_dir: Path) -> None:
+    fake = FakeStepd(_socket(short_dir), "adopt")
+    try:
+        assert stepd.poll(fake.path, "42") == 1
+    finally:
+        fake.close()
+    # The request sent is sstat's: REQUEST_STEP_STAT (17) after the handshake, nothing else.
+    assert fake.received == [45 << 8, 17]
+    (short_dir / fake.path.name).unlink()
+    cut = FakeStepd(_socket(short_dir), "cut")
+    try:
+        with pytest.raises(stepd.StepdError, match=r"^job 42: the extern step's slurmstepd .* did not report its "
+                                                   r"usage: slurmstepd closed the socket after 50 of 200 bytes"):
+            stepd.poll(cut.path, "42")
+    finally:
+        cut.close()
+    assert cut.received == [45 << 8, 17]
 
 
 def test_no_stepd_listening_is_an_error_too(short_dir: Path) -> None:
@@ -215,7 +245,7 @@ def test_an_adopted_engine_is_where_the_stepd_put_it_and_its_children_follow(tmp
         fake.close()
         engine.kill()
         engine.wait()
-    assert adopted and fake.received == [45 << 8, 22, engine.pid]
+    assert adopted == fake.path and fake.received == [45 << 8, 22, engine.pid]
     assert sorted((h.mountpoint.name, h.path) for h in found) == [
         ("devices", step), ("freezer", step), ("memory", f"{step}/task_0")]
     # The engine's child, forked before the adoption, follows it into the task's memory cgroup.
@@ -242,7 +272,7 @@ def test_a_refusing_stepd_leaves_the_engine_contained_by_hand_with_a_warning(tmp
         engine.wait()
     # The refusal happened (the request reached the stepd and was answered -1) ...
     assert fake.received == [45 << 8, 22, engine.pid]
-    assert not adopted and found == targets
+    assert adopted is None and found == targets
     # ... and containment was not lost: the engine and its child are in every hierarchy of the step.
     for target in targets:
         assert (str(target.directory), engine.pid) in written and (str(target.directory), child) in written
@@ -255,5 +285,5 @@ def test_a_refusing_stepd_leaves_the_engine_contained_by_hand_with_a_warning(tmp
 
 def test_no_extern_step_means_no_request_and_nothing_contained() -> None:
     with mock.patch.object(stepd, "adopt") as adopt:
-        assert JobCgroups("node1").contain_extern("42", os.getpid(), []) == ([], False)
+        assert JobCgroups("node1").contain_extern("42", os.getpid(), []) == ([], None)
     adopt.assert_not_called()
