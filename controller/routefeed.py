@@ -104,8 +104,12 @@ class RouteFeed:
             return True
         if applied.replicas:
             rows = self.mirror.replicas.values()
+            # started_at: the feed does not carry the engine's start, so a replica new to this gateway counts from
+            # now (a known one keeps its object and time): /v1/models says "starting" with how long, not "offline".
+            now = time.time()
             replicas = [Replica(job_id=r.job_id, model=r.model, node=r.node, base_url=r.base_url,
-                                api_key=r.api_key, state=r.state, pool=r.pool, draining=r.draining) for r in rows]
+                                api_key=r.api_key, state=r.state, pool=r.pool, draining=r.draining, started_at=now)
+                        for r in rows]
             known = {r.job_id for r in self._registry.replicas()}
             self._registry.mirror(replicas, {r.node for r in rows if r.agent_alive})
             for r in rows:
