@@ -96,10 +96,11 @@ class FeedLog:
                 zero: Iterable[str], day: str, totals: Mapping[str, int],
                 gateways: int, removed_replicas: Iterable[str] | None = None) -> gateway_pb2.RouteTable | None:
         """Compares what the controller holds now with what was published; the delta (a new version), or None
-        when nothing changed. `replicas` and `totals` are complete, unless `removed_replicas` is given: then
-        `replicas` holds only the rows that may have changed and `removed_replicas` those that may be gone (the
-        cost is what changed, not the cluster). `keys` holds only keys that may have changed (None: gone).
-        Totals only grow within a day: a new day starts them from nothing."""
+        when nothing changed. `replicas` is complete, unless `removed_replicas` is given: then `replicas` holds
+        only the rows that may have changed and `removed_replicas` those that may be gone (the cost is what
+        changed, not the cluster). `keys` holds only keys that may have changed (None: gone); `totals` at least
+        every total that changed (every one with a new day). Totals only grow within a day: a new day starts
+        them from nothing."""
         delta = gateway_pb2.RouteTable(epoch=self.epoch, base_version=self.version, day=day, gateways=gateways)
         changed = False
         if removed_replicas is not None:
@@ -221,7 +222,15 @@ class FeedLog:
             return []
         if not self._log or self._log[0].base_version > version:
             return None  # fell behind what the log keeps
-        return [m for m in self._log if m.version > version]
+        # From the newest back: a watcher is usually one version behind, and 32 of them woken by each change
+        # looked at all LOG_KEEP deltas each.
+        out = []
+        for m in reversed(self._log):
+            if m.version <= version:
+                break
+            out.append(m)
+        out.reverse()
+        return out
 
 
 @dataclass

@@ -198,7 +198,9 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
             for digest in dirty:
                 info = self._keys.lookup(digest)
                 keys[digest] = None if info is None else self._key_message(digest, info)
-        day, totals = self._ledger.totals_today()
+        # Only the totals that grew since the last publication (all of them on the first and on a new day): a copy
+        # of 100,000 keys' totals took 0.6 ms, every publication (issue 35.7).
+        day, totals = self._ledger.totals_grown()
         delta = self.feed.publish(replicas, keys, [m for m in self._models if self._scaled_to_zero(m)], day,
                                   totals, max(1, len(self._watchers)), removed_replicas=removed)
         if delta is not None:
@@ -325,7 +327,7 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         for name, seen in list(self._gateways.items()):
             if seen.received < self._clock() - 60 * REPORT_STALE_S:
                 del self._gateways[name]
-        # Only this report's keys: the rest reach the gateway as the feed's deltas.
-        day, totals = self._ledger.totals_today()
-        return gateway_pb2.GatewayAck(day=day, tokens_today={u.key_id: totals[u.key_id] for u in request.usage
-                                                             if u.key_id in totals})
+        # Only this report's keys: the rest reach the gateway as the feed's deltas (not a copy of every key's
+        # total for each of 32 gateways' two reports a second).
+        day, totals = self._ledger.totals_of({u.key_id for u in request.usage})
+        return gateway_pb2.GatewayAck(day=day, tokens_today=totals)

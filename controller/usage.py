@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -283,6 +283,8 @@ class UsageLedger:
         self._pending: dict[tuple[str, str, str, str], UsageRow] = {}
         self._today = ""
         self._today_tokens: dict[str, int] = {}
+        # Keys whose total grew since the gateway feed last asked (None: every key, after a new day; issue 35.7).
+        self._grown: set[str] | None = None
         self.write_errors = 0
         # The table is made at the first write (or a read of a database that exists): a controller that fails
         # to start leaves no file behind.
@@ -301,6 +303,7 @@ class UsageLedger:
         tokens = meter.prompt_tokens + meter.completion_tokens
         if tokens:
             self._today_tokens[key_id] = self._today_tokens.get(key_id, 0) + tokens
+            self._grew(key_id)
 
     def add_row(self, other: UsageRow) -> None:
         """Adds sums another gateway counted (the gateway tier's reports), as `record` adds one request."""
@@ -315,6 +318,7 @@ class UsageLedger:
         if other.day == self._today:
             tokens = other.prompt_tokens + other.completion_tokens
             self._today_tokens[other.key_id] = self._today_tokens.get(other.key_id, 0) + tokens
+            self._grew(other.key_id)
 
     def add_rows(self, rows: list[UsageRow]) -> None:
         """A gateway tier's report: with a database, written before this returns (one transaction, fenced) so
@@ -332,12 +336,33 @@ class UsageLedger:
             if row.day == self._today:
                 tokens = row.prompt_tokens + row.completion_tokens
                 self._today_tokens[row.key_id] = self._today_tokens.get(row.key_id, 0) + tokens
+                self._grew(row.key_id)
 
     def totals_today(self) -> tuple[str, dict[str, int]]:
         """(UTC day, tokens per key today): what the gateways enforce quotas from."""
         if day_of(self._clock()) != self._today:
             self._roll(self._clock())
         return self._today, dict(self._today_tokens)
+
+    def _grew(self, key_id: str) -> None:
+        if self._grown is not None:
+            self._grown.add(key_id)
+
+    def totals_grown(self) -> tuple[str, dict[str, int]]:
+        """(UTC day, today's totals of the keys whose total grew since the last call; every key's at the first
+        call and after a new day): the gateway feed publishes what changed without copying every key's total."""
+        if day_of(self._clock()) != self._today:
+            self._roll(self._clock())
+        grown, self._grown = self._grown, set()
+        if grown is None:
+            return self._today, dict(self._today_tokens)
+        return self._today, {k: self._today_tokens[k] for k in grown if k in self._today_tokens}
+
+    def totals_of(self, key_ids: Iterable[str]) -> tuple[str, dict[str, int]]:
+        """(UTC day, today's totals of these keys): a gateway's report is answered with its keys' only."""
+        if day_of(self._clock()) != self._today:
+            self._roll(self._clock())
+        return self._today, {k: self._today_tokens[k] for k in key_ids if k in self._today_tokens}
 
     def tokens_today(self, key_id: str) -> int:
         if day_of(self._clock()) != self._today:
@@ -368,6 +393,7 @@ class UsageLedger:
             if row.day == self._today:
                 totals[row.key_id] = totals.get(row.key_id, 0) + row.prompt_tokens + row.completion_tokens
         self._today_tokens = totals
+        self._grown = None
 
     def flush(self) -> None:
         """Appends the pending sums to their day's file; on an error they stay pending."""

@@ -6,6 +6,7 @@ bytes, builds or copies, with a control."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from pathlib import Path
 
 import grpc
@@ -17,7 +18,7 @@ from slinfer.controller.gatewayhub import GatewayHub
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.limits import KeyLimits, Limiter
 from slinfer.controller.registry import Registry
-from slinfer.controller.usage import UsageLedger
+from slinfer.controller.usage import UsageLedger, UsageRow
 from slinfer.v1 import controller_pb2, engine_pb2, gateway_pb2, gateway_pb2_grpc
 
 TOKEN = "pages-token"
@@ -158,3 +159,75 @@ async def test_gateways_that_connect_together_are_sent_one_version_serialized_on
     assert all(len(m.keys) == 100 and len(m.replicas) == 16 for m in mirrors)
     assert len({m.version for m in mirrors}) == 1
     assert messages[old] == 1 and all(n == len(hub.feed.pages()) > 1 for i, n in enumerate(messages) if i != old)
+
+
+class _CountingLog(deque):  # type: ignore[type-arg]
+    """The feed's log, counting the deltas looked at."""
+
+    looked = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for m in super().__iter__():
+            _CountingLog.looked += 1
+            yield m
+
+    def __reversed__(self):  # type: ignore[no-untyped-def]
+        for m in super().__reversed__():
+            _CountingLog.looked += 1
+            yield m
+
+
+def test_a_watcher_one_version_behind_looks_at_one_delta_not_the_whole_log() -> None:
+    feed = FeedLog(epoch="e1")
+    feed._log = _CountingLog(maxlen=feedlog.LOG_KEEP)
+    for n in range(feedlog.LOG_KEEP):
+        feed.publish([], {}, [], "2026-12-07", {"k": n + 1}, 1)
+    assert len(feed._log) == feedlog.LOG_KEEP
+    _CountingLog.looked = 0
+    got = feed.since("e1", feed.version - 1)
+    assert got is not None and [m.version for m in got] == [feed.version]
+    assert _CountingLog.looked <= 2  # the newest, and the one it follows
+    # Control: a watcher far behind gets every delta since, in order, and they are looked at.
+    _CountingLog.looked = 0
+    far = feed.since("e1", feed.version - 500)
+    assert far is not None and [m.version for m in far] == list(range(feed.version - 499, feed.version + 1))
+    assert _CountingLog.looked >= 500
+
+
+def test_a_publication_reads_the_totals_that_grew_not_a_copy_of_every_keys(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_796_601_600.0]  # 2026-12-07 00:00 UTC
+    ledger = UsageLedger(tmp_path / "usage", 60.0, clock=lambda: now[0])
+    for n in range(3000):
+        ledger.add_row(UsageRow(day="2026-12-07", key_id=f"k{n}", account="a", model="m", requests=1,
+                                prompt_tokens=n + 1))
+    hub = GatewayHub(Registry(agent_timeout_s=5.0), KeyStore(tmp_path / "keys.json"),
+                     Limiter(KeyLimits(), ledger.tokens_today), ledger, TOKEN, lambda m: False, ["m"], warmup_s=0.0)
+    first = hub.publish()
+    assert first is not None and len(first.tokens_today) == 3000  # control: the first publication has them all
+    copied = []
+    every = ledger.totals_today
+    monkeypatch.setattr(ledger, "totals_today", lambda: copied.append(1) or every())
+    read = []
+    grown = ledger.totals_grown
+
+    def counted():  # type: ignore[no-untyped-def]
+        day, totals = grown()
+        read.append(len(totals))
+        return day, totals
+
+    monkeypatch.setattr(ledger, "totals_grown", counted)
+    ledger.add_row(UsageRow(day="2026-12-07", key_id="k7", account="a", model="m", requests=1, prompt_tokens=5))
+    delta = hub.publish()
+    assert delta is not None and dict(delta.tokens_today) == {"k7": 13}
+    assert read == [1] and not copied  # one total read, none of the other 2,999 copied
+    assert hub.publish() is None and read == [1, 0]
+    # A gateway's report is answered with its own keys' totals, not a copy of all of them.
+    ack = asyncio.run(hub.Report(gateway_pb2.GatewayReport(gateway="g", token=TOKEN, usage=[gateway_pb2.UsageSum(
+        day="2026-12-07", key_id="k9", account="a", model="m", requests=1, prompt_tokens=1)]), None))  # type: ignore[arg-type]
+    assert dict(ack.tokens_today) == {"k9": 11} and not copied
+    # Control: a new day starts from every key's total again.
+    now[0] += 86400
+    ledger.add_row(UsageRow(day="2026-12-08", key_id="k1", account="a", model="m", requests=1, prompt_tokens=4))
+    new_day = hub.publish()
+    assert new_day is not None and new_day.day == "2026-12-08" and dict(new_day.tokens_today) == {"k1": 4}
