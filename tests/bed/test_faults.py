@@ -340,9 +340,9 @@ def test_scancel_mid_stream_cuts_streams_with_the_engine_failed_event(bed: Slurm
 
 @pytest.mark.disruptive  # Slurm sometimes keeps a job it timed out COMPLETING for minutes (seen: ~10 min)
 def test_time_limit_mid_stream_cuts_streams_with_the_engine_failed_event(bed: SlurmBed) -> None:
-    # Three minutes leave the real model time to start (25 s warm, about 70 s cold on CI's 2 cores) and to serve
-    # streams before the limit.
-    job = _serving_job(bed, SMOLLM2, "--inference-pool", "--time=3")
+    # Two minutes leave the real model time to start (5-10 s warm, about 70 s cold on CI's 2 cores) and to serve
+    # streams before the limit (three were used while a warm start took 25 s: a minute of CI for nothing).
+    job = _serving_job(bed, SMOLLM2, "--inference-pool", "--time=2")
     _wait_routable(bed, SMOLLM2)
     started = time.monotonic()
     outcomes: Counter[str] = Counter()
