@@ -145,8 +145,18 @@ def test_responses_plain_and_streamed_and_the_ledger_counts_their_tokens(bed: Sl
     assert "".join(d.delta for d in deltas) == final.output_text  # type: ignore[union-attr]
     assert final.usage is not None and final.usage.output_tokens > 0
 
-    out = bed.run("slinfer", "usage", "--key", key_id, "--format", "json").stdout
-    (row,) = [r for r in json.loads(out) if r["model"] == MODEL]
+    # Through the gateway tier (the bed's default) the usage reaches the controller's ledger with the tier's next
+    # report (every 0.5 s), not with the answer.
+    rows: list[dict[str, Any]] = []
+
+    def ledger_counted_both() -> bool:
+        out = bed.run("slinfer", "usage", "--key", key_id, "--format", "json").stdout
+        rows[:] = [r for r in json.loads(out) if r["model"] == MODEL]
+        return len(rows) == 1 and int(rows[0]["requests"]) >= 2
+
+    waited = wait_until("the ledger counting both requests", ledger_counted_both, 10, 0.2)
+    print(f"usage in the controller's ledger {waited:.2f} s after the answer")
+    (row,) = rows
     assert row["requests"] == 2 and row["failed"] == 0 and row["estimated"] == 0, row
     assert row["prompt_tokens"] == plain.usage.input_tokens + final.usage.input_tokens, row
     assert row["completion_tokens"] == plain.usage.output_tokens + final.usage.output_tokens, row
