@@ -246,13 +246,17 @@ class JobCgroups:
         a task (sacct counts the engine on 24.11 and 26.05, where jobacct_gather counts a step's own tasks
         only); its descendants forked before follow into the cgroups it went to. Where the stepd refuses or is
         not reachable, that is a WARNING with its reason and the pids are written into `targets` by hand
-        (contain): containment is never lost, only the accounting of releases after 22.05. A hierarchy of
+        (contain): containment is never lost, only the accounting of releases after 22.05; a stepd older than
+        24.11 is not asked (stepd.ADOPT_MIN_VERSION), an INFO line. A hierarchy of
         `targets` that the adopted pid is not in is joined by hand too. Raises OSError when a move is refused."""
         if not targets:
             return [], None
         try:
             path = stepd.find_socket(self.node_name, job_id, self.proc)
             version = stepd.adopt(path, job_id, root_pid)
+        except stepd.StepdTooOld as exc:
+            log.info("%s; writing the engine's pids into the extern step's cgroups", exc)
+            return self.contain(job_id, root_pid, targets), None
         except stepd.StepdError as exc:
             log.warning("%s; writing the engine's pids into the extern step's cgroups instead (contained, but "
                         "Slurm after 22.05 will not count its CPU and memory in the job's accounting)", exc)

@@ -19,7 +19,8 @@ slurm-26-05-3-1, identical in all three: native-endian C ints on a SOCK_STREAM u
   stepd  -> int rc: 0 adopted, -1 refused (a caller other than root or SlurmUser up to 24.11, a pid its plugins
             could not add); 26.05 closes the socket without a reply for a caller it does not authorize and for a
             step that is ending.
-slurmstepd knows its caller's uid by SO_PEERCRED; the agent runs as root.
+slurmstepd knows its caller's uid by SO_PEERCRED; the agent runs as root. A stepd older than 24.11 is not asked
+(ADOPT_MIN_VERSION): 22.05 counts an engine written into its extern step's cgroups by hand already.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ STAT_REPLY_MAX = 1 << 20
 # that it is at least its own minimum (20.11's on 22.05, 23.02's on 24.11, 25.05's-3 on 26.05) and uses it for
 # nothing else in this request, so the newest of the three is accepted by all of them.
 CLIENT_PROTOCOL_VERSION = 45 << 8
+# The oldest stepd the agent asks to adopt: 24.11's protocol (42 << 8). 22.05 accounts its extern step through the
+# step's own task (the `sleep` in task_0), whose cgroup an engine written in by hand shares: counted once there
+# (bench/extern_accounting.py: 10.0 s for 9.9 s burned), while an adopted one was counted twice (36 s for 17.2 s).
+# Releases between 22.05 and 24.11 were not tried and are treated as 22.05.
+ADOPT_MIN_VERSION = 42 << 8
 # Slurm's SLURM_SUCCESS.
 SLURM_SUCCESS = 0
 # A C int and pid_t on Linux: 4 bytes, the host's byte order (slurmstepd reads them with read(2) as they are).
@@ -53,6 +59,10 @@ SOCKET_TIMEOUT_S = 5.0
 
 class StepdError(Exception):
     """The extern step's slurmstepd did not adopt the pid; the message names the job, the pid and why."""
+
+
+class StepdTooOld(StepdError):
+    """The stepd is older than ADOPT_MIN_VERSION: not asked, by design (its own task's cgroup accounts the pid)."""
 
 
 def socket_name(node_name: str, job_id: str) -> str:
@@ -111,9 +121,11 @@ def _read_int(conn: socket.socket, what: str) -> int:
     return int(_INT.unpack(data)[0])
 
 
-def adopt(path: Path, job_id: str, pid: int, timeout_s: float = SOCKET_TIMEOUT_S) -> int:
+def adopt(path: Path, job_id: str, pid: int, timeout_s: float = SOCKET_TIMEOUT_S,
+          min_version: int = ADOPT_MIN_VERSION) -> int:
     """Asks the extern step listening on `path` to adopt `pid`; returns the stepd's protocol version. Raises
-    StepdError (naming the job, the pid and the socket) for a refusal, a closed socket or any socket error."""
+    StepdError (naming the job, the pid and the socket) for a refusal, a closed socket or any socket error, and
+    StepdTooOld without asking where the stepd's protocol is below min_version."""
     where = f"job {job_id}: the extern step's slurmstepd ({path}) did not adopt pid {pid}"
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
@@ -124,6 +136,10 @@ def adopt(path: Path, job_id: str, pid: int, timeout_s: float = SOCKET_TIMEOUT_S
             if version <= 0:
                 raise StepdError(f"{where}: it refused the connection (answered {version} to protocol version "
                                  f"{CLIENT_PROTOCOL_VERSION}; see slurmd's log)")
+            if version < min_version:
+                raise StepdTooOld(f"{where}: it speaks protocol {version_name(version)}, older than "
+                                  f"{version_name(min_version)}, whose own task's cgroup counts the pid once "
+                                  f"written there by hand (not asked)")
             conn.sendall(_INT.pack(REQUEST_ADD_EXTERN_PID) + _INT.pack(pid))
             rc = _read_int(conn, "its answer")
     except StepdError:

@@ -24,8 +24,9 @@ from slinfer.agent import stepd
 from slinfer.agent.cgroups import Hierarchy, JobCgroups
 
 INT = struct.Struct("=i")
-# What 22.05's slurmstepd answers to the handshake: its SLURM_PROTOCOL_VERSION, 38 << 8.
+# What 22.05's and 24.11's slurmstepd answer to the handshake: their SLURM_PROTOCOL_VERSION.
 STEPD_22_05 = 38 << 8
+STEPD_24_11 = 42 << 8
 
 
 class FakeStepd:
@@ -38,8 +39,9 @@ class FakeStepd:
     for a step that is ending or a caller it does not authorize), "handshake" (-1 to the protocol version),
     "cut" (a stat reply that stops half-way)."""
 
-    def __init__(self, path: Path, mode: str, on_adopt: Callable[[int], None] | None = None) -> None:
-        self.path, self.mode, self.on_adopt = path, mode, on_adopt
+    def __init__(self, path: Path, mode: str, on_adopt: Callable[[int], None] | None = None,
+                 version: int = STEPD_24_11) -> None:
+        self.path, self.mode, self.on_adopt, self.version = path, mode, on_adopt, version
         self.received: list[int] = []
         self.peer_uid = -1
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -67,8 +69,11 @@ class FakeStepd:
             if self.mode == "handshake":
                 conn.sendall(INT.pack(-1))
                 return
-            conn.sendall(INT.pack(STEPD_22_05))
-            request = self._read(conn)
+            conn.sendall(INT.pack(self.version))
+            try:
+                request = self._read(conn)
+            except AssertionError:
+                return  # the client hung up after the handshake
             if request == stepd.REQUEST_STEP_STAT:
                 # _handle_stat_jobacct: int len, len bytes of packed jobacctinfo, int number of tasks.
                 usage = bytes(range(200))
@@ -110,7 +115,7 @@ def test_the_stepd_adopts_the_pid_sent_as_the_real_protocol_says(short_dir: Path
         fake.close()
     # The wire: the protocol version, REQUEST_ADD_EXTERN_PID (22 in 22.05, 24.11, 26.05), the pid.
     assert fake.received == [45 << 8, 22, 4242]
-    assert version == STEPD_22_05 and stepd.version_name(version) == "38.0"
+    assert version == STEPD_24_11 and stepd.version_name(version) == "42.0"
     # The stepd checks its caller by SO_PEERCRED: it sees the agent's own uid.
     assert fake.peer_uid == os.geteuid()
     assert fake.path.name == "node1_42.4294967292"
@@ -281,6 +286,30 @@ def test_a_refusing_stepd_leaves_the_engine_contained_by_hand_with_a_warning(tmp
     assert f"job 42: the extern step's slurmstepd ({fake.path}) did not adopt pid {engine.pid}: it refused " \
            "(rc -1" in warning[0].getMessage()
     assert "writing the engine's pids into the extern step's cgroups instead" in warning[0].getMessage()
+
+
+def test_a_22_05_stepd_is_not_asked_and_the_engine_is_written_in_by_hand(tmp_path: Path, short_dir: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """22.05 counts an engine written into its extern step's cgroups through the step's own task, and counted an
+    adopted one twice (bench/extern_accounting.py): below 24.11's protocol the agent only shakes hands."""
+    engine, child = _engine()
+    proc, targets = _node(tmp_path, engine.pid)
+    fake = FakeStepd(_socket(short_dir), "adopt", version=STEPD_22_05)
+    written, write = _writes()
+    try:
+        with mock.patch.object(stepd, "find_socket", return_value=fake.path), \
+                mock.patch.object(Path, "write_text", write), caplog.at_level(logging.INFO):
+            found, adopted = JobCgroups("node1", proc=proc).contain_extern("42", engine.pid, targets)
+    finally:
+        fake.close()
+        engine.kill()
+        engine.wait()
+    assert fake.received == [45 << 8]  # the handshake, and no request
+    assert adopted is None and found == targets
+    for target in targets:
+        assert (str(target.directory), engine.pid) in written and (str(target.directory), child) in written
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("it speaks protocol 38.0, older than 42.0" in r.getMessage() for r in caplog.records)
 
 
 def test_no_extern_step_means_no_request_and_nothing_contained() -> None:
