@@ -50,10 +50,10 @@ log = logging.getLogger(__name__)
 STATE_NAMES = {v: k for k, v in pb.EngineState.items()}
 # After the engine joined its job's cgroups, look once more this much later for any that came late.
 CONTAIN_RECHECK_S = 5.0
-# How often the extern step's slurmstepd is asked to poll an adopted engine's usage (stepd.poll): Slurm kills the
-# engine at the job's end before its own next poll (every JobAcctGatherFrequency, 30 s by default), so what the
-# engine used since the last poll is lost to sacct; each poll costs the stepd a read of the step's /proc entries
-# and cgroup files (milliseconds).
+# How often the extern step's slurmstepd is asked to poll an adopted engine's usage (stepd.poll): slurmstepd reads
+# it from /proc while the process exists (every JobAcctGatherFrequency, 30 s by default, and once more when it
+# sees the pid gone); a killed engine reaped before that last read keeps what the previous poll saw. Each poll
+# costs the stepd a read of the step's /proc entries and cgroup files (milliseconds).
 STEPD_POLL_S = 2.0
 # How often a STARTING engine's /health is asked (a refused connection costs a millisecond): a warm start is READY
 # in about 3 s, and health_interval_s (0.5 s on the bed) added 0.25 s on average to it (bench/warmstart.py).

@@ -154,9 +154,9 @@ def adopt(path: Path, job_id: str, pid: int, timeout_s: float = SOCKET_TIMEOUT_S
 def poll(path: Path, job_id: str, timeout_s: float = SOCKET_TIMEOUT_S) -> int:
     """Asks the extern step listening on `path` for its usage (REQUEST_STEP_STAT, as sstat does), which makes
     slurmstepd poll its tasks now; returns its number of tasks. The reply is read whole and dropped: the point is
-    the poll. jobacct_gather reads an adopted pid's usage only while it lives, at each JobAcctGatherFrequency
-    (default 30 s) and at such a request; Slurm kills the engine at the job's end before any further poll, so
-    what it used since the last poll is not the job's (a warm engine that answers for 5 s was 00:00 on 26.05).
+    the poll. jobacct_gather reads an adopted pid's usage from /proc only while it exists, at each
+    JobAcctGatherFrequency (default 30 s), at such a request, and once more when it sees the pid gone: an engine
+    that Slurm kills at the job's end and its parent reaps before that last read keeps what the previous poll saw.
     The wire (_handle_stat_jobacct, all three releases): request int 17; reply int len, len bytes of packed
     jobacctinfo, int number of tasks (1 for the extern step). Raises StepdError naming the job and the socket."""
     where = f"job {job_id}: the extern step's slurmstepd ({path}) did not report its usage"
