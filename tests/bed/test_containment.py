@@ -118,9 +118,9 @@ def test_the_engine_is_the_jobs_users_and_lives_in_the_jobs_cgroups(slurm_bed: S
             for hierarchy in JOB_HIERARCHIES:
                 assert f"/job_{job}/step_extern" in paths.get(hierarchy, ""), (pid, hierarchy, paths)
         if slurm_bed.bed.release() >= "26.05":
-            # 26.05's extern step keeps no task, and jobacct_gather/cgroup accounts a step by its tasks' cgroups:
-            # sstat reports no memory for it (a limit of the release, in the docs). The step's own memory cgroup,
-            # whose limit binds the engine, holds the engine's hundreds of MB.
+            # 26.05's extern step keeps no task of its own; its slurmstepd adopts the engine (agent/stepd.py), and
+            # what sstat then reports is that adopted process's. The memory that binds is the step's memory
+            # cgroup's, which holds the engine and its children: hundreds of MB.
             usage = int(Path("/sys/fs/cgroup/memory", paths["memory"].lstrip("/"), "memory.usage_in_bytes")
                         .read_text())
             print(f"{job}.extern memory cgroup usage {usage >> 20} MiB")
