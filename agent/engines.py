@@ -55,6 +55,11 @@ CONTAIN_RECHECK_S = 5.0
 # sees the pid gone); a killed engine reaped before that last read keeps what the previous poll saw. Each poll
 # costs the stepd a read of the step's /proc entries and cgroup files (milliseconds).
 STEPD_POLL_S = 2.0
+# An adopted engine that ended is reaped only once its extern step's slurmstepd has exited (stepd.py: a stepd up to
+# 25.05 segfaults when its watcher of the pid sees it gone during the step's teardown), checked this often, and at
+# most this long after its end (a stepd that outlives the job by more is not tearing down: reaped then anyway).
+ZOMBIE_HOLD_POLL_S = 0.5
+ZOMBIE_HOLD_MAX_S = 120.0
 # How often a STARTING engine's /health is asked (a refused connection costs a millisecond): a warm start is READY
 # in about 3 s, and health_interval_s (0.5 s on the bed) added 0.25 s on average to it (bench/warmstart.py).
 STARTING_PROBE_S = 0.1
@@ -99,6 +104,9 @@ class _Running:
     # and when it was last asked to poll the engine's usage.
     stepd_socket: Path | None = None
     polled_at: float = 0.0
+    # An adopted engine's exit code read without reaping it, and the task that reaps it once its stepd is gone.
+    exit_code: int | None = None
+    reaping: asyncio.Task[None] | None = None
     # The read-ahead of the model's files that runs beside the engine's own start.
     reading: asyncio.Task[ReadAhead | None] | None = None
 
@@ -478,12 +486,47 @@ class EngineManager:
 
     def _alive(self, running: _Running) -> bool:
         if running.popen is not None:
+            if running.stepd_socket is not None and isinstance(running.popen, subprocess.Popen):
+                return self._alive_unreaped(running, running.popen)
             return running.popen.poll() is None
         return running.identity.alive()
+
+    def _alive_unreaped(self, running: _Running, popen: subprocess.Popen[Any]) -> bool:
+        """_alive for an engine the extern step's stepd adopted: its end is read without reaping it, and the zombie
+        is reaped by _reap_after_stepd (stepd.py says why)."""
+        if popen.returncode is not None:
+            return False
+        try:
+            code = stepd.exit_status_unreaped(popen.pid)
+        except ChildProcessError:
+            return popen.poll() is None
+        if code is None:
+            return True
+        running.exit_code = code
+        if running.reaping is None:
+            running.reaping = asyncio.get_running_loop().create_task(self._reap_after_stepd(running, popen))
+        return False
+
+    async def _reap_after_stepd(self, running: _Running, popen: subprocess.Popen[Any]) -> None:
+        """Reaps an adopted engine once the slurmstepd that adopted it has exited, or ZOMBIE_HOLD_MAX_S after its
+        end; until then kill(pid, 0) succeeds, so that stepd's watcher of the pid sleeps through its teardown."""
+        rec, path, began = running.record, running.stepd_socket, time.monotonic()
+        owner = await asyncio.to_thread(stepd.socket_owner, path, rec.job_id) if path is not None else None
+        for _ in range(int(ZOMBIE_HOLD_MAX_S / ZOMBIE_HOLD_POLL_S)):
+            if owner is None or not psutil.pid_exists(owner):
+                break
+            await asyncio.sleep(ZOMBIE_HOLD_POLL_S)
+        popen.poll()
+        log.info("job %s: engine pid %d reaped %.1fs after its end, %s", rec.job_id, popen.pid,
+                 time.monotonic() - began,
+                 "its extern step's slurmstepd was gone already" if owner is None
+                 else f"once its extern step's slurmstepd (pid {owner}) had exited" if not psutil.pid_exists(owner)
+                 else f"its extern step's slurmstepd (pid {owner}) still running after {ZOMBIE_HOLD_MAX_S:.0f}s")
 
     async def _on_exit(self, running: _Running, model: ModelConfig | None) -> None:
         rec = running.record
         code = running.popen.returncode if running.popen is not None else None
+        code = running.exit_code if code is None else code
         reason = f"engine exited{f' with code {code}' if code is not None else ''}{self._log_tail(running)}"
         if self.cgroups is not None and self.cgroups.oom_kills(running.cgroups) > running.oom_kills:
             reason = (f"engine killed by the job's memory limit (out of memory in its cgroup; ask for more with "
@@ -514,6 +557,7 @@ class EngineManager:
         try:
             fresh = self._spawn(rec, model)
             running.popen, running.identity, running.log_path = fresh.popen, fresh.identity, fresh.log_path
+            running.exit_code, running.reaping = None, None
         except SPAWN_ERRORS as exc:
             await self._fail(running, f"{reason}; restart failed: {exc}")
             return

@@ -7,6 +7,14 @@ and Slurm accounts for it as one of the step's tasks (sacct's TotalCPU and MaxRS
 26.05 alike; a pid written into the step's cgroups by hand is counted on 22.05 only). Every reply is checked; each
 failure is a StepdError naming the job, the pid and the socket.
 Also asks it to poll its tasks' usage (`poll`), so that what an adopted engine used up to its end is counted.
+Also says when an adopted engine ended without reaping it (`exit_status_unreaped`) and which process is the step's
+stepd (`socket_owner`), so that the engine's parent keeps its zombie until that stepd has exited: slurmstepd up to
+25.05 (22.05, 24.11; SchedMD fixed it in 25.11, ticket 22770, commit 6f2fff05fa) watches each adopted pid from a
+detached thread that tries kill(pid, 0) once a second and, when that fails, calls jobacct_gather_remove_task and
+acct_gather_profile_g_task_end. Killed by the job's end and reaped at once, the engine made that thread run after
+the step's teardown had unloaded those plugins (acct_gather_profile_fini): the stepd died of a segfault at ip 0
+before it sent its step-complete message, and sacct showed the extern step CANCELLED with 00:00:00 (24.11, a cold
+engine under load; dmesg `slurmstepd[...]: segfault at 0 ip 0000000000000000`). A zombie answers kill(pid, 0).
 Not responsible for: which pids to adopt or what to do when the stepd refuses (cgroups.JobCgroups.contain_extern
 falls back to writing the cgroups itself), the pid's descendants (born inside once it is adopted; those forked
 before are moved by cgroups.py), the batch step.
@@ -25,6 +33,7 @@ slurmstepd knows its caller's uid by SO_PEERCRED; the agent runs as root. A step
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from pathlib import Path
@@ -89,6 +98,28 @@ def extern_stepd_pids(job_id: str) -> list[int]:
         if " ".join(process.info["cmdline"] or []) == wanted:
             found.append(process.pid)
     return found
+
+
+def socket_owner(path: Path, job_id: str, proc: Path = Path("/proc")) -> int | None:
+    """The pid of the `slurmstepd: [J.extern]` process that listens on `path`; None when none does (gone)."""
+    for pid in extern_stepd_pids(job_id):
+        try:
+            table = (proc / str(pid) / "net" / "unix").read_text()
+        except OSError:
+            continue
+        if str(path) in listening_paths(table):
+            return pid
+    return None
+
+
+def exit_status_unreaped(pid: int) -> int | None:
+    """The exit code of the caller's own child `pid` once it has ended, in Popen's convention (-N for signal N),
+    read without reaping it (waitid's WNOWAIT): the zombie stays, so that kill(pid, 0) still succeeds for the
+    slurmstepd that adopted it (see hold_reason). None while it runs; ChildProcessError if it is not a child."""
+    result = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if result is None or result.si_pid == 0:
+        return None
+    return -result.si_status if result.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else result.si_status
 
 
 def find_socket(node_name: str, job_id: str, proc: Path = Path("/proc")) -> Path:

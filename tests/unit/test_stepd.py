@@ -1,9 +1,11 @@
 """The agent's request to a job's extern-step slurmstepd to adopt an engine (agent/stepd.py), against a fake
-stepd, and the fallback to the cgroup write when it refuses (cgroups.JobCgroups.contain_extern). The real stepd
-answers on the bed (tests/bed/test_accounting.py's private-engine test on 22.05, 24.11 and 26.05)."""
+stepd, the fallback to the cgroup write when it refuses (cgroups.JobCgroups.contain_extern), and the adopted
+engine's zombie kept until that stepd exited (engines.py, against a 24.11 stepd's segfault at the job's end).
+The real stepd answers on the bed (tests/bed/test_accounting.py's private-engine test on 22.05, 24.11 and 26.05)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -13,6 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
@@ -20,8 +23,11 @@ from unittest import mock
 import psutil
 import pytest
 
-from slinfer.agent import stepd
+from slinfer.agent import engines, stepd
 from slinfer.agent.cgroups import Hierarchy, JobCgroups
+from slinfer.agent.gpu import Gpus
+from slinfer.agent.records import RecordStore
+from slinfer.config import AgentConfig, Config
 
 INT = struct.Struct("=i")
 # What 22.05's and 24.11's slurmstepd answer to the handshake: their SLURM_PROTOCOL_VERSION.
@@ -316,3 +322,88 @@ def test_no_extern_step_means_no_request_and_nothing_contained() -> None:
     with mock.patch.object(stepd, "adopt") as adopt:
         assert JobCgroups("node1").contain_extern("42", os.getpid(), []) == ([], None)
     adopt.assert_not_called()
+
+
+def test_an_ended_child_is_read_without_reaping_it_and_still_answers_kill_0() -> None:
+    running = subprocess.Popen(["sleep", "30"])
+    exits = subprocess.Popen(["/bin/sh", "-c", "exit 3"])
+    try:
+        assert stepd.exit_status_unreaped(running.pid) is None
+        running.kill()
+        for child, code in ((running, -9), (exits, 3)):
+            for _ in range(200):
+                if stepd.exit_status_unreaped(child.pid) is not None:
+                    break
+                time.sleep(0.01)
+            assert stepd.exit_status_unreaped(child.pid) == code
+            # Not reaped: a zombie, which kill(pid, 0) still reaches (what the stepd's watcher of the pid asks).
+            assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
+            os.kill(child.pid, 0)
+            assert child.returncode is None
+            # Control: reaping it makes kill(pid, 0) fail, as it did for the stepd's watcher.
+            assert child.wait(timeout=5) == code
+            with pytest.raises(ProcessLookupError):
+                os.kill(child.pid, 0)
+    finally:
+        running.kill()
+        running.wait()
+    with pytest.raises(ChildProcessError):
+        stepd.exit_status_unreaped(1)
+
+
+def test_the_socket_owner_is_the_stepd_listening_on_that_path(tmp_path: Path) -> None:
+    for pid, table in ((123, NET_UNIX.replace("node1/node1_42.4294967292", "node1/other")), (124, NET_UNIX)):
+        (tmp_path / str(pid) / "net").mkdir(parents=True)
+        (tmp_path / str(pid) / "net" / "unix").write_text(table)
+    path = Path("/tmp/bed/slurmd/node1/node1_42.4294967292")
+    with mock.patch.object(stepd, "extern_stepd_pids", return_value=[122, 123, 124]):
+        assert stepd.socket_owner(path, "42", tmp_path) == 124
+        assert stepd.socket_owner(Path("/tmp/bed/slurmd/node1/node1_42.4294967291.x"), "42", tmp_path) is None
+    with mock.patch.object(stepd, "extern_stepd_pids", return_value=[]):
+        assert stepd.socket_owner(path, "42", tmp_path) is None
+
+
+def _sleepers(count: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen(["sleep", "30"]) for _ in range(count)]
+
+
+async def test_an_adopted_engine_that_died_is_reaped_only_once_its_stepd_exited(tmp_path: Path) -> None:
+    """The fix for a 24.11 stepd's segfault at the job's end (stepd.py): the real EngineManager sees the adopted
+    engine's end at once but keeps its zombie while the extern step's slurmstepd (here a stand-in process) runs;
+    control: an engine no stepd adopted is reaped at once, as before."""
+    config = Config(agent=AgentConfig(address="127.0.0.1", run_dir=str(tmp_path / "run")), models=[])
+    manager = engines.EngineManager(config, RecordStore(tmp_path / "run" / "engines"), mock.Mock(), Gpus())
+    stand_in, adopted_engine, plain_engine = _sleepers(3)
+    adopted = engines._Running(record=types.SimpleNamespace(job_id="42"), identity=mock.Mock(),  # type: ignore
+                               popen=adopted_engine, log_path=tmp_path / "log", stepd_socket=Path("/x/sock"))
+    plain = engines._Running(record=types.SimpleNamespace(job_id="43"), identity=mock.Mock(),  # type: ignore
+                             popen=plain_engine, log_path=tmp_path / "log")
+    try:
+        with mock.patch.object(stepd, "socket_owner", return_value=stand_in.pid) as owner, \
+                mock.patch.object(engines, "ZOMBIE_HOLD_POLL_S", 0.02):
+            assert manager._alive(adopted) and manager._alive(plain)
+            adopted_engine.kill()
+            plain_engine.kill()
+            for _ in range(200):
+                if not manager._alive(adopted):
+                    break
+                await asyncio.sleep(0.01)
+            assert not manager._alive(adopted) and not manager._alive(plain)
+            # Its end is known (the code _on_exit reports), one reaper waits, and the zombie stays.
+            assert adopted.exit_code == -9 and adopted.reaping is not None and not adopted.reaping.done()
+            await asyncio.sleep(0.2)
+            assert adopted_engine.returncode is None
+            assert psutil.Process(adopted_engine.pid).status() == psutil.STATUS_ZOMBIE
+            owner.assert_called_once_with(Path("/x/sock"), "42")
+            # The control: not adopted, so reaped at once by Popen.poll as before.
+            assert plain_engine.returncode == -9 and plain.reaping is None
+            # The stepd exits: the engine is reaped within a poll.
+            stand_in.kill()
+            stand_in.wait()
+            await asyncio.wait_for(adopted.reaping, timeout=2)
+            assert adopted_engine.returncode == -9 and not psutil.pid_exists(adopted_engine.pid)
+    finally:
+        for process in (stand_in, adopted_engine, plain_engine):
+            process.kill()
+            process.wait()
+
