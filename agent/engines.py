@@ -107,6 +107,8 @@ class _Running:
     # An adopted engine's exit code read without reaping it, and the task that reaps it once its stepd is gone.
     exit_code: int | None = None
     reaping: asyncio.Task[None] | None = None
+    # A warm engine's template keeps its zombie until asked for its exit (WarmProcess.hold).
+    held: bool = False
     # The read-ahead of the model's files that runs beside the engine's own start.
     reading: asyncio.Task[ReadAhead | None] | None = None
 
@@ -397,6 +399,8 @@ class EngineManager:
             log.warning("job %s: no extern step cgroup on this node (Slurm without PrologFlags=Contain and "
                         "proctrack/cgroup?): the engine is not contained by the job's limits", rec.job_id)
             return
+        if adopted and isinstance(running.popen, WarmProcess):
+            running.held = await asyncio.to_thread(running.popen.hold)
         if adopted:
             # slurmstepd's plugins put the engine into every hierarchy of the step at once; a second look would
             # compare it with the extern task's cgroups and could move it out of the task Slurm accounts.
@@ -488,6 +492,14 @@ class EngineManager:
         if running.popen is not None:
             if running.stepd_socket is not None and isinstance(running.popen, subprocess.Popen):
                 return self._alive_unreaped(running, running.popen)
+            if running.held and running.popen.returncode is None:
+                # A zombie is not alive (ProcessIdentity.alive); its template reaps it only when poll() asks.
+                if running.identity.alive():
+                    return True
+                if running.reaping is None:
+                    running.reaping = asyncio.get_running_loop().create_task(
+                        self._reap_after_stepd(running, running.popen))
+                return False
             return running.popen.poll() is None
         return running.identity.alive()
 
@@ -507,7 +519,7 @@ class EngineManager:
             running.reaping = asyncio.get_running_loop().create_task(self._reap_after_stepd(running, popen))
         return False
 
-    async def _reap_after_stepd(self, running: _Running, popen: subprocess.Popen[Any]) -> None:
+    async def _reap_after_stepd(self, running: _Running, popen: EngineProcess) -> None:
         """Reaps an adopted engine once the slurmstepd that adopted it has exited, or ZOMBIE_HOLD_MAX_S after its
         end; until then kill(pid, 0) succeeds, so that stepd's watcher of the pid sleeps through its teardown."""
         rec, path, began = running.record, running.stepd_socket, time.monotonic()
@@ -516,7 +528,7 @@ class EngineManager:
             if owner is None or not psutil.pid_exists(owner):
                 break
             await asyncio.sleep(ZOMBIE_HOLD_POLL_S)
-        popen.poll()
+        await asyncio.to_thread(popen.poll)
         log.info("job %s: engine pid %d reaped %.1fs after its end, %s", rec.job_id, popen.pid,
                  time.monotonic() - began,
                  "its extern step's slurmstepd was gone already" if owner is None
@@ -557,7 +569,7 @@ class EngineManager:
         try:
             fresh = self._spawn(rec, model)
             running.popen, running.identity, running.log_path = fresh.popen, fresh.identity, fresh.log_path
-            running.exit_code, running.reaping = None, None
+            running.exit_code, running.reaping, running.held = None, None, False
         except SPAWN_ERRORS as exc:
             await self._fail(running, f"{reason}; restart failed: {exc}")
             return

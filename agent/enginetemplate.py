@@ -281,9 +281,12 @@ class Template:
         self.import_env = import_env or {}
         self.children: set[int] = set()
         self.exits: dict[int, int] = {}
+        # Children whose zombie stays until the agent asks for their exit: an engine a slurmstepd adopted, which
+        # a 24.11 stepd must still find with kill(pid, 0) during its step's teardown (agent/stepd.py says why).
+        self.held: set[int] = set()
 
     def reap(self) -> None:
-        for pid in list(self.children):
+        for pid in list(self.children - self.held):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
@@ -300,9 +303,15 @@ class Template:
             threads, tasks = thread_count()
             return {"ok": True, "pid": os.getpid(), "threads": threads, "tasks": tasks,
                     "python": sys.executable, "children": sorted(self.children), "frozen": gc.get_freeze_count()}
-        if op == "exit":
-            self.reap()
+        if op == "hold":
             pid = int(request.get("pid", 0))
+            if pid in self.children:
+                self.held.add(pid)
+            return {"ok": True, "pid": pid, "held": pid in self.held}
+        if op == "exit":
+            pid = int(request.get("pid", 0))
+            self.held.discard(pid)
+            self.reap()
             if pid in self.exits:
                 return {"ok": True, "pid": pid, "exited": True, "code": self.exits[pid]}
             return {"ok": True, "pid": pid, "exited": False, "known": pid in self.children}

@@ -180,6 +180,14 @@ class WarmProcess:
             self.returncode = UNKNOWN_EXIT
         return self.returncode
 
+    def hold(self) -> bool:
+        """Asks the template to keep this engine's zombie until poll() asks for its exit (agent/stepd.py says
+        why); whether it does."""
+        try:
+            return bool(call(self.socket_path, {"op": "hold", "pid": self.pid}, timeout=1.0).get("held"))
+        except TemplateError:
+            return False
+
 
 @dataclass
 class TemplateStatus:

@@ -9,9 +9,11 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,10 +25,12 @@ from unittest import mock
 import psutil
 import pytest
 
-from slinfer.agent import engines, stepd
+from slinfer.agent import engines, stepd, warmstart
 from slinfer.agent.cgroups import Hierarchy, JobCgroups
 from slinfer.agent.gpu import Gpus
+from slinfer.agent.processes import ProcessIdentity
 from slinfer.agent.records import RecordStore
+from slinfer.agent.warmstart import WarmProcess
 from slinfer.config import AgentConfig, Config
 
 INT = struct.Struct("=i")
@@ -407,3 +411,49 @@ async def test_an_adopted_engine_that_died_is_reaped_only_once_its_stepd_exited(
             process.kill()
             process.wait()
 
+
+
+def _template_child(sock: Path, folder: Path) -> int:
+    uid, gid = (65534, 65534) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    request = warmstart.spawn_request(["30"], uid=uid, gid=gid, groups=[gid], cwd=str(folder),
+                                      log_path=folder / "engine.log")
+    request["module"] = "sleeper"
+    env_fd = warmstart.env_descriptor({"PATH": "/usr/bin:/bin"})
+    try:
+        return int(warmstart.call(sock, request, fds=[env_fd])["pid"])
+    finally:
+        os.close(env_fd)
+
+
+def test_the_template_keeps_a_held_engines_zombie_until_asked_for_its_exit() -> None:
+    """A warm engine is the template's child, which reaped it within 0.2 s of its end: held (WarmProcess.hold,
+    asked once its stepd adopted it), its zombie stays for kill(pid, 0) until poll() asks for its exit; control: a
+    child not held is reaped by the template as before."""
+    folder = Path(tempfile.mkdtemp(prefix="stepd-warm-", dir="/tmp"))
+    folder.chmod(0o777)
+    (folder / "sleeper.py").write_text("import sys, time\ntime.sleep(int(sys.argv[1]))\n")
+    sock = folder / "t.sock"
+    template = subprocess.Popen([sys.executable, str(warmstart.TEMPLATE_SCRIPT), "--socket", str(sock)],
+                                env={**os.environ, "PYTHONPATH": str(folder)}, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        held_pid, plain_pid = _template_child(sock, folder), _template_child(sock, folder)
+        held = WarmProcess(held_pid, ProcessIdentity.of(held_pid), sock)
+        assert held.hold() and not WarmProcess(4_000_000, held.identity, sock).hold()
+        os.kill(held_pid, signal.SIGKILL)
+        os.kill(plain_pid, signal.SIGKILL)
+        time.sleep(1.0)  # five of the template's reaps
+        assert psutil.Process(held_pid).status() == psutil.STATUS_ZOMBIE and not held.identity.alive()
+        os.kill(held_pid, 0)
+        with pytest.raises(ProcessLookupError):
+            os.kill(plain_pid, 0)
+        assert held.poll() == -9
+        with pytest.raises(ProcessLookupError):
+            os.kill(held_pid, 0)
+    finally:
+        template.kill()
+        template.wait()
+        shutil.rmtree(folder, ignore_errors=True)
