@@ -83,6 +83,7 @@ class FeedLog:
         self._replica_frags: dict[str, bytes] = {}
         self._keys: dict[bytes, bytes] = {}
         self._zero: tuple[str, ...] = ()
+        self._model_states: dict[str, str] = {}
         self._day = ""
         self._totals: dict[str, int] = {}
         self._gateways = 0
@@ -94,13 +95,15 @@ class FeedLog:
 
     def publish(self, replicas: Iterable[ReplicaRow], keys: Mapping[bytes, gateway_pb2.ClientKey | None],
                 zero: Iterable[str], day: str, totals: Mapping[str, int],
-                gateways: int, removed_replicas: Iterable[str] | None = None) -> gateway_pb2.RouteTable | None:
+                gateways: int, removed_replicas: Iterable[str] | None = None,
+                model_states: Mapping[str, str] | None = None) -> gateway_pb2.RouteTable | None:
         """Compares what the controller holds now with what was published; the delta (a new version), or None
         when nothing changed. `replicas` is complete, unless `removed_replicas` is given: then `replicas` holds
         only the rows that may have changed and `removed_replicas` those that may be gone (the cost is what
         changed, not the cluster). `keys` holds only keys that may have changed (None: gone); `totals` at least
         every total that changed (every one with a new day). Totals only grow within a day: a new day starts
-        them from nothing."""
+        them from nothing. `model_states` is the whole map of what the controller holds of each model (None:
+        unchanged); a change sends the whole map, tens of short entries."""
         delta = gateway_pb2.RouteTable(epoch=self.epoch, base_version=self.version, day=day, gateways=gateways)
         changed = False
         if removed_replicas is not None:
@@ -137,6 +140,10 @@ class FeedLog:
             self._zero = zero_now
             delta.scaled_to_zero.extend(zero_now)
             delta.scaled_to_zero_set = changed = True
+        if model_states is not None and dict(model_states) != self._model_states:
+            self._model_states = dict(model_states)
+            delta.model_states.update(self._model_states)
+            delta.model_states_set = changed = True
         if day != self._day:
             self._day, self._totals = day, {}
             changed = True
@@ -183,7 +190,8 @@ class FeedLog:
     def _build(self, page_bytes: int) -> list[bytes]:
         sent_at = self._wall()
         first = gateway_pb2.RouteTable(full=True, epoch=self.epoch, version=self.version, base_version=0,
-                                       scaled_to_zero=list(self._zero), scaled_to_zero_set=True, day=self._day,
+                                       scaled_to_zero=list(self._zero), scaled_to_zero_set=True,
+                                       model_states=self._model_states, model_states_set=True, day=self._day,
                                        gateways=self._gateways, sent_at=sent_at).SerializeToString()
         later = gateway_pb2.RouteTable(full=True, epoch=self.epoch, version=self.version,
                                        sent_at=sent_at).SerializeToString()
@@ -256,6 +264,7 @@ class FeedMirror:
         self.replicas: dict[str, gateway_pb2.RoutedReplica] = {}
         self.keys: dict[bytes, gateway_pb2.ClientKey] = {}
         self.zero: frozenset[str] = frozenset()
+        self.model_states: dict[str, str] = {}
         self.day = ""
         self.totals: dict[str, int] = {}
         self.gateways = 0
@@ -285,6 +294,7 @@ class FeedMirror:
             self.replicas = {r.job_id: r for r in msg.replicas}
             self.keys = {k.sha256: k for k in msg.keys}
             self.zero = frozenset(msg.scaled_to_zero)
+            self.model_states = dict(msg.model_states)
             self.day, self.totals = msg.day, dict(msg.tokens_today)
             self.gateways = msg.gateways
             return Applied(full=True, replicas=True, keys=list(self.keys), gateways=True, zero=True,
@@ -306,6 +316,8 @@ class FeedMirror:
         if msg.scaled_to_zero_set:
             self.zero = frozenset(msg.scaled_to_zero)
             applied.zero = True
+        if msg.model_states_set:
+            self.model_states = dict(msg.model_states)
         if msg.day and msg.day != self.day:
             self.day, self.totals = msg.day, {}
         for key_id, tokens in msg.tokens_today.items():
@@ -321,4 +333,5 @@ class FeedMirror:
         """Everything held, in a form two copies can be compared by (the tests' fresh-table check)."""
         return (sorted(replica_row(r) for r in self.replicas.values()),
                 sorted(k.SerializeToString(deterministic=True) for k in self.keys.values()),
-                sorted(self.zero), self.day, dict(sorted(self.totals.items())), self.gateways)
+                sorted(self.zero), self.day, dict(sorted(self.totals.items())), self.gateways,
+                sorted(self.model_states.items()))

@@ -75,7 +75,9 @@ async def serve_worker(config: Config, listen: str, name: str, stop: asyncio.Eve
     gateway = Gateway(g, config.models, registry, keys,
                       Proxy(g.connect_timeout_s, g.read_timeout_s, g.client_timeout_s,
                             tls.engine_client_context(config) if g.engine_ca else None),
-                      Balancer(), queue_for_gateway(g), limiter, relay, ModelBoard(config.models, registry),
+                      Balancer(), queue_for_gateway(g), limiter, relay,
+                      ModelBoard(config.models, registry,
+                                 remote=lambda model: feed.model_state(model) if feed is not None else None),
                       scaled_to_zero=lambda model: feed is not None and feed.scaled_to_zero(model),
                       health=lambda: feed.health() if feed is not None else {},
                       state_collectors=[metrics.GaugeCollector(

@@ -22,7 +22,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -84,7 +84,8 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
 
     def __init__(self, registry: Registry, keys: KeyStore, limiter: Limiter, ledger: UsageLedger, token: str,
                  scaled_to_zero: Callable[[str], bool], models: list[str], warmup_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 model_states: Callable[[], Mapping[str, str]] | None = None) -> None:
         self._registry = registry
         self._keys = keys
         self._limiter = limiter
@@ -92,6 +93,8 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         self._token = token.encode()
         self._scaled_to_zero = scaled_to_zero
         self._models = models
+        # What the controller alone knows of each model short of ready (modelstatus.ModelBoard.feed_states).
+        self._model_states = model_states
         self._clock = clock
         self._ready_at = clock() + warmup_s
         self._gateways: dict[str, _Gateway] = {}
@@ -202,7 +205,8 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         # of 100,000 keys' totals took 0.6 ms, every publication (issue 35.7).
         day, totals = self._ledger.totals_grown()
         delta = self.feed.publish(replicas, keys, [m for m in self._models if self._scaled_to_zero(m)], day,
-                                  totals, max(1, len(self._watchers)), removed_replicas=removed)
+                                  totals, max(1, len(self._watchers)), removed_replicas=removed,
+                                  model_states=self._model_states() if self._model_states is not None else None)
         if delta is not None:
             for event in self._wakeups:
                 event.set()

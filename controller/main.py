@@ -122,12 +122,14 @@ async def serve(config: Config, stop: asyncio.Event,
                       ledger.tokens_today, accounts=g.accounts, users=g.users,
                       group_tokens=GroupTokens(keys, ledger.tokens_today))
     queue = queue_for_gateway(config.gateway)
-    # The gateway tier's feed; a restarted controller sends its first table once every live agent reported.
-    hub = GatewayHub(registry, keys, limiter, ledger, c.token, pins.scaled_to_zero,
-                     [m.name for m in config.models], warmup_s=AGENT_RECONNECT.max_s + 2 * c.heartbeat_s)
     # The autoscaler's jobs, written by its steps; /v1/models reads them (a pending reason, a start time).
     job_table = JobTable()
     board = ModelBoard(config.models, registry, jobs=job_table.jobs, refusals=job_table.refusal)
+    # The gateway tier's feed; a restarted controller sends its first table once every live agent reported. It
+    # carries the board's view of each model short of ready, which only the controller has.
+    hub = GatewayHub(registry, keys, limiter, ledger, c.token, pins.scaled_to_zero,
+                     [m.name for m in config.models], warmup_s=AGENT_RECONNECT.max_s + 2 * c.heartbeat_s,
+                     model_states=board.feed_states)
     # Kubernetes' series stay empty until the sync below is attached to them (and without [kubernetes]).
     kube_metrics = metrics.KubeCollector(identity=socket.gethostname())
     gateway = Gateway(config.gateway, config.models, registry, keys,

@@ -12,6 +12,9 @@ gateway's `/v1/models`: the OpenAI fields, `max_model_len` as the model's engine
   words, `failures` in a row, `retry_in_s` until the autoscaler's next try (it backs off);
 - `offline`: nothing runs or waits (a model with `min_replicas = 0` and no load).
 
+In the gateway tier only the controller knows the jobs and refusals: it sends what it holds of each model
+(`held`, absolute times) in the route feed, and a tier worker's board shows that (`remote`).
+
 It also knows which of the route table's routes a model's engine serves (the engine's `/openapi.json`, asked
 the first time an engine answers a route with a bare 404), so the gateway's 404 can name them.
 
@@ -22,6 +25,7 @@ own jobs, as of its last squeue), or authenticating the caller (the gateway).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -53,11 +57,14 @@ class ModelBoard:
 
     def __init__(self, catalog: Sequence[ModelConfig], registry: Registry, jobs: Jobs | None = None,
                  clock: Callable[[], float] = time.time,
-                 refusals: Callable[[str], Refusal | None] | None = None) -> None:
+                 refusals: Callable[[str], Refusal | None] | None = None,
+                 remote: Callable[[str], dict[str, Any] | None] | None = None) -> None:
         self._catalog = {m.name: m for m in catalog}
         self._registry = registry
         self._jobs = jobs
         self._refusals = refusals
+        # A tier worker's: what the controller held of a model (`held`, from the route feed), or None.
+        self._remote = remote
         self._clock = clock
         # max_model_len by engine job id, and the last one seen per model (kept while the model is offline).
         self._by_engine: dict[str, int] = {}
@@ -75,20 +82,29 @@ class ModelBoard:
             session, self._session = self._session, None
             await session.close()
 
-    async def entries(self) -> list[dict[str, Any]]:
-        names = list(self._catalog) + sorted({r.model for r in self._registry.replicas()} - set(self._catalog))
+    def _jobs_by_model(self) -> dict[str, list[SlurmJob]]:
         jobs: dict[str, list[SlurmJob]] = {}
         for model, job in (self._jobs() if self._jobs is not None else ()):
             jobs.setdefault(model, []).append(job)
+        return jobs
+
+    async def entries(self) -> list[dict[str, Any]]:
+        names = list(self._catalog) + sorted({r.model for r in self._registry.replicas()} - set(self._catalog))
+        jobs = self._jobs_by_model()
         await self._learn_lengths(names)
         return [self._entry(name, jobs.get(name, [])) for name in names]
 
-    def state(self, model: str, jobs: Sequence[SlurmJob]) -> dict[str, Any]:
-        """The `slinfer` extension object of one model."""
-        now = self._clock()
-        routable = self._registry.routable(model)
-        if routable:
-            return {"state": "ready", "replicas": len(routable)}
+    def feed_states(self) -> dict[str, str]:
+        """What this board holds of each catalog model with no routable replica (`held`), as the route feed
+        carries it to the tier: JSON with absolute times, so it changes only when the model's state does."""
+        jobs = self._jobs_by_model()
+        held = {name: self.held(name, jobs.get(name, [])) for name in self._catalog
+                if not self._registry.routable(name)}
+        return {name: json.dumps(state, sort_keys=True) for name, state in held.items() if state is not None}
+
+    def held(self, model: str, jobs: Sequence[SlurmJob]) -> dict[str, Any] | None:
+        """The model's state short of ready, from the engines, jobs and refusals this board knows, with
+        absolute unix times (`since`, `retry_at`); None when it knows of nothing running or waiting."""
         # The shared service's engines only: a user's private job of the same model (its own `sbatch
         # --inference`, pool=False) is not a replica of the service, starting or not.
         replicas = {r.job_id: r for r in self._registry.replicas(model) if r.pool}
@@ -98,19 +114,28 @@ class ModelBoard:
                          and (j.job_id not in replicas or replicas[j.job_id].state == engine_pb2.STARTING)]
         starts += [j.start_time for j in starting_jobs if j.start_time]
         if starts or starting_jobs:
-            since = min(starts) if starts else now
-            return {"state": "starting", "starting_s": round(max(now - since, 0.0), 1)}
+            return {"state": "starting", "since": min(starts) if starts else None}
         pending = sorted((j for j in jobs if j.state == "PENDING"), key=lambda j: j.submit_time)
         if pending:
             first = pending[0]
             return {"state": "queued", "reason": first.reason or "None", "jobs": len(pending),
-                    "queued_s": round(max(now - first.submit_time, 0.0), 1) if first.submit_time else None}
+                    "since": first.submit_time or None}
         refusal = self._refusals(model) if self._refusals is not None else None
         if refusal is not None:
             # Slurm refused the last submit (no association, a QOS limit): its reason, and the next try.
             return {"state": "refused", "reason": refusal.reason, "failures": refusal.failures,
-                    "retry_in_s": round(max(refusal.retry_at - now, 0.0), 1)}
-        return {"state": "offline"}
+                    "retry_at": refusal.retry_at}
+        return None
+
+    def state(self, model: str, jobs: Sequence[SlurmJob]) -> dict[str, Any]:
+        """The `slinfer` extension object of one model."""
+        routable = self._registry.routable(model)
+        if routable:
+            return {"state": "ready", "replicas": len(routable)}
+        held = self.held(model, jobs)
+        if held is None and self._remote is not None:
+            held = self._remote(model)
+        return _relative(held, self._clock()) if held is not None else {"state": "offline"}
 
     def _entry(self, name: str, jobs: Sequence[SlurmJob]) -> dict[str, Any]:
         config = self._catalog.get(name)
@@ -167,3 +192,18 @@ class ModelBoard:
         live = {r.job_id for r in self._registry.replicas()}
         for job_id in [j for j in self._by_engine if j not in live]:
             del self._by_engine[job_id]
+
+
+def _relative(held: dict[str, Any], now: float) -> dict[str, Any]:
+    """`held` as /v1/models shows it: seconds since a start or submit, seconds until the next try."""
+    state = held.get("state")
+    since = held.get("since")
+    if state == "starting":
+        return {"state": "starting", "starting_s": round(max(now - float(since), 0.0), 1) if since else 0.0}
+    if state == "queued":
+        return {"state": "queued", "reason": held.get("reason", "None"), "jobs": held.get("jobs", 1),
+                "queued_s": round(max(now - float(since), 0.0), 1) if since else None}
+    if state == "refused":
+        return {"state": "refused", "reason": held.get("reason", ""), "failures": held.get("failures", 0),
+                "retry_in_s": round(max(float(held.get("retry_at") or now) - now, 0.0), 1)}
+    return {"state": "offline"}

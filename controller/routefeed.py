@@ -14,9 +14,11 @@ ledger, quotas' totals).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -68,6 +70,18 @@ class RouteFeed:
     # ---- what the gateway reads --------------------------------------------------------------------------
     def scaled_to_zero(self, model: str) -> bool:
         return model in self._scaled_to_zero
+
+    def model_state(self, model: str) -> dict[str, Any] | None:
+        """What the controller held of `model` short of ready at the last table (modelstatus.ModelBoard.held):
+        its Slurm jobs and refusals, which a tier worker cannot see; None when nothing."""
+        held = self.mirror.model_states.get(model)
+        if held is None:
+            return None
+        try:
+            state = json.loads(held)
+        except ValueError:
+            return None
+        return state if isinstance(state, dict) else None
 
     def health(self) -> dict[str, object]:
         if self.connected:

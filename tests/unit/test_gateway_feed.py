@@ -49,6 +49,7 @@ class _World:
         self.day = "2026-12-07"
         self.totals: dict[str, int] = {}
         self.gateways = 1
+        self.states: dict[str, str] = {}
 
     def do(self, op: tuple[str, int, int]) -> None:
         kind, n, v = op
@@ -70,15 +71,21 @@ class _World:
             self.day, self.totals = f"2026-12-{int(self.day[-2:]) + 1:02d}", {}
         elif kind == "gateways":
             self.gateways = 1 + v % 4
+        elif kind == "state":  # what the controller holds of a model short of ready: set, changed or gone
+            if v == 0:
+                self.states.pop(f"model{n % 3}", None)
+            else:
+                self.states[f"model{n % 3}"] = f'{{"state": "queued", "jobs": {v}}}'
 
     def publish(self, feed: FeedLog) -> gateway_pb2.RouteTable | None:
         changed = {bytes([n]) * 32: self.keys.get(n) for n in self.dirty}
         self.dirty.clear()
-        return feed.publish(self.replicas.values(), changed, self.zero, self.day, self.totals, self.gateways)
+        return feed.publish(self.replicas.values(), changed, self.zero, self.day, self.totals, self.gateways,
+                            model_states=self.states)
 
 
 _ops = st.lists(st.tuples(st.sampled_from(["replica", "unreplica", "key", "revoke", "tokens", "zero", "day",
-                                            "gateways"]),
+                                            "gateways", "state"]),
                           st.integers(0, 6), st.integers(0, 3)), max_size=40)
 
 
@@ -120,6 +127,7 @@ def test_any_sequence_of_deltas_ends_as_a_fresh_full_table(ops, publish_every: i
     assert follower.state()[0] == sorted(world.replicas.values())
     assert {k.key_id for k in follower.keys.values()} == {k.key_id for k in world.keys.values()}
     assert follower.totals == world.totals and follower.zero == world.zero
+    assert follower.model_states == world.states
 
 
 @settings(max_examples=60, deadline=None)

@@ -3,12 +3,14 @@ with backoff, and `/v1/models` and `slinfer models` show it as the model's state
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
 from slinfer.cli.models import row
 from slinfer.controller.modelstatus import ModelBoard
+from slinfer.controller.registry import Registry
 from tests.unit.test_autoscaler import Bed
 
 REASON = "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified"
@@ -44,3 +46,26 @@ async def test_a_refused_submit_is_the_models_state_with_slurms_reason(caplog: p
     assert len(bed.slurm.submits) == 1
     assert bed.scaler.job_table.refusal("tiny") is None
     assert board.state("tiny", [])["state"] != "refused"
+
+
+async def test_a_tier_worker_shows_the_refusal_the_controller_fed_it() -> None:
+    """The gateway tier (the bed's and the packages' default) sees no Slurm job and no refusal: the controller's
+    board sends what it holds (feed_states, absolute times) through the route feed, and a worker's board with
+    `remote` shows it as the controller's own /v1/models does."""
+    bed = Bed(window_s=2.0, min_replicas=1)
+    board = ModelBoard([bed.model], bed.registry, jobs=bed.scaler.job_table.jobs, refusals=bed.scaler.job_table.refusal)
+    assert board.feed_states() == {}  # nothing held before a submit
+    fed: dict[str, str] = {}
+    tier = ModelBoard([bed.model], Registry(), remote=lambda m: json.loads(fed[m]) if m in fed else None)
+    # Positive control: without what the controller fed, the worker can only say offline.
+    assert tier.state("tiny", [])["state"] == "offline"
+    bed.slurm.fail_submit = REASON
+    await bed.step()
+    fed.update(board.feed_states())
+    refusal = bed.scaler.job_table.refusal("tiny")
+    assert refusal is not None
+    tier._clock = board._clock = lambda: refusal.at  # type: ignore[method-assign]
+    assert tier.state("tiny", []) == board.state("tiny", []) == {
+        "state": "refused", "reason": REASON, "failures": 1, "retry_in_s": pytest.approx(5.0, abs=0.5)}
+    # Unchanged between steps: the feed sends it once, not with every publication.
+    assert board.feed_states() == fed
