@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from slinfer.dev import devcluster
-from tests.fakes.slurmbed import SlurmBed, wait_until
+from tests.fakes.slurmbed import SlurmBed, engine_pids, wait_until
 
 pytestmark = pytest.mark.bed
 READY_TIMEOUT = 300
@@ -115,12 +115,45 @@ def test_sacct_lists_a_private_inference_job_with_account_qos_and_cpu_time(slurm
     assert re.search(said, logged), logged[-3000:]
 
 
+def _engine_in_batch_step(bed: SlurmBed, job: str) -> bool:
+    """Every process of the job's engine is in its batch step's cpuacct cgroup (which jobacct_gather/cgroup reads
+    for the step's task), as /proc says, not the agent."""
+    pids = engine_pids(job, run_dir=bed.bed.run_dir)
+    where = f"/job_{job}/step_batch/"
+    try:
+        return bool(pids) and all(any("cpuacct" in line.split(":")[1] and where in line
+                                      for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines())
+                                  for pid in pids)
+    except OSError:
+        return False
+
+
+def _work_through_gateway(bed: SlurmBed) -> int:
+    """WORK's completions, sent through the bed's gateway (the pool's engine is not a job's own); tokens made."""
+    env = bed.bed.env()
+    body = json.dumps({"model": "tiny", "prompt": "Count:", "max_tokens": 480, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    made = 0
+    for _ in range(6):
+        request = urllib.request.Request(f"{env['SLINFER_GATEWAY_URL']}/completions", data=body, headers={
+            "Authorization": f"Bearer {env['SLINFER_API_KEY']}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            made += int(json.load(response)["usage"]["completion_tokens"])
+    return made
+
+
 def test_sacct_lists_the_services_jobs_under_the_catalogs_account_and_qos(slurm_bed: SlurmBed) -> None:
     slurm_bed.admin("scale", "tiny", "1")
     try:
         wait_until("a READY replica of tiny", lambda: slurm_bed.ready_replicas("tiny") >= 1, READY_TIMEOUT)
         jobs = slurm_bed.controller_jobs("tiny")
-        assert jobs
+        assert len(jobs) == 1, jobs
+        pool_job = next(iter(jobs))
+        # The agent writes a pool engine into its job's batch step shortly after READY; the work is sent after,
+        # so that it is the step's CPU on every release.
+        wait_until(f"job {pool_job}'s engine in its batch step", lambda: _engine_in_batch_step(slurm_bed, pool_job),
+                   30)
+        assert _work_through_gateway(slurm_bed) == 2880
     finally:
         slurm_bed.retire_models("tiny")
     for job in jobs:
@@ -130,6 +163,13 @@ def test_sacct_lists_the_services_jobs_under_the_catalogs_account_and_qos(slurm_
         row = next(r for r in _sacct(slurm_bed, "-j", job, "--format=JobID,User,Account,QOS,Partition,JobName")
                    if r[0] == job)
         assert row == [job, "root", "slinfer", "normal", "debug", "slinfer-tiny"], row
+    # The pool engine's work is its job's CPU time, through the batch step's task cgroup (jobacct_gather/cgroup
+    # reads the task's cpuacct on 22.05, 24.11 and 26.05; bench/pool_accounting.py: 6.2-8.2 s counted for
+    # 6.3-8.2 s of work). Not counted, the batch step would be `slinfer hold` alone (0.2 s to start, then waits).
+    rows = {r[0]: r for r in _sacct(slurm_bed, "-j", pool_job, "--format=JobID,TotalCPU,MaxRSS")}
+    print(f"\nsacct {pool_job}: {rows}")
+    assert _seconds(rows[pool_job][1]) > 3.0, rows
+    assert _seconds(rows[f"{pool_job}.batch"][1]) > 3.0, rows
     began = time.monotonic()
     assert slurm_bed.wait_node_idle() == "idle", time.monotonic() - began
 
