@@ -205,6 +205,15 @@ def test_a_submit_slurm_refuses_is_the_models_state_retried_with_backoff(slurm_b
     # A site's limit on the service's association: no job may be submitted under it.
     limit = ["sacctmgr", "-i", "modify", "user", "root", "where", "account=slinfer", "set"]
     slurm_bed.run(*limit, "MaxSubmitJobs=0")
+    # The pin goes whatever fails below: a tiny replica left pinned holds a CPU and a GPU the next modules need.
+    try:
+        _refused_then_served(slurm_bed, controller, log_offset, limit)
+    finally:
+        slurm_bed.run(*limit, "MaxSubmitJobs=-1")
+        slurm_bed.retire_models("tiny")
+
+
+def _refused_then_served(slurm_bed: SlurmBed, controller: int, log_offset: int, limit: list[str]) -> None:
     try:
         slurm_bed.admin("scale", "tiny", "1")
         wait_until("tiny refused twice (retried)", lambda: _model_status(slurm_bed, "tiny").get("state") == "refused"
@@ -220,9 +229,6 @@ def test_a_submit_slurm_refuses_is_the_models_state_retried_with_backoff(slurm_b
     finally:
         slurm_bed.run(*limit, "MaxSubmitJobs=-1")
     # Positive control: the same controller, without a restart, submits at its next try once Slurm accepts.
-    try:
-        wait_until("a READY replica of tiny", lambda: slurm_bed.ready_replicas("tiny") >= 1, READY_TIMEOUT)
-        assert _model_status(slurm_bed, "tiny")["state"] == "ready"
-        assert devcluster.daemon_pid(slurm_bed.bed, "controller") == controller
-    finally:
-        slurm_bed.retire_models("tiny")
+    wait_until("a READY replica of tiny", lambda: slurm_bed.ready_replicas("tiny") >= 1, READY_TIMEOUT)
+    assert _model_status(slurm_bed, "tiny")["state"] == "ready"
+    assert devcluster.daemon_pid(slurm_bed.bed, "controller") == controller
