@@ -492,11 +492,12 @@ class EngineManager:
         if running.popen is not None:
             if running.stepd_socket is not None and isinstance(running.popen, subprocess.Popen):
                 return self._alive_unreaped(running, running.popen)
-            if running.held and running.popen.returncode is None:
+            if running.held and isinstance(running.popen, WarmProcess) and running.popen.returncode is None:
                 # A zombie is not alive (ProcessIdentity.alive); its template reaps it only when poll() asks.
                 if running.identity.alive():
                     return True
                 if running.reaping is None:
+                    running.exit_code = running.popen.peek()
                     running.reaping = asyncio.get_running_loop().create_task(
                         self._reap_after_stepd(running, running.popen))
                 return False

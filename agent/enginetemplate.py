@@ -308,6 +308,19 @@ class Template:
             if pid in self.children:
                 self.held.add(pid)
             return {"ok": True, "pid": pid, "held": pid in self.held}
+        if op == "peek":
+            # A held child's exit status, read without reaping it (waitid's WNOWAIT).
+            pid = int(request.get("pid", 0))
+            if pid not in self.held:
+                return {"ok": True, "pid": pid, "exited": False, "held": False}
+            try:
+                seen = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                seen = None
+            if seen is None or seen.si_pid == 0:
+                return {"ok": True, "pid": pid, "exited": False, "held": True}
+            code = -seen.si_status if seen.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else seen.si_status
+            return {"ok": True, "pid": pid, "exited": True, "code": code, "held": True}
         if op == "exit":
             pid = int(request.get("pid", 0))
             self.held.discard(pid)

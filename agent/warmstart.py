@@ -188,6 +188,14 @@ class WarmProcess:
         except TemplateError:
             return False
 
+    def peek(self) -> int | None:
+        """A held engine's exit code, read without the template reaping it; None while it runs or unknown."""
+        try:
+            reply = call(self.socket_path, {"op": "peek", "pid": self.pid}, timeout=1.0)
+        except TemplateError:
+            return None
+        return int(reply["code"]) if reply.get("exited") else None
+
 
 @dataclass
 class TemplateStatus:

@@ -455,6 +455,10 @@ def test_the_template_keeps_a_held_engines_zombie_until_asked_for_its_exit() -> 
         time.sleep(0.5)  # more of the template's reaps
         assert psutil.Process(held_pid).status() == psutil.STATUS_ZOMBIE and not held.identity.alive()
         os.kill(held_pid, 0)
+        # Its exit code is read without reaping it (what the agent reports); the zombie stays.
+        assert held.peek() == -9 and held.returncode is None
+        assert WarmProcess(plain_pid, held.identity, sock).peek() is None
+        os.kill(held_pid, 0)
         assert held.poll() == -9
         with pytest.raises(ProcessLookupError):
             os.kill(held_pid, 0)
