@@ -497,7 +497,9 @@ class EngineManager:
                 if running.identity.alive():
                     return True
                 if running.reaping is None:
-                    running.exit_code = running.popen.peek()
+                    ended, running.exit_code = running.popen.peek()
+                    if not ended:
+                        return True
                     running.reaping = asyncio.get_running_loop().create_task(
                         self._reap_after_stepd(running, running.popen))
                 return False

@@ -188,13 +188,17 @@ class WarmProcess:
         except TemplateError:
             return False
 
-    def peek(self) -> int | None:
-        """A held engine's exit code, read without the template reaping it; None while it runs or unknown."""
+    def peek(self) -> tuple[bool, int | None]:
+        """Whether a held engine has ended, and its exit code, read without the template reaping it: not ended
+        while the template holds it unexited (a dead leader whose threads are still exiting), ended with no code
+        where the template cannot say (gone, restarted, never held)."""
         try:
             reply = call(self.socket_path, {"op": "peek", "pid": self.pid}, timeout=1.0)
         except TemplateError:
-            return None
-        return int(reply["code"]) if reply.get("exited") else None
+            return True, None
+        if reply.get("exited"):
+            return True, int(reply["code"])
+        return not reply.get("held"), None
 
 
 @dataclass

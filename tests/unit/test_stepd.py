@@ -443,6 +443,8 @@ def test_the_template_keeps_a_held_engines_zombie_until_asked_for_its_exit() -> 
         held_pid, plain_pid = _template_child(sock, folder), _template_child(sock, folder)
         held = WarmProcess(held_pid, ProcessIdentity.of(held_pid), sock)
         assert held.hold() and not WarmProcess(4_000_000, held.identity, sock).hold()
+        # Held and not exited (running, or a dead leader whose threads still exit): not ended yet.
+        assert held.peek() == (False, None)
         os.kill(held_pid, signal.SIGKILL)
         os.kill(plain_pid, signal.SIGKILL)
         # The control first: the template reaps a child not held within its 0.2 s (bounded wait under load).
@@ -456,8 +458,8 @@ def test_the_template_keeps_a_held_engines_zombie_until_asked_for_its_exit() -> 
         assert psutil.Process(held_pid).status() == psutil.STATUS_ZOMBIE and not held.identity.alive()
         os.kill(held_pid, 0)
         # Its exit code is read without reaping it (what the agent reports); the zombie stays.
-        assert held.peek() == -9 and held.returncode is None
-        assert WarmProcess(plain_pid, held.identity, sock).peek() is None
+        assert held.peek() == (True, -9) and held.returncode is None
+        assert WarmProcess(plain_pid, held.identity, sock).peek() == (True, None)
         os.kill(held_pid, 0)
         assert held.poll() == -9
         with pytest.raises(ProcessLookupError):
