@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import stat
 import string
@@ -745,6 +746,37 @@ def start_controller(bed: Bed) -> int:
     pid = launch(bed, "controller", [str(_bin_dir() / "slinfer-controller"), "--config", str(bed.config)])
     _wait_for("the controller's gateway", lambda: _port_open(bed.builtin_gateway_port), 30)
     return pid
+
+
+def reload_tier(bed: Bed, timeout: float = 120.0) -> None:
+    """SIGHUP to the bed's tier, as a site's `systemctl reload slinfer-gateway` after changing the catalog (the
+    workers read it from the file themselves); returns once as many new workers listen as ran before and no old
+    one does (the supervisor replaces them one by one, each new one listening before the old one stops and drains
+    the connections it has: a client must connect anew to meet the new catalog). Nothing to do on a bed without
+    a tier."""
+    if bed.gateway != "tier":
+        return
+    pid = daemon_pid(bed, "tier")
+    if not pid:
+        raise RuntimeError("the bed's gateway tier is not running")
+    def listening(child: psutil.Process) -> bool:
+        with contextlib.suppress(psutil.Error):
+            return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == bed.gateway_port
+                       for c in child.net_connections(kind="tcp"))
+        return False
+
+    # The daemon's pid is the launcher's: the workers are further down (recursive).
+    old = {child.pid for child in psutil.Process(pid).children(recursive=True) if listening(child)}
+    if not old:
+        raise RuntimeError(f"no worker of the bed's gateway tier listens on port {bed.gateway_port}")
+    os.kill(pid, signal.SIGHUP)
+
+    def replaced() -> bool:
+        now = [child for child in psutil.Process(pid).children(recursive=True) if listening(child)]
+        # An old worker stops listening at its SIGTERM, then drains its open connections (up to its grace).
+        return sum(1 for child in now if child.pid not in old) >= len(old) and not any(c.pid in old for c in now)
+
+    _wait_for("the tier's new workers", replaced, timeout)
 
 
 def start_tier(bed: Bed) -> int:

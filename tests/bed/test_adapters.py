@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import openai
@@ -63,6 +64,22 @@ def bed(slurm_bed: SlurmBed) -> Iterator[SlurmBed]:
 def _complete(client: openai.OpenAI, model: str) -> str:
     reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0.0)
     return reply.choices[0].text
+
+
+def _ledger(bed: SlurmBed, key_id: str, models: set[str]) -> dict[str, dict[str, Any]]:
+    """The key's ledger rows by model, once each of `models` has one: through the gateway tier (the bed's
+    default) usage reaches the controller's ledger with the tier's next report (every 0.5 s), not with the
+    answer."""
+    rows: dict[str, dict[str, Any]] = {}
+
+    def counted() -> bool:
+        out = bed.run("slinfer", "usage", "--key", key_id, "--format", "json").stdout
+        rows.clear()
+        rows.update((r["model"], r) for r in json.loads(out))
+        return models <= set(rows)
+
+    wait_until(f"the ledger counting {sorted(models)}", counted, 10, 0.2)
+    return rows
 
 
 def _engine(bed: SlurmBed) -> dict[str, object]:
@@ -123,8 +140,7 @@ def test_messages_plain_and_streamed_with_the_anthropic_client_and_usage_in_the_
         final = stream.get_final_message()
     print(f"\nmessages: plain {plain.usage}, streamed {final.usage}: {text!r}")
     assert final.usage.output_tokens > 0
-    out = bed.run("slinfer", "usage", "--key", key_id, "--format", "json").stdout
-    rows = {r["model"]: r for r in json.loads(out)}
+    rows = _ledger(bed, key_id, {MODEL, ADAPTER})
     assert rows[MODEL]["requests"] == 1 and rows[MODEL]["estimated"] == 0, rows
     assert rows[MODEL]["prompt_tokens"] == plain.usage.input_tokens, rows
     assert rows[MODEL]["completion_tokens"] == plain.usage.output_tokens, rows
@@ -155,6 +171,8 @@ def test_an_engine_error_is_passed_on_in_openais_shape(bed: SlurmBed) -> None:
 def _restart_controller(bed: SlurmBed) -> None:
     devcluster.stop_daemon(bed.bed, "controller")
     devcluster.start_controller(bed.bed)
+    # The gateway tier's workers read the catalog from the file themselves: a site reloads them too.
+    devcluster.reload_tier(bed.bed)
     wait_until(f"{MODEL} routable again", lambda: bed.ready_replicas(MODEL) == 1, 120)
 
 
@@ -172,6 +190,7 @@ def test_an_adapter_added_to_the_catalog_is_loaded_into_the_running_engine(bed: 
     try:
         bed.bed.config.write_text(original + f'\n[[models.adapters]]\nname = "{LATE}"\nsource = "{source}"\n')
         _restart_controller(bed)
+        client = _client(bed)
         began = time.monotonic()
         late = _complete(client, LATE)
         print(f"\nlate adapter: {late!r}, first request {time.monotonic() - began:.2f} s (load included)")
@@ -198,8 +217,7 @@ def test_embeddings_from_a_pooling_model_with_usage_in_the_ledger_and_no_chat(be
     # One vector per input, of tiny's hidden size (128), and the two inputs' vectors differ.
     assert [len(d.embedding) for d in reply.data] == [128, 128]
     assert reply.data[0].embedding != reply.data[1].embedding and reply.usage.prompt_tokens > 0
-    rows = {r["model"]: r for r in json.loads(bed.run("slinfer", "usage", "--key", key_id, "--format",
-                                                      "json").stdout)}
+    rows = _ledger(bed, key_id, {EMBED})
     assert rows[EMBED]["requests"] == 1 and rows[EMBED]["estimated"] == 0, rows
     assert (rows[EMBED]["prompt_tokens"], rows[EMBED]["completion_tokens"]) == (reply.usage.prompt_tokens, 0), rows
     # The engine serves no chat: its router's bare 404 becomes OpenAI's, naming the routes it does serve.
@@ -213,11 +231,15 @@ def test_embeddings_from_a_pooling_model_with_usage_in_the_ledger_and_no_chat(be
     bed.admin("scale", EMBED, "0")  # its engine is done: the node's CPUs and GPUs go back to the next tests
 
 def _hangup(bed: SlurmBed) -> float:
-    """SIGHUP to the bed's controller (a reload, controller/reload.py); returns when it was sent."""
+    """SIGHUP to the bed's controller (a reload, controller/reload.py) and to its gateway tier, whose workers read
+    the catalog from the file themselves (`systemctl reload slinfer-controller slinfer-gateway`); returns when
+    the controller's was sent, once the tier's workers were replaced."""
     pid = devcluster.daemon_pid(bed.bed, "controller")
     assert pid, "the bed's controller is not running"
     os.kill(pid, signal.SIGHUP)
-    return time.monotonic()
+    sent = time.monotonic()
+    devcluster.reload_tier(bed.bed)
+    return sent
 
 
 def test_sighup_adds_then_drops_an_adapter_on_the_running_engine(bed: SlurmBed) -> None:
@@ -232,6 +254,7 @@ def test_sighup_adds_then_drops_an_adapter_on_the_running_engine(bed: SlurmBed) 
     try:
         bed.bed.config.write_text(original + f'\n[[models.adapters]]\nname = "{HUP}"\nsource = "{source}"\n')
         sent, answer = _hangup(bed), ""
+        client = _client(bed)  # new connections: the tier's workers that read the file again
         while not answer:
             try:
                 answer = _complete(client, HUP)
@@ -247,6 +270,7 @@ def test_sighup_adds_then_drops_an_adapter_on_the_running_engine(bed: SlurmBed) 
         assert devcluster.daemon_pid(bed.bed, "controller") == controller
         bed.bed.config.write_text(original)
         sent = _hangup(bed)
+        client = _client(bed)
         wait_until(f"{HUP} unloaded from the engine",
                    lambda: HUP not in {m["id"] for m in _engine(bed)["models"]}, 30, 0.05)  # type: ignore[union-attr]
         unloaded_s = time.monotonic() - sent
