@@ -33,9 +33,11 @@ slurmstepd knows its caller's uid by SO_PEERCRED; the agent runs as root. A step
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -152,6 +154,21 @@ def _read_int(conn: socket.socket, what: str) -> int:
     return int(_INT.unpack(data)[0])
 
 
+@contextlib.contextmanager
+def _connected(path: Path, where: str, timeout_s: float) -> Iterator[tuple[socket.socket, int]]:
+    """A connection to the stepd on `path` after its handshake (our protocol version out, its own back), with
+    its version; a stepd that answers 0 or less refused us (StepdError naming `where`)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout_s)
+        conn.connect(str(path))
+        conn.sendall(_INT.pack(CLIENT_PROTOCOL_VERSION))
+        version = _read_int(conn, "its protocol version")
+        if version <= 0:
+            raise StepdError(f"{where}: it refused the connection (answered {version} to protocol version "
+                             f"{CLIENT_PROTOCOL_VERSION}; see slurmd's log)")
+        yield conn, version
+
+
 def adopt(path: Path, job_id: str, pid: int, timeout_s: float = SOCKET_TIMEOUT_S,
           min_version: int = ADOPT_MIN_VERSION) -> int:
     """Asks the extern step listening on `path` to adopt `pid`; returns the stepd's protocol version. Raises
@@ -159,14 +176,7 @@ def adopt(path: Path, job_id: str, pid: int, timeout_s: float = SOCKET_TIMEOUT_S
     StepdTooOld without asking where the stepd's protocol is below min_version."""
     where = f"job {job_id}: the extern step's slurmstepd ({path}) did not adopt pid {pid}"
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout_s)
-            conn.connect(str(path))
-            conn.sendall(_INT.pack(CLIENT_PROTOCOL_VERSION))
-            version = _read_int(conn, "its protocol version")
-            if version <= 0:
-                raise StepdError(f"{where}: it refused the connection (answered {version} to protocol version "
-                                 f"{CLIENT_PROTOCOL_VERSION}; see slurmd's log)")
+        with _connected(path, where, timeout_s) as (conn, version):
             if version < min_version:
                 raise StepdTooOld(f"{where}: it speaks protocol {version_name(version)}, older than "
                                   f"{version_name(min_version)}, whose own task's cgroup counts the pid once "
@@ -192,13 +202,7 @@ def poll(path: Path, job_id: str, timeout_s: float = SOCKET_TIMEOUT_S) -> int:
     jobacctinfo, int number of tasks (1 for the extern step). Raises StepdError naming the job and the socket."""
     where = f"job {job_id}: the extern step's slurmstepd ({path}) did not report its usage"
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout_s)
-            conn.connect(str(path))
-            conn.sendall(_INT.pack(CLIENT_PROTOCOL_VERSION))
-            version = _read_int(conn, "its protocol version")
-            if version <= 0:
-                raise StepdError(f"{where}: it refused the connection (answered {version})")
+        with _connected(path, where, timeout_s) as (conn, _version):
             conn.sendall(_INT.pack(REQUEST_STEP_STAT))
             length = _read_int(conn, "the length of its usage")
             if not 0 <= length <= STAT_REPLY_MAX:
