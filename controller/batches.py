@@ -24,7 +24,7 @@ import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -225,7 +225,7 @@ def _error(status: int, message: str, code: str | None = None, param: str | None
 class BatchesApi:
     """The `/v1/batches` routes, for a gateway's router: records only; the controller's scheduler runs them."""
 
-    def __init__(self, batches: BatchStore, files: FileStore, key: Callable[[web.Request], KeyInfo | None],
+    def __init__(self, batches: BatchStore, files: FileStore, key: Callable[[web.Request], Awaitable[KeyInfo | None]],
                  models: Collection[str], clock: Callable[[], float] = time.time) -> None:
         self.batches = batches
         self._files = files
@@ -244,7 +244,7 @@ class BatchesApi:
                                             "param": None, "code": "invalid_api_key"}}, status=401)
 
     async def _create(self, request: web.Request) -> web.Response:
-        key = self._key(request)
+        key = await self._key(request)
         if key is None:
             return self._unauthorized()
         try:
@@ -287,7 +287,7 @@ class BatchesApi:
         return web.json_response(self.batches.public(batch))
 
     async def _list(self, request: web.Request) -> web.Response:
-        key = self._key(request)
+        key = await self._key(request)
         if key is None:
             return self._unauthorized()
         try:
@@ -305,8 +305,8 @@ class BatchesApi:
                                   "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
                                   "has_more": len(mine) > limit})
 
-    def _own(self, request: web.Request) -> tuple[Batch | None, web.Response | None]:
-        key = self._key(request)
+    async def _own(self, request: web.Request) -> tuple[Batch | None, web.Response | None]:
+        key = await self._key(request)
         if key is None:
             return None, self._unauthorized()
         batch_id = request.match_info["batch_id"]
@@ -316,13 +316,13 @@ class BatchesApi:
         return batch, None
 
     async def _retrieve(self, request: web.Request) -> web.Response:
-        batch, refused = self._own(request)
+        batch, refused = await self._own(request)
         if batch is None:
             return refused or _error(404, "not found")
         return web.json_response(self.batches.public(batch))
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        batch, refused = self._own(request)
+        batch, refused = await self._own(request)
         if batch is None:
             return refused or _error(404, "not found")
         if batch.status in TERMINAL:

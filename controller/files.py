@@ -18,7 +18,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -187,9 +187,13 @@ class FilesApi:
     """The `/v1/files` routes, for a gateway's router."""
 
     def __init__(self, store: FileStore, verify: Callable[[str], KeyInfo | None], models: Collection[str],
-                 max_file_bytes: int, max_lines: int) -> None:
+                 max_file_bytes: int, max_lines: int,
+                 verify_late: Callable[[str], Awaitable[KeyInfo | None]] | None = None) -> None:
         self.store = store
         self._verify = verify
+        # A tier worker's wait for a key the feed has not brought yet (keywait.KeyWait.verify): a key made a moment
+        # ago works here as it does for chat.
+        self._verify_late = verify_late
         self._models = frozenset(models)
         self._max_bytes = max_file_bytes
         self._max_lines = max_lines
@@ -201,10 +205,12 @@ class FilesApi:
         router.add_get("/v1/files/{file_id}/content", self._content)
         router.add_delete("/v1/files/{file_id}", self._delete)
 
-    def key(self, request: web.Request) -> KeyInfo | None:
+    async def key(self, request: web.Request) -> KeyInfo | None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
+        if self._verify_late is not None:
+            return await self._verify_late(token.strip())
         return self._verify(token.strip())
 
     def _unauthorized(self) -> web.Response:
@@ -216,7 +222,7 @@ class FilesApi:
                       "file_too_large")
 
     async def _upload(self, request: web.Request) -> web.Response:
-        key = self.key(request)
+        key = await self.key(request)
         if key is None:
             return self._unauthorized()
         if request.content_length is not None and request.content_length > self._max_bytes + _CHUNK:
@@ -254,7 +260,7 @@ class FilesApi:
         return web.json_response(meta.public())
 
     async def _list(self, request: web.Request) -> web.Response:
-        key = self.key(request)
+        key = await self.key(request)
         if key is None:
             return self._unauthorized()
         purpose = request.query.get("purpose")
@@ -262,8 +268,8 @@ class FilesApi:
         data.sort(key=lambda f: (-int(f["created_at"]), str(f["id"])))  # type: ignore[call-overload]
         return web.json_response({"object": "list", "data": data, "has_more": False})
 
-    def _own(self, request: web.Request) -> tuple[KeyInfo | None, FileMeta | None, web.Response | None]:
-        key = self.key(request)
+    async def _own(self, request: web.Request) -> tuple[KeyInfo | None, FileMeta | None, web.Response | None]:
+        key = await self.key(request)
         if key is None:
             return None, None, self._unauthorized()
         file_id = request.match_info["file_id"]
@@ -273,31 +279,34 @@ class FilesApi:
         return key, meta, None
 
     async def _retrieve(self, request: web.Request) -> web.Response:
-        _, meta, refused = self._own(request)
+        _, meta, refused = await self._own(request)
         if refused is not None or meta is None:
             return refused or _error(404, "not found")
         return web.json_response(meta.public())
 
     async def _content(self, request: web.Request) -> web.StreamResponse:
-        _, meta, refused = self._own(request)
+        _, meta, refused = await self._own(request)
         if refused is not None or meta is None:
             return refused or _error(404, "not found")
         return web.FileResponse(self.store.path(meta.id), headers={"Content-Type": "application/jsonl"})
 
     async def _delete(self, request: web.Request) -> web.Response:
-        key, meta, refused = self._own(request)
+        key, meta, refused = await self._own(request)
         if refused is not None or meta is None or key is None:
             return refused or _error(404, "not found")
         self.store.delete(meta.id, key.key_id)
         return web.json_response({"id": meta.id, "object": "file", "deleted": True})
 
 
-def batch_routes(config: Config, verify: Callable[[str], KeyInfo | None]) -> list[Callable[[web.UrlDispatcher], None]]:
+def batch_routes(config: Config, verify: Callable[[str], KeyInfo | None],
+                 verify_late: Callable[[str], Awaitable[KeyInfo | None]] | None = None,
+                 ) -> list[Callable[[web.UrlDispatcher], None]]:
     """The batch APIs' route registrations for a gateway (controller's or a tier worker's), on the spool."""
     from slinfer.controller.batches import BatchesApi, BatchStore  # batches builds on this module
 
     spool = spool_dir(config)
     models = [m.name for m in config.models]
-    files = FilesApi(FileStore(spool), verify, models, config.batch.max_file_bytes, config.batch.max_lines)
+    files = FilesApi(FileStore(spool), verify, models, config.batch.max_file_bytes, config.batch.max_lines,
+                     verify_late=verify_late)
     batches = BatchesApi(BatchStore(spool), files.store, files.key, models)
     return [files.register, batches.register]

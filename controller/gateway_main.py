@@ -85,9 +85,9 @@ async def serve_worker(config: Config, listen: str, name: str, stop: asyncio.Eve
                           "1 while this gateway's watch of the controller is up (0: serving its last table)",
                           lambda: 1.0 if feed is not None and feed.connected else 0.0)],
                       instance=instance or name)
-    gateway.extra_routes.extend(batch_routes(config, keys.verify))
-    feed = RouteFeed(config, name, registry, keys, relay, models, gateway.demand, gateway.outstanding)
     late = KeyWait(keys.verify, lambda: feed is not None and feed.connected)
+    gateway.extra_routes.extend(batch_routes(config, keys.verify, verify_late=late.verify))
+    feed = RouteFeed(config, name, registry, keys, relay, models, gateway.demand, gateway.outstanding)
     feed.on_applied = late.fed
     gateway.verify_late = late.verify
     feeding = asyncio.create_task(feed.run(), name="route-feed")

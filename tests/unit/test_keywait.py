@@ -180,3 +180,22 @@ async def test_random_keys_ask_the_controller_nothing(tier: Tier, monkeypatch: p
         # Positive control: the counter sees the controller's own key checks.
         tier.keys.verify("x")
         assert lookups == 1
+
+
+async def test_a_key_made_and_used_at_once_lists_its_files_through_the_tier(tier: Tier,  # noqa: F811
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v1/files (and /v1/batches, through the same check) wait for a late key as chat does: a batch user makes a
+    key and uploads at once."""
+    async with worker(tier, "gw-a") as url, aiohttp.ClientSession() as http:
+        _slow_feed(tier, 0.3)
+        _, secret = tier.keys.create("alice")
+        async with http.get(f"{url}/v1/files", headers={"Authorization": f"Bearer {secret}"}) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["data"] == []
+        monkeypatch.setattr(keywait, "KEY_WAIT_S", 0.0)
+    # Control: without the wait the same race is a 401.
+    async with worker(tier, "gw-b") as url, aiohttp.ClientSession() as http:
+        _slow_feed(tier, 0.3)
+        _, secret = tier.keys.create("bob")
+        async with http.get(f"{url}/v1/files", headers={"Authorization": f"Bearer {secret}"}) as resp:
+            assert resp.status == 401
