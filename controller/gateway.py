@@ -181,6 +181,9 @@ class Gateway:
         # The gateway tier's miss path (keywait.KeyWait.verify): a key its table does not hold yet is waited for
         # a moment before 401, as a key the controller made an instant ago is on its way. None: answered at once.
         self.verify_late: Callable[[str], Awaitable[KeyInfo | None]] | None = None
+        # A tier worker's: waits (bounded) for the feed's next messages while the given state still holds
+        # (keywait.KeyWait.settle), for what an administrator changed a moment ago.
+        self.settle_late: Callable[[Callable[[], bool]], Awaitable[None]] | None = None
 
     async def update_catalog(self, models: Sequence[ModelConfig]) -> dict[str, int]:
         """A reloaded catalog (controller/reload.py: the same models, some settings new) routes from now on; the
@@ -433,6 +436,7 @@ class Gateway:
         limit = config.max_outstanding_per_engine
         key = request.get(_KEY)
         account = key.account if key is not None else ""
+        looked_again = False
         while True:
             routable = self._registry.routable(model)
             # Without a count set by the administrator, an engine takes requests until it says it is full.
@@ -463,6 +467,12 @@ class Gateway:
                 # Held at 0 with no replica known (not even one starting): waiting would only delay the 503.
                 if (not routable and self._scaled_to_zero is not None and self._scaled_to_zero(model)
                         and not self._registry.replicas(model)):
+                    # A tier worker learns an administrator's `slinfer scale` with the feed, a moment later: once,
+                    # it waits for the feed's next messages (bounded) before refusing on a pin that may be gone.
+                    if self.settle_late is not None and not looked_again:
+                        looked_again = True
+                        await self.settle_late(lambda: bool(self._scaled_to_zero and self._scaled_to_zero(model)))
+                        continue
                     return self._refuse(model, False, "scaled to 0 replicas by an administrator", coming=False)
                 saturated = any(r.job_id not in tried for r in routable)
                 # Every routable engine already failed this request: wait for the Registry to change (the agent

@@ -90,6 +90,7 @@ async def serve_worker(config: Config, listen: str, name: str, stop: asyncio.Eve
     feed = RouteFeed(config, name, registry, keys, relay, models, gateway.demand, gateway.outstanding)
     feed.on_applied = late.fed
     gateway.verify_late = late.verify
+    gateway.settle_late = late.settle
     feeding = asyncio.create_task(feed.run(), name="route-feed")
     try:
         started = time.monotonic()

@@ -6,7 +6,8 @@ that is not in the worker's table is therefore not refused at once: the worker w
 messages, checking the key after each, until it appears or `KEY_WAIT_S` passed, and only then answers 401.
 A key the feed revoked is refused at once: nothing more can come for it.
 
-Responsible for: that bounded wait (woken by every message the feed applies, never by polling), answering at
+Responsible for: that bounded wait (woken by every message the feed applies, never by polling; the same
+wait for a model an administrator unpinned from 0 a moment ago, `settle`), answering at
 once where waiting cannot help (the watch of the controller is down: no message is coming), and bounding what
 unknown keys cost: at most `MAX_WAITERS` requests wait at once per worker, the others are refused at once.
 The wait asks the controller nothing, so random keys add no load to it, however many are sent.
@@ -83,3 +84,18 @@ class KeyWait:
             self.waiting -= 1
         self.refused_after_wait += 1
         return None
+
+    async def settle(self, still: Callable[[], bool]) -> None:
+        """Waits while `still()` holds for the feed's next messages, up to the same bound as a key and under the
+        same cap of waiters: a model an administrator unpinned from 0 a moment ago is seen unpinned. Returns at
+        once when no message can come."""
+        if not self._connected() or self.waiting >= self._max_waiters:
+            return
+        deadline = time.monotonic() + self._wait_s
+        self.waiting += 1
+        try:
+            while still() and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._fed.wait(), left)
+        finally:
+            self.waiting -= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 import aiohttp
 import openai
@@ -233,6 +234,43 @@ async def test_model_scaled_to_zero_is_refused_at_once_unless_a_replica_is_known
     pinned.add("m")
     async with http.post(f"{c.url}/v1/chat/completions", json=CHAT, headers=c.headers()) as resp:
         assert resp.status == 200
+
+
+async def test_a_tier_worker_looks_again_at_a_pin_at_0_before_refusing(controller_factory, standins, http,
+                                                                       engine_pb):
+    """At a tier worker an administrator's unpin (`slinfer scale M auto`) comes with the feed, a moment after the
+    command returned: a request for a model it still sees held at 0 waits once for the feed (settle_late) and
+    is then served as the unpinned model it is."""
+    pinned = {"m"}
+    c = await controller_factory(queue_timeout_s=30.0, scaled_to_zero=lambda model: model in pinned)
+    settled: list[bool] = []
+
+    async def feed_brings_the_unpin(still: Callable[[], bool]) -> None:
+        settled.append(still())
+        await asyncio.sleep(0.2)
+        pinned.clear()
+
+    c.gateway.settle_late = feed_brings_the_unpin
+    engine = await standins(model="m")
+    waiting = asyncio.create_task(http.post(f"{c.url}/v1/chat/completions", json=CHAT, headers=c.headers()))
+    await asyncio.sleep(0.4)
+    assert settled == [True] and not waiting.done(), "it must wait for a replica, not refuse on the old pin"
+    await (await c.agent()).send([engine_pb("1", "m", engine.base_url)])
+    answered = await asyncio.wait_for(waiting, 5)
+    assert answered.status == 200
+    answered.release()
+    # Control: a pin the feed confirms is refused after that one look, not waited on.
+
+    async def feed_confirms(still: Callable[[], bool]) -> None:
+        settled.append(still())
+
+    other = await controller_factory(queue_timeout_s=30.0, scaled_to_zero=lambda model: True)
+    other.gateway.settle_late = feed_confirms
+    started = time.perf_counter()
+    async with http.post(f"{other.url}/v1/chat/completions", json=CHAT, headers=other.headers()) as resp:
+        assert resp.status == 503
+        assert "none is being started" in (await resp.json())["error"]["message"]
+    assert time.perf_counter() - started < 1.0 and settled[-1] is True
 
 
 async def test_saturated_engines_queue_then_429(controller_factory, standins, http, engine_pb):

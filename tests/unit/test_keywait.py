@@ -199,3 +199,28 @@ async def test_a_key_made_and_used_at_once_lists_its_files_through_the_tier(tier
         _, secret = tier.keys.create("bob")
         async with http.get(f"{url}/v1/files", headers={"Authorization": f"Bearer {secret}"}) as resp:
             assert resp.status == 401
+
+
+async def test_settle_waits_for_the_feed_while_the_state_holds_and_not_without_a_feed() -> None:
+    store, _ = _store()
+    pinned = {"m"}
+    late = KeyWait(store.verify, lambda: True, wait_s=2.0)
+
+    def unpin() -> None:
+        pinned.clear()
+        late.fed()
+
+    asyncio.get_running_loop().call_later(0.1, late.fed)  # an unrelated message: still pinned, it waits on
+    asyncio.get_running_loop().call_later(0.2, unpin)
+    began = time.monotonic()
+    await late.settle(lambda: "m" in pinned)
+    assert 0.15 < time.monotonic() - began < 1.0 and not pinned
+    # Bounded: a pin that stays is waited on only up to the bound; with no feed, not at all.
+    bounded = KeyWait(store.verify, lambda: True, wait_s=0.3)
+    began = time.monotonic()
+    await bounded.settle(lambda: True)
+    assert 0.3 <= time.monotonic() - began < 0.8
+    cut_off = KeyWait(store.verify, lambda: False, wait_s=2.0)
+    began = time.monotonic()
+    await cut_off.settle(lambda: True)
+    assert time.monotonic() - began < 0.1
