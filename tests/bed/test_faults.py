@@ -461,6 +461,9 @@ def test_a_crashing_engine_is_restarted_up_to_max_restarts_then_fails_with_its_r
 
 def test_prolog_fails_when_no_agent_can_be_reached_and_the_node_is_drained(bed: SlurmBed) -> None:
     socket_path = Path(configmod.load(str(bed.bed.config)).agent.socket)
+    # The last test's job must be over, epilog included: its hook starts an agent where none answers (CI: one came
+    # 0.5 s after this test stopped the agent, listened, and the prolog below found it).
+    assert bed.wait_node_idle(120) == "idle", bed.node_state()
     for agent in _agents(bed):
         agent.terminate()
         agent.wait(30)
