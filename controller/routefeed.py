@@ -85,7 +85,8 @@ class RouteFeed:
 
     def health(self) -> dict[str, object]:
         if self.connected:
-            return {"controller": "connected", "gateway": self.name,
+            # The epoch names the controller run whose table this worker holds: a new one after a restart.
+            return {"controller": "connected", "gateway": self.name, "epoch": self.mirror.epoch,
                     "table_age_s": round(time.time() - self._table_at, 3)}
         return {"controller": "unreachable", "gateway": self.name,
                 "serving": "last known routes" if self.tables else "no routes yet",

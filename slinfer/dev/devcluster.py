@@ -28,6 +28,7 @@ import string
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -777,6 +778,28 @@ def reload_tier(bed: Bed, timeout: float = 120.0) -> None:
         return sum(1 for child in now if child.pid not in old) >= len(old) and not any(c.pid in old for c in now)
 
     _wait_for("the tier's new workers", replaced, timeout)
+
+
+def restart_controller(bed: Bed, timeout: float = 90.0) -> int:
+    """Stops the bed's controller and starts it again; with the tier, returns only once the tier holds the new
+    controller's table (its /healthz names the new run's epoch): until then it serves the routes it knew, and a
+    test reading the gateway's /v1/models would see replicas that the restart's changes already retired."""
+    before = _tier_epoch(bed) if bed.gateway == "tier" else ""
+    stop_daemon(bed, "controller")
+    pid = start_controller(bed)
+    if bed.gateway == "tier":
+        _wait_for("the tier to follow the new controller", lambda: _tier_epoch(bed) not in ("", before), timeout)
+    return pid
+
+
+def _tier_epoch(bed: Bed) -> str:
+    """The epoch of the controller run whose table the tier holds, "" while it is not connected."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{bed.gateway_port}/healthz", timeout=5) as response:
+            health = json.load(response)
+    except (OSError, ValueError):
+        return ""
+    return str(health.get("epoch", "")) if health.get("controller") == "connected" else ""
 
 
 def start_tier(bed: Bed) -> int:
