@@ -100,6 +100,9 @@ class _Running:
     cgroups: list[Hierarchy] = field(default_factory=list)
     oom_kills: int = 0
     containing: asyncio.Task[None] | None = None
+    # Placed in its job's cgroups (or known not to be placeable): only then may it become READY, so that no engine
+    # serves outside its job (a warm pool engine was READY before its batch step existed, 0.6 s outside the job).
+    placed: bool = True
     # The socket of the extern step's slurmstepd that adopted the engine (None: written into its cgroups by hand),
     # and when it was last asked to poll the engine's usage.
     stepd_socket: Path | None = None
@@ -241,6 +244,7 @@ class EngineManager:
             self._changed(running)
             running.task = asyncio.create_task(self._supervise(running, model))
             # Slurm creates the job's extern step only after this prolog returns: contain the engine once it is.
+            running.placed = False
             running.containing = asyncio.create_task(self._contain(running))
             if model.readahead and self.pagecache is not None:
                 # Beside the engine's own start (imports, fork, engine core), not before it: the prolog waits
@@ -374,7 +378,19 @@ class EngineManager:
         cover it. A refused move kills the engine and fails the job: an engine outside its job's limits is what
         containment exists to prevent."""
         if self.cgroups is None:
+            running.placed = True
             return
+        try:
+            recheck, in_batch = await self._place(running)
+        finally:
+            running.placed = True
+        if recheck:
+            await self._recheck(running, in_batch)
+
+    async def _place(self, running: _Running) -> tuple[bool, bool]:
+        """The move itself (_contain's first part): sets running.cgroups; returns whether the hierarchies are to
+        be looked at again later, and whether the engine went to the batch step."""
+        assert self.cgroups is not None
         rec = running.record
         try:
             # A pool engine goes to its job's batch step, which Slurm leaves alone at a preemption's grace start
@@ -393,19 +409,24 @@ class EngineManager:
         except OSError as exc:
             if rec.state in (pb.STARTING, pb.READY) and self._alive(running):
                 await self._fail(running, f"could not move the engine into job {rec.job_id}'s cgroups: {exc}")
-            return
+            return False, False
         running.cgroups, running.oom_kills = targets, self.cgroups.oom_kills(targets)
         if not targets:
             log.warning("job %s: no extern step cgroup on this node (Slurm without PrologFlags=Contain and "
                         "proctrack/cgroup?): the engine is not contained by the job's limits", rec.job_id)
-            return
+            return False, False
         if adopted and isinstance(running.popen, WarmProcess):
             running.held = await asyncio.to_thread(running.popen.hold)
         if adopted:
             # slurmstepd's plugins put the engine into every hierarchy of the step at once; a second look would
             # compare it with the extern task's cgroups and could move it out of the task Slurm accounts.
-            return
-        # A hierarchy that Slurm gives the step later still (a slow node) is joined too, once.
+            return False, in_batch
+        return True, in_batch
+
+    async def _recheck(self, running: _Running, in_batch: bool) -> None:
+        """A hierarchy that Slurm gives the step later still (a slow node) is joined too, once."""
+        assert self.cgroups is not None
+        rec, targets = running.record, running.cgroups
         await asyncio.sleep(CONTAIN_RECHECK_S)
         try:
             # The same step again (the batch step's cgroups for an engine placed there), by hierarchy.
@@ -448,7 +469,7 @@ class EngineManager:
             # Not READY before every rank has joined (vLLM's rank 0 does not serve before, either).
             healthy = healthy and not lost
             if rec.state == pb.STARTING:
-                if healthy:
+                if healthy and running.placed:
                     rec.state, rec.ready_at, rec.reason = pb.READY, self.clock(), ""
                     running.polled_at = 0.0  # its start-up is most of a short job's CPU: have Slurm poll it now
                     log.info("job %s: engine READY %.1fs after start", rec.job_id, rec.ready_at - rec.started_at)
