@@ -154,7 +154,10 @@ class Supervisor:
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         read_end, write_end = os.pipe()
-        argv = [sys.executable, "-m", "slinfer.controller.gateway_main", "--config", self._config_path,
+        # -P: the working directory is not searched for modules (a `slinfer` folder there, a checkout's, shadowed
+        # the installed package: the packages' CI saw "No module named 'slinfer.controller'"), and a root
+        # process imports nothing from a folder that others may write.
+        argv = [sys.executable, "-P", "-m", "slinfer.controller.gateway_main", "--config", self._config_path,
                 "--listen", self._listen, "--worker-index", str(index), "--ready-fd", str(write_end)]
         if self._metrics_port:
             argv += ["--metrics-port", str(self._metrics_port + index)]
