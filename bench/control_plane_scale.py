@@ -137,8 +137,11 @@ def fill_keys(path: Path, n: int) -> None:
     db.close()
 
 
-def write_config(tmp: Path, grpc_port: int, http_port: int, pki: dict[str, str], heartbeat_s: float = 1.0) -> Path:
-    models = "".join(f'[[models]]\nname = "m{i}"\nsource = "/bench"\n\n' for i in range(MODELS))
+def write_config(tmp: Path, grpc_port: int, http_port: int, pki: dict[str, str], heartbeat_s: float = 1.0,
+                 replicas: int = 0) -> Path:
+    """The controller's config; with `replicas`, each model holds min = max = that many (--slurm-standin)."""
+    bounds = f"min_replicas = {replicas}\nmax_replicas = {replicas}\n" if replicas else ""
+    models = "".join(f'[[models]]\nname = "m{i}"\nsource = "/bench"\n{bounds}\n' for i in range(MODELS))
     path = tmp / "slinfer.toml"
     path.write_text(
         f'[controller]\nlisten = "127.0.0.1:{grpc_port}"\nstate_dir = "{tmp}/state"\ntoken = "{TOKEN}"\n'
@@ -272,6 +275,11 @@ def _pct(values: list[float], q: float) -> float:
 # protobuf message takes ~3.4x its serialized size, bench/results/control_plane/heap.md) and glibc's malloc
 # totals (in use, and freed but kept by the process). Protobuf's arenas are C memory, which tracemalloc misses.
 HEAP_OUT = ""
+# --stalls (a JSON line per phase: the event loop's stalls over SLINFER_BENCH_STALL_MS, with the frames the loop
+# ran and the collector's time in each) and --slurm-standin (the controller's own autoscaler steps over every
+# engine's job, listed at no cost) run the controller through the same probe.
+STALLS = True
+SLURM_STANDIN = False
 HEAP_PROBE = """
 import ctypes, gc, os, runpy, signal, sys, psutil
 class MallInfo2(ctypes.Structure):
@@ -287,38 +295,55 @@ def size(v):
     if isinstance(v, list) and v and (isinstance(v[0], bytes) or hasattr(v[0], "ByteSize")):
         return len(v), sum(size(x)[1] for x in v)
     return 0, 0
-import time
-pauses, started = [], [0.0]
+import collections, json, time
+pauses, started, gc_spans = [], [0.0], collections.deque(maxlen=4096)
 def timed(phase, info):
     if phase == "start":
         started[0] = time.perf_counter()
     else:
-        pauses.append((info["generation"], time.perf_counter() - started[0]))
+        now = time.perf_counter()
+        pauses.append((info["generation"], now - started[0]))
+        gc_spans.append((info["generation"], started[0], now))
 gc.callbacks.append(timed)
 import collections, threading
 stalls, main_id = [], threading.main_thread().ident
+marked = []  # every stall over the threshold since the last SIGUSR2 (a phase mark): dicts, for --stalls
+STALL_S = float(os.environ.get("SLINFER_BENCH_STALL_MS", "50")) / 1e3
+def ours(code):
+    return "slinfer" in code.co_filename or "/controller/" in code.co_filename
 def watchdog():
-    # The event loop's lag: a callback posted every 50 ms, and while it waits the main thread's innermost
-    # slinfer frame sampled every 10 ms; a lag over 200 ms is a stall, kept with what the loop was running.
+    # The event loop's lag: a callback posted every 20 ms, and while it waits the main thread's innermost and
+    # outermost slinfer frames sampled every 5 ms; a lag over 200 ms is a stall for --heap's count, one over
+    # SLINFER_BENCH_STALL_MS (50) one for --stalls, kept with what the loop ran and the collector's time in it.
     while not loops or not loops[0].is_running():
         time.sleep(0.5)
     loop = loops[0]
     while True:
-        done, seen, start = threading.Event(), collections.Counter(), time.perf_counter()
+        done, seen, outer, start = threading.Event(), collections.Counter(), collections.Counter(), time.perf_counter()
         loop.call_soon_threadsafe(done.set)
-        while not done.wait(0.01):
+        while not done.wait(0.005):
             f = sys._current_frames().get(main_id)
-            where = "(event loop, C)"
-            while f is not None:
-                if "slinfer" in f.f_code.co_filename or "/controller/" in f.f_code.co_filename:
-                    where = f"{f.f_code.co_qualname}:{f.f_lineno}"
-                    break
+            inner, top = "(event loop, C)", "(event loop, C)"
+            # Up to the asyncio machinery that ran the task: its outermost slinfer frame is the task's own.
+            while f is not None and "/asyncio/" not in f.f_code.co_filename:
+                if ours(f.f_code):
+                    if inner == "(event loop, C)":
+                        inner = f"{f.f_code.co_qualname}:{f.f_lineno}"
+                    top = f.f_code.co_qualname
                 f = f.f_back
-            seen[where] += 1
-        lag = time.perf_counter() - start
+            seen[inner] += 1
+            outer[top] += 1
+        end = time.perf_counter()
+        lag = end - start
         if lag > 0.2:
             stalls.append((lag, seen.most_common(3)))
-        time.sleep(0.05)
+        if lag > STALL_S:
+            in_gc = [(g, max(0.0, min(b, end) - max(a, start))) for g, a, b in list(gc_spans) if b > start]
+            marked.append({"ms": round(1e3 * lag, 1), "at": time.time(), "outer": outer.most_common(3),
+                           "inner": seen.most_common(3),
+                           "gc_ms": round(1e3 * sum(t for _, t in in_gc), 1),
+                           "gc_full_ms": round(1e3 * sum(t for g, t in in_gc if g == 2), 1)})
+        time.sleep(0.02)
 loops = []
 import asyncio
 import slinfer.controller.eventloop as eventloop
@@ -372,15 +397,44 @@ def dump(_sig, _frame):
                 out.write(f"  feed's cached pages: {total / 2**20:.1f} MB\\n")
             out.write(f"  feed holds {len(feed._keys)} keys ({type(next(iter(feed._keys.values()), None)).__name__}),"
                       f" {len(feed._replicas)} replicas, version {feed.version}\\n")
-signal.signal(signal.SIGUSR1, dump)
+def mark(_sig, _frame):
+    # A phase's end: its stalls, labelled with what the bench wrote in the label file, as one JSON line.
+    label = open(os.environ["SLINFER_BENCH_STALLS_OUT"] + ".label").read().strip()
+    with open(os.environ["SLINFER_BENCH_STALLS_OUT"], "a") as out:
+        out.write(json.dumps({"phase": label, "stalls": list(marked)}) + "\\n")
+    marked.clear()
+if os.environ.get("SLINFER_BENCH_HEAP_OUT"):
+    signal.signal(signal.SIGUSR1, dump)
+if os.environ.get("SLINFER_BENCH_STALLS_OUT"):
+    signal.signal(signal.SIGUSR2, mark)
+if os.environ.get("SLINFER_BENCH_JOBS"):
+    # --slurm-standin: the controller's autoscaler lists every engine's job (N x 8, RUNNING, its own name and
+    # comment), at no cost, as the in-process step below does; min = max replicas, so it submits and cancels nothing.
+    from slinfer.controller import slurm as slurm_client
+    from slinfer.controller.slurm import SlurmJob
+    now, per_node, models, n = time.time(), 8, 8, int(os.environ["SLINFER_BENCH_JOBS"])
+    listed = [SlurmJob(job_id=str(100000 + node * per_node + e), name=f"slinfer-m{e % models}",
+                       comment=f"slinfer:autoscaler model=m{e % models}", state="RUNNING", node=f"node{node:05d}",
+                       submit_time=now - 600, start_time=now - 590, end_time=now + 86400, nodes=f"node{node:05d}")
+              for node in range(n) for e in range(per_node)]
+    async def jobs(self, names=()):
+        return listed
+    async def leaving(self, nodelists):
+        return {}
+    async def no_problems(self, models):
+        return []
+    slurm_client.SlurmClient.jobs = jobs
+    slurm_client.SlurmClient.leaving_nodes = leaving
+    slurm_client.SlurmClient.site_order_problems = no_problems
 sys.argv = ["slinfer-controller", *sys.argv[1:]]
 runpy.run_module("slinfer.controller.main", run_name="__main__")
 """
 
 
 @contextlib.asynccontextmanager
-async def controller(config_path: Path, log: Path, in_process: bool) -> AsyncIterator[psutil.Process]:
-    """The controller: its own process (the benchmark), or a task in this one (the unit test's smoke run)."""
+async def controller(config_path: Path, log: Path, in_process: bool, jobs: int = 0) -> AsyncIterator[psutil.Process]:
+    """The controller: its own process (the benchmark), or a task in this one (the unit test's smoke run); with
+    `jobs` (nodes), its autoscaler lists every engine's job through the probe's stand-in Slurm."""
     if in_process:
         from slinfer.config import load
         from slinfer.controller.main import serve
@@ -396,8 +450,11 @@ async def controller(config_path: Path, log: Path, in_process: bool) -> AsyncIte
             await task
         return
     with log.open("wb") as out:
-        start = ["-c", HEAP_PROBE] if HEAP_OUT else ["-m", "slinfer.controller.main"]
-        env = {**os.environ, "SLINFER_BENCH_HEAP_OUT": HEAP_OUT} if HEAP_OUT else None
+        probe = bool(HEAP_OUT or STALLS or jobs)
+        start = ["-c", HEAP_PROBE] if probe else ["-m", "slinfer.controller.main"]
+        env = {**os.environ, "SLINFER_BENCH_HEAP_OUT": HEAP_OUT,
+               "SLINFER_BENCH_STALLS_OUT": str(log.with_name("stalls.jsonl")) if STALLS else "",
+               "SLINFER_BENCH_JOBS": str(jobs) if jobs else ""}
         proc = await asyncio.create_subprocess_exec(sys.executable, *start, "--config",
                                                     str(config_path), stdout=out, stderr=out, cwd=ROOT, env=env)
     try:
@@ -441,11 +498,21 @@ async def run_point(p: Point, seconds: float, changes: int, interval: float = 1.
         (tmp / "state").mkdir(mode=0o700)
         fill_keys(tmp / "state" / "keys.json", p.keys)
         grpc_port = _free_port()
-        config_path = write_config(tmp, grpc_port, _free_port(), pki, heartbeat_s)
+        standin = p.nodes if SLURM_STANDIN and not in_process else 0
+        config_path = write_config(tmp, grpc_port, _free_port(), pki, heartbeat_s,
+                                   replicas=standin * ENGINES // MODELS)
         client_config = parse({"controller": {"token": TOKEN, "tls_ca": pki["ca"], "tls_cert": pki["cert"],
                                               "tls_key": pki["key"]}})
         address = f"127.0.0.1:{grpc_port}"
-        async with controller(config_path, tmp / "controller.log", in_process) as proc:
+        stalls_out = tmp / "stalls.jsonl"
+
+        def mark(label: str) -> None:
+            # The probe writes the stalls since the last mark under this label (SIGUSR2).
+            if STALLS and not in_process:
+                stalls_out.with_name("stalls.jsonl.label").write_text(label)
+                proc.send_signal(signal.SIGUSR2)
+
+        async with controller(config_path, tmp / "controller.log", in_process, jobs=standin) as proc:
             admin_channel = tls.aio_channel(address, client_config)
             admin = admin_pb2_grpc.AdminStub(admin_channel)
             auth = (("authorization", f"Bearer {TOKEN}"),)
@@ -479,6 +546,8 @@ async def run_point(p: Point, seconds: float, changes: int, interval: float = 1.
                 idle_rate = (_cpu(proc) - cpu) / (time.monotonic() - at)
                 agents.running.set()
                 _say(p, f"{reports / busy_s:.0f} reports/s; timing {changes} changes")
+                await asyncio.sleep(0.1)
+                mark("setup")
                 # Changes: one key each through the admin API, until every watcher has it.
                 # First the changes alone (with the agents reporting), then each followed by a Status call, the
                 # whole cluster's (0.3 s at 5,000 nodes): its garbage makes the controller's full collections.
@@ -492,15 +561,21 @@ async def run_point(p: Point, seconds: float, changes: int, interval: float = 1.
                                  f"change {i} at every watcher")
                     took = 1e3 * (max(w.seen[f"change-{i}"] for w in watchers) - started)
                     (change_ms if i < changes else with_status_ms).append(took)
+                    if i == changes - 1:
+                        mark("changes")
                     if i == changes - 1 and HEAP_OUT:
                         proc.send_signal(signal.SIGUSR1)  # the garbage collections of the changes alone
                         await asyncio.sleep(2.0)
+                        mark("heap count")
                     if i >= changes:
                         started = time.monotonic()
                         await admin.Status(admin_pb2.StatusRequest(), metadata=auth)
                         status_ms.append(1e3 * (time.monotonic() - started))
                     await asyncio.sleep(0.05)
                 rss_end = proc.memory_info().rss
+                mark("changes with Status")
+                await asyncio.sleep(0.2)  # the probe writes its line
+                stall_figures = _stalls(stalls_out)
                 if HEAP_OUT:
                     proc.send_signal(signal.SIGUSR1)
                     await asyncio.sleep(2.0)  # its count is written before the controller stops
@@ -525,7 +600,33 @@ async def run_point(p: Point, seconds: float, changes: int, interval: float = 1.
             "status_p50_ms": statistics.median(status_ms), "status_p99_ms": _pct(status_ms, 99),
             "change_ms": [round(x, 1) for x in change_ms],
             "change_with_status_ms": [round(x, 1) for x in with_status_ms],
-            "create_key_ms": [round(x, 1) for x in create_ms]}
+            "create_key_ms": [round(x, 1) for x in create_ms], "autoscaler_in_loop": bool(standin),
+            **stall_figures}
+
+
+def _stalls(path: Path) -> dict[str, Any]:
+    """The probe's stalls per phase (changes alone, changes with Status): how many, the longest, the collector's
+    share, and the frames the loop ran in them, most sampled first."""
+    out: dict[str, Any] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        phase = json.loads(line)
+        if phase["phase"] not in ("changes", "changes with Status"):
+            continue
+        key = "stalls_" + phase["phase"].replace(" ", "_").lower()
+        stalls = phase["stalls"]
+        outer: dict[str, int] = {}
+        for st in stalls:
+            for name, n in st["outer"]:
+                outer[name] = outer.get(name, 0) + n
+        out[key] = {"count": len(stalls), "max_ms": max((st["ms"] for st in stalls), default=0.0),
+                    "total_ms": round(sum(st["ms"] for st in stalls), 1),
+                    "gc_ms": round(sum(st["gc_ms"] for st in stalls), 1),
+                    "gc_full_ms": round(sum(st["gc_full_ms"] for st in stalls), 1),
+                    "samples_by_outer_frame": dict(sorted(outer.items(), key=lambda kv: -kv[1])),
+                    "longest": sorted(stalls, key=lambda st: -st["ms"])[:5]}
+    return out
 
 
 async def _until_up(admin: admin_pb2_grpc.AdminStub, auth: tuple[tuple[str, str], ...], proc: psutil.Process,
@@ -711,10 +812,16 @@ def main() -> None:
                         help="run only these sweeps' points")
     parser.add_argument("--heap", default="", help="append the controller's heap count (what the feed holds, "
                         "malloc's totals) at the RSS reading to this file")
+    parser.add_argument("--no-stalls", action="store_true", help="no event-loop stall probe in the controller")
+    parser.add_argument("--stall-ms", type=float, default=50.0, help="a loop lag over this is a stall (--stalls)")
+    parser.add_argument("--slurm-standin", action="store_true", help="the controller's own autoscaler steps over "
+                        "every engine's job (N x 8), listed at no cost, while everything is measured")
     parser.add_argument("--out", type=Path, default=None, help="a folder for results.json, table.md and the plot")
     args = parser.parse_args()
-    global HEAP_OUT
+    global HEAP_OUT, STALLS, SLURM_STANDIN
     HEAP_OUT = str(Path(args.heap).resolve()) if args.heap else ""
+    STALLS, SLURM_STANDIN = not args.no_stalls, args.slurm_standin
+    os.environ["SLINFER_BENCH_STALL_MS"] = str(args.stall_ms)
     rows = []
     for p in points(args.quick):
         if args.only and p.sweep not in args.only:
