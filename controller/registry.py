@@ -66,6 +66,9 @@ class AgentInfo:
     job_ids: list[str] = field(default_factory=list)
     host: controller_pb2.HostTelemetry | None = None
     gpus: list[controller_pb2.GpuTelemetry] = field(default_factory=list)
+    # What the last fully applied report said of the agent and its engines (`Registry._signature`), with the
+    # replica of each of those engines: a report that says the same again only refreshes loads and last_seen.
+    steady: tuple[tuple[object, ...], list[Replica]] | None = field(default=None, repr=False, compare=False)
 
 
 class Registry:
@@ -93,6 +96,9 @@ class Registry:
         # Nodes in the order they last reported (a report moves its node to the end): the silent ones are at
         # the front, so finding them costs what they number, not what the cluster does.
         self._by_seen: dict[str, None] = {}
+        # Reports that only refreshed loads and last_seen (nothing else in them had changed), and the others.
+        self.reports_unchanged = 0
+        self.reports_applied = 0
 
     # ---- reads -------------------------------------------------------------------------------------
     def replicas(self, model: str | None = None) -> list[Replica]:
@@ -162,10 +168,34 @@ class Registry:
         self._replica_listeners.append(listener)
 
     def report(self, report: controller_pb2.AgentReport) -> None:
-        """Applies one heartbeat: the report lists every engine of the agent, so absent ones are gone."""
+        """Applies one heartbeat: the report lists every engine of the agent, so absent ones are gone.
+
+        A report that says what the agent's last one said of itself and its engines (all but their load, the
+        host's and GPUs' telemetry and the send time), from an agent heard in time and whose replicas are still
+        its own, only refreshes those and last_seen: no replica is looked up, compared, published or woken.
+        """
         now = self._clock()
         node = report.node
         agent = self._agents.get(node)
+        engines = [e for e in report.engines if e.job_id]
+        signature = self._signature(report, engines)
+        if agent is not None and agent.steady is not None and agent.steady[0] == signature \
+                and agent.last_seen >= now - self._timeout and self._still_own(agent.steady[1], node):
+            self.reports_unchanged += 1
+            agent.last_seen = now
+            self._by_seen.pop(node, None)
+            self._by_seen[node] = None
+            agent.connected = True
+            agent.host = report.host if report.HasField("host") else None
+            agent.gpus = list(report.gpus)
+            for replica, engine in zip(agent.steady[1], engines, strict=True):
+                load = engine.load
+                replica.running = load.running
+                replica.waiting = load.waiting
+                replica.kv_cache_usage = load.kv_cache_usage
+                replica.last_seen = now
+            return
+        self.reports_applied += 1
         if agent is None:
             agent = AgentInfo(node=node, address=report.address, agent_id=report.agent_id, last_seen=now,
                               connected=True)
@@ -199,8 +229,24 @@ class Registry:
                              job_id, replica.model, node)
                     self._remove(job_id)
         agent.job_ids = sorted(seen)
+        # A report that lists a job twice is applied in full every time, as its engines override each other.
+        agent.steady = (signature, [self._replicas[e.job_id] for e in engines]) if len(seen) == len(engines) \
+            else None
         for model in woke:
             self._notify(model)
+
+    @staticmethod
+    def _signature(report: controller_pb2.AgentReport, engines: list[engine_pb2.Engine]) -> tuple[object, ...]:
+        """Everything of a report that `report` applies beyond loads, telemetry and last_seen."""
+        return (report.address, report.agent_id,
+                *[(e.job_id, e.model, e.state, e.reason, e.base_url, e.api_key, e.pool, e.user, e.started_at,
+                   e.ready_at) for e in engines])
+
+    def _still_own(self, replicas: list[Replica], node: str) -> bool:
+        """Every one of `replicas` is still the registry's replica of its job, on `node` (another agent may have
+        reported the job since, or a mirror replaced it)."""
+        known = self._replicas
+        return all(known.get(r.job_id) is r and r.node == node for r in replicas)
 
     def mirror(self, replicas: list[Replica], alive_nodes: set[str]) -> None:
         """Replaces everything with a controller's snapshot (the gateway tier's copy of the routes).
