@@ -14,6 +14,7 @@ submitted: a user's own pool jobs add engine load but are never cancelled or cou
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -50,6 +51,15 @@ log = logging.getLogger(__name__)
 # Engine states as _classify reads them, bound once (a step reads them for every active job).
 _READY, _FAILED = engine_pb2.READY, engine_pb2.FAILED
 _ENDING = frozenset((engine_pb2.STOPPING, engine_pb2.STOPPED))
+
+
+@functools.lru_cache(maxsize=64)
+def _view(draining: bool, state: int, agent_alive: bool) -> EngineView:
+    """The (immutable) view of an engine, one shared object per distinct value: a step over 40,000 jobs made
+    40,000 of them, and their garbage fed the collector's full collections (bench/control_plane_scale.py
+    --slurm-standin: 2.5 s of full collections while 30 changes were timed at 5,000 nodes)."""
+    return EngineView(draining=draining, failed=state == _FAILED, ending=state in _ENDING, serving=state == _READY,
+                      agent_alive=agent_alive)
 
 # The comment of every job the autoscaler submits; with the job name it tells a restarted controller its jobs.
 COMMENT_MARK = "slinfer:autoscaler"
@@ -411,10 +421,7 @@ class Autoscaler:
             node_alive = alive.get(rep.node)
             if node_alive is None:
                 node_alive = alive[rep.node] = agent_alive(rep.node)
-            state = rep.state
-            view = engines[job.job_id] = EngineView(
-                draining=rep.draining, failed=state == _FAILED, ending=state in _ENDING, serving=state == _READY,
-                agent_alive=node_alive)
+            view = engines[job.job_id] = _view(rep.draining, rep.state, node_alive)
             if (view.serving and not view.draining and node_alive and job.job_id not in m.seen_ready
                     and job.running and job.job_id not in m.cancelled and job.job_id not in m.draining):
                 self._learn(m, job, rep)

@@ -14,6 +14,7 @@ import pytest
 from bench import control_plane_scale as bench
 from slinfer.config import parse
 from slinfer.controller import admin as admin_module
+from slinfer.controller import autoscaler as autoscaler_module
 from slinfer.controller.admin import AdminService
 from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.gateway import Demand
@@ -22,10 +23,13 @@ from slinfer.v1 import admin_pb2
 
 
 class _Submitting(bench._ListingSlurm):
-    """Lists the given jobs and accepts submits (a lost replica is replaced)."""
+    """Lists the given jobs and accepts submits and cancels (a lost replica is replaced, a drained one ends)."""
 
     async def submit(self, model: object, job_name: str, comment: str) -> str:
         return "900"
+
+    async def cancel(self, job_id: str) -> None:
+        pass
 
 
 class _Context:
@@ -33,9 +37,10 @@ class _Context:
         return ()
 
 
-def _cluster(nodes: int, models: int = bench.MODELS) -> tuple[Autoscaler, Registry, list[bench.SlurmJob]]:
+def _cluster(nodes: int, models: int = bench.MODELS,
+             submits: bool = False) -> tuple[Autoscaler, Registry, list[bench.SlurmJob]]:
     """`nodes` agents of 8 READY engines (engine e serves m{e % 8}), every engine one of the autoscaler's jobs;
-    the catalog holds the first `models` models, at min = max = what runs."""
+    the catalog holds the first `models` models, at min = max = what runs (`submits`: a Slurm that accepts)."""
     per_model = nodes * bench.ENGINES // bench.MODELS
     config = parse({"models": [{"name": f"m{i}", "source": "/b", "min_replicas": per_model,
                                 "max_replicas": per_model} for i in range(models)]})
@@ -45,7 +50,8 @@ def _cluster(nodes: int, models: int = bench.MODELS) -> tuple[Autoscaler, Regist
     jobs = [bench.SlurmJob(job_id=r.job_id, name=f"slinfer-{r.model}", comment=f"slinfer:autoscaler model={r.model}",
                            state="RUNNING", node=r.node, submit_time=1.0, start_time=2.0, end_time=9e9, nodes=r.node)
             for r in registry.replicas()]
-    scaler = Autoscaler(config.models, registry, lambda _m: Demand(0, 0), bench._ListingSlurm(jobs), settle_s=0.0)
+    slurm = _Submitting(jobs) if submits else bench._ListingSlurm(jobs)
+    scaler = Autoscaler(config.models, registry, lambda _m: Demand(0, 0), slurm, settle_s=0.0)
     return scaler, registry, jobs
 
 
@@ -155,3 +161,27 @@ def test_an_autoscaler_step_with_a_dead_agent_sees_its_engines_lost() -> None:
     asyncio.run(scaler.step())
     statuses = scaler.status()
     assert [s.lost for s in statuses] == [1] * bench.MODELS and [s.ready for s in statuses] == [1] * bench.MODELS
+
+
+def test_an_autoscaler_step_shares_one_engine_view_per_distinct_value() -> None:
+    nodes = 12
+    scaler, registry, jobs = _cluster(nodes, submits=True)  # the draining one is replaced
+    registry.set_draining(jobs[0].job_id, True)
+    made = []
+    original = autoscaler_module.EngineView
+
+    def counted(**fields: bool) -> object:
+        made.append(fields)
+        return original(**fields)
+
+    autoscaler_module._view.cache_clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(autoscaler_module, "EngineView", counted)
+        asyncio.run(scaler.step())
+        asyncio.run(scaler.step())
+    # Positive control: the steps saw every job's engine, one draining (then cancelled) and the rest READY.
+    assert sum(s.ready for s in scaler.status()) == len(jobs) - 1
+    assert scaler.decisions.get(("m0", "cancel_drained")) == 1
+    # Two values among 96 jobs, over two steps: two views made, not 192.
+    assert len(made) == 2 and {f["draining"] for f in made} == {True, False}
+    autoscaler_module._view.cache_clear()
