@@ -391,11 +391,19 @@ class RegistryService(controller_pb2_grpc.RegistryServicer):
         self._heartbeat = heartbeat_s
 
     async def Report(self, request_iterator: AsyncIterator[controller_pb2.AgentReport],
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[controller_pb2.ReportAck]:
+                     context: grpc.aio.ServicerContext) -> None:
+        """One agent's stream: each report is checked, applied and acked.
+
+        Read and written through the context, not as an async generator over `request_iterator`: that adds two
+        generators' steps to every report, ~7 % of the controller's CPU per report (paired runs of 1,000 nodes
+        each, issue 35.4)."""
         node = ""
         ack = controller_pb2.ReportAck(heartbeat_interval=self._heartbeat)
         try:
-            async for report in request_iterator:
+            while True:
+                report = await context.read()
+                if report is grpc.aio.EOF:
+                    break
                 if self._token and not hmac.compare_digest(report.token.encode(), self._token):
                     log.warning("agent report from %r (peer %s) rejected: wrong token",
                                 report.node, context.peer())
@@ -412,7 +420,7 @@ class RegistryService(controller_pb2_grpc.RegistryServicer):
                                         f"node changed from {node!r} to {report.node!r} within one stream")
                 node = report.node
                 self._registry.report(report)
-                yield ack
+                await context.write(ack)
         except asyncio.CancelledError:
             raise
         finally:
