@@ -48,6 +48,9 @@ from slinfer.v1 import engine_pb2
 
 log = logging.getLogger(__name__)
 
+# A step over more jobs than this lets the event loop run before each model (a model's part of a step over
+# 1,000 jobs is a few ms; at 40,000 the whole step held the loop 0.6-1.9 s, bench/control_plane_scale.py).
+SHARE_ABOVE_JOBS = 1000
 # Engine states as _classify reads them, bound once (a step reads them for every active job).
 _READY, _FAILED = engine_pb2.READY, engine_pb2.FAILED
 _ENDING = frozenset((engine_pb2.STOPPING, engine_pb2.STOPPED))
@@ -189,7 +192,7 @@ class Autoscaler:
         self.squeue_ok = False
         # Decisions acted on, by (model, action); mirrored in metrics.SCALING_DECISIONS.
         self.decisions: dict[tuple[str, str], int] = {}
-        # How often a step let the event loop run between models (read by the tests).
+        # How often a step let the event loop run before a model (read by the tests).
         self.yields = 0
         # Whether each node's agent is alive, asked once per node a step: a node's 8 engines are often of 8
         # models, so a memo per model asked every node once per model (40,000 asks at 5,000 nodes).
@@ -284,10 +287,14 @@ class Autoscaler:
         self._alive = {}
         by_model: dict[str, list[SlurmJob]] = {name: [] for name in self._models}
         mine: dict[str, tuple[str, SlurmJob]] = {}
-        # One lookup a job (owner() scans the catalog: jobs x models a step).
-        owners = {(self.job_name(name), self.comment(name)): name for name in self._models}
+        # One lookup a job (owner() scans the catalog: jobs x models a step), by name then comment (no key tuple
+        # made per job).
+        owners: dict[str, dict[str, str]] = {}
+        for name in self._models:
+            owners.setdefault(self.job_name(name), {})[self.comment(name)] = name
+        no_owner: dict[str, str] = {}
         for job in jobs:
-            owner = owners.get((job.name, job.comment))
+            owner = owners.get(job.name, no_owner).get(job.comment)
             if owner is not None:
                 by_model[owner].append(job)
                 mine[job.job_id] = (owner, job)
@@ -300,9 +307,10 @@ class Autoscaler:
             for state, n in states.items():
                 metrics.SLURM_JOBS.labels(model, state).set(n)
         await self._leaving.refresh([job for _, job in mine.values()])
-        for i, (name, m) in enumerate(self._models.items()):
-            if i:
-                # The loop runs between models: at 5,000 nodes a step over 40,000 jobs held it 0.6-0.9 s in one
+        share = len(mine) > SHARE_ABOVE_JOBS
+        for name, m in self._models.items():
+            if share:
+                # The loop runs before each model: at 5,000 nodes a step over 40,000 jobs held it 0.6-1.9 s in one
                 # piece, and the gateways' feed, the agents' reports and admin calls waited behind it; a model's
                 # part is its own jobs'. Its own state is the model's; the job table and `now` are the step's.
                 self.yields += 1

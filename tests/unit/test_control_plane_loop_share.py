@@ -113,7 +113,9 @@ def test_status_orders_a_model_before_the_models_its_name_begins() -> None:
     assert [(r.model, r.job_id) for r in reply.replicas] == [("m1", "10"), ("m1", "9"), ("m10", "1"), ("m2", "3")]
 
 
-def test_an_autoscaler_step_lets_the_loop_run_between_models_and_asks_each_node_once() -> None:
+def test_an_autoscaler_step_lets_the_loop_run_between_models_and_asks_each_node_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(autoscaler_module, "SHARE_ABOVE_JOBS", 50)
     nodes = 12
     scaler, registry, jobs = _cluster(nodes)
     asked: list[str] = []
@@ -127,16 +129,16 @@ def test_an_autoscaler_step_lets_the_loop_run_between_models_and_asks_each_node_
     _, turns = asyncio.run(_with_ticker(scaler.step()))
     # Positive control: the step read every job, and every model's replicas are READY and adopted.
     assert sum(s.ready for s in scaler.status()) == len(jobs) == nodes * bench.ENGINES
-    assert scaler.yields == bench.MODELS - 1 and turns >= bench.MODELS - 1
+    assert scaler.yields == bench.MODELS and turns >= bench.MODELS
     # Each node's 8 engines serve 8 models: asked once per node, not once per job (96).
     assert sorted(asked) == sorted({r.node for r in registry.replicas()}) and len(asked) == nodes
 
     # The next step asks again (a step's memo is its own).
     asked.clear()
     asyncio.run(scaler.step())
-    assert len(asked) == nodes and scaler.yields == 2 * (bench.MODELS - 1)
+    assert len(asked) == nodes and scaler.yields == 2 * bench.MODELS
 
-    # Control: one model's step gives the loop nothing.
+    # Control: a step over no more of its jobs than SHARE_ABOVE_JOBS gives the loop nothing (12 of one model).
     single, _, _ = _cluster(nodes, models=1)
     _, turns = asyncio.run(_with_ticker(single.step()))
     assert single.yields == 0 and turns == 0
