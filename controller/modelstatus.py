@@ -97,9 +97,11 @@ class ModelBoard:
     def feed_states(self) -> dict[str, str]:
         """What this board holds of each catalog model with no routable replica (`held`), as the route feed
         carries it to the tier: JSON with absolute times, so it changes only when the model's state does."""
+        idle = [name for name in self._catalog if not self._registry.has_routable(name)]
+        if not idle:
+            return {}  # every model serves: the jobs (all of them, at a site's scale) are not read
         jobs = self._jobs_by_model()
-        held = {name: self.held(name, jobs.get(name, [])) for name in self._catalog
-                if not self._registry.routable(name)}
+        held = {name: self.held(name, jobs.get(name, [])) for name in idle}
         return {name: json.dumps(state, sort_keys=True) for name, state in held.items() if state is not None}
 
     def held(self, model: str, jobs: Sequence[SlurmJob]) -> dict[str, Any] | None:

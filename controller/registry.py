@@ -114,6 +114,13 @@ class Registry:
         oldest = self._clock() - self._timeout
         return [r for r in reps if r.state == READY and r.pool and not r.draining and r.last_seen >= oldest]
 
+    def has_routable(self, model: str) -> bool:
+        """Whether `routable(model)` would list any: stops at the first (the feed asks it of every model each
+        publication, and at 5,000 nodes listing them all was the largest piece of the loop's remaining stalls)."""
+        oldest = self._clock() - self._timeout
+        return any(r.state == READY and r.pool and not r.draining and r.last_seen >= oldest
+                   for r in self._by_model.get(model, ()))
+
     def get(self, job_id: str) -> Replica | None:
         return self._replicas.get(job_id)
 

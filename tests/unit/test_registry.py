@@ -172,6 +172,25 @@ def test_the_pool_takes_only_the_service_users_engines_whatever_an_agent_reports
     assert sorted(r.job_id for r in open_registry.routable("m")) == ["1", "2", "3", "4"]
 
 
+def test_has_routable_says_whether_routable_lists_any():
+    """The feed's cheap question (issue 35.4) gives routable's answer in each case that keeps a replica out."""
+    clock = Clock()
+    registry = Registry(agent_timeout_s=5, clock=clock)
+    cases = {"ready": {}, "starting": {"state": engine_pb2.STARTING}, "private": {"pool": False}}
+    engines = [engine_pb2.Engine(job_id=str(i), model=model, base_url=f"http://a:{i}",
+                                 **{"state": engine_pb2.READY, "pool": True, **fields})
+               for i, (model, fields) in enumerate(cases.items())]
+    registry.report(report("n", *engines))
+    for model in [*cases, "absent"]:
+        assert registry.has_routable(model) == bool(registry.routable(model)), model
+    assert registry.has_routable("ready")  # the control: one that routes
+    assert registry.set_draining("0")
+    assert not registry.has_routable("ready") and registry.routable("ready") == []
+    registry.set_draining("0", False)
+    clock.now += 6  # the agent is no longer heard in time
+    assert not registry.has_routable("ready") and registry.routable("ready") == []
+
+
 def _steady_engines(running: float = 1.0) -> list[engine_pb2.Engine]:
     return [engine_pb2.Engine(job_id=job, model="m", state=engine_pb2.READY, base_url=f"http://a:{job}",
                               api_key=f"k{job}", pool=True, user="slinfer", started_at=5.0, ready_at=9.0,

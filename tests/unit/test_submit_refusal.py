@@ -11,6 +11,7 @@ import pytest
 from slinfer.cli.models import row
 from slinfer.controller.modelstatus import ModelBoard
 from slinfer.controller.registry import Registry
+from slinfer.v1 import controller_pb2, engine_pb2
 from tests.unit.test_autoscaler import Bed
 
 REASON = "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified"
@@ -69,3 +70,22 @@ async def test_a_tier_worker_shows_the_refusal_the_controller_fed_it() -> None:
         "state": "refused", "reason": REASON, "failures": 1, "retry_in_s": pytest.approx(5.0, abs=0.5)}
     # Unchanged between steps: the feed sends it once, not with every publication.
     assert board.feed_states() == fed
+
+
+def test_feed_states_reads_no_job_while_every_model_serves() -> None:
+    """Issue 35.4: the feed asks the board every publication; with a routable replica of every model there is
+    nothing held to send, and the controller's jobs (40,000 at 5,000 nodes) are not read. The control: with none
+    routable they are read."""
+    bed = Bed(window_s=2.0, min_replicas=1)
+    reads: list[int] = []
+
+    def jobs() -> list:
+        reads.append(1)
+        return bed.scaler.job_table.jobs()
+
+    board = ModelBoard([bed.model], bed.registry, jobs=jobs)
+    assert board.feed_states() == {} and len(reads) == 1  # the control: nothing routes, the jobs are read
+    bed.registry.report(controller_pb2.AgentReport(node="n", engines=[engine_pb2.Engine(
+        job_id="1", model="tiny", state=engine_pb2.READY, base_url="http://a:1", pool=True)]))
+    assert bed.registry.has_routable("tiny")
+    assert board.feed_states() == {} and len(reads) == 1
