@@ -604,16 +604,19 @@ def other_beds_running(bed: Bed) -> list[str]:
 
 
 def restore_host(bed: Bed) -> list[str]:
-    """Undoes what `up` changed on the host (users, search bits), unless another bed still runs; says what."""
-    others = other_beds_running(bed)
-    if others:
-        return [f"host changes kept: other beds run ({', '.join(sorted(others))})"]
-    return hostchanges.undo()
+    """Undoes what `up` changed on the host (users, search bits), unless another bed still runs or is going up;
+    says what."""
+    return hostchanges.undo(busy=lambda changes: other_beds_running(bed) + changes.others_starting(str(bed.state)))
 
 
 def up(bed: Bed, controller: bool = True) -> None:
     if os.geteuid() != 0:
         raise RuntimeError("the dev cluster runs Slurm's daemons and the agent as root: run as root")
+    with hostchanges.starting(str(bed.state)):
+        _up(bed, controller)
+
+
+def _up(bed: Bed, controller: bool) -> None:
     root = bed.slurm_root
     bed.state.mkdir(parents=True, exist_ok=True)
     # `dev-cluster env|status|down` without --slurm find the bed's release here.

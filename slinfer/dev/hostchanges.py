@@ -1,10 +1,11 @@
 """What `slinfer dev-cluster up` changes on the host outside its state folder, recorded so that `down` undoes it.
 
-Responsible for: one machine-wide record (RECORD, root-only) of the users the bed created and the original mode
+Responsible for: one machine-wide record (RECORD, root-only) of the users the bed created, the original mode
 of every folder it made searchable (the o+x bit on /root and the pyenv folders on the way to the engine's
-Python); adding to it at `up` (the first original mode seen is kept: a second `up` must not record the mode the
-first one set), and undoing it at `down` once no other bed of this machine still runs: beds share the users and
-the folders, so the last bed down restores them. A mode someone else changed since is left alone, said so.
+Python), and the beds whose `up` is under way; adding to it at `up` (the first original mode seen is kept: a
+second `up` must not record the mode the first one set), and undoing it at `down` once no other bed of this
+machine still runs or is going up: beds share the users and the folders, so the last bed down restores them. A
+mode someone else changed since is left alone, said so.
 Not responsible for: making the changes (devcluster.py does, and reports them here), the bed's own folders.
 """
 
@@ -16,7 +17,7 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,25 +33,45 @@ class HostChanges:
     users: list[str] = field(default_factory=list)
     # path -> [mode before, mode the bed set]
     modes: dict[str, list[int]] = field(default_factory=dict)
+    # A bed's state folder -> the pid of the process bringing it up, from the start of its `up` to the end: such a
+    # bed has no slurmctld yet but has made (or found) the users (CI: one bed's `down`, run before its own `up`,
+    # removed the users another bed had just made, and that bed's jobs failed "uid 1002 has no user name").
+    starting: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> HostChanges:
         if not path.exists():
             return cls()
         data = json.loads(path.read_text())
-        return cls(users=list(data.get("users", [])), modes={k: list(v) for k, v in data.get("modes", {}).items()})
+        return cls(users=list(data.get("users", [])), modes={k: list(v) for k, v in data.get("modes", {}).items()},
+                   starting={k: int(v) for k, v in data.get("starting", {}).items()})
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
-            json.dump({"users": self.users, "modes": self.modes}, out, indent=1, sort_keys=True)
+            json.dump({"users": self.users, "modes": self.modes, "starting": self.starting}, out, indent=1,
+                      sort_keys=True)
         os.replace(tmp, path)
 
     @property
     def empty(self) -> bool:
-        return not self.users and not self.modes
+        return not self.users and not self.modes and not self.starting
+
+    def others_starting(self, own: str) -> list[str]:
+        """The beds other than `own` whose `up` is under way (its process alive)."""
+        return [bed for bed, pid in self.starting.items() if bed != own and _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -65,6 +86,19 @@ def _locked(path: Path) -> Iterator[HostChanges]:
             path.unlink(missing_ok=True)
         else:
             changes.save(path)
+
+
+@contextlib.contextmanager
+def starting(bed: str, path: Path | None = None) -> Iterator[None]:
+    """Marks `bed` (its state folder) as going up while the block runs, so that no other bed's `down` undoes what
+    it needs before its slurmctld runs (which is how a running bed is seen)."""
+    with _locked(path or RECORD) as changes:
+        changes.starting[bed] = os.getpid()
+    try:
+        yield
+    finally:
+        with _locked(path or RECORD) as changes:
+            changes.starting.pop(bed, None)
 
 
 def record_user(user: str, path: Path | None = None) -> None:
@@ -91,11 +125,15 @@ def make_searchable(folders: Iterable[Path], path: Path | None = None) -> list[P
     return changed
 
 
-def undo(path: Path | None = None) -> list[str]:
+def undo(path: Path | None = None, busy: Callable[[HostChanges], list[str]] | None = None) -> list[str]:
     """Restores every recorded mode and removes every recorded user; returns what it did and what it left,
-    one line each. The caller makes sure no other bed still needs them."""
+    one line each. `busy`, asked under the record's lock (so no bed starts between the question and the undo),
+    names the other beds that still need them: then nothing is undone."""
     said = []
     with _locked(path or RECORD) as changes:
+        others = busy(changes) if busy is not None else []
+        if others:
+            return [f"host changes kept: other beds run ({', '.join(sorted(others))})"]
         for folder, (before, after) in sorted(changes.modes.items(), key=lambda kv: -len(kv[0])):
             try:
                 now = stat.S_IMODE(Path(folder).stat().st_mode)

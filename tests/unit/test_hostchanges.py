@@ -88,3 +88,37 @@ def test_stop_daemon_returns_the_pid_it_stopped(tmp_path: Path, capsys: pytest.C
     assert devcluster.stop_daemon(bed, "slurmd") == proc.pid
     assert proc.wait(5) is not None
     assert capsys.readouterr().err == ""
+
+
+def test_a_bed_going_up_keeps_the_host_changes_another_beds_down_would_undo(tmp_path: Path) -> None:
+    """CI: the 26.05 bed's `down` (run before its own `up`) removed the users the 24.11 bed, still going up and
+    so with no slurmctld to be seen, had just made; its jobs then failed "uid 1002 has no user name"."""
+    record = tmp_path / "record.json"
+    folder = tmp_path / "f"
+    folder.mkdir(mode=0o700)
+    folder.chmod(0o700)
+    hostchanges.make_searchable([folder], record)
+
+    def busy(changes: hostchanges.HostChanges) -> list[str]:
+        return changes.others_starting("/tmp/bed-b")
+
+    with hostchanges.starting("/tmp/bed-a", record):
+        assert json.loads(record.read_text())["starting"] == {"/tmp/bed-a": os.getpid()}
+        said = hostchanges.undo(record, busy=busy)  # bed b's down while bed a goes up
+        assert said == ["host changes kept: other beds run (/tmp/bed-a)"]
+        assert _mode(folder) == 0o701
+        # A bed's own `up` does not keep its own down from undoing.
+        assert hostchanges.HostChanges.load(record).others_starting("/tmp/bed-a") == []
+    # The control: once bed a's `up` is over (its slurmctld is what shows it then), the undo happens.
+    assert hostchanges.undo(record, busy=busy) == [f"{folder} restored to 700"]
+    assert not record.exists()
+
+
+def test_a_dead_process_going_up_does_not_keep_the_host_changes(tmp_path: Path) -> None:
+    record = tmp_path / "record.json"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    hostchanges.HostChanges(starting={"/tmp/bed-a": dead.pid}).save(record)
+    assert hostchanges.HostChanges.load(record).others_starting("/tmp/bed-b") == []
+    hostchanges.HostChanges(starting={"/tmp/bed-a": os.getpid()}).save(record)  # the control: alive
+    assert hostchanges.HostChanges.load(record).others_starting("/tmp/bed-b") == ["/tmp/bed-a"]
