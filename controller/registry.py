@@ -189,12 +189,7 @@ class Registry:
         if agent is not None and agent.steady is not None and agent.steady[0] == signature \
                 and agent.last_seen >= now - self._timeout and self._still_own(agent.steady[1], node):
             self.reports_unchanged += 1
-            agent.last_seen = now
-            self._by_seen.pop(node, None)
-            self._by_seen[node] = None
-            agent.connected = True
-            agent.host = report.host if report.HasField("host") else None
-            agent.gpus = list(report.gpus)
+            self._heard(agent, report, now)
             for replica, engine in zip(agent.steady[1], engines, strict=True):
                 load = engine.load
                 replica.running = load.running
@@ -213,12 +208,7 @@ class Registry:
             log.info("agent %s restarted (agent id %s -> %s)", node, agent.agent_id, report.agent_id)
         agent.address = report.address
         agent.agent_id = report.agent_id
-        agent.last_seen = now
-        self._by_seen.pop(node, None)
-        self._by_seen[node] = None
-        agent.connected = True
-        agent.host = report.host if report.HasField("host") else None
-        agent.gpus = list(report.gpus)
+        self._heard(agent, report, now)
 
         seen: set[str] = set()
         woke: set[str] = set()
@@ -241,6 +231,16 @@ class Registry:
             else None
         for model in woke:
             self._notify(model)
+
+    def _heard(self, agent: AgentInfo, report: controller_pb2.AgentReport, now: float) -> None:
+        """What every report refreshes: when the agent was heard (its node moves to the end of `_by_seen`) and
+        its host's and GPUs' telemetry."""
+        agent.last_seen = now
+        self._by_seen.pop(agent.node, None)
+        self._by_seen[agent.node] = None
+        agent.connected = True
+        agent.host = report.host if report.HasField("host") else None
+        agent.gpus = list(report.gpus)
 
     @staticmethod
     def _signature(report: controller_pb2.AgentReport, engines: list[engine_pb2.Engine]) -> tuple[object, ...]:

@@ -14,11 +14,8 @@ import pytest
 
 from bench import control_plane_scale as bench
 from slinfer.backoff import BackoffPolicy
-from slinfer.config import parse
 from slinfer.controller import main as controller_main
-from slinfer.controller.autoscaler import Autoscaler
 from slinfer.controller.feedlog import FeedMirror
-from slinfer.controller.gateway import Demand
 from slinfer.controller.gatewayhub import GatewayHub
 from slinfer.controller.keys import KeyStore
 from slinfer.controller.limits import KeyLimits, Limiter
@@ -27,6 +24,7 @@ from slinfer.controller.usage import UsageLedger
 from slinfer.slurm import jobs as slurm_jobs
 from slinfer.slurm.states import JobState
 from slinfer.v1 import engine_pb2
+from tests.unit.test_control_plane_loop_share import _cluster
 
 NODES = 50
 
@@ -157,16 +155,7 @@ def test_an_autoscaler_step_parses_each_state_word_once(monkeypatch: pytest.Monk
     slurm_jobs._parsed.cache_clear()
     monkeypatch.setattr(JobState, "parse", staticmethod(counted))
     nodes = 20
-    per_model = nodes * bench.ENGINES // bench.MODELS
-    config = parse({"models": [{"name": f"m{i}", "source": "/b", "min_replicas": per_model,
-                                "max_replicas": per_model} for i in range(bench.MODELS)]})
-    registry = Registry(agent_timeout_s=60.0)
-    for node in range(nodes):
-        registry.report(bench.agent_report(node))
-    jobs = [bench.SlurmJob(job_id=r.job_id, name=f"slinfer-{r.model}", comment=f"slinfer:autoscaler model={r.model}",
-                           state="RUNNING", node=r.node, submit_time=1.0, start_time=2.0, end_time=9e9, nodes=r.node)
-            for r in registry.replicas()]
-    scaler = Autoscaler(config.models, registry, lambda _m: Demand(0, 0), bench._ListingSlurm(jobs), settle_s=0.0)
+    scaler, _, jobs = _cluster(nodes)
 
     asyncio.run(scaler.step())
     statuses = scaler.status()
