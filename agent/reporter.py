@@ -22,6 +22,7 @@ from slinfer.backoff import AGENT_RECONNECT, Backoff
 from slinfer.config import Config
 from slinfer.v1 import controller_pb2 as pb
 from slinfer.v1 import controller_pb2_grpc, engine_pb2
+from slinfer.waits import within
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,7 @@ class Reporter:
         while True:
             yield self.report()
             self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), self.heartbeat_s)
-            except TimeoutError:
-                pass
+            await within(self._changed.wait(), self.heartbeat_s)
 
     async def run(self) -> None:
         backoff = Backoff.of(AGENT_RECONNECT)

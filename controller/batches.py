@@ -41,6 +41,7 @@ from slinfer.controller.usage import Meter
 from slinfer.slurm.jobs import Job
 from slinfer.slurm.runner import SlurmError
 from slinfer.slurm.states import Phase
+from slinfer.waits import within
 
 log = logging.getLogger(__name__)
 
@@ -461,8 +462,7 @@ class Scheduler:
                 await self.step()
             except Exception:  # one bad round must not end the scheduler
                 log.exception("batch scheduler round failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), SCHEDULE_S)
+            await within(stop.wait(), SCHEDULE_S)
 
     async def step(self) -> None:
         if not self._is_leader():

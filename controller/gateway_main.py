@@ -41,6 +41,7 @@ from slinfer.controller.queue import for_gateway as queue_for_gateway
 from slinfer.controller.registry import Registry
 from slinfer.controller.routefeed import RouteFeed
 from slinfer.controller.usagerelay import UsageRelay
+from slinfer.waits import bounded, within
 
 log = logging.getLogger("slinfer.gateway")
 
@@ -94,8 +95,7 @@ async def serve_worker(config: Config, listen: str, name: str, stop: asyncio.Eve
     feeding = asyncio.create_task(feed.run(), name="route-feed")
     try:
         started = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(feed.first_table.wait(), FIRST_TABLE_WAIT_S)
+        await within(feed.first_table.wait(), FIRST_TABLE_WAIT_S)
         if not feed.tables:
             log.warning("gateway %s: no table from controller %s within %.0f s; listening without routes",
                         name, config.controller.address, FIRST_TABLE_WAIT_S)
@@ -167,7 +167,7 @@ class Supervisor:
             os.close(write_end)
         loop = asyncio.get_running_loop()
         try:
-            line = await asyncio.wait_for(loop.run_in_executor(None, os.read, read_end, 64), WORKER_START_S)
+            line = await bounded(loop.run_in_executor(None, os.read, read_end, 64), WORKER_START_S)
         except TimeoutError:
             line = b""
         finally:

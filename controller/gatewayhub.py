@@ -18,7 +18,6 @@ replace its routes with an empty registry's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
@@ -36,6 +35,7 @@ from slinfer.controller.registry import Registry
 from slinfer.controller.store import StoreError
 from slinfer.controller.usage import UsageLedger, UsageRow
 from slinfer.v1 import gateway_pb2, gateway_pb2_grpc
+from slinfer.waits import within
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +228,7 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
 
     async def _publish_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._change.wait(), TABLE_INTERVAL_S)
+            await within(self._change.wait(), TABLE_INTERVAL_S)
             self._change.clear()
             self.publish()
 
@@ -286,8 +285,7 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
                     yield message
             while True:
                 if not wakeup.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wakeup.wait(), HEARTBEAT_S)
+                    await within(wakeup.wait(), HEARTBEAT_S)
                 woke = wakeup.is_set()
                 wakeup.clear()  # a publication from here on wakes this stream again
                 deltas = self.feed.since(self.feed.epoch, sent)

@@ -18,12 +18,12 @@ Not responsible for: the keys themselves (keys.KeyStore, fed by routefeed.RouteF
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Iterable
 
 from slinfer.controller.keys import KeyInfo
+from slinfer.waits import within
 
 # The feed brings a new key to every worker in 20-25 ms (bench/feed_scale.py, 32 watchers); a second leaves room
 # for a busy controller and still answers a wrong key within a second, as a login prompt's delay would.
@@ -74,8 +74,7 @@ class KeyWait:
         self.waiting += 1
         try:
             while (left := deadline - time.monotonic()) > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._fed.wait(), left)
+                await within(self._fed.wait(), left)
                 info = self._verify(presented)
                 if info is not None:
                     self.found_late += 1
@@ -95,7 +94,6 @@ class KeyWait:
         self.waiting += 1
         try:
             while still() and (left := deadline - time.monotonic()) > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._fed.wait(), left)
+                await within(self._fed.wait(), left)
         finally:
             self.waiting -= 1

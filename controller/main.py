@@ -62,6 +62,7 @@ from slinfer.kube.leader import LeaderElection
 from slinfer.kube.objects import GatewayEndpoint
 from slinfer.kube.sync import KubeSync
 from slinfer.v1 import admin_pb2_grpc, controller_pb2_grpc
+from slinfer.waits import within
 
 log = logging.getLogger("slinfer.controller")
 
@@ -293,8 +294,7 @@ async def _lead(config: Config, db: Database, stop: asyncio.Event) -> DbElection
                 return election
         except StoreError as exc:
             log.warning("standby %s: %s", election.identity, exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), s.renew_interval_s)
+        await within(stop.wait(), s.renew_interval_s)
     return None
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from slinfer.config import GatewayConfig
 from slinfer.controller.fairqueue import FairOrder, Policy, Ticket, weights
+from slinfer.waits import within
 
 
 class QueueFull(Exception):
@@ -127,10 +128,7 @@ class WaitQueue:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._futures[ticket] = future
             try:
-                await asyncio.wait_for(future, within_s)
-                return True
-            except TimeoutError:
-                return False
+                return await within(future, within_s)
             finally:
                 if self._futures.get(ticket) is future:
                     del self._futures[ticket]

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from slinfer.waits import bounded
+
 T = TypeVar("T")
 
 # Times in every client's output as unix seconds: no local-time parsing, the same on every release.
@@ -85,7 +87,7 @@ class Runner:
         except OSError as exc:
             raise SlurmError(full, 127, str(exc)) from exc
         try:
-            out, err = await asyncio.wait_for(
+            out, err = await bounded(
                 proc.communicate(stdin.encode() if stdin is not None else None), self.timeout_s)
         except TimeoutError:
             proc.kill()
