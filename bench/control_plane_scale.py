@@ -10,7 +10,7 @@ makes them one fsync each). In this process, over real gRPC and TLS:
 - the admin API (CreateKey, Status) with the controller's token.
 Measured per point, with the controller's process CPU time (user + system, psutil), not wall time, so the
 others' load on the 2 shared cores matters less:
-- CPU per agent report: (CPU over a reporting window - the idle rate of a window with the agents quiet) / acks;
+- CPU per agent report: (CPU over a reporting window - the idle rate of a window with the agents quiet) / reports;
   and the projection to every node reporting once a second (cores);
 - resident memory (RSS) at the end of the steady window;
 - feed bytes/s per watcher in the steady window (nothing but reports changing);
@@ -182,7 +182,7 @@ class Agents:
 
     def __init__(self, address: str, config: Any, nodes: int, interval: float) -> None:
         self._address, self._config, self._nodes, self._interval = address, config, nodes, interval
-        self.acks = 0
+        self.reports = 0  # written on the streams (the controller acks each stream's first, as the agent needs)
         self.registered = 0
         self.errors: dict[str, int] = {}  # streams that ended, by gRPC status
         self._seen: set[str] = set()
@@ -226,9 +226,9 @@ class Agents:
                 await asyncio.sleep(self._interval * node / self._nodes)
                 next_at = time.monotonic()
             await call.write(report)
-            await call.read()
-            self.acks += 1
+            self.reports += 1
             if report.node not in self._seen:
+                await call.read()  # the first report's ack: registered, as agent/reporter.py marks itself connected
                 self._seen.add(report.node)
                 self.registered += 1
             next_at = max(next_at + self._interval, time.monotonic())
@@ -534,10 +534,10 @@ async def run_point(p: Point, seconds: float, changes: int, interval: float = 1.
                 _say(p, f"{p.nodes} agents registered in {register_s:.1f} s; every watcher has the full state")
                 await asyncio.sleep(min(interval, 1.0))  # the first round of reports settles
                 # The reporting window.
-                acks, cpu, at = agents.acks, _cpu(proc), time.monotonic()
+                sent, cpu, at = agents.reports, _cpu(proc), time.monotonic()
                 fed = [w.bytes for w in watchers]
                 await asyncio.sleep(seconds)
-                busy_cpu, busy_s, reports = _cpu(proc) - cpu, time.monotonic() - at, agents.acks - acks
+                busy_cpu, busy_s, reports = _cpu(proc) - cpu, time.monotonic() - at, agents.reports - sent
                 feed_bps = statistics.mean((w.bytes - b) / busy_s for w, b in zip(watchers, fed, strict=True))
                 rss = proc.memory_info().rss
                 if HEAP_OUT:

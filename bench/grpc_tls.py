@@ -114,8 +114,8 @@ async def grpc_round(mode: str, pki: dict[str, str], tmp: Path,
 
             async def one_report() -> None:
                 await queue.put(controller_pb2.AgentReport(node="bench-node", agent_id="a", token=TOKEN,
-                                                           engines=engines, sent_at=time.time()))
-                await call.read()
+                                                           engines=engines, sent_at=time.time(), want_ack=True))
+                await call.read()  # the controller acks the reports that ask
 
             await _timed(50, one_report)  # warm-up: the stream and the handshake are set up
             out["report"] = await _timed(args.reports, one_report)

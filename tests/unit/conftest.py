@@ -102,7 +102,7 @@ class ReportClient:
             self.engines = engines
         await self._queue.put(controller_pb2.AgentReport(
             node=self.node, address="127.0.0.1", agent_id=f"agent-{self.node}", engines=self.engines,
-            sent_at=time.time(), token=self.token))
+            sent_at=time.time(), token=self.token, want_ack=True))
         ack = await self._call.read()  # type: ignore[union-attr]
         if ack is grpc.aio.EOF:
             raise ConnectionError("the registry closed the stream")

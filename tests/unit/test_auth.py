@@ -78,6 +78,21 @@ async def test_a_good_stream_that_turns_bad_is_cut_and_the_bad_report_not_applie
     assert [r.base_url for r in registry.replicas()] == ["http://127.0.0.1:9"]
 
 
+async def test_a_stream_is_acked_at_its_first_report_and_where_a_report_asks_and_every_report_is_applied(
+        registry_server) -> None:
+    registry, channel = registry_server
+    urls = [f"http://127.0.0.1:{p}" for p in (11, 12, 13, 14)]
+    reports = [report("node1", TOKEN, engine_url=u) for u in urls]
+    reports[2].want_ack = True
+    acks = await send(channel, *reports)
+    assert len(acks) == 2 and all(a.heartbeat_interval == 0.5 for a in acks)  # the first and the third
+    assert [r.base_url for r in registry.replicas()] == [urls[-1]]  # the unacked last one was applied too
+    # Control: where every report asks, every report is acked.
+    for r in reports:
+        r.want_ack = True
+    assert len(await send(channel, *reports)) == 4
+
+
 async def test_without_a_configured_token_reports_are_accepted(tmp_path: Path) -> None:
     registry = Registry()
     server = grpc.aio.server()

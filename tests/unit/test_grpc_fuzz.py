@@ -206,7 +206,7 @@ ENGINE = st.builds(engine_pb2.Engine, job_id=JOB_ID, model=TEXT, state=st.intege
                    load=st.builds(engine_pb2.EngineLoad, running=FLOAT, waiting=FLOAT, kv_cache_usage=FLOAT))
 REPORT = st.builds(controller_pb2.AgentReport, node=TEXT, address=TEXT, agent_id=TEXT,
                    engines=st.lists(ENGINE, max_size=4), sent_at=FLOAT,
-                   token=st.one_of(st.just(TOKEN), TEXT))
+                   token=st.one_of(st.just(TOKEN), TEXT), want_ack=st.just(True))  # an ack per accepted report
 
 
 @FUZZ
