@@ -172,7 +172,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                         context: grpc.aio.ServicerContext) -> admin_pb2.CreateKeyResponse:
         await self._authorize(context)
         try:
-            key_id, secret = self._keys.create(
+            key_id, secret = await self._keys.create_async(
                 request.name, request.account,
                 request.requests_per_minute if request.HasField("requests_per_minute") else None,
                 request.tokens_per_day if request.HasField("tokens_per_day") else None)
@@ -194,7 +194,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"{request.key_id} comes from [gateway].api_keys: remove it from the config")
         try:
-            found = self._keys.revoke(request.key_id)
+            found = await self._keys.revoke_async(request.key_id)
         except KeyStoreError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if not found:

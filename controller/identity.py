@@ -120,8 +120,8 @@ class OwnKeys:
                                                  f"([gateway].keys_per_user): revoke one first")
             expires_at = self._clock() + expires_days * DAY_S if expires_days else 0.0
             try:
-                key_id, secret = self._keys.create(name or f"{user}@{bound}", bound, user=user,
-                                                   expires_at=expires_at)
+                key_id, secret = await self._keys.create_async(name or f"{user}@{bound}", bound, user=user,
+                                                               expires_at=expires_at)
             except ValueError as exc:
                 raise IdentityError("invalid", str(exc)) from exc
         log.info("user %s made key %s for account %s", user, key_id, bound)
@@ -135,7 +135,7 @@ class OwnKeys:
         # Another user's key and no key at all get the same answer: ids of others' keys are not disclosed.
         if not any(k.key_id == key_id for k in self.owned(user)):
             raise IdentityError("not_found", f"you ({user}) have no key {key_id!r}")
-        self._keys.revoke(key_id)
+        await self._keys.revoke_async(key_id)
         log.info("user %s revoked key %s", user, key_id)
 
     def sweep(self) -> list[str]:

@@ -12,6 +12,7 @@ never written. This module does not know about HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -60,6 +61,10 @@ def _limit(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"a key's limit must be an integer of 0 or more, not {value!r}")
     return value
+
+
+# One statement and its arguments, and a second one in the same transaction when given (KeyStore._write's).
+_Write = tuple[str, tuple[object, ...], tuple[str, tuple[object, ...]] | None]
 
 
 def _digest(secret: str) -> bytes:
@@ -216,6 +221,25 @@ class KeyStore:
     def create(self, name: str, account: str = "", requests_per_minute: int | None = None,
                tokens_per_day: int | None = None, *, user: str = "", expires_at: float = 0.0) -> tuple[str, str]:
         """Makes a new key (owned by `user` when given); returns (key_id, secret). The secret is not kept."""
+        digest, info, secret, write = self._new(name, account, requests_per_minute, tokens_per_day, user, expires_at)
+        self._write(*write)
+        self._created(digest, info)
+        return info.key_id, secret
+
+    async def create_async(self, name: str, account: str = "", requests_per_minute: int | None = None,
+                           tokens_per_day: int | None = None, *, user: str = "",
+                           expires_at: float = 0.0) -> tuple[str, str]:
+        """`create` with the database's commit in a thread: the controller's loop goes on meanwhile (a commit is
+        an fsync, 166-225 ms on the bench's shared disk, which on the loop held every agent's and gateway's
+        stream, bench/control_plane_scale.py). The key is known to `verify` and the feed once committed."""
+        digest, info, secret, write = self._new(name, account, requests_per_minute, tokens_per_day, user, expires_at)
+        await asyncio.to_thread(self._write, *write)
+        self._created(digest, info)
+        return info.key_id, secret
+
+    def _new(self, name: str, account: str, requests_per_minute: int | None, tokens_per_day: int | None,
+             user: str, expires_at: float) -> tuple[bytes, KeyInfo, str, _Write]:
+        """A new key checked and made, not yet stored: (digest, info, secret, its write)."""
         if not name or len(name) > 128 or not name.isprintable():
             raise ValueError("a key name must be 1-128 printable characters")
         if len(account) > 128 or not account.isprintable():
@@ -229,15 +253,17 @@ class KeyStore:
         info = KeyInfo(key_id=key_id, name=name, account=account, created_at=time.time(),
                        requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day, user=user,
                        expires_at=expires_at)
-        self._write("INSERT INTO `keys` VALUES (?, ?, ?, ?, ?, ?, ?)", self._row(digest, info),
-                    ("INSERT INTO owners VALUES (?, ?, ?)", (key_id, user, expires_at)) if user else None)
+        return digest, info, secret, ("INSERT INTO `keys` VALUES (?, ?, ?, ?, ?, ?, ?)", self._row(digest, info),
+                                      ("INSERT INTO owners VALUES (?, ?, ?)", (key_id, user, expires_at))
+                                      if user else None)
+
+    def _created(self, digest: bytes, info: KeyInfo) -> None:
         self._stored[digest] = info
-        self._by_id[key_id] = digest
-        if user:
-            self._owners[key_id] = user
+        self._by_id[info.key_id] = digest
+        if info.user:
+            self._owners[info.key_id] = info.user
         self._changed(digest)
-        log.info("created client key %s (name %r, account %r)", key_id, name, account)
-        return key_id, secret
+        log.info("created client key %s (name %r, account %r)", info.key_id, info.name, info.account)
 
     @classmethod
     def mirror(cls, entries: list[tuple[bytes, KeyInfo]]) -> KeyStore:
@@ -288,12 +314,29 @@ class KeyStore:
         return self._owners.get(key_id, "")
 
     def revoke(self, key_id: str) -> bool:
-        digest = self._by_id.get(key_id)
-        if digest is None or digest not in self._stored:
+        """Revokes the key; False when no stored key has this id."""
+        digest = self._stored_digest(key_id)
+        if digest is None:
             return False
         self._write("DELETE FROM `keys` WHERE key_id = ?", (key_id,))
-        del self._stored[digest]
-        del self._by_id[key_id]
+        return self._revoked(key_id, digest)
+
+    async def revoke_async(self, key_id: str) -> bool:
+        """`revoke` with the database's commit in a thread (as `create_async`)."""
+        digest = self._stored_digest(key_id)
+        if digest is None:
+            return False
+        await asyncio.to_thread(self._write, "DELETE FROM `keys` WHERE key_id = ?", (key_id,))
+        return self._revoked(key_id, digest)
+
+    def _stored_digest(self, key_id: str) -> bytes | None:
+        digest = self._by_id.get(key_id)
+        return digest if digest is not None and digest in self._stored else None
+
+    def _revoked(self, key_id: str, digest: bytes) -> bool:
+        if self._stored.pop(digest, None) is None:
+            return False  # another revoke of it committed first
+        self._by_id.pop(key_id, None)
         self._changed(digest)
         log.info("revoked client key %s", key_id)
         return True

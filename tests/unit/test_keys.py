@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from slinfer.controller.keys import KeyStore, KeyStoreError
+from slinfer.controller.store import SqliteDatabase
+from tests.unit.test_control_plane_loop_share import _with_ticker
 
 
 def test_create_verify_revoke_and_persist(tmp_path: Path):
@@ -137,3 +141,46 @@ def test_create_revoke_and_verify_cost_the_same_at_100_and_at_10000_keys(tmp_pat
     # A whole-file rewrite per key would cost 100 times more at 10,100 keys; allow 3x for a busy machine.
     for label, a, b in zip(("create", "verify", "revoke"), small, large, strict=True):
         assert b < 3 * a + 0.05, f"{label}: {a * 1e3:.1f} ms for 20 at 100 keys, {b * 1e3:.1f} ms at 10,100"
+
+
+class _SlowCommits(SqliteDatabase):
+    """A SQLite database whose every write transaction takes `delay_s` more, as an fsync on a busy disk does."""
+
+    delay_s = 0.4
+
+    @contextlib.contextmanager
+    def transaction(self, fenced: bool = True):  # type: ignore[no-untyped-def]
+        with super().transaction(fenced) as tx:
+            yield tx
+            time.sleep(self.delay_s)
+
+
+async def test_a_key_made_or_revoked_through_the_api_commits_while_the_loop_goes_on(tmp_path: Path) -> None:
+    db = _SlowCommits(tmp_path / "keys.db")
+    store = KeyStore(tmp_path / "keys.json", db=db)
+    changed: list[bytes] = []
+    store.subscribe(changed.append)
+    (key_id, secret), ticks = await _with_ticker(store.create_async("alice", account="physics"))
+    assert ticks >= 10  # the loop turned meanwhile (0.4 s of commit)
+    info = store.verify(secret)
+    assert info is not None and info.key_id == key_id and len(changed) == 1
+    assert KeyStore(tmp_path / "keys.json").verify(secret) is not None  # committed: another store reads it
+    found, ticks = await _with_ticker(store.revoke_async(key_id))
+    assert found is True and ticks >= 10 and store.verify(secret) is None and len(changed) == 2
+    assert not await store.revoke_async(key_id)
+    # Control: the synchronous create holds the loop for its commit.
+
+    async def held() -> tuple[str, str]:
+        return store.create("bob")
+
+    _, ticks = await _with_ticker(held())
+    assert ticks <= 1
+
+
+async def test_two_revokes_of_one_key_at_once_revoke_it_once(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.json", db=_SlowCommits(tmp_path / "keys.db"))
+    key_id, secret = await store.create_async("alice")
+    changed: list[bytes] = []
+    store.subscribe(changed.append)
+    assert sorted(await asyncio.gather(store.revoke_async(key_id), store.revoke_async(key_id))) == [False, True]
+    assert len(changed) == 1 and store.verify(secret) is None

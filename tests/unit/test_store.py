@@ -28,6 +28,8 @@ from slinfer.controller.keys import KeyStore, KeyStoreError
 from slinfer.controller.pins import PinStore, PinStoreError
 from slinfer.controller.store import Database, Fenced, MysqlDatabase, SqliteDatabase, open_database
 from slinfer.controller.usage import DAY_S, Meter, UsageLedger, UsageRow
+from tests.unit.test_control_plane_loop_share import _with_ticker
+from tests.unit.test_keys import _SlowCommits
 
 MYSQL = os.environ.get("SLINFER_TEST_MYSQL", "")
 # The private server's test user may make and drop the tests' databases, and nothing else.
@@ -364,3 +366,22 @@ def test_a_controller_that_writes_nothing_leaves_no_database_file(tmp_path: Path
     ledger.record("k", "n", "", "m", 200, _used(1, 1))
     ledger.flush()
     assert (tmp_path / "state" / "slinfer.db").exists() and ledger.query()[0].requests == 1
+
+
+async def test_a_gateways_usage_report_commits_while_the_loop_goes_on_and_counts_once_committed(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    slow = _SlowCommits(tmp_path / "slinfer.db")
+    ledger = UsageLedger(tmp_path / "usage", clock=clock, db=slow)
+    row = UsageRow(day="2024-10-04", key_id="k2", account="chem", model="m", requests=4, prompt_tokens=4,
+                   completion_tokens=8, start=clock.t, end=clock.t)
+    _, ticks = await _with_ticker(ledger.add_rows_async([row]))
+    assert ticks >= 10  # 0.4 s of commit: the loop ran meanwhile
+    assert ledger.tokens_today("k2") == 12
+    assert UsageLedger(tmp_path / "usage", clock=clock, db=SqliteDatabase(slow.path)).tokens_today("k2") == 12
+
+    async def held() -> None:  # control: add_rows holds the loop for its commit
+        ledger.add_rows([row])
+
+    _, ticks = await _with_ticker(held())
+    assert ticks <= 1 and ledger.tokens_today("k2") == 24
