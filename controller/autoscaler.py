@@ -64,6 +64,11 @@ def _view(draining: bool, state: int, agent_alive: bool) -> EngineView:
     return EngineView(draining=draining, failed=state == _FAILED, ending=state in _ENDING, serving=state == _READY,
                       agent_alive=agent_alive)
 
+# Between steps, the burst tier's running jobs are asked about this often: a preemption's notice drains the replica
+# within it (plus one `scontrol show job` and the feed), inside issue 29's second.
+PREEMPT_PROBE_S = 0.5
+# ... at most this many a probe (one slurmctld RPC each, REQUEST_JOB_INFO_SINGLE), the rest in the next probes.
+PREEMPT_PROBE_MAX = 16
 # The comment of every job the autoscaler submits; with the job name it tells a restarted controller its jobs.
 COMMENT_MARK = "slinfer:autoscaler"
 # Before any replica was seen starting, assume this submit-to-READY latency for replacement lead time.
@@ -99,6 +104,7 @@ class Slurm(Protocol):
     async def submit(self, model: ModelConfig, job_name: str, comment: str) -> str: ...
     async def jobs(self, names: Sequence[str] = ()) -> list[SlurmJob]: ...
     async def cancel(self, job_id: str) -> None: ...
+    async def jobs_by_id(self, job_ids: Sequence[str]) -> list[SlurmJob]: ...
 
 
 @dataclass
@@ -152,6 +158,7 @@ class _Model:
     last_outcome: str = ""
     # The replicas beyond min_replicas, in the model's burst_qos, and the preemptions seen (preemption.py).
     burst: BurstTier = field(default_factory=BurstTier)
+    probe_turn: int = 0  # where the next preemption probe starts among the burst tier's running jobs
     active_ids: set[str] = field(default_factory=set)
     # Running jobs on a node Slurm is emptying (drain, reboot ASAP): job id -> when first seen there.
     leaving: dict[str, float] = field(default_factory=dict)
@@ -256,14 +263,53 @@ class Autoscaler:
     # ---- loop ---------------------------------------------------------------------------------------
     async def run(self, interval: float) -> None:
         self._interval = interval
+        probe = asyncio.create_task(self.watch_preemptions(), name="preemption-probe")
+        try:
+            while True:
+                try:
+                    await self.step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("autoscaler step failed")
+                await asyncio.sleep(interval)
+        finally:
+            probe.cancel()
+
+    async def watch_preemptions(self, interval_s: float = PREEMPT_PROBE_S) -> None:
+        """Runs probe_preemptions every interval_s, between the steps."""
         while True:
+            await asyncio.sleep(interval_s)
             try:
-                await self.step()
+                await self.probe_preemptions()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("autoscaler step failed")
-            await asyncio.sleep(interval)
+            except Exception as exc:  # the next step's listing sees the preemption anyway
+                log.warning("preemption probe failed: %s", exc)
+
+    async def probe_preemptions(self) -> list[str]:
+        """Asks Slurm about the burst tier's running replicas alone (one `scontrol show job` each, at most
+        PREEMPT_PROBE_MAX a probe, in turns) and drains each that Slurm's preemption notice reached; returns
+        their ids. A step lists the queue every autoscale_interval_s (2 s): a notice waited for it, and left
+        routing 2.2 s after it through the gateway tier (issue 29's bound is 1 s)."""
+        if not self._is_leader():
+            return []
+        drained: list[str] = []
+        for m in self._models.values():
+            running = sorted((m.burst.jobs & m.burst.ran & m.active_ids) - m.burst.preempted - m.draining.keys()
+                             - m.cancelled.keys())
+            if not running:
+                continue
+            start = m.probe_turn % len(running)
+            asked = (running[start:] + running[:start])[:PREEMPT_PROBE_MAX]
+            m.probe_turn = start + len(asked)
+            jobs = await self._slurm.jobs_by_id(asked)
+            for job_id in m.burst.observe(m.config.name, jobs, self._clock()):
+                if job_id in m.active_ids and job_id not in m.draining and job_id not in m.cancelled:
+                    self._start_drain(m, job_id, "preempted by Slurm")
+                    self._count(m.config.name, "drain_preempted")
+                    drained.append(job_id)
+        return drained
 
     async def step(self) -> None:
         leading = self._is_leader()

@@ -211,8 +211,10 @@ def test_preemption_under_load_costs_no_request_that_had_not_started(two_tiers: 
     not_started = sum(n for o, n in outcomes.items() if o.startswith("refused"))
     in_flight = sum(n for o, n in outcomes.items() if o.startswith("cut"))
     print(f"\npreemption of {burst} by {batch}: notice {notice - submitted:+.1f}s after the submit, out of routing "
-          f"{unrouted - notice:+.1f}s after the notice, batch job started {started - submitted:.1f}s after its "
-          f"submit; requests {dict(outcomes)}: failed not-started {not_started}, in-flight {in_flight}")
+          f"{unrouted - notice:+.1f}s after the notice (at most {unrouted - max(notice, submitted):.1f}s after it: "
+          f"PreemptTime has whole seconds, and the notice came after the submit), batch job started "
+          f"{started - submitted:.1f}s after its submit; requests {dict(outcomes)}: failed not-started "
+          f"{not_started}, in-flight {in_flight}")
     assert notice, f"Slurm never gave {burst} its preemption notice"
     assert started, f"the batch job {batch} never started"
     assert unrouted, "the burst replica stayed in the gateway's routing"

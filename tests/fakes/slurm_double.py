@@ -37,6 +37,7 @@ class SlurmDouble:
         self.fail_submit = ""
         self.fail_squeue = False
         self.names_asked: list[list[str]] = []
+        self.ids_asked: list[list[str]] = []
         self.limit_s = 3600.0
         # The QOS each job was submitted in (job id -> --qos), for the two tiers of capacity.
         self.qos: dict[str, str] = {}
@@ -65,6 +66,13 @@ class SlurmDouble:
         self.nodes_asked.append(list(nodelists))
         names = {n for nodelist in nodelists for n in hostnames(nodelist)}
         return {n: why for n, why in self.leaving.items() if n in names}
+
+    async def jobs_by_id(self, job_ids: Sequence[str]) -> list[SlurmJob]:
+        """These jobs, as `scontrol show job ID` answers each (an unknown id left out); the ids asked recorded."""
+        self.ids_asked.append(list(job_ids))
+        if self.fail_squeue:
+            raise SlurmError(["scontrol"], 1, "slurm_load_jobs error: Unable to contact slurm controller")
+        return [self.jobs_[j] for j in job_ids if j in self.jobs_]
 
     async def cancel(self, job_id: str) -> None:
         self.cancels.append(job_id)

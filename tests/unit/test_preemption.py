@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from slinfer.config import ModelConfig
+from slinfer.controller import autoscaler
 from slinfer.controller.preemption import PREEMPT_BACKOFF, BurstTier, tiers
 from tests.unit.test_autoscaler import Bed
 
@@ -281,3 +282,45 @@ def test_a_restarted_controller_does_not_count_the_old_notice_of_an_ended_job() 
     assert live.observe("tiny", [ended], now=12.0) == ["7"] and live.backoff.failures == 1
     assert BurstTier().observe("tiny", [replace(ended, state="RUNNING")], now=5.0) == ["7"]
     assert BurstTier().observe("tiny", [replace(ended, state="PREEMPTED")], now=5.0) == ["7"]
+
+
+async def test_between_steps_the_probe_asks_about_the_burst_tier_alone_and_drains_a_replica_under_notice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bed = Bed(**{**TWO_TIERS, "min_replicas": 1, "max_replicas": 4})
+    bed.scaler.pins.set("tiny", 3)
+    await bed.step()
+    guaranteed, burst1, burst2 = bed.slurm.active()
+    for job in (guaranteed, burst1, burst2):
+        bed.ready(job)
+    await bed.step()
+    # Control: no notice, nothing drained; only the burst tier's running jobs are asked about.
+    assert await bed.scaler.probe_preemptions() == []
+    assert bed.slurm.ids_asked == [[burst1, burst2]]
+    assert not any(r.draining for r in bed.registry.replicas())
+    # Slurm's notice at the grace start: the job still RUNNING, with its PreemptTime.
+    bed.slurm.jobs_[burst2] = replace(bed.slurm.jobs_[burst2], preempt_time=bed.clock.now)
+    assert await bed.scaler.probe_preemptions() == [burst2]
+    assert [r.job_id for r in bed.registry.replicas() if r.draining] == [burst2]
+    assert bed.scaler.decisions[("tiny", "drain_preempted")] == 1
+    # Drained once: the next probe asks about the other burst job alone, and the step does not drain it again.
+    assert await bed.scaler.probe_preemptions() == [] and bed.slurm.ids_asked[-1] == [burst1]
+    await bed.step()
+    assert [r.job_id for r in bed.registry.replicas() if r.draining] == [burst2]
+    bed.scaler._is_leader = lambda: False  # a standby asks nothing
+    before = len(bed.slurm.ids_asked)
+    assert await bed.scaler.probe_preemptions() == [] and len(bed.slurm.ids_asked) == before
+
+
+async def test_a_bounded_probe_takes_the_burst_jobs_in_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(autoscaler, "PREEMPT_PROBE_MAX", 2)
+    bed = Bed(**{**TWO_TIERS, "min_replicas": 1, "max_replicas": 4})
+    bed.scaler.pins.set("tiny", 4)
+    await bed.step()
+    guaranteed, *burst = bed.slurm.active()
+    for job in (guaranteed, *burst):
+        bed.ready(job)
+    await bed.step()
+    for _ in range(3):
+        await bed.scaler.probe_preemptions()
+    b1, b2, b3 = burst
+    assert bed.slurm.ids_asked == [[b1, b2], [b3, b1], [b2, b3]]
