@@ -284,8 +284,8 @@ class Autoscaler:
                 await self.probe_preemptions()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the next step's listing sees the preemption anyway
-                log.warning("preemption probe failed: %s", exc)
+            except Exception as exc:  # the step's listing sees the preemption anyway, and warns of an outage
+                log.debug("preemption probe failed: %s", exc)
 
     async def probe_preemptions(self) -> list[str]:
         """Asks Slurm about the burst tier's running replicas alone (one `scontrol show job` each, at most

@@ -320,10 +320,11 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
         g.models = {m.model: (m.in_flight, m.queued) for m in request.models}
         g.replicas = {r.job_id: r.outstanding for r in request.replicas}
         try:  # written before the ack (with a database): a controller killed after it loses none of them
-            await self._ledger.add_rows_async([UsageRow(day=u.day, key_id=u.key_id, account=u.account, model=u.model,
-                                            requests=u.requests, failed=u.failed, prompt_tokens=u.prompt_tokens,
-                                            completion_tokens=u.completion_tokens, estimated=u.estimated,
-                                            key_name=u.key_name, start=u.start, end=u.end) for u in request.usage])
+            await self._ledger.add_rows_async([
+                UsageRow(day=u.day, key_id=u.key_id, account=u.account, model=u.model, requests=u.requests,
+                         failed=u.failed, prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                         estimated=u.estimated, key_name=u.key_name, start=u.start, end=u.end)
+                for u in request.usage])
         except StoreError as exc:  # the gateway keeps the sums for its next report
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"usage not recorded: {exc}")
         for name, seen in list(self._gateways.items()):

@@ -401,8 +401,8 @@ class RegistryService(controller_pb2_grpc.RegistryServicer):
                      context: grpc.aio.ServicerContext) -> None:
         """One agent's stream: each report is checked and applied; the first, and any that asks (`want_ack`), is
         acked. The agent needs only the first ack (it marks the agent connected and carries the heartbeat); an ack
-        for every report cost about a quarter of the controller's CPU per report at 2,000 nodes (issue 35.4:
-        ~280 -> ~195 µs a report, paired runs), as gRPC's send and the loop's wake-up for each.
+        for every report, a gRPC send and a wake-up of the loop each, cost 15-27 % of the controller's CPU per
+        report (issue 35.4: 195 -> 167 and 231 -> 169 µs in paired runs of 1,000 agents each, both orders).
 
         Read and written through the context, not as an async generator over `request_iterator`: that adds two
         generators' steps to every report, about 4 % of the controller's CPU per report (paired runs of 1,000 nodes
