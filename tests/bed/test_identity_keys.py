@@ -107,12 +107,20 @@ def test_a_user_makes_a_key_uses_it_and_is_charged(users: Users) -> None:
     answer = client.chat.completions.create(model=MODEL, max_tokens=4,
                                             messages=[{"role": "user", "content": "hello"}])
     assert answer.choices[0].message.content is not None
-    # The ledger charges the key, and the key is (alice, physics).
-    out = bed.run(sys.executable, "-m", "slinfer.cli.main", "usage", "--key", key_id, "--format", "csv").stdout
-    rows = [line.split(",") for line in out.splitlines()[1:] if line.strip()]
-    header = out.splitlines()[0].split(",")
-    charged = [dict(zip(header, r, strict=True)) for r in rows]
-    assert charged and all(r["account"] == "physics" and r["user"] == ALICE for r in charged), out
+    # The ledger charges the key, and the key is (alice, physics): through the gateway tier (the bed's default)
+    # usage reaches the controller's ledger with the tier's next report (every 0.5 s), not with the answer.
+    charged: list[dict[str, str]] = []
+
+    def counted() -> bool:
+        nonlocal out
+        out = bed.run(sys.executable, "-m", "slinfer.cli.main", "usage", "--key", key_id, "--format", "csv").stdout
+        lines = [line.split(",") for line in out.splitlines() if line.strip()]
+        charged[:] = [dict(zip(lines[0], r, strict=True)) for r in lines[1:]]
+        return bool(charged)
+
+    out = ""
+    wait_until("the ledger charging the key", counted, 10, 0.2)
+    assert all(r["account"] == "physics" and r["user"] == ALICE for r in charged), out
     # The admin's view per user and per account, and alice's own (munge-proven, no token), agree.
     out = bed.run(sys.executable, "-m", "slinfer.cli.main", "usage", "--user", ALICE, "--account", "physics",
                   "--format", "csv").stdout
