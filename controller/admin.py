@@ -69,8 +69,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     def __init__(self, autoscaler: Autoscaler, registry: Registry, keys: KeyStore, token: str = "",
                  clock: Callable[[], float] = time.time, usage: UsageLedger | None = None,
-                 pins: Pins | None = None, own_keys: OwnKeys | None = None) -> None:
+                 pins: Pins | None = None, own_keys: OwnKeys | None = None,
+                 tier_in_flight: Callable[[], dict[str, int]] | None = None) -> None:
         self._autoscaler = autoscaler
+        # The gateway tier's requests in flight per engine (GatewayHub.in_flight): a replica's outstanding in
+        # `Status` is the built-in gateway's count and the tier's.
+        self._tier_in_flight = tier_in_flight
         # The live pins (controller/pins.py): `slinfer scale` sets them there; the autoscaler reads the same.
         self._pins = pins if pins is not None or autoscaler is None else autoscaler.pins
         self._usage = usage
@@ -106,6 +110,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         alive = {a.node for a in agents if self._registry.agent_alive(a.node)}
         replicas = _by_model(((r.model, r) for r in self._registry.replicas()), key=lambda r: r.job_id)
         jobs = _by_model(self._autoscaler.jobs(), key=lambda j: j.job_id)
+        tier = self._tier_in_flight() if self._tier_in_flight is not None else {}
         rows = 0
         add = reply.replicas.add  # built in place: a message made and then appended is copied
         for _, r in replicas:
@@ -115,7 +120,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             state = "LOST" if r.node not in alive else "DRAINING" if r.draining else (
                 _STATE_NAMES.get(r.state) or r.state_name)
             add(job_id=r.job_id, model=r.model, node=r.node, state=state, pool=r.pool,
-                outstanding=r.outstanding, running=r.running, waiting=r.waiting,
+                outstanding=r.outstanding + tier.get(r.job_id, 0), running=r.running, waiting=r.waiting,
                 kv_cache_usage=r.kv_cache_usage, ready_at=r.ready_at, base_url=r.base_url)
         add_job = reply.jobs.add
         for model, job in jobs:

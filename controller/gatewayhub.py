@@ -156,6 +156,16 @@ class GatewayHub(gateway_pb2_grpc.GatewayFeedServicer):
             return max(total, 1)
         return total
 
+    def in_flight(self) -> dict[str, int]:
+        """Requests in flight on each engine by the live gateways' last reports (job id -> count, engines with none
+        left out): what `slinfer status` adds to the built-in gateway's own count."""
+        counts: dict[str, int] = {}
+        for g in self._live():
+            for job_id, n in g.replicas.items():
+                if n:
+                    counts[job_id] = counts.get(job_id, 0) + n
+        return counts
+
     def connected(self) -> int:
         return len(set(self._watchers))
 

@@ -172,7 +172,7 @@ async def serve(config: Config, stop: asyncio.Event,
     controller_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry, c.token, c.heartbeat_s), server)
     add_feed_to_server(hub, server)  # its full state pre-serialized, in pages
     admin = AdminService(autoscaler=autoscaler, registry=registry, keys=keys, token=c.token, usage=ledger,
-                         pins=pins, own_keys=own_keys)
+                         pins=pins, own_keys=own_keys, tier_in_flight=hub.in_flight)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     users = None
     if c.user_listen:

@@ -16,9 +16,12 @@ from slinfer.cli import main as cli
 from slinfer.config import ModelConfig
 from slinfer.controller.admin import AdminService
 from slinfer.controller.autoscaler import Autoscaler
+from slinfer.controller.gatewayhub import GatewayHub
 from slinfer.controller.keys import KeyStore
+from slinfer.controller.limits import KeyLimits, Limiter
 from slinfer.controller.registry import Registry
-from slinfer.v1 import admin_pb2_grpc, controller_pb2, engine_pb2
+from slinfer.controller.usage import UsageLedger
+from slinfer.v1 import admin_pb2_grpc, controller_pb2, engine_pb2, gateway_pb2
 from tests.fakes.slurm_double import Clock, Demand, SlurmDouble
 
 TOKEN = "admin-secret"
@@ -184,3 +187,42 @@ async def test_bad_config_names_the_key(tmp_path: Path, capsys: pytest.CaptureFi
     code = await asyncio.to_thread(cli.main, ["status", "--config", str(config)])
     assert code == 1
     assert "controller.adress" in capsys.readouterr().err
+
+
+async def test_status_counts_the_gateway_tiers_requests_in_flight_on_a_replica(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str],
+                                                                              ) -> None:
+    """With the gateway tier, a replica's requests in flight are the tier's (its workers' last reports), and
+    `slinfer status` shows them beside the built-in gateway's own count."""
+    clock = Clock()
+    registry = Registry(agent_timeout_s=6.0, clock=clock)
+    slurm = SlurmDouble(clock)
+    scaler = Autoscaler([ModelConfig(name="tiny", source="/m", min_replicas=1, max_replicas=2)], registry,
+                        lambda m: Demand(), slurm, clock=clock, settle_s=0.0)
+    keys = KeyStore(tmp_path / "keys.json")
+    ledger = UsageLedger(tmp_path / "usage", 60.0)
+    hub = GatewayHub(registry, keys, Limiter(KeyLimits(), ledger.tokens_today), ledger, "", lambda m: False,
+                     ["tiny"], clock=clock, warmup_s=0.0)
+    c = Controller("", tmp_path / "slinfer.toml", registry, scaler, slurm, keys, tmp_path / "keys.json", clock)
+    server = grpc.aio.server()
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminService(scaler, registry, keys, TOKEN, clock, tier_in_flight=hub.in_flight), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    c.config.write_text(f'[controller]\naddress = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\n')
+    try:
+        job = await bring_up_one(c)
+        registry.get(job).outstanding = 1  # type: ignore[union-attr]  # the built-in gateway's own
+        for name, n in (("w0", 2), ("w1", 3)):
+            await hub.Report(gateway_pb2.GatewayReport(gateway=name, replicas=[
+                gateway_pb2.ReplicaLoad(job_id=job, outstanding=n)]), None)  # type: ignore[arg-type]
+        assert hub.in_flight() == {job: 5}
+        assert await slinfer(c, "status", "--json") == 0
+        assert json.loads(capsys.readouterr().out)["replicas"][0]["outstanding"] == 6
+        # Control: once the tier's reports are stale, only the built-in gateway's count is left.
+        clock.now += 600
+        assert hub.in_flight() == {}
+        assert await slinfer(c, "status", "--json") == 0
+        assert json.loads(capsys.readouterr().out)["replicas"][0]["outstanding"] == 1
+    finally:
+        await server.stop(None)
