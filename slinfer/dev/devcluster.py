@@ -566,18 +566,12 @@ def _ensure_munge_key(bed: Bed) -> Path:
 def ensure_users() -> list[str]:
     """Creates the bed's unprivileged users where they are missing, recorded first (hostchanges.py) so that the
     last bed's `down` removes them; returns those it created."""
-    import pwd
+    return [user for user in BED_USERS if hostchanges.create_user(user, _useradd)]
 
-    created = []
-    for user in BED_USERS:
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            hostchanges.record_user(user)
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", user], check=True,
-                           capture_output=True)
-            created.append(user)
-    return created
+
+def _useradd(user: str) -> None:
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", user], check=True,
+                   capture_output=True)
 
 
 def make_usable_by_users(path: Path) -> list[Path]:

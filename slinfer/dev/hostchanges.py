@@ -108,6 +108,32 @@ def record_user(user: str, path: Path | None = None) -> None:
             changes.users.append(user)
 
 
+def _user_exists(user: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return True
+
+
+def create_user(user: str, make: Callable[[str], None], path: Path | None = None,
+                exists: Callable[[str], bool] = _user_exists) -> bool:
+    """Makes `user` (with `make`) unless it exists, noted in the record first (a crash in between leaves a name to
+    remove); True where it made it. Under the record's lock: two beds going up at once both found the user missing
+    and both ran useradd, and the second failed (exit 9, already in use; CI's 26.05 release suite, 36 errors)."""
+    record = path or RECORD
+    with _locked(record) as changes:
+        if exists(user):
+            return False
+        if user not in changes.users:
+            changes.users.append(user)
+        changes.save(record)
+        make(user)
+        return True
+
+
 def make_searchable(folders: Iterable[Path], path: Path | None = None) -> list[Path]:
     """Gives each folder the search bit for others where it lacks it, recording its mode first; returns those it
     changed. Only search, never read: listings stay private."""

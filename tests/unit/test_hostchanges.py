@@ -3,11 +3,13 @@ stale pid file (devcluster.py)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pwd
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -122,3 +124,35 @@ def test_a_dead_process_going_up_does_not_keep_the_host_changes(tmp_path: Path) 
     assert hostchanges.HostChanges.load(record).others_starting("/tmp/bed-b") == []
     hostchanges.HostChanges(starting={"/tmp/bed-a": os.getpid()}).save(record)  # the control: alive
     assert hostchanges.HostChanges.load(record).others_starting("/tmp/bed-b") == ["/tmp/bed-a"]
+
+
+def test_two_beds_making_a_user_at_once_make_it_once(tmp_path: Path) -> None:
+    record = tmp_path / "host-changes.json"
+    made: list[str] = []
+
+    passwd = threading.Lock()
+
+    def useradd(user: str) -> None:  # as useradd: a moment's work, then exit 9 when the name is in use
+        time.sleep(0.1)
+        with passwd:
+            if user in made:
+                raise subprocess.CalledProcessError(9, ["useradd", user])
+            made.append(user)
+
+    def exists(user: str) -> bool:
+        return user in made
+
+    def naive(user: str) -> bool:  # control: look, then make, without the record's lock
+        if exists(user):
+            return False
+        useradd(user)
+        return True
+
+    for make_one, user in ((lambda u: hostchanges.create_user(u, useradd, record, exists), "alice"), (naive, "bob")):
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            results = [f.exception() or f.result() for f in [pool.submit(make_one, user) for _ in range(2)]]
+        if user == "alice":
+            assert sorted(results, key=str) == [False, True] and made.count("alice") == 1
+            assert json.loads(record.read_text())["users"] == ["alice"]
+        else:
+            assert any(isinstance(r, subprocess.CalledProcessError) for r in results), results
