@@ -77,6 +77,29 @@ def test_a_flood_that_gave_up_does_not_count_against_the_next_request() -> None:
     assert order.ordered().index(a) < order.ordered().index(b2)  # A is not behind its old flood
 
 
+def test_called_requests_that_come_back_keep_their_place_before_new_ones() -> None:
+    # Every waiter is called (an engine's report wakes them all), one gets the engine, the rest find none and go
+    # back: a request that arrives after them must not overtake any of them, however often that repeats.
+    order = FairOrder("fair")
+    old = [order.join("A") for _ in range(10)]
+    for _ in range(3):
+        called = order.pop_all()
+        order.leave(called[0], served=True)
+        for ticket in called[1:]:
+            order.push(ticket)
+        new = order.join("A")
+        assert order.ordered()[-1] is new, [(t in old, t.start) for t in order.ordered()]
+        order.leave(new, served=False)  # it gave up: the rest are as they were
+    assert order.ordered() == old[3:]
+    # Control: once nobody waits and nobody was called, the account's debt is forgiven as before.
+    for ticket in order.pop_all():
+        order.leave(ticket, served=True)
+    assert order.calling == 0 and len(order) == 0
+    b = order.join("B")
+    a = order.join("A")
+    assert order.ordered() == [b, a] and a.start == b.start
+
+
 def test_config_switch_and_its_errors() -> None:
     assert GatewayConfig().queue_policy == "fair"
     assert for_gateway(parse({"gateway": {"queue_policy": "fifo"}}).gateway)._policy == "fifo"
