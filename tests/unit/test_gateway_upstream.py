@@ -258,3 +258,168 @@ async def test_idle_connections_past_the_limit_are_closed(scripted, monkeypatch)
     assert server.connections == 4 and not fresh.closed
     again, reused = await pool.acquire()
     assert reused and again is fresh
+
+
+class GatedServer:
+    """A real TCP server that answers a request only when the test lets it (`answer(n)` lets n more answer)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests = 0
+        self._turns = asyncio.Semaphore(0)
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def answer(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._turns.release()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+                await reader.readexactly(length)
+                self.requests += 1
+                await self._turns.acquire()
+                writer.write(LENGTH_RESPONSE)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def _until(check: Callable[[], bool], within_s: float = 5.0) -> None:
+    async with asyncio.timeout(within_s):
+        while not check():  # noqa: ASYNC110 (a condition on the pool's counts, which signal nothing)
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("max_opening", [2, 16])
+async def test_a_burst_opens_at_most_max_opening_unanswered_connections_and_waits_in_order(max_opening, monkeypatch):
+    # A busy engine may not accept (nor answer) new connections for seconds: at most max_opening requests wait
+    # behind that; the rest wait in the gateway, in arrival order, for a connection or an opening.
+    monkeypatch.setattr(upstream, "OPENING_HOLD_S", 60.0)
+    server = GatedServer()
+    pool = EnginePool(await server.start(), 5, max_opening=max_opening)
+    served: list[int] = []
+    got: list[int] = []
+
+    async def request(i: int) -> None:
+        conn, _ = await pool.acquire()
+        got.append(i)
+        conn.start(pool.request_bytes("/v1/x", "k", b"{}"))
+        try:
+            await conn.head(5)
+            await conn.read(5)
+            served.append(i)
+        finally:
+            pool.release(conn)
+
+    tasks = []
+    for i in range(6):
+        tasks.append(asyncio.create_task(request(i)))
+        await asyncio.sleep(0.01)  # arrival order
+    try:
+        await _until(lambda: server.requests == min(6, max_opening))
+        await asyncio.sleep(0.1)
+        # Control (16): every request has a connection of its own at once.
+        assert server.connections == server.requests == min(6, max_opening)
+        assert pool.opening == min(6, max_opening) and pool.waiting() == 6 - min(6, max_opening)
+        server.answer(1)  # the first answers: its opening goes to the next waiting, its connection to the one after
+        await _until(lambda: served == [0] and server.requests == min(6, max_opening + 2))
+        if max_opening == 2:
+            # The first two waiting got a turn (one a new connection, its opening; one the first's connection).
+            assert server.connections == 3 and pool.waiting() == 2 and sorted(got) == [0, 1, 2, 3]
+        server.answer(5)
+        await asyncio.gather(*tasks)
+        assert sorted(served) == sorted(got) == list(range(6))
+        if max_opening == 2:
+            assert server.connections < 6  # some connections served two requests
+        assert pool.opening == 0 and pool.waiting() == 0
+    finally:
+        for task in tasks:
+            task.cancel()
+        await server.stop()
+
+
+async def test_a_waiting_request_that_goes_away_passes_on_its_turn(monkeypatch):
+    monkeypatch.setattr(upstream, "OPENING_HOLD_S", 60.0)
+    server = GatedServer()
+    pool = EnginePool(await server.start(), 5, max_opening=1)
+    first, _ = await pool.acquire()
+    first.start(pool.request_bytes("/v1/x", "k", b"{}"))
+    gone = asyncio.create_task(pool.acquire())
+    nxt = asyncio.create_task(pool.acquire())
+    await _until(lambda: pool.waiting() == 2)
+    gone.cancel()  # its client left while it waited
+    with contextlib.suppress(asyncio.CancelledError):
+        await gone
+    server.answer(1)
+    await first.head(5)
+    conn, reused = await asyncio.wait_for(nxt, 5)  # the opening the first one's answer freed
+    assert not reused and pool.opening == 1 and pool.waiting() == 0
+    await first.read(5)
+    # A request given a connection that goes away before it runs hands it on (here: back to the idle ones).
+    late = asyncio.create_task(pool.acquire())  # `conn` has not answered: no opening is free
+    await _until(lambda: pool.waiting() == 1)
+    pool.release(first)  # handed to `late`, which is cancelled in the same moment
+    late.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await late
+    assert pool.waiting() == 0
+    again, reused = await pool.acquire()
+    assert reused and again is first
+    pool.release(again)
+    pool.discard(conn)  # it ends without an answer: its opening is free again
+    assert pool.opening == 0
+    await server.stop()
+
+
+async def test_waiting_requests_do_not_hang_when_new_connections_fail():
+    # Nothing listens: every opening fails, and each waiting request gets its own turn to fail.
+    pool = EnginePool("http://127.0.0.1:9", 5, max_opening=1)
+    results = await asyncio.gather(*(pool.acquire() for _ in range(4)), return_exceptions=True)
+    assert all(isinstance(r, UpstreamError) for r in results), results
+    assert pool.opening == 0 and pool.waiting() == 0
+
+
+@pytest.mark.parametrize("hold_s", [0.2, 60.0])
+async def test_an_answer_that_comes_late_holds_an_opening_only_so_long(hold_s, monkeypatch):
+    # A request that is not streamed is answered only at its end: its new connection frees its opening after
+    # OPENING_HOLD_S, so the requests behind it open theirs (control: with a long hold they still wait).
+    monkeypatch.setattr(upstream, "OPENING_HOLD_S", hold_s)
+    server = GatedServer()
+    pool = EnginePool(await server.start(), 5, max_opening=1)
+    first, _ = await pool.acquire()
+    first.start(pool.request_bytes("/v1/x", "k", b"{}"))
+    behind = [asyncio.create_task(pool.acquire()) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.7)
+        if hold_s < 0.7:
+            assert all(t.done() for t in behind) and server.connections == 3 and pool.waiting() == 0
+        else:
+            assert not any(t.done() for t in behind) and server.connections == 1 and pool.waiting() == 2
+    finally:
+        for task in behind:
+            task.cancel()
+        pool.discard(first)
+        for task in behind:
+            with contextlib.suppress(asyncio.CancelledError):
+                conn, _ = await task
+                pool.discard(conn)
+        await server.stop()
