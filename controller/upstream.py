@@ -37,17 +37,6 @@ import httptools
 IDLE_LIMIT_S = 4.0
 # Body bytes buffered for a slow reader before the engine's socket is paused.
 HIGH_WATER = 1 << 20
-# New connections to one engine that have not yet brought an answer; a request beyond that waits, in arrival
-# order, for a connection a finished request hands back or for a free opening. A connect returns once the kernel
-# has done the handshake, accepted or not, so only the first answer says the engine reads the connection. vLLM's
-# front (uvicorn on uvloop) accepts slowly while it is busy: a burst of 500 new connections left ~100 in its
-# accept queue for 4-19 s, their requests unread, while later requests on open connections went first
-# (bench/vllm_serve_table.py, 500 concurrent: gateway p99 TTFT 12-19 s against 2.6-3.0 s direct). Busy, it took
-# 60 new connections at about one every 0.1 s.
-MAX_OPENING = 16
-# A new connection holds its opening at most this long: an answer that comes only at the end (a request that is
-# not streamed) must not hold back the burst behind it; 16 every 0.5 s is about what a busy vLLM accepts.
-OPENING_HOLD_S = 0.5
 # In pass-through, bytes waiting in the client's transport before the engine's socket is paused: far above
 # what a client that keeps up ever leaves there (a few events), far below what would cost memory per stream.
 SINK_HIGH_WATER = 256 * 1024
@@ -135,9 +124,6 @@ class EngineConnection(asyncio.Protocol):
         self._aligned = True
         # The data of the read that ended the body, held for the caller's last write (`take_tail`).
         self._tail = b""
-        # Called once, at the first answer on a new connection, when that connection ends without one, or when
-        # the pool stops waiting (`answered`).
-        self.on_first_answer: Callable[[], None] | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -146,7 +132,6 @@ class EngineConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.answered()
         if self._active and not self._done and self._error is None:
             if self._headers_done and self._remaining < 0 and not self._chunked:
                 self._done = True  # a body delimited by the close itself
@@ -204,7 +189,6 @@ class EngineConnection(asyncio.Protocol):
         if self._chunked:
             self._remaining = -1
         self._headers_done = True
-        self.answered()
 
     def on_body(self, body: bytes) -> None:
         self._push(body)
@@ -228,14 +212,7 @@ class EngineConnection(asyncio.Protocol):
             self._paused = True
             self.transport.pause_reading()
 
-    def answered(self) -> None:
-        """The first answer came, the connection ended, or the pool stopped waiting for either."""
-        hook, self.on_first_answer = self.on_first_answer, None
-        if hook is not None:
-            hook()
-
     def _fail(self, message: str) -> None:
-        self.answered()
         if self._error is None and not self._done:
             self._error = UpstreamError(message, before_response=False)
         self.keep_alive = False
@@ -319,7 +296,6 @@ class EngineConnection(asyncio.Protocol):
 
     def finish(self) -> bool:
         """Ends the request; True when the connection can serve another."""
-        self.answered()
         self._active = False
         self._raw = False
         self._sink = self._tap = self._filter = None
@@ -589,16 +565,9 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 class EnginePool:
-    """Keep-alive connections to one engine (host:port), reused most-recent first.
+    """Keep-alive connections to one engine (host:port), reused most-recent first."""
 
-    Responsible for: handing a request a connection (an idle one, one a finished request hands back, or a new
-    one, at most `max_opening` of them new and not yet answered, each for at most OPENING_HOLD_S; requests that
-    must wait are served in arrival order).
-    Not responsible for: retrying a request on another engine (proxy.py) or what a connection carries.
-    """
-
-    def __init__(self, base_url: str, connect_timeout_s: float, ssl_context: ssl.SSLContext | None = None,
-                 max_opening: int = MAX_OPENING) -> None:
+    def __init__(self, base_url: str, connect_timeout_s: float, ssl_context: ssl.SSLContext | None = None) -> None:
         # An https engine is verified (a certificate for its node) against the site's engine CA.
         self._ssl = (ssl_context or ssl.create_default_context()) if base_url.startswith("https://") else None
         rest = base_url.split("://", 1)[-1].rstrip("/")
@@ -614,11 +583,6 @@ class EnginePool:
         # Oldest first; reuse takes the newest, so connections idle past the engine's limit gather at the front.
         self._idle: deque[EngineConnection] = deque()
         self._heads: dict[tuple[str, str], bytes] = {}
-        self._max_opening = max(1, max_opening)
-        # New connections not yet answered (or openings reserved for a waiter given one), and the requests
-        # waiting for a connection or an opening: each future gets a connection, or None for "open one".
-        self.opening = 0
-        self._waiters: deque[asyncio.Future[EngineConnection | None]] = deque()
 
     def request_bytes(self, path: str, api_key: str, body: bytes, content_type: str = "") -> bytes:
         """The request; `content_type` other than JSON's (a multipart form's, with its boundary) is not cached."""
@@ -636,7 +600,7 @@ class EnginePool:
         return b"%s%d\r\n\r\n%s" % (head, len(body), body)
 
     async def acquire(self) -> tuple[EngineConnection, bool]:
-        """A connection and whether it was reused (not opened for this request)."""
+        """A connection and whether it was reused from the pool."""
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -645,52 +609,7 @@ class EnginePool:
             conn.closed = True
             if conn.transport is not None:
                 conn.transport.close()
-        if self._waiters or self.opening >= self._max_opening:
-            waiter: asyncio.Future[EngineConnection | None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                handed = await waiter
-            except asyncio.CancelledError:
-                self._abandon(waiter)
-                raise
-            if handed is not None:
-                return handed, True
-        else:
-            self.opening += 1
-        try:
-            conn = await self.connect()
-        except BaseException:
-            self._opening_ended()
-            raise
-        conn.on_first_answer = self._opening_ended
-        asyncio.get_running_loop().call_later(OPENING_HOLD_S, conn.answered)
-        return conn, False
-
-    def waiting(self) -> int:
-        """Requests waiting for a connection to this engine."""
-        return len(self._waiters)
-
-    def _opening_ended(self) -> None:
-        """A new connection answered, or failed first: its place goes to the first waiter, reserved for it."""
-        self.opening -= 1
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.opening += 1
-                waiter.set_result(None)
-                return
-
-    def _abandon(self, waiter: asyncio.Future[EngineConnection | None]) -> None:
-        """A waiting request went away: what it was given goes on to the next."""
-        if not waiter.done() or waiter.cancelled():
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            return
-        handed = waiter.result()
-        if handed is None:
-            self._opening_ended()  # its reserved opening
-        else:
-            self.release(handed)
+        return await self.connect(), False
 
     async def connect(self) -> EngineConnection:
         loop = asyncio.get_running_loop()
@@ -706,15 +625,9 @@ class EnginePool:
         return conn
 
     def release(self, conn: EngineConnection) -> None:
-        """Returns a connection whose response was read to the end (to the first waiting request, else to the
-        idle ones); any other is closed."""
+        """Returns a connection whose response was read to the end; any other is closed."""
         if conn.finish():
             now = conn.idle_since = time.monotonic()
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(conn)
-                    return
             self._idle.append(conn)
             idle = self._idle
             while idle and (idle[0].closed or now - idle[0].idle_since >= IDLE_LIMIT_S):
@@ -733,9 +646,3 @@ class EnginePool:
         for conn in self._idle:
             self.discard(conn)
         self._idle.clear()
-        # A request still waiting opens its own connection (and fails over if the engine is gone).
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.opening += 1
-                waiter.set_result(None)
