@@ -131,9 +131,8 @@ class FairOrder:
         if served and self.policy == "fair":
             self._virtual = max(self._virtual, ticket.start)
         # Forgiven only when nobody waits and nobody called is about to come back with its tag: called tickets
-        # (every waiter, when an engine's report wakes them all) go back with their old tags, and new requests
-        # tagged from a cleared account would overtake them, again at each wake, for as long as the room stays
-        # busy (seen as a p99 TTFT of 12-14 s against a mean of 2 s at 500 concurrent, bench/vllm_serve_table.py).
+        # (every waiter, when a registry change wakes them all) go back with their old tags, and new requests
+        # tagged from a cleared account would overtake them, again at each wake, for as long as the room stays busy.
         if not self._tickets and not self.calling:
             self._finish.clear()
 
