@@ -101,13 +101,6 @@ def starting(bed: str, path: Path | None = None) -> Iterator[None]:
             changes.starting.pop(bed, None)
 
 
-def record_user(user: str, path: Path | None = None) -> None:
-    """Notes a user the bed created (before it is created: a crash in between leaves a name to remove)."""
-    with _locked(path or RECORD) as changes:
-        if user not in changes.users:
-            changes.users.append(user)
-
-
 def _user_exists(user: str) -> bool:
     import pwd
 

@@ -59,8 +59,8 @@ def test_recorded_users_are_removed(tmp_path: Path) -> None:
     record = tmp_path / "record.json"
     user = "slinfer-hc-test"
     subprocess.run(["userdel", "--remove", user], capture_output=True, check=False)
-    hostchanges.record_user(user, record)
-    subprocess.run(["useradd", "--create-home", "--user-group", user], check=True, capture_output=True)
+    assert hostchanges.create_user(user, lambda u: subprocess.run(["useradd", "--create-home", "--user-group", u],
+                                                                  check=True, capture_output=True), record)
     home = Path(pwd.getpwnam(user).pw_dir)
     assert home.is_dir()  # positive control: the user and its home exist before the undo
     said = hostchanges.undo(record)
